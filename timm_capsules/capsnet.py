@@ -1,0 +1,581 @@
+""" Capsule networks with inverted dot-product attention routing
+
+Paper: `Capsules with Inverted Dot-Product Attention Routing` - https://arxiv.org/abs/2002.04764
+(Tsai, Srivastava, Goh, Salakhutdinov, ICLR 2020)
+
+A CapsNet is: backbone -> primary capsules -> hidden capsule layers -> class capsules -> one
+``Linear(d, 1)`` shared by every class capsule, giving one logit per class.
+
+Routing runs concurrently over the capsule stack by default (the paper's Procedure 2): iteration 1
+is a feed-forward pass with uniform routing, and each later iteration updates every layer at once from
+the previous iteration's child and parent poses. The class capsules at iteration k therefore read the
+hidden capsules of iteration k-1, so ``forward_features`` returns exactly what the class capsules
+read: the last hidden layer's poses at iterations 1..max(1, t-1), stacked on the channel axis (one
+snapshot for the paper's default of t=2). Updates that cannot reach the output (e.g. the hidden layers'
+own last update) are skipped; ``forward_routing`` runs the complete schedule and returns every routing
+coefficient and pose for inspection, with the same logits.
+"""
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+import torch.utils.checkpoint
+from timm.layers import SelectAdaptivePool2d, register_notrace_function, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from .backbones import CifarResNetBackbone, SimpleBackbone, TimmBackbone
+from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules
+
+__all__ = ['CapsNet', 'RoutingTrace']
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+CIFAR100_LABELS = (
+    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle', 'bottle', 'bowl',
+    'boy', 'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle', 'caterpillar', 'cattle', 'chair',
+    'chimpanzee', 'clock', 'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin',
+    'elephant', 'flatfish', 'forest', 'fox', 'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp',
+    'lawn_mower', 'leopard', 'lion', 'lizard', 'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain',
+    'mouse', 'mushroom', 'oak_tree', 'orange', 'orchid', 'otter', 'palm_tree', 'pear', 'pickup_truck',
+    'pine_tree', 'plain', 'plate', 'poppy', 'porcupine', 'possum', 'rabbit', 'raccoon', 'ray', 'road',
+    'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper', 'snail', 'snake', 'spider',
+    'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank', 'telephone', 'television', 'tiger',
+    'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman', 'worm')
+DIGIT_LABELS = tuple(str(digit) for digit in range(10))
+
+# (kind, num_caps, kernel_size, stride) for conv layers, (kind, num_caps) for fully connected ones
+LayerSpec = Union[Tuple[str, int, int, int], Tuple[str, int]]
+
+
+@register_notrace_function
+def _check_input(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
+    if x.ndim != 4 or x.shape[1] != in_chans or tuple(x.shape[-2:]) != tuple(img_size):
+        raise ValueError(
+            f'expected images of shape (batch, {in_chans}, {img_size[0]}, {img_size[1]}), got {tuple(x.shape)}; '
+            f'a capsule network is built for one input size (pass img_size=/in_chans= to create_model to change it)')
+
+
+@dataclass
+class RoutingTrace:
+    """Everything one forward pass routed, for inspection (see ``CapsNet.forward_routing``).
+
+    ``layer_names[l]`` names capsule layer l (0 is the primary capsules, the last the class capsules).
+    ``poses[k][l]``: poses (B, H, W, N, d) of layer l after iteration k (layer 0 never changes).
+    ``coefficients[k][l-1]``: routing coefficients of iteration k from layer l-1 to layer l,
+    (B, H, W, children, parents) with H, W the parent grid, children ordered (ky, kx, child type) in
+    a window for conv layers and (type, h, w) for fully connected layers; rows sum to 1 over parents.
+    Iteration 0 is the uniform first pass (every coefficient 1/parents).
+    ``activations[k][l]`` are the capsule activations (B, H, W, N) with ``activations=True``, else None.
+    """
+    logits: Tensor
+    layer_names: List[str]
+    poses: List[List[Tensor]]
+    coefficients: List[List[Tensor]]
+    activations: List[List[Optional[Tensor]]]
+
+
+class ClassCapsules(nn.Module):
+    """Class capsules (a fully connected capsule layer) and the classifier shared by all of them."""
+
+    def __init__(self, in_caps: int, num_classes: int, pose_dim: int, layer_kwargs: Dict[str, Any], device=None, dtype=None):
+        super().__init__()
+        self.capsules = FCCapsules(in_caps, num_classes, pose_dim, device=device, dtype=dtype, **layer_kwargs)
+        self.fc = nn.Linear(pose_dim, 1, device=device, dtype=dtype)
+
+    def forward(self, capsules: Capsules) -> Tensor:
+        return self.fc(capsules.poses).flatten(1)  # (B, 1, 1, classes, d) -> (B, classes)
+
+
+class CapsNet(nn.Module):
+    """Capsule network with inverted dot-product attention routing.
+
+    Args:
+        num_classes: number of class capsules (0 for a pooled feature extractor).
+        in_chans: image channels.
+        img_size: input size the capsule stack is built for (fully connected capsules fix it).
+        backbone: 'simple' (the paper's one conv), 'resnet' (the paper's CIFAR ResNet) or the name of any
+            timm model, used through timm's ``features_only`` machinery.
+        backbone_args: extra arguments of the backbone (for a timm model: its ``create_model`` kwargs).
+        backbone_pretrained: load a timm backbone's pretrained weights.
+        backbone_out_index: feature level of a timm backbone (default: deepest level the capsules fit).
+        primary_caps, pose_dim: number of primary capsule types and pose dimension d of every capsule.
+        primary_kernel_size, primary_stride, primary_padding: the primary capsule conv.
+        capsule_layers: hidden capsule layers: ('conv', types, kernel, stride) or ('fc', capsules).
+        matrix_pose: sqrt(d) x sqrt(d) matrix poses (True) or d-dimensional vector poses.
+        iterations: routing iterations t (1 means a feed-forward pass with uniform routing).
+        routing: 'concurrent' (the paper's default) or 'sequential' (ablation B).
+        layer_norm: LayerNorm on capsule poses (False is ablation A).
+        activations: EM-style capsule activations that weight each child's votes (ablation C).
+        global_pool: pooling of the features when ``num_classes == 0`` ('avg', 'max', ... or '' for none).
+    """
+
+    def __init__(
+            self,
+            num_classes: int = 10,
+            in_chans: int = 3,
+            img_size: Union[int, Tuple[int, int]] = 32,
+            backbone: str = 'simple',
+            backbone_args: Optional[Dict[str, Any]] = None,
+            backbone_pretrained: bool = False,
+            backbone_out_index: Optional[int] = None,
+            primary_caps: int = 32,
+            pose_dim: int = 16,
+            primary_kernel_size: int = 1,
+            primary_stride: int = 1,
+            primary_padding: int = 0,
+            capsule_layers: Sequence[LayerSpec] = (('conv', 32, 3, 2), ('conv', 32, 3, 1)),
+            matrix_pose: bool = True,
+            iterations: int = 2,
+            routing: str = 'concurrent',
+            layer_norm: bool = True,
+            activations: bool = False,
+            global_pool: str = 'avg',
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if iterations < 1:
+            raise ValueError(f'iterations must be >= 1, got {iterations}')
+        if routing not in ('concurrent', 'sequential'):
+            raise ValueError(f"routing must be 'concurrent' or 'sequential', got {routing!r}")
+        dd = dict(device=device, dtype=dtype)
+        self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, to_2tuple(img_size)
+        self.iterations, self.routing = iterations, routing
+        self.pose_dim, self.has_activations = pose_dim, activations
+        self.grad_checkpointing = False
+        layer_kwargs = dict(matrix_pose=matrix_pose, layer_norm=layer_norm, activations=activations)
+
+        # the capsule stack decides how large a feature map it needs; build it on sizes, not tensors
+        self.primary_args = dict(kernel_size=primary_kernel_size, stride=primary_stride, padding=primary_padding)
+        self.layer_specs = [tuple(spec) for spec in capsule_layers]
+        backbone_args = dict(backbone_args or {})
+        if backbone == 'simple':
+            self.backbone = SimpleBackbone(in_chans, **backbone_args, **dd)
+        elif backbone == 'resnet':
+            self.backbone = CifarResNetBackbone(in_chans, **backbone_args, **dd)
+        else:
+            self.backbone = TimmBackbone(
+                backbone, in_chans, self.img_size, pretrained=backbone_pretrained, out_index=backbone_out_index,
+                fits=lambda h, w: self._stack_grids(h, w) is not None, model_kwargs=backbone_args, **dd)
+        feature_reduction = self.backbone.feature_info[-1]['reduction']
+        if backbone in ('simple', 'resnet'):
+            feature_grid = [math.ceil(size / feature_reduction) for size in self.img_size]
+        else:
+            feature_grid = self._probe_grid()
+        grids = self._stack_grids(*feature_grid)
+        if grids is None:
+            raise ValueError(
+                f'input size {self.img_size} gives a {feature_grid[0]}x{feature_grid[1]} feature map, too small '
+                f'for the capsule stack {self.layer_specs}')
+
+        self.primary = PrimaryCapsules(
+            self.backbone.num_features, primary_caps, pose_dim, **self.primary_args,
+            layer_norm=layer_norm, activations=activations, **dd)
+        self.feature_info = [dict(info, module=f"backbone.{info['module']}") for info in self.backbone.feature_info]
+        reduction = feature_reduction * primary_stride
+        self.feature_info.append(dict(num_chs=primary_caps * pose_dim, reduction=reduction, module='primary'))
+        layers = []
+        in_caps, grid = primary_caps, grids[0]
+        for index, spec in enumerate(self.layer_specs):
+            if spec[0] == 'conv':
+                _, out_caps, kernel_size, stride = spec
+                layers.append(ConvCapsules(in_caps, out_caps, pose_dim, kernel_size, stride, **layer_kwargs, **dd))
+                reduction *= stride
+                self.feature_info.append(
+                    dict(num_chs=out_caps * pose_dim, reduction=reduction, module=f'capsule_layers.{index}'))
+            elif spec[0] == 'fc':
+                out_caps = spec[1]
+                layers.append(FCCapsules(in_caps * grid[0] * grid[1], out_caps, pose_dim, **layer_kwargs, **dd))
+            else:
+                raise ValueError(f"unknown capsule layer kind {spec[0]!r} (use 'conv' or 'fc')")
+            in_caps, grid = out_caps, grids[index + 1]
+        self.capsule_layers = nn.ModuleList(layers)
+        self.depth = len(layers) + 1  # the class capsules sit at this depth, whether or not a head is attached
+        self.head_in_caps = in_caps * grid[0] * grid[1]
+        self.head_layer_kwargs = layer_kwargs
+        self.snapshots = max(1, iterations - 1) if routing == 'concurrent' else 1
+        self.head_hidden_size = in_caps * (pose_dim + (1 if activations else 0))
+        self.num_features = self.snapshots * self.head_hidden_size
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head = ClassCapsules(self.head_in_caps, num_classes, pose_dim, layer_kwargs, **dd) if num_classes else None
+        self.pruned = False
+
+    # ---- construction helpers -------------------------------------------------------------------
+
+    def _stack_grids(self, height: int, width: int) -> Optional[List[Tuple[int, int]]]:
+        """Grid sizes of the primary and hidden capsule layers for a feature map, or None if too small."""
+        k, s, p = self.primary_args['kernel_size'], self.primary_args['stride'], self.primary_args['padding']
+        grids = [((height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1)]
+        for spec in self.layer_specs:
+            h, w = grids[-1]
+            grids.append(((h - spec[2]) // spec[3] + 1, (w - spec[2]) // spec[3] + 1) if spec[0] == 'conv' else (1, 1))
+        return grids if min(min(grid) for grid in grids) >= 1 else None
+
+    def _probe_grid(self) -> List[int]:
+        param = next(self.backbone.parameters())
+        with torch.no_grad():
+            probe = torch.zeros(1, self.in_chans, *self.img_size, device=param.device, dtype=param.dtype)
+            return list(self.backbone(probe)[-1].shape[-2:])
+
+    # ---- timm model contract --------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^backbone\.(conv1|bn1|conv)',
+            blocks=[
+                (r'^backbone\.stages\.(\d+)' if coarse else r'^backbone\.stages\.(\d+)\.(\d+)', None),
+                (r'^backbone\.model', (0,)),
+                (r'^primary', (1000,)),
+                (r'^capsule_layers\.(\d+)', (1001,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each routing pass (and the backbone's stages) in the backward pass instead of
+        storing its votes: memory then no longer grows with the vote tensors."""
+        self.grad_checkpointing = enable
+        self.backbone.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        """New class capsules for ``num_classes`` classes (0 removes them: the model then returns
+        pooled features of the last hidden capsules)."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        if num_classes:
+            reference = next(self.parameters())
+            self.head = ClassCapsules(
+                self.head_in_caps, num_classes, self.pose_dim, self.head_layer_kwargs,
+                device=reference.device, dtype=reference.dtype).train(self.training)
+        else:
+            self.head = None
+
+    # ---- routing ------------------------------------------------------------------------------
+
+    def _route(self, layer: nn.Module, children: Capsules, parents: Optional[Capsules] = None,
+               votes: Optional[Tensor] = None) -> Tuple[Capsules, Optional[Tensor]]:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled() and parents is not None:
+            # votes recomputed in the backward pass, never stored: the memory-lean mode
+            return torch.utils.checkpoint.checkpoint(layer, children, parents, use_reentrant=False)
+        return layer(children, parents, votes)
+
+    def _needed(self, layer_depth: int, iteration: int) -> bool:
+        # concurrent routing: layer l at iteration k reaches the class capsules at iteration t only if
+        # k + (depth - l) <= t; anything later is never read
+        return iteration + self.depth - layer_depth <= self.iterations
+
+    def _route_hidden(self, primary: Capsules, num_layers: int) -> Tuple[List[Capsules], List[Capsules]]:
+        """Routes the first ``num_layers`` hidden layers. Returns every layer's latest capsules
+        (primary first) and the snapshots of the last one at each iteration it is routed."""
+        layers = self.capsule_layers[:num_layers]
+        capsules = [primary]
+        if self.routing == 'sequential':
+            for layer in layers:
+                children = capsules[-1]
+                parents, _ = layer(children)
+                votes = layer.votes(children) if self.iterations > 1 and not self.grad_checkpointing else None
+                for _ in range(1, self.iterations):
+                    parents, _ = self._route(layer, children, parents, votes)
+                capsules.append(parents)
+            return capsules, [capsules[-1]]
+
+        for layer in layers:  # iteration 1: feed-forward, uniform routing
+            capsules.append(layer(capsules[-1])[0])
+        snapshots = [capsules[-1]]
+        first_votes: Optional[Tensor] = None  # the primary capsules never change: vote once
+        for iteration in range(2, self.iterations + 1):
+            if not self._needed(num_layers, iteration):
+                break
+            previous = list(capsules)
+            for depth, layer in enumerate(layers, 1):
+                if not self._needed(depth, iteration):
+                    continue
+                votes = None
+                if depth == 1 and not self.grad_checkpointing:
+                    if first_votes is None:
+                        first_votes = layer.votes(primary)
+                    votes = first_votes
+                capsules[depth] = self._route(layer, previous[depth - 1], previous[depth], votes)[0]
+            snapshots.append(capsules[-1])
+        return capsules, snapshots
+
+    def _classify(self, snapshots: List[Capsules]) -> Tensor:
+        """Routes the class capsules from the hidden snapshots (see the module docstring)."""
+        layer = self.head.capsules
+        parents, _ = layer(snapshots[0])
+        votes: Optional[Tensor] = None
+        for iteration in range(2, self.iterations + 1):
+            index = min(iteration - 2, len(snapshots) - 1)
+            if len(snapshots) == 1 and votes is None and not self.grad_checkpointing:
+                votes = layer.votes(snapshots[0])  # children fixed across iterations: vote once
+            parents, _ = self._route(layer, snapshots[index], parents, votes)
+        return self.head(parents)
+
+    # ---- capsules <-> feature maps -------------------------------------------------------------
+
+    def _to_nchw(self, capsules: Capsules) -> Tensor:
+        poses, activations = capsules
+        B, H, W, N, d = poses.shape
+        x = poses.reshape(B, H, W, N * d)
+        if activations is not None:
+            x = torch.cat([x, activations], dim=-1)
+        return x.permute(0, 3, 1, 2)
+
+    def _from_nchw(self, x: Tensor) -> List[Capsules]:
+        B, _, H, W = x.shape
+        snapshots = []
+        for chunk in x.permute(0, 2, 3, 1).chunk(self.snapshots, dim=-1):
+            n = chunk.shape[-1] // (self.pose_dim + self.has_activations)
+            poses = chunk[..., :n * self.pose_dim].reshape(B, H, W, n, self.pose_dim)
+            activations = chunk[..., n * self.pose_dim:] if self.has_activations else None
+            snapshots.append(Capsules(poses, activations))
+        return snapshots
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def _layers_for_level(self, level: int) -> int:
+        """How many hidden capsule layers must run to produce feature level ``level``."""
+        conv_index = level - len(self.backbone.feature_info) - 1
+        conv_layers = [i for i, spec in enumerate(self.layer_specs) if spec[0] == 'conv']
+        return conv_layers[conv_index] + 1 if conv_index >= 0 else 0
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """Feature maps of the backbone levels, the primary capsules and each convolutional capsule
+        layer (its poses as the class capsules' routing last read them), as NCHW maps with channel
+        n * d + e holding entry e of capsule type n."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"capsule feature maps are NCHW, got output_fmt={output_fmt!r}")
+        _check_input(x, self.in_chans, self.img_size)
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        backbone_maps = self.backbone(x)
+        intermediates = [m for level, m in enumerate(backbone_maps) if level in take_indices]
+        features = backbone_maps[-1]
+        num_backbone = len(backbone_maps)
+        if self.primary is None or (stop_early and max_index < num_backbone):
+            return intermediates if intermediates_only else (features, intermediates)
+
+        early = stop_early or self.pruned
+        num_layers = self._layers_for_level(max_index) if early else len(self.capsule_layers)
+        capsules, snapshots = self._route_hidden(self.primary(features), num_layers)
+        levels = [c for c, spec in zip(capsules, [('primary',)] + self.layer_specs) if spec[0] != 'fc']
+        intermediates += [self._to_nchw(c) for level, c in enumerate(levels, num_backbone) if level in take_indices]
+        if intermediates_only:
+            return intermediates
+        if early:
+            return self._to_nchw(capsules[-1]), intermediates
+        return torch.cat([self._to_nchw(s) for s in snapshots], dim=1), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drops the layers after the deepest requested feature level (and, by default, the head)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        num_backbone = len(self.backbone.feature_info)
+        if max_index < len(self.feature_info) - 1:
+            self.pruned = True
+            self.capsule_layers = self.capsule_layers[:self._layers_for_level(max_index)]
+            if max_index < num_backbone:
+                self.primary = None
+                if isinstance(self.backbone, CifarResNetBackbone):
+                    self.backbone.stages = self.backbone.stages[:max_index + 1]
+                    self.backbone.feature_info = self.backbone.feature_info[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if self.pruned or self.primary is None:
+            return self.forward_intermediates(x, stop_early=True)[0]
+        _check_input(x, self.in_chans, self.img_size)
+        features = self.backbone(x)[-1]
+        _, snapshots = self._route_hidden(self.primary(features), len(self.capsule_layers))
+        return torch.cat([self._to_nchw(s) for s in snapshots], dim=1)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if pre_logits or self.head is None:
+            return self.global_pool(x[:, -self.head_hidden_size:])
+        return self._classify(self._from_nchw(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def forward_routing(self, x: Tensor) -> RoutingTrace:
+        """Runs the complete routing schedule and returns every layer's routing coefficients and poses
+        at every iteration (see ``RoutingTrace``). Its logits equal ``forward(x)``."""
+        if self.head is None:
+            raise ValueError('forward_routing needs class capsules (num_classes > 0)')
+        _check_input(x, self.in_chans, self.img_size)
+        layers = list(self.capsule_layers) + [self.head.capsules]
+        primary = self.primary(self.backbone(x)[-1])
+        history = [[primary] for _ in range(self.iterations)]
+        routing: List[List[Tensor]] = [[] for _ in range(self.iterations)]
+        if self.routing == 'concurrent':
+            for layer in layers:  # iteration 1: feed-forward, uniform routing
+                history[0].append(layer(history[0][-1])[0])
+                routing[0].append(self._uniform_coefficients(layer, history[0][-1]))
+            for k in range(1, self.iterations):  # every layer at once, from the previous iteration
+                for depth, layer in enumerate(layers, 1):
+                    parents, coefficients = layer(history[k - 1][depth - 1], history[k - 1][depth])
+                    history[k].append(parents)
+                    routing[k].append(self._unflatten_coefficients(coefficients, parents))
+        else:  # sequential: each layer finishes its iterations before the next starts
+            children = primary
+            for layer in layers:
+                parents = layer(children)[0]
+                history[0].append(parents)
+                routing[0].append(self._uniform_coefficients(layer, parents))
+                for k in range(1, self.iterations):
+                    parents, coefficients = layer(children, parents)
+                    history[k].append(parents)
+                    routing[k].append(self._unflatten_coefficients(coefficients, parents))
+                children = parents
+        names = ['primary'] + [f'capsule_layers.{i}' for i in range(len(self.capsule_layers))] + ['head.capsules']
+        return RoutingTrace(
+            logits=self.head(history[-1][-1]),
+            layer_names=names,
+            poses=[[c.poses for c in step] for step in history],
+            coefficients=routing,
+            activations=[[c.activations for c in step] for step in history],
+        )
+
+    @staticmethod
+    def _unflatten_coefficients(weights: Tensor, parents: Capsules) -> Tensor:
+        B, H, W = parents.poses.shape[:3]
+        return weights.reshape(B, H, W, *weights.shape[1:])
+
+    @staticmethod
+    def _uniform_coefficients(layer, parents: Capsules) -> Tensor:
+        B, H, W, J = parents.poses.shape[:4]
+        children = layer.weight.shape[0]
+        return parents.poses.new_full((B, H, W, children, J), 1.0 / J)
+
+
+def _create_capsnet(variant: str, pretrained: bool = False, **kwargs) -> CapsNet:
+    num_conv = sum(spec[0] == 'conv' for spec in kwargs.get('capsule_layers', ()))
+    backbone_levels = 2 if kwargs.get('backbone') == 'resnet' else 1
+    num_levels = backbone_levels + 1 + num_conv
+    return build_model_with_cfg(
+        CapsNet, variant, pretrained,
+        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_levels))),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (5, 5), 'fixed_input_size': True,
+        'crop_pct': 1.0, 'interpolation': 'bilinear',
+        'mean': CIFAR_MEAN, 'std': CIFAR_STD,
+        'first_conv': 'backbone.conv', 'classifier': ('head.capsules', 'head.fc'),
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2002.04764',
+        'paper_name': 'Capsules with Inverted Dot-Product Attention Routing',
+        'origin_url': 'https://github.com/apple/ml-capsules-inverted-attention-routing',
+        **kwargs,
+    }
+
+
+_cifar10 = dict(num_classes=10, label_names=CIFAR10_LABELS)
+_cifar100 = dict(num_classes=100, label_names=CIFAR100_LABELS, pool_size=(1, 1))
+_multimnist = dict(
+    num_classes=10, label_names=DIGIT_LABELS, input_size=(1, 36, 36), pool_size=(6, 6),
+    mean=(0.,), std=(1.,))
+
+default_cfgs = generate_default_cfgs({
+    'capsnet_simple_cifar10.cifar10': _cfg(
+        hf_hub_id='timm-capsules/capsnet_simple_cifar10.cifar10', **_cifar10),
+    'capsnet_simple_cifar100.cifar100': _cfg(
+        hf_hub_id='timm-capsules/capsnet_simple_cifar100.cifar100', **_cifar100),
+    'capsnet_resnet_cifar10.cifar10': _cfg(
+        hf_hub_id='timm-capsules/capsnet_resnet_cifar10.cifar10', first_conv='backbone.conv1', **_cifar10),
+    'capsnet_resnet_cifar100.cifar100': _cfg(
+        hf_hub_id='timm-capsules/capsnet_resnet_cifar100.cifar100', first_conv='backbone.conv1', **_cifar100),
+    'capsnet_matrix_multimnist.diverse_multimnist': _cfg(
+        hf_hub_id='timm-capsules/capsnet_matrix_multimnist.diverse_multimnist', **_multimnist),
+    'capsnet_vector_multimnist.diverse_multimnist': _cfg(
+        hf_hub_id='timm-capsules/capsnet_vector_multimnist.diverse_multimnist', **_multimnist),
+})
+
+_CIFAR10_STACK = (('conv', 32, 3, 2), ('conv', 32, 3, 1))
+_CIFAR100_STACK = (('conv', 32, 3, 2), ('conv', 32, 3, 1), ('fc', 20))
+_MULTIMNIST_STACK = (('conv', 16, 3, 1),)
+
+
+@register_model
+def capsnet_simple_cifar10(pretrained: bool = False, **kwargs) -> CapsNet:
+    """Simple backbone (conv3x3 s2, 256 ch), 4x4 matrix poses, 561,297 parameters."""
+    model_args = dict(
+        backbone='simple', backbone_args=dict(out_chs=256), primary_caps=32, pose_dim=16,
+        capsule_layers=_CIFAR10_STACK)
+    return _create_capsnet('capsnet_simple_cifar10', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def capsnet_simple_cifar100(pretrained: bool = False, **kwargs) -> CapsNet:
+    """Simple backbone (conv3x3 s2, 128 ch), 6x6 matrix poses, 1,462,989 parameters."""
+    model_args = dict(
+        num_classes=100, backbone='simple', backbone_args=dict(out_chs=128), primary_caps=32, pose_dim=36,
+        capsule_layers=_CIFAR100_STACK)
+    return _create_capsnet('capsnet_simple_cifar100', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def capsnet_resnet_cifar10(pretrained: bool = False, **kwargs) -> CapsNet:
+    """CIFAR ResNet backbone, 4x4 matrix poses, 1,828,817 parameters. ``backbone=<timm model>`` swaps
+    the backbone for any timm model."""
+    model_args = dict(backbone='resnet', primary_caps=32, pose_dim=16, capsule_layers=_CIFAR10_STACK)
+    return _create_capsnet('capsnet_resnet_cifar10', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def capsnet_resnet_cifar100(pretrained: bool = False, **kwargs) -> CapsNet:
+    """CIFAR ResNet backbone, 6x6 matrix poses, 2,799,629 parameters."""
+    model_args = dict(
+        num_classes=100, backbone='resnet', primary_caps=32, pose_dim=36, capsule_layers=_CIFAR100_STACK)
+    return _create_capsnet('capsnet_resnet_cifar100', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def capsnet_matrix_multimnist(pretrained: bool = False, **kwargs) -> CapsNet:
+    """DiverseMultiMNIST CapsNet, 8x8 matrix poses, 9,963,969 parameters."""
+    model_args = dict(
+        in_chans=1, img_size=36, backbone='simple', backbone_args=dict(out_chs=1024), primary_caps=16,
+        pose_dim=64, primary_kernel_size=3, primary_stride=2, capsule_layers=_MULTIMNIST_STACK)
+    return _create_capsnet('capsnet_matrix_multimnist', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def capsnet_vector_multimnist(pretrained: bool = False, **kwargs) -> CapsNet:
+    """DiverseMultiMNIST CapsNet, 64-d vector poses, 42,478,017 parameters."""
+    model_args = dict(
+        in_chans=1, img_size=36, backbone='simple', backbone_args=dict(out_chs=1024), primary_caps=16,
+        pose_dim=64, primary_kernel_size=3, primary_stride=2, capsule_layers=_MULTIMNIST_STACK,
+        matrix_pose=False)
+    return _create_capsnet('capsnet_vector_multimnist', pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,243 @@
+"""Capsule layers: primary capsules, convolutional and fully connected capsule layers.
+
+Capsules are kept as a grid ``poses (B, H, W, N, d)`` (N capsule types of pose dimension d at every
+position), with optional activations ``(B, H, W, N)`` for the EM-style ablation. A fully connected
+capsule layer outputs a 1x1 grid, so every layer speaks the same layout.
+"""
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from timm.layers import LayerNormFp32
+
+from .routing import attention_routing, capsule_votes, uniform_routing
+
+__all__ = ['Capsules', 'PrimaryCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape']
+
+
+class Capsules(NamedTuple):
+    poses: Tensor  # (B, H, W, N, d)
+    activations: Optional[Tensor] = None  # (B, H, W, N) in (0, 1), only with EM-style activations
+
+
+def _is_tracing() -> bool:
+    return torch.jit.is_scripting() or torch.fx._symbolic_trace.is_fx_tracing()
+
+
+def pose_shape(pose_dim: int, matrix_pose: bool) -> Tuple[int, int]:
+    """(rows, cols) a pose is stored as: (sqrt(d), sqrt(d)) for matrix poses, (1, d) for vectors."""
+    if not matrix_pose:
+        return 1, pose_dim
+    side = math.isqrt(pose_dim)
+    if side * side != pose_dim:
+        raise ValueError(f'a matrix pose needs a square pose dimension (16, 36, 64, ...), got {pose_dim}')
+    return side, side
+
+
+def _capsule_norm(pose_dim: int, layer_norm: bool, device=None, dtype=None) -> nn.Module:
+    # LayerNorm over the d pose entries, gain and bias shared by every capsule of the layer;
+    # computed in float32 so that low-precision training keeps a stable normalisation.
+    return LayerNormFp32(pose_dim, eps=1e-5, device=device, dtype=dtype) if layer_norm else nn.Identity()
+
+
+class PrimaryCapsules(nn.Module):
+    """A bias-free conv whose channel c becomes entry c % d of capsule c // d, then LayerNorm."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            num_caps: int,
+            pose_dim: int,
+            kernel_size: int = 1,
+            stride: int = 1,
+            padding: int = 0,
+            layer_norm: bool = True,
+            activations: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        self.num_caps, self.pose_dim, self.stride = num_caps, pose_dim, stride
+        self.has_activations = activations
+        out_chs = num_caps * pose_dim + (num_caps if activations else 0)
+        self.conv = nn.Conv2d(
+            in_chs, out_chs, kernel_size, stride, padding, bias=False, device=device, dtype=dtype)
+        self.norm = _capsule_norm(pose_dim, layer_norm, device, dtype)
+
+    def forward(self, x: Tensor) -> Capsules:
+        x = self.conv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        B, H, W, _ = x.shape
+        n, d = self.num_caps, self.pose_dim
+        poses = self.norm(x[..., :n * d].reshape(B, H, W, n, d))
+        activations = x[..., n * d:].sigmoid() if self.has_activations else None
+        return Capsules(poses, activations)
+
+
+class _RoutedCapsules(nn.Module):
+    """A capsule layer whose parents are found by inverted dot-product attention routing.
+
+    Subclasses say how the child grid is cut into groups of children (``_children``).
+    """
+
+    def __init__(
+            self,
+            children_per_group: int,
+            in_dim: int,
+            out_caps: int,
+            out_dim: int,
+            matrix_pose: bool,
+            layer_norm: bool,
+            activations: bool,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if matrix_pose and in_dim != out_dim:
+            raise ValueError(f'matrix poses keep their dimension, got {in_dim} -> {out_dim}')
+        self.child_rows, self.child_cols = pose_shape(in_dim, matrix_pose)
+        _, self.parent_cols = pose_shape(out_dim, matrix_pose)
+        self.matrix_pose = matrix_pose
+        self.out_caps, self.out_dim = out_caps, out_dim
+        self.weight = nn.Parameter(torch.empty(
+            children_per_group, out_caps, self.child_cols, self.parent_cols, device=device, dtype=dtype))
+        self.norm = _capsule_norm(out_dim, layer_norm, device, dtype)
+        if activations:
+            # EM-style activations (the paper's ablation C): a parent is active when the children
+            # routed to it agree with it; beta_a / beta_u play the roles they have in EM routing.
+            self.beta_a = nn.Parameter(torch.zeros(out_caps, device=device, dtype=dtype))
+            self.beta_u = nn.Parameter(torch.ones(out_caps, device=device, dtype=dtype))
+        else:
+            self.beta_a = self.beta_u = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # the authors' init: N(0, 1) * sqrt(#parents / (pose columns * #children))
+        children, parents, cols, _ = self.weight.shape
+        with torch.no_grad():
+            self.weight.normal_(0., math.sqrt(parents / (cols * children)))
+
+    def _children(self, capsules: Capsules) -> Tuple[Tensor, Optional[Tensor], Tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def votes(self, children: Capsules) -> Tensor:
+        """All votes of this layer: (groups, children, parents, rows, cols)."""
+        child_poses, _, _ = self._children(children)
+        return capsule_votes(child_poses, self.weight)
+
+    def forward(
+            self,
+            children: Capsules,
+            parents: Optional[Capsules] = None,
+            votes: Optional[Tensor] = None,
+    ) -> Tuple[Capsules, Optional[Tensor]]:
+        """One routing pass: uniform when ``parents`` is None, else attention to the given parents.
+
+        ``votes`` may be passed in when the children did not change since they were last computed.
+        Returns the parent capsules and the routing coefficients (groups, children, parents), or
+        None for the uniform pass.
+        """
+        child_poses, child_activations, (B, H, W) = self._children(children)
+        if parents is None:
+            poses = uniform_routing(child_poses, self.weight, child_activations)
+            coefficients = agreement = None
+        else:
+            if votes is None:
+                votes = capsule_votes(child_poses, self.weight)
+            parent_poses = parents.poses.reshape(-1, self.out_caps, self.child_rows, self.parent_cols)
+            poses, coefficients, agreement = attention_routing(votes, parent_poses, child_activations)
+        poses = self.norm(poses.reshape(B, H, W, self.out_caps, self.out_dim))
+        activations = None
+        if self.beta_a is not None:
+            activations = self._parent_activations(coefficients, agreement, child_activations, poses)
+        return Capsules(poses, activations), coefficients
+
+    def _parent_activations(self, coefficients, agreement, child_activations, poses) -> Tensor:
+        if agreement is None:  # uniform pass: no parent state yet, so no agreement either
+            mean_agreement = poses.new_zeros(poses.shape[:-1])
+        else:
+            mass = coefficients if child_activations is None else coefficients * child_activations[..., None]
+            mean_agreement = (mass * agreement).sum(1) / mass.sum(1).clamp_min(1e-6)
+            mean_agreement = mean_agreement.reshape(poses.shape[:-1])
+        return torch.sigmoid(self.beta_a + self.beta_u * mean_agreement)
+
+
+class ConvCapsules(_RoutedCapsules):
+    """Convolutional capsule layer: every k x k window (stride s, no padding) of the child grid is
+    routed to the parent types at one output position; a window's children are (ky, kx, child type)."""
+
+    def __init__(
+            self,
+            in_caps: int,
+            out_caps: int,
+            pose_dim: int,
+            kernel_size: int = 3,
+            stride: int = 1,
+            matrix_pose: bool = True,
+            out_dim: Optional[int] = None,
+            layer_norm: bool = True,
+            activations: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        self.in_caps, self.kernel_size, self.stride = in_caps, kernel_size, stride
+        super().__init__(
+            kernel_size * kernel_size * in_caps, pose_dim, out_caps, out_dim or pose_dim,
+            matrix_pose, layer_norm, activations, device, dtype)
+
+    def output_grid(self, height: int, width: int) -> Tuple[int, int]:
+        k, s = self.kernel_size, self.stride
+        return (height - k) // s + 1, (width - k) // s + 1
+
+    def _children(self, capsules: Capsules):
+        poses, activations = capsules
+        B, H, W, N, _ = poses.shape
+        k, s = self.kernel_size, self.stride
+        if not _is_tracing() and (H < k or W < k):
+            raise ValueError(
+                f'{type(self).__name__}(kernel_size={k}, stride={s}) needs a child grid of at least {k}x{k}, '
+                f'got {H}x{W}: the input image is too small for this capsule stack')
+        # windows as a strided view: (B, Ho, Wo, N, d, ky, kx) -> (B, Ho, Wo, ky, kx, N, d)
+        windows = poses.unfold(1, k, s).unfold(2, k, s).permute(0, 1, 2, 5, 6, 3, 4)
+        Ho, Wo = windows.shape[1], windows.shape[2]
+        children = windows.reshape(B * Ho * Wo, k * k * N, self.child_rows, self.child_cols)
+        if activations is not None:
+            activations = activations.unfold(1, k, s).unfold(2, k, s).permute(0, 1, 2, 4, 5, 3)
+            activations = activations.reshape(B * Ho * Wo, k * k * N)
+        return children, activations, (B, Ho, Wo)
+
+
+class FCCapsules(_RoutedCapsules):
+    """Fully connected capsule layer: every child capsule of the grid (flattened type-major, i.e.
+    in (type, h, w) order) is routed to every parent; the output is a 1x1 grid."""
+
+    def __init__(
+            self,
+            in_caps: int,
+            out_caps: int,
+            pose_dim: int,
+            matrix_pose: bool = True,
+            out_dim: Optional[int] = None,
+            layer_norm: bool = True,
+            activations: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        self.in_caps = in_caps
+        super().__init__(
+            in_caps, pose_dim, out_caps, out_dim or pose_dim, matrix_pose, layer_norm, activations, device, dtype)
+
+    def output_grid(self, height: int, width: int) -> Tuple[int, int]:
+        return 1, 1
+
+    def _children(self, capsules: Capsules):
+        poses, activations = capsules
+        B, H, W, N, _ = poses.shape
+        if not _is_tracing() and N * H * W != self.in_caps:
+            raise ValueError(
+                f'{type(self).__name__} was built for {self.in_caps} child capsules, got a {H}x{W} grid of '
+                f'{N} types = {N * H * W}: the input image size differs from the one the model was built for')
+        children = poses.permute(0, 3, 1, 2, 4).reshape(B, N * H * W, self.child_rows, self.child_cols)
+        if activations is not None:
+            activations = activations.permute(0, 3, 1, 2).reshape(B, N * H * W)
+        return children, activations, (B, 1, 1)
