@@ -3,7 +3,6 @@ the training stream, the datasets builder and the exported Hub-layout folder."""
 import gzip
 import hashlib
 import logging
-import os
 import socket
 from pathlib import Path
 
@@ -314,7 +313,7 @@ def test_image_feature_round_trips(tmp_path):
     reference = dmm.make_split("test", 40, source="sample")
     images = np.stack([np.asarray(example["image"]) for example in dataset])
     np.testing.assert_array_equal(images, reference.images)
-    streamed = dmm.load_diverse_multimnist("test", streaming=True, source="sample", test_size=40)
+    streamed = dmm.load_diverse_multimnist("test", streaming=True, cache_dir=tmp_path, source="sample", test_size=40)
     np.testing.assert_array_equal(np.asarray(next(iter(streamed))["image"]), reference.images[0])
 
 
@@ -327,7 +326,7 @@ def test_export_loads_with_plain_load_dataset(tmp_path, monkeypatch):
               "--seed", "1", "--cache-dir", str(tmp_path / "cache")])
     assert sorted(p.name for p in (out / "data").iterdir()) == ["test-00000-of-00001.parquet",
                                                                  "train-00000-of-00001.parquet"]
-    expected_features = dmm.DiverseMultiMNIST(source="sample").info.features
+    expected_features = dmm.DiverseMultiMNIST(cache_dir=str(tmp_path / "cache"), source="sample").info.features
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     loaded = datasets.load_dataset("diverse_multimnist")  # by name, from the parent directory

@@ -4,7 +4,7 @@ Every backbone maps an image (B, C, H, W) to a list of feature maps, one per fea
 describes them in ``feature_info`` (timm's format: ``num_chs``, ``reduction``, ``module``). The
 capsule network reads the last one.
 """
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -95,8 +95,9 @@ class TimmBackbone(nn.Module):
     """Any timm model as a capsule backbone, through timm's ``features_only`` machinery.
 
     ``out_index`` picks the feature level (index into the model's ``feature_info``); None picks the
-    deepest level whose feature map is still at least ``min_grid`` wide, measured by a dry run.
-    Token models (ViT and friends) come out as NCHW maps through timm's feature getter.
+    deepest level whose feature map still ``fits`` the capsule stack, measured by a dry run on the meta
+    device (no weights, no compute). Token models (ViT and friends) come out as NCHW maps through timm's
+    feature getter, and are told the input size when they take ``img_size``.
     """
 
     def __init__(
@@ -112,30 +113,40 @@ class TimmBackbone(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        model_kwargs = dict(model_kwargs or {})
+        model_kwargs = dict(model_kwargs or {}, in_chans=in_chans)
+        probe, model_kwargs = self._meta_model(model_name, tuple(img_size), model_kwargs)
+        with torch.device('meta'):
+            grids = [tuple(m.shape[-2:]) for m in probe(torch.zeros(1, in_chans, *img_size))]
+        levels = list(probe.feature_info.out_indices)
         if out_index is None:
-            out_index = self._pick_level(model_name, in_chans, img_size, fits, model_kwargs)
+            usable = [level for level, grid in zip(levels, grids) if fits is None or fits(*grid)]
+            if not usable:
+                raise ValueError(
+                    f'no feature level of {model_name} at input size {tuple(img_size)} is large enough for the '
+                    f'capsule stack (feature map sizes {grids}); use a larger img_size')
+            out_index = usable[-1]
+        if out_index not in levels:
+            raise ValueError(f'{model_name} has feature levels {levels}, got backbone_out_index={out_index}')
+        self.grid = grids[levels.index(out_index)]
         self.model = timm.create_model(
             model_name, pretrained=pretrained, features_only=True, out_indices=(out_index,),
-            in_chans=in_chans, device=device, dtype=dtype, **model_kwargs)
+            device=device, dtype=dtype, **model_kwargs)
         info = self.model.feature_info.get_dicts()[-1]
         self.feature_info = [dict(num_chs=info['num_chs'], reduction=info['reduction'], module='model')]
         self.num_features = info['num_chs']
         self.out_index = out_index
 
     @staticmethod
-    def _pick_level(model_name, in_chans, img_size, fits, model_kwargs) -> int:
+    def _meta_model(model_name: str, img_size: Tuple[int, int], model_kwargs: Dict[str, Any]):
+        """The backbone on the meta device, told the input size if its constructor takes one."""
         with torch.device('meta'):
-            probe = timm.create_model(model_name, features_only=True, in_chans=in_chans, **model_kwargs)
-            maps = probe(torch.zeros(1, in_chans, *img_size))
-        indices = probe.feature_info.out_indices
-        usable = [index for index, m in zip(indices, maps) if fits is None or fits(m.shape[-2], m.shape[-1])]
-        if not usable:
-            sizes = [tuple(m.shape[-2:]) for m in maps]
-            raise ValueError(
-                f'no feature level of {model_name} at input size {tuple(img_size)} is large enough for the '
-                f'capsule stack (feature map sizes {sizes}); use a larger img_size')
-        return usable[-1]
+            if 'img_size' not in model_kwargs:
+                try:
+                    kwargs = dict(model_kwargs, img_size=img_size)
+                    return timm.create_model(model_name, features_only=True, **kwargs).eval(), kwargs
+                except TypeError:
+                    pass
+            return timm.create_model(model_name, features_only=True, **model_kwargs).eval(), model_kwargs
 
     def set_grad_checkpointing(self, enable: bool = True):
         if hasattr(self.model, 'set_grad_checkpointing'):

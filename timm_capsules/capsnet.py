@@ -52,7 +52,7 @@ LayerSpec = Union[Tuple[str, int, int, int], Tuple[str, int]]
 
 
 @register_notrace_function
-def _check_input(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
+def check_input(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
     if x.ndim != 4 or x.shape[1] != in_chans or tuple(x.shape[-2:]) != tuple(img_size):
         raise ValueError(
             f'expected images of shape (batch, {in_chans}, {img_size[0]}, {img_size[1]}), got {tuple(x.shape)}; '
@@ -162,10 +162,10 @@ class CapsNet(nn.Module):
                 backbone, in_chans, self.img_size, pretrained=backbone_pretrained, out_index=backbone_out_index,
                 fits=lambda h, w: self._stack_grids(h, w) is not None, model_kwargs=backbone_args, **dd)
         feature_reduction = self.backbone.feature_info[-1]['reduction']
-        if backbone in ('simple', 'resnet'):
+        if isinstance(self.backbone, TimmBackbone):
+            feature_grid = self.backbone.grid
+        else:  # 'same'-padded convs: ceil(size / reduction)
             feature_grid = [math.ceil(size / feature_reduction) for size in self.img_size]
-        else:
-            feature_grid = self._probe_grid()
         grids = self._stack_grids(*feature_grid)
         if grids is None:
             raise ValueError(
@@ -214,12 +214,6 @@ class CapsNet(nn.Module):
             h, w = grids[-1]
             grids.append(((h - spec[2]) // spec[3] + 1, (w - spec[2]) // spec[3] + 1) if spec[0] == 'conv' else (1, 1))
         return grids if min(min(grid) for grid in grids) >= 1 else None
-
-    def _probe_grid(self) -> List[int]:
-        param = next(self.backbone.parameters())
-        with torch.no_grad():
-            probe = torch.zeros(1, self.in_chans, *self.img_size, device=param.device, dtype=param.dtype)
-            return list(self.backbone(probe)[-1].shape[-2:])
 
     # ---- timm model contract --------------------------------------------------------------------
 
@@ -337,12 +331,13 @@ class CapsNet(nn.Module):
 
     def _from_nchw(self, x: Tensor) -> List[Capsules]:
         B, _, H, W = x.shape
+        x = x.permute(0, 2, 3, 1)
+        n, d = self.head_hidden_size // (self.pose_dim + self.has_activations), self.pose_dim
         snapshots = []
-        for chunk in x.permute(0, 2, 3, 1).chunk(self.snapshots, dim=-1):
-            n = chunk.shape[-1] // (self.pose_dim + self.has_activations)
-            poses = chunk[..., :n * self.pose_dim].reshape(B, H, W, n, self.pose_dim)
-            activations = chunk[..., n * self.pose_dim:] if self.has_activations else None
-            snapshots.append(Capsules(poses, activations))
+        for index in range(self.snapshots):
+            chunk = x[..., index * self.head_hidden_size:(index + 1) * self.head_hidden_size]
+            activations = chunk[..., n * d:] if self.has_activations else None
+            snapshots.append(Capsules(chunk[..., :n * d].reshape(B, H, W, n, d), activations))
         return snapshots
 
     # ---- forward ------------------------------------------------------------------------------
@@ -367,7 +362,7 @@ class CapsNet(nn.Module):
         n * d + e holding entry e of capsule type n."""
         if output_fmt != 'NCHW':
             raise ValueError(f"capsule feature maps are NCHW, got output_fmt={output_fmt!r}")
-        _check_input(x, self.in_chans, self.img_size)
+        check_input(x, self.in_chans, self.img_size)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         backbone_maps = self.backbone(x)
         intermediates = [m for level, m in enumerate(backbone_maps) if level in take_indices]
@@ -411,7 +406,7 @@ class CapsNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         if self.pruned or self.primary is None:
             return self.forward_intermediates(x, stop_early=True)[0]
-        _check_input(x, self.in_chans, self.img_size)
+        check_input(x, self.in_chans, self.img_size)
         features = self.backbone(x)[-1]
         _, snapshots = self._route_hidden(self.primary(features), len(self.capsule_layers))
         return torch.cat([self._to_nchw(s) for s in snapshots], dim=1)
@@ -430,7 +425,7 @@ class CapsNet(nn.Module):
         at every iteration (see ``RoutingTrace``). Its logits equal ``forward(x)``."""
         if self.head is None:
             raise ValueError('forward_routing needs class capsules (num_classes > 0)')
-        _check_input(x, self.in_chans, self.img_size)
+        check_input(x, self.in_chans, self.img_size)
         layers = list(self.capsule_layers) + [self.head.capsules]
         primary = self.primary(self.backbone(x)[-1])
         history = [[primary] for _ in range(self.iterations)]

@@ -22,7 +22,7 @@ class Capsules(NamedTuple):
 
 
 def _is_tracing() -> bool:
-    return torch.jit.is_scripting() or torch.fx._symbolic_trace.is_fx_tracing()
+    return torch.jit.is_scripting() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
 def pose_shape(pose_dim: int, matrix_pose: bool) -> Tuple[int, int]:
