@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from timm.layers import LayerNormFp32
+import torch.nn.functional as F
 
 from .routing import attention_routing, capsule_votes, uniform_routing
 
@@ -35,10 +35,18 @@ def pose_shape(pose_dim: int, matrix_pose: bool) -> Tuple[int, int]:
     return side, side
 
 
+class PoseNorm(nn.LayerNorm):
+    """LayerNorm over the d pose entries, gain and bias shared by every capsule of a layer, computed
+    in at least float32 so that bf16/fp16 training keeps a stable normalisation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
 def _capsule_norm(pose_dim: int, layer_norm: bool, device=None, dtype=None) -> nn.Module:
-    # LayerNorm over the d pose entries, gain and bias shared by every capsule of the layer;
-    # computed in float32 so that low-precision training keeps a stable normalisation.
-    return LayerNormFp32(pose_dim, eps=1e-5, device=device, dtype=dtype) if layer_norm else nn.Identity()
+    return PoseNorm(pose_dim, eps=1e-5, device=device, dtype=dtype) if layer_norm else nn.Identity()
 
 
 class PrimaryCapsules(nn.Module):

@@ -50,11 +50,12 @@ def attention_routing(
         un-normalised new parent poses (g, j, r, t),
         routing coefficients r_ij (g, i, j), softmax over parents j,
         agreement a_ij (g, i, j) = <p_j, v_ij> / sqrt(d).
-    The softmax runs in float32 so that routing stays stable under bf16/fp16 autocast.
+    The softmax runs in at least float32 so that routing stays stable under bf16/fp16.
     """
     pose_dim = votes.shape[-1] * votes.shape[-2]
     agreement = torch.einsum('gijrt,gjrt->gij', votes, parents) * pose_dim ** -0.5
-    coefficients = agreement.float().softmax(dim=-1).to(votes.dtype)
+    coefficients = agreement.softmax(dim=-1, dtype=torch.promote_types(agreement.dtype, torch.float32))
+    coefficients = coefficients.to(votes.dtype)
     weights = coefficients if child_activations is None else coefficients * child_activations[..., None]
     poses = torch.einsum('gij,gijrt->gjrt', weights, votes)
     return poses, coefficients, agreement

@@ -1,0 +1,169 @@
+"""The six paper CapsNets as timm models: exact sizes, the contract beyond timm's own suite, bad input."""
+import pytest
+import timm
+import torch
+
+import timm_capsules  # noqa: F401
+from timm_capsules.capsnet import CIFAR100_LABELS, CapsNet
+
+PAPER_PARAMS = {
+    'capsnet_simple_cifar10': 561_297,
+    'capsnet_simple_cifar100': 1_462_989,
+    'capsnet_resnet_cifar10': 1_828_817,
+    'capsnet_resnet_cifar100': 2_799_629,
+    'capsnet_matrix_multimnist': 9_963_969,
+    'capsnet_vector_multimnist': 42_478_017,
+}
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registered_models_are_exactly_the_paper_models():
+    assert set(timm.list_models('capsnet_*')) == set(PAPER_PARAMS)
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_PARAMS))
+def test_parameter_counts_match_the_paper(name):
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    assert num_params(model) == PAPER_PARAMS[name]
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_PARAMS))
+def test_default_cfg_describes_the_model(name):
+    model = timm.create_model(name, device='meta')
+    cfg = model.pretrained_cfg
+    assert cfg['hf_hub_id'] == f"timm-capsules/{name}.{cfg['tag']}"
+    assert cfg['input_size'] == (model.in_chans, *model.img_size)
+    assert len(cfg['label_names']) == cfg['num_classes'] == model.num_classes
+    assert cfg['paper_ids'] == 'arXiv:2002.04764'
+    assert len(cfg['mean']) == len(cfg['std']) == model.in_chans
+
+
+def test_cifar100_label_names_are_distinct():
+    assert len(set(CIFAR100_LABELS)) == 100
+
+
+def test_num_classes_and_in_chans_adapt_the_model():
+    model = timm.create_model('capsnet_simple_cifar10', num_classes=7, in_chans=1)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    model.reset_classifier(4)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 4)
+    model.reset_classifier(0)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, model.head_hidden_size)
+
+
+def test_forward_head_of_forward_features_is_forward():
+    model = timm.create_model('capsnet_simple_cifar100', iterations=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, model.num_features, 1, 1)
+        assert model.num_features == 2 * model.head_hidden_size  # snapshots of iterations 1 and 2
+        torch.testing.assert_close(model.forward_head(features), model(x))
+        assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size)
+
+
+def test_features_only_returns_every_level():
+    model = timm.create_model('capsnet_resnet_cifar10', features_only=True)
+    maps = model(torch.randn(2, 3, 32, 32))
+    assert [m.shape[1:] for m in maps] == [
+        (64, 32, 32), (128, 16, 16), (512, 16, 16), (512, 7, 7), (512, 5, 5)]
+    assert model.feature_info.channels() == [64, 128, 512, 512, 512]
+
+
+def test_device_and_dtype_arguments_are_honoured():
+    model = timm.create_model('capsnet_simple_cifar10', device='meta', dtype=torch.float64)
+    assert {p.device.type for p in model.parameters()} == {'meta'}
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+
+
+def test_unknown_kwargs_are_not_swallowed():
+    with pytest.raises(TypeError):
+        timm.create_model('capsnet_simple_cifar10', not_an_argument=1)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+def test_wrong_channel_count_names_the_expected_shape():
+    model = timm.create_model('capsnet_simple_cifar10')
+    with pytest.raises(ValueError, match=r'\(batch, 3, 32, 32\)'):
+        model(torch.randn(1, 1, 32, 32))
+
+
+def test_wrong_image_size_names_the_expected_shape():
+    model = timm.create_model('capsnet_matrix_multimnist')
+    with pytest.raises(ValueError, match=r'\(batch, 1, 36, 36\)'):
+        model(torch.randn(1, 1, 28, 28))
+
+
+def test_image_too_small_for_the_capsule_stack():
+    with pytest.raises(ValueError, match='too small for the capsule stack'):
+        timm.create_model('capsnet_simple_cifar10', img_size=12)
+
+
+def test_non_square_matrix_pose_is_rejected():
+    with pytest.raises(ValueError, match='square pose dimension'):
+        timm.create_model('capsnet_simple_cifar10', pose_dim=12)
+
+
+def test_iterations_below_one_are_rejected():
+    with pytest.raises(ValueError, match='iterations must be >= 1'):
+        timm.create_model('capsnet_simple_cifar10', iterations=0)
+
+
+def test_unknown_routing_is_rejected():
+    with pytest.raises(ValueError, match='concurrent'):
+        timm.create_model('capsnet_simple_cifar10', routing='dynamic')
+
+
+# ---- any timm model as backbone --------------------------------------------------------------------
+
+@pytest.mark.parametrize('backbone, img_size, level', [
+    ('resnet18', 32, 1),          # deepest ResNet level still >= 7x7 at 32x32: layer1, 8x8
+    ('convnext_atto', 64, 1),     # stride-8 stage, 8x8
+    ('vit_tiny_patch16_224', 128, 11),  # tokens as an 8x8 map through timm's feature getter
+])
+def test_any_timm_model_feeds_the_primary_capsules(backbone, img_size, level):
+    model = timm.create_model('capsnet_resnet_cifar10', backbone=backbone, img_size=img_size)
+    assert model.backbone.out_index == level
+    assert model.primary.conv.in_channels == model.backbone.num_features
+    x = torch.randn(2, 3, img_size, img_size)
+    out = model(x)
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_timm_backbone_level_can_be_chosen():
+    model = timm.create_model('capsnet_resnet_cifar10', backbone='resnet18', backbone_out_index=0, img_size=32)
+    assert model.backbone.num_features == 64 and model.backbone.grid == (16, 16)
+    with pytest.raises(ValueError, match='feature levels'):
+        timm.create_model('capsnet_resnet_cifar10', backbone='resnet18', backbone_out_index=9)
+
+
+# ---- compile and low precision ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = timm.create_model('capsnet_simple_cifar10', iterations=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_keeps_routing_finite_and_close():
+    torch.manual_seed(0)
+    model = timm.create_model('capsnet_simple_cifar10', iterations=3).eval()
+    x = torch.randn(4, 3, 32, 32) * 50  # large activations stress softmax and LayerNorm
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            got = model(x)
+    assert torch.isfinite(got).all()
+    assert (got.float() - expected).abs().max() < 0.1 * expected.abs().max() + 0.1
