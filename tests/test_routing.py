@@ -257,3 +257,20 @@ def test_grad_checkpointing_gives_same_outputs_and_gradients():
     torch.testing.assert_close(out2, out)
     for g, g2 in zip(grads, grads2):
         torch.testing.assert_close(g2, g)
+
+
+def test_chunked_routing_equals_unchunked_forward_and_gradients():
+    x = torch.randn(3, 1, 10, 10)
+    reference = tiny_capsnet(iterations=3).train()
+    reference.set_max_votes(None)
+    chunked = tiny_capsnet(iterations=3).train()
+    chunked.set_max_votes(100)  # a few groups per chunk
+    assert all(m.max_votes == 100 for m in chunked.modules() if hasattr(m, 'max_votes'))
+    out, out_chunked = reference(x), chunked(x)
+    torch.testing.assert_close(out_chunked, out)
+    grads = torch.autograd.grad(out.sum(), list(reference.parameters()))
+    grads_chunked = torch.autograd.grad(out_chunked.sum(), list(chunked.parameters()))
+    for g, g2 in zip(grads, grads_chunked):
+        torch.testing.assert_close(g2, g)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked.forward_routing(x).logits, reference(x))

@@ -111,6 +111,8 @@ class CapsNet(nn.Module):
         layer_norm: LayerNorm on capsule poses (False is ablation A).
         activations: EM-style capsule activations that weight each child's votes (ablation C).
         global_pool: pooling of the features when ``num_classes == 0`` ('avg', 'max', ... or '' for none).
+        max_votes: a routing pass whose vote tensor would hold more elements is run in chunks of at most
+            this many, each recomputed in the backward pass (bounded memory for large inputs); None never chunks.
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class CapsNet(nn.Module):
             layer_norm: bool = True,
             activations: bool = False,
             global_pool: str = 'avg',
+            max_votes: Optional[int] = 2 ** 26,
             device=None,
             dtype=None,
     ):
@@ -203,6 +206,14 @@ class CapsNet(nn.Module):
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.head = ClassCapsules(self.head_in_caps, num_classes, pose_dim, layer_kwargs, **dd) if num_classes else None
         self.pruned = False
+        self.set_max_votes(max_votes)
+
+    def set_max_votes(self, max_votes: Optional[int]):
+        """Vote-tensor size above which routing runs in memory-bounded chunks (None: never)."""
+        self.max_votes = max_votes
+        for module in self.modules():
+            if hasattr(module, 'max_votes') and module is not self:
+                module.max_votes = max_votes
 
     # ---- construction helpers -------------------------------------------------------------------
 
@@ -255,6 +266,7 @@ class CapsNet(nn.Module):
             self.head = ClassCapsules(
                 self.head_in_caps, num_classes, self.pose_dim, self.head_layer_kwargs,
                 device=reference.device, dtype=reference.dtype).train(self.training)
+            self.set_max_votes(self.max_votes)
         else:
             self.head = None
 

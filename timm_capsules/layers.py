@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from .routing import attention_routing, capsule_votes, uniform_routing
+from .routing import attention_routing, capsule_votes, chunked_attention_routing, uniform_routing
 
 __all__ = ['Capsules', 'PrimaryCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape']
 
@@ -117,6 +117,8 @@ class _RoutedCapsules(nn.Module):
             self.beta_u = nn.Parameter(torch.ones(out_caps, device=device, dtype=dtype))
         else:
             self.beta_a = self.beta_u = None
+        # votes beyond this many elements are formed chunk by chunk (see chunked_attention_routing)
+        self.max_votes: Optional[int] = 2 ** 26
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -127,6 +129,17 @@ class _RoutedCapsules(nn.Module):
 
     def _children(self, capsules: Capsules) -> Tuple[Tensor, Optional[Tensor], Tuple[int, int, int]]:
         raise NotImplementedError
+
+    def _uniform(self, children: Capsules) -> Tuple[Tensor, Tuple[int, int, int]]:
+        """The uniform first pass: un-normalised parent poses (groups, parents, rows, cols)."""
+        child_poses, child_activations, grid = self._children(children)
+        return uniform_routing(child_poses, self.weight, child_activations), grid
+
+    def _too_many_votes(self, child_poses: Tensor) -> bool:
+        if self.max_votes is None or _is_tracing():
+            return False
+        groups, children, rows = child_poses.shape[:3]
+        return groups * children * rows * self.weight[0, :, 0].numel() > self.max_votes
 
     def votes(self, children: Capsules) -> Tensor:
         """All votes of this layer: (groups, children, parents, rows, cols)."""
@@ -145,15 +158,19 @@ class _RoutedCapsules(nn.Module):
         Returns the parent capsules and the routing coefficients (groups, children, parents), or
         None for the uniform pass.
         """
-        child_poses, child_activations, (B, H, W) = self._children(children)
         if parents is None:
-            poses = uniform_routing(child_poses, self.weight, child_activations)
-            coefficients = agreement = None
+            poses, (B, H, W) = self._uniform(children)
+            child_activations = coefficients = agreement = None
         else:
-            if votes is None:
-                votes = capsule_votes(child_poses, self.weight)
+            child_poses, child_activations, (B, H, W) = self._children(children)
             parent_poses = parents.poses.reshape(-1, self.out_caps, self.child_rows, self.parent_cols)
-            poses, coefficients, agreement = attention_routing(votes, parent_poses, child_activations)
+            if votes is None and self._too_many_votes(child_poses):
+                poses, coefficients, agreement = chunked_attention_routing(
+                    child_poses, self.weight, parent_poses, child_activations, self.max_votes)
+            else:
+                if votes is None:
+                    votes = capsule_votes(child_poses, self.weight)
+                poses, coefficients, agreement = attention_routing(votes, parent_poses, child_activations)
         poses = self.norm(poses.reshape(B, H, W, self.out_caps, self.out_dim))
         activations = None
         if self.beta_a is not None:
@@ -197,14 +214,36 @@ class ConvCapsules(_RoutedCapsules):
         k, s = self.kernel_size, self.stride
         return (height - k) // s + 1, (width - k) // s + 1
 
-    def _children(self, capsules: Capsules):
-        poses, activations = capsules
+    def _uniform(self, children: Capsules) -> Tuple[Tensor, Tuple[int, int, int]]:
+        # With r = 1/#parents the pose update is an ordinary strided convolution whose input channels
+        # are (child type, pose column) and output channels (parent type, pose column), with pose rows
+        # folded into the batch: no windows are copied out and no votes are formed.
+        poses, activations = children
+        self._check_grid(poses)
         B, H, W, N, _ = poses.shape
+        k, R, C, J, T = self.kernel_size, self.child_rows, self.child_cols, self.out_caps, self.parent_cols
+        if activations is not None:
+            poses = poses * activations[..., None]
+        x = poses.reshape(B, H, W, N, R, C).permute(0, 4, 3, 5, 1, 2).reshape(B * R, N * C, H, W)
+        weight = self.weight.reshape(k, k, N, J, C, T).permute(3, 5, 2, 4, 0, 1).reshape(J * T, N * C, k, k)
+        x = F.conv2d(x, weight, stride=self.stride) / J  # (B * R, J * T, Ho, Wo)
+        Ho, Wo = x.shape[-2], x.shape[-1]
+        x = x.reshape(B, R, J, T, Ho, Wo).permute(0, 4, 5, 2, 1, 3)  # (B, Ho, Wo, J, R, T)
+        return x.reshape(B * Ho * Wo, J, R, T), (B, Ho, Wo)
+
+    def _check_grid(self, poses: Tensor):
+        H, W = poses.shape[1], poses.shape[2]
         k, s = self.kernel_size, self.stride
         if not _is_tracing() and (H < k or W < k):
             raise ValueError(
                 f'{type(self).__name__}(kernel_size={k}, stride={s}) needs a child grid of at least {k}x{k}, '
                 f'got {H}x{W}: the input image is too small for this capsule stack')
+
+    def _children(self, capsules: Capsules):
+        poses, activations = capsules
+        self._check_grid(poses)
+        B, H, W, N, _ = poses.shape
+        k, s = self.kernel_size, self.stride
         # windows as a strided view: (B, Ho, Wo, N, d, ky, kx) -> (B, Ho, Wo, ky, kx, N, d)
         windows = poses.unfold(1, k, s).unfold(2, k, s).permute(0, 1, 2, 5, 6, 3, 4)
         Ho, Wo = windows.shape[1], windows.shape[2]

@@ -17,6 +17,7 @@ Axis names used in the einsums:
 from typing import Optional, Tuple
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 
@@ -59,3 +60,34 @@ def attention_routing(
     weights = coefficients if child_activations is None else coefficients * child_activations[..., None]
     poses = torch.einsum('gij,gijrt->gjrt', weights, votes)
     return poses, coefficients, agreement
+
+
+def chunked_attention_routing(
+        children: Tensor,
+        weight: Tensor,
+        parents: Tensor,
+        child_activations: Optional[Tensor] = None,
+        max_votes: int = 2 ** 26,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``attention_routing(capsule_votes(children, weight), parents)`` with bounded memory.
+
+    Groups are routed in chunks whose vote tensor holds at most ``max_votes`` elements; under autograd
+    each chunk is checkpointed, so its votes are recomputed in the backward pass instead of stored.
+    Peak memory is then one chunk of votes, whatever the batch and image size.
+    """
+    groups, per_group = children.shape[0], children[0, :, :, :1].numel() * weight.shape[1] * weight.shape[-1]
+    size = max(1, max_votes // per_group)
+
+    def route(children: Tensor, parents: Tensor, child_activations: Optional[Tensor]):
+        return attention_routing(capsule_votes(children, weight), parents, child_activations)
+
+    chunks = []
+    for start in range(0, groups, size):
+        args = (children[start:start + size], parents[start:start + size],
+                None if child_activations is None else child_activations[start:start + size])
+        if torch.is_grad_enabled():
+            chunks.append(torch.utils.checkpoint.checkpoint(route, *args, use_reentrant=False))
+        else:
+            chunks.append(route(*args))
+    poses, coefficients, agreement = zip(*chunks)
+    return torch.cat(poses), torch.cat(coefficients), torch.cat(agreement)
