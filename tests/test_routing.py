@@ -14,8 +14,16 @@ from timm_capsules.capsnet import CapsNet
 from timm_capsules.layers import Capsules, ConvCapsules, FCCapsules
 from timm_capsules.routing import attention_routing, capsule_votes, uniform_routing
 
-torch.set_default_dtype(torch.float64)
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """The reference comparisons run in double precision (gradcheck needs it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 # ---- the naive reference ---------------------------------------------------------------------------
@@ -274,3 +282,23 @@ def test_chunked_routing_equals_unchunked_forward_and_gradients():
         torch.testing.assert_close(g2, g)
     with torch.no_grad():
         torch.testing.assert_close(chunked.forward_routing(x).logits, reference(x))
+
+
+@pytest.mark.parametrize('activations', [False, True])
+def test_conv_uniform_pass_as_convolution_equals_window_path_fp32(activations):
+    """The fast uniform pass (one strided conv) equals uniform routing over explicit windows, in fp32,
+    for outputs and gradients."""
+    torch.manual_seed(8)
+    layer = ConvCapsules(3, 4, 16, kernel_size=3, stride=2).float()
+    poses = torch.randn(2, 9, 9, 3, 16, dtype=torch.float32, requires_grad=True)
+    acts = torch.rand(2, 9, 9, 3, dtype=torch.float32, requires_grad=True) if activations else None
+    fast, grid = layer._uniform(Capsules(poses, acts))
+    children, child_acts, grid2 = layer._children(Capsules(poses, acts))
+    slow = uniform_routing(children, layer.weight, child_acts)
+    assert grid == grid2
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    probe = torch.randn_like(slow)
+    inputs = [poses, layer.weight] + ([acts] if activations else [])
+    for g_fast, g_slow in zip(torch.autograd.grad((fast * probe).sum(), inputs),
+                              torch.autograd.grad((slow * probe).sum(), inputs)):
+        torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-5)
