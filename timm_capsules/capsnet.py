@@ -203,7 +203,7 @@ class CapsNet(nn.Module):
         self.snapshots = max(1, iterations - 1) if routing == 'concurrent' else 1
         self.head_hidden_size = in_caps * (pose_dim + (1 if activations else 0))
         self.num_features = self.snapshots * self.head_hidden_size
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head = ClassCapsules(self.head_in_caps, num_classes, pose_dim, layer_kwargs, **dd) if num_classes else None
         self.pruned = False
         self.set_max_votes(max_votes)
@@ -231,7 +231,7 @@ class CapsNet(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
-            stem=r'^backbone\.(conv1|bn1|conv)',
+            stem=r'^backbone\.(?:conv1|bn1|conv)\.',
             blocks=[
                 (r'^backbone\.stages\.(\d+)' if coarse else r'^backbone\.stages\.(\d+)\.(\d+)', None),
                 (r'^backbone\.model', (0,)),
@@ -260,7 +260,7 @@ class CapsNet(nn.Module):
         pooled features of the last hidden capsules)."""
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         if num_classes:
             reference = next(self.parameters())
             self.head = ClassCapsules(
@@ -487,11 +487,14 @@ def _create_capsnet(variant: str, pretrained: bool = False, **kwargs) -> CapsNet
     num_conv = sum(spec[0] == 'conv' for spec in kwargs.get('capsule_layers', ()))
     backbone_levels = 2 if kwargs.get('backbone') == 'resnet' else 1
     num_levels = backbone_levels + 1 + num_conv
-    return build_model_with_cfg(
-        CapsNet, variant, pretrained,
-        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_levels))),
-        **kwargs,
-    )
+    from .hub import check_state_dict, pretrained_guard  # published tags, config and weights integrity
+    with pretrained_guard(variant, pretrained, kwargs):
+        return build_model_with_cfg(
+            CapsNet, variant, pretrained,
+            feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_levels))),
+            pretrained_filter_fn=check_state_dict,
+            **kwargs,
+        )
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

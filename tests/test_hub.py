@@ -1,0 +1,474 @@
+"""The Hub side, end to end and offline: a briefly trained model is pushed with --dry-run, the folder is
+placed in a hand-made Hugging Face cache (HF_HUB_OFFLINE=1), and every way of loading it gives the
+original model back. Plus: model cards, the README table, hub_configs, and the integrity errors."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
+
+import timm
+from timm.models import save_for_hf
+
+import timm_capsules  # noqa: F401
+from timm_capsules import hub
+from timm_capsules.hub import ConfigError, WeightsError, WeightsNotPublishedError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / 'hub_configs'
+TAGS = sorted(p.stem for p in CONFIG_DIR.glob('*.json'))
+OUR_TAGS = sorted(
+    name for name in timm.list_models(module='capsnet', pretrained=True)
+    if timm.models.get_pretrained_cfg(name).hf_hub_id)
+
+
+def _train_few_steps(name: str, steps: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    channels, height, width = model.pretrained_cfg['input_size']
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(2, channels, height, width)
+        y = torch.randint(0, model.num_classes, (2,))
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not torch.equal(before['head.fc.weight'], model.state_dict()['head.fc.weight'])  # it did train
+    return model.eval()
+
+
+class Published:
+    """A trained model, its checkpoint folder, its dry-run upload folder and a Hub cache holding it."""
+
+    def __init__(self, root: Path, name: str, configs: Path):
+        self.name = name
+        self.tag = timm.models.get_pretrained_cfg(name).tag
+        self.full_tag = f'{name}.{self.tag}'
+        self.repo_id = f'timm-capsules/{self.full_tag}'
+        self.model = _train_few_steps(name)
+        self.checkpoint = root / 'checkpoint'
+        save_for_hf(self.model, self.checkpoint, safe_serialization=True)
+        self.dry_run = hub.push_checkpoint(self.checkpoint, self.repo_id, dry_run=root / 'upload')
+        self.cache = root / 'hub_cache'
+        self.snapshot = hub.install_in_cache(self.dry_run, self.repo_id, self.cache)
+        self.configs = configs
+        channels, height, width = self.model.pretrained_cfg['input_size']
+        self.x = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            self.logits = self.model(self.x)
+            self.features = self.model.forward_features(self.x)
+
+
+@pytest.fixture(scope='module')
+def published_configs(tmp_path_factory) -> Path:
+    """A copy of hub_configs/ with every tag marked published (the weights exist only in the test cache)."""
+    folder = tmp_path_factory.mktemp('hub_configs')
+    for path in CONFIG_DIR.glob('*.json'):
+        cfg = json.loads(path.read_text())
+        cfg['status'] = hub.PUBLISHED
+        (folder / path.name).write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+@pytest.fixture(scope='module')
+def simple(tmp_path_factory, published_configs) -> Published:
+    return Published(tmp_path_factory.mktemp('simple'), 'capsnet_simple_cifar10', published_configs)
+
+
+@pytest.fixture(scope='module')
+def resnet(tmp_path_factory, published_configs) -> Published:
+    return Published(tmp_path_factory.mktemp('resnet'), 'capsnet_resnet_cifar10', published_configs)
+
+
+@pytest.fixture
+def offline(simple):
+    with hub.offline_hub_cache(simple.cache, simple.configs):
+        yield simple
+
+
+def _copy_repo(published: Published, folder: Path) -> Path:
+    shutil.copytree(published.dry_run, folder)
+    return folder
+
+
+# ---- the dry-run folder ------------------------------------------------------------------------------
+
+
+def test_dry_run_folder_is_exactly_what_is_published(simple):
+    names = sorted(p.name for p in simple.dry_run.iterdir())
+    assert names == ['README.md', 'config.json', 'model.safetensors']  # no pickle anywhere
+    weights = load_file(simple.dry_run / 'model.safetensors')
+    original = simple.model.state_dict()
+    assert weights.keys() == original.keys()
+    assert all(torch.equal(weights[k], original[k]) for k in original)
+    config = json.loads((simple.dry_run / 'config.json').read_text())
+    assert config['architecture'] == simple.name and config['num_classes'] == 10
+    assert config['pretrained_cfg']['classifier'] == ['head.capsules', 'head.fc']
+    card = hub.validate_card((simple.dry_run / 'README.md').read_text(), hub.load_hub_config(simple.full_tag))
+    assert card.data.library_name == 'timm' and 'not yet published' not in card.text
+
+
+def test_cache_layout(simple):
+    repo = simple.cache / 'models--timm-capsules--capsnet_simple_cifar10.cifar10'
+    commit = (repo / 'refs' / 'main').read_text()
+    assert len(commit) == 40 and int(commit, 16) >= 0
+    assert sorted(p.name for p in (repo / 'snapshots' / commit).iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+
+
+def test_dry_run_refuses_a_non_empty_folder(simple, tmp_path):
+    (tmp_path / 'stale.bin').write_bytes(b'x')
+    with pytest.raises(FileExistsError):
+        hub.push_checkpoint(simple.checkpoint, dry_run=tmp_path)
+
+
+# ---- loading: pretrained=True, hf-hub:, local-dir: ------------------------------------------------------
+
+
+@pytest.mark.parametrize('source', ['registry', 'registry_tag', 'hf-hub', 'local-dir', 'checkpoint'])
+def test_pretrained_gives_the_original_logits(offline, source):
+    name = {
+        'registry': offline.name,
+        'registry_tag': offline.full_tag,
+        'hf-hub': f'hf-hub:{offline.repo_id}',
+        'local-dir': f'local-dir:{offline.dry_run}',
+        'checkpoint': f'local-dir:{offline.checkpoint}',
+    }[source]
+    model = timm.create_model(name, pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(model(offline.x), offline.logits)
+        assert torch.equal(model.forward_routing(offline.x).logits, offline.logits)
+
+
+@pytest.mark.parametrize('source', ['registry', 'hf-hub'])
+def test_num_classes_change_adapts_only_the_head(offline, source):
+    name = offline.name if source == 'registry' else f'hf-hub:{offline.repo_id}'
+    model = timm.create_model(name, pretrained=True, num_classes=5).eval()
+    original = offline.model.state_dict()
+    for key, value in model.state_dict().items():
+        if key in ('head.capsules.weight', 'head.fc.weight', 'head.fc.bias'):
+            continue  # timm drops the classifier ('head.capsules', 'head.fc') when num_classes changes
+        assert torch.equal(value, original[key]), key
+    assert model.head.capsules.weight.shape[1] == 5
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(offline.x), offline.features)
+        assert model(offline.x).shape == (2, 5)
+    pooled = timm.create_model(name, pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        assert torch.equal(pooled(offline.x), offline.model.forward_head(offline.features, pre_logits=True))
+
+
+def _check_in_chans_1(model, published):
+    original = published.model.state_dict()
+    first = published.model.pretrained_cfg['first_conv'] + '.weight'
+    for key, value in model.state_dict().items():
+        if key == first:  # timm's adapt_input_conv: 3 -> 1 channel sums the RGB filters
+            torch.testing.assert_close(value, original[key].sum(dim=1, keepdim=True))
+        else:
+            assert torch.equal(value, original[key]), key
+    gray = published.x[:, :1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(gray), published.model(gray.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('source', ['registry', 'local-dir'])
+def test_in_chans_change_adapts_only_the_first_conv(offline, source):
+    name = offline.name if source == 'registry' else f'local-dir:{offline.dry_run}'
+    _check_in_chans_1(timm.create_model(name, pretrained=True, in_chans=1).eval(), offline)
+
+
+def test_resnet_backbone_round_trip(resnet):
+    """BatchNorm buffers, a bias-free first conv ('backbone.conv1') and both adaptations."""
+    with hub.offline_hub_cache(resnet.cache, resnet.configs):
+        model = timm.create_model(resnet.name, pretrained=True).eval()
+        with torch.no_grad():
+            assert torch.equal(model(resnet.x), resnet.logits)
+        _check_in_chans_1(timm.create_model(f'hf-hub:{resnet.repo_id}', pretrained=True, in_chans=1).eval(), resnet)
+        adapted = timm.create_model(resnet.name, pretrained=True, in_chans=1, num_classes=3).eval()
+        assert adapted.head.capsules.weight.shape[1] == 3
+
+
+def test_features_only_pretrained(offline):
+    features = timm.create_model(offline.name, pretrained=True, features_only=True).eval()
+    with torch.no_grad():
+        expected = offline.model.forward_intermediates(offline.x, intermediates_only=True)
+        got = features(offline.x)
+    assert len(got) == len(expected) >= 3
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+# ---- unpublished tags ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('tag', TAGS)
+def test_unpublished_tag_says_how_to_train_it(tag, simple):
+    cfg = hub.load_hub_config(tag)
+    assert cfg['status'] == hub.NOT_PUBLISHED  # no weights have been trained yet: nothing may claim otherwise
+    # even with a cache that holds weights for it, the hub config decides
+    with hub.offline_hub_cache(simple.cache, CONFIG_DIR):
+        with pytest.raises(WeightsNotPublishedError) as info:
+            timm.create_model(cfg['model'], pretrained=True)
+    message = str(info.value)
+    assert tag in message
+    assert f"accelerate launch train_accelerate.py --preset {cfg['training']['preset']}" in message
+
+
+def test_explicit_sources_load_even_if_the_tag_is_unpublished(simple):
+    with hub.offline_hub_cache(simple.cache, CONFIG_DIR):
+        model = timm.create_model(f'local-dir:{simple.dry_run}', pretrained=True).eval()
+        with torch.no_grad():
+            assert torch.equal(model(simple.x), simple.logits)
+        assert not hub.is_published(simple.full_tag)
+
+
+# ---- integrity -----------------------------------------------------------------------------------------
+
+
+def _corrupt(path: Path, how: str):
+    data = path.read_bytes()
+    path.unlink()  # the cache snapshot may hard-link the dry-run file: never write through the link
+    if how == 'truncated':
+        path.write_bytes(data[:len(data) // 2])
+    else:  # a damaged header
+        path.write_bytes(b'\xff' * 8 + data[8:])
+
+
+@pytest.mark.parametrize('how', ['truncated', 'corrupted'])
+def test_unreadable_weights_give_a_clear_error(simple, tmp_path, how):
+    repo = _copy_repo(simple, tmp_path / 'repo')
+    _corrupt(repo / 'model.safetensors', how)
+    with pytest.raises(WeightsError, match='corrupted or truncated') as info:
+        timm.create_model(f'local-dir:{repo}', pretrained=True)
+    assert str(repo) in str(info.value)
+    cache = tmp_path / 'cache'
+    snapshot = hub.install_in_cache(repo, simple.repo_id, cache)
+    with hub.offline_hub_cache(cache, simple.configs):
+        with pytest.raises(WeightsError, match=f'{simple.repo_id}.*corrupted or truncated'):
+            timm.create_model(simple.name, pretrained=True)
+    with pytest.raises(WeightsError, match='corrupted or truncated'):
+        hub.check_checkpoint(snapshot)
+
+
+def test_weights_of_another_architecture_are_rejected(simple, tmp_path):
+    repo = _copy_repo(simple, tmp_path / 'repo')
+    other = timm.create_model('capsnet_simple_cifar100')  # 128-ch backbone, 6x6 poses, 20 + 100 capsules
+    (repo / 'model.safetensors').unlink()
+    save_file(other.state_dict(), repo / 'model.safetensors')
+    with pytest.raises(WeightsError) as info:
+        timm.create_model(f'local-dir:{repo}', pretrained=True)
+    message = str(info.value)
+    assert 'shape mismatches' in message
+    assert 'backbone.conv.weight: checkpoint (128, 3, 3, 3), model (256, 3, 3, 3)' in message
+    assert 'capsule_layers.2.weight' in message and 'not in the model' in message
+
+
+def test_missing_and_renamed_tensors_are_listed_even_when_the_head_is_adapted(simple, tmp_path):
+    repo = _copy_repo(simple, tmp_path / 'repo')
+    weights = load_file(repo / 'model.safetensors')
+    weights['capsule_layers.0.norm.gain'] = weights.pop('capsule_layers.0.norm.weight')
+    del weights['primary.norm.bias']
+    (repo / 'model.safetensors').unlink()
+    save_file(weights, repo / 'model.safetensors')
+    # num_classes=5 makes timm load non-strictly: without our check these would be silently random
+    with pytest.raises(WeightsError) as info:
+        timm.create_model(f'local-dir:{repo}', pretrained=True, num_classes=5)
+    message = str(info.value)
+    assert 'missing from the checkpoint (2)' in message
+    assert 'capsule_layers.0.norm.weight' in message and 'primary.norm.bias' in message
+    assert 'not in the model (1)' in message and 'capsule_layers.0.norm.gain' in message
+
+
+MALFORMED = {
+    'num_classes is a string': lambda c: c.update(num_classes='ten'),
+    'input_size has two entries': lambda c: (c['pretrained_cfg'].update(input_size=[3, 32]), c['model_args'].pop('img_size')),
+    'mean has the wrong length': lambda c: c['pretrained_cfg'].update(mean=[0.5, 0.5]),
+    'label_names has the wrong length': lambda c: c['pretrained_cfg'].update(label_names=['cat', 'dog']),
+    'unknown model argument': lambda c: c['model_args'].update(capsule_magic=3),
+    'model_args in_chans disagrees': lambda c: c['model_args'].update(in_chans=4),
+    'iterations is not an int': lambda c: c['model_args'].update(iterations='2'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(MALFORMED))
+def test_malformed_config_is_rejected_before_weights_are_read(simple, tmp_path, case):
+    repo = _copy_repo(simple, tmp_path / 'repo')
+    config = json.loads((repo / 'config.json').read_text())
+    MALFORMED[case](config)
+    (repo / 'config.json').write_text(json.dumps(config))
+    _corrupt(repo / 'model.safetensors', 'corrupted')  # reading the weights first would raise WeightsError
+    with pytest.raises(ConfigError, match='config.json'):
+        timm.create_model(f'local-dir:{repo}', pretrained=True)
+    with pytest.raises(ConfigError):
+        hub.check_checkpoint(repo)
+
+
+@pytest.mark.parametrize('case', ['unknown architecture', 'not json', 'no architecture'])
+def test_unparseable_config_is_rejected_before_weights_are_read(simple, tmp_path, case):
+    repo = _copy_repo(simple, tmp_path / 'repo')
+    config = json.loads((repo / 'config.json').read_text())
+    if case == 'unknown architecture':
+        config['architecture'] = 'capsnet_does_not_exist'
+        text = json.dumps(config)
+    elif case == 'not json':
+        text = '{"architecture": "capsnet_simple_cifar10",'
+    else:
+        del config['architecture']
+        text = json.dumps(config)
+    (repo / 'config.json').write_text(text)
+    _corrupt(repo / 'model.safetensors', 'corrupted')
+    with pytest.raises(Exception) as info:  # timm parses config.json before our code runs
+        timm.create_model(f'local-dir:{repo}', pretrained=True)
+    assert not isinstance(info.value, WeightsError)
+    if case == 'unknown architecture':
+        assert 'capsnet_does_not_exist' in str(info.value)
+    with pytest.raises(ConfigError, match='unknown architecture|not valid JSON|missing "architecture"'):
+        hub.check_checkpoint(repo)
+
+
+def test_pickle_checkpoints_are_not_published(simple, tmp_path):
+    folder = tmp_path / 'pickled'
+    save_for_hf(simple.model, folder, safe_serialization=False)  # pytorch_model.bin only
+    with pytest.raises(WeightsError, match='pickle'):
+        hub.check_checkpoint(folder)
+    with pytest.raises(WeightsError, match='pickle'):
+        hub.push_checkpoint(folder, dry_run=tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_push_rejects_a_checkpoint_that_is_not_the_carded_model(simple, tmp_path):
+    model = timm.create_model(simple.name, iterations=3)  # same parameters, different routing
+    save_for_hf(model, tmp_path / 'ckpt', safe_serialization=True)
+    with pytest.raises(ConfigError, match='routing iterations'):
+        hub.push_checkpoint(tmp_path / 'ckpt', dry_run=tmp_path / 'out')
+
+
+# ---- real push (HfApi replaced: no network) ----------------------------------------------------------
+
+
+def test_push_uploads_the_dry_run_folder_and_marks_the_tag_published(simple, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
+
+        def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None):
+            uploaded.update(repo_id=repo_id, files={p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+            return type('Commit', (), {'oid': 'a' * 40, 'commit_url': 'https://example/commit'})()
+
+    monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
+    config = tmp_path / f'{simple.full_tag}.json'
+    shutil.copy(CONFIG_DIR / config.name, config)
+    hub.main(['push', '--config', str(config), '--checkpoint', str(simple.checkpoint)])
+    assert uploaded['repo_id'] == simple.repo_id
+    assert uploaded['files'] == {p.name: p.read_bytes() for p in simple.dry_run.iterdir()}
+    written = json.loads(config.read_text())
+    assert written['status'] == hub.PUBLISHED and written['hub_commit'] == 'a' * 40
+    assert json.loads((CONFIG_DIR / config.name).read_text())['status'] == hub.NOT_PUBLISHED  # untouched
+
+
+# ---- hub_configs, cards, README table ----------------------------------------------------------------
+
+
+def test_every_published_tag_has_a_hub_config():
+    assert TAGS == OUR_TAGS and len(TAGS) == 6
+    for tag in TAGS:
+        cfg = hub.load_hub_config(tag)
+        assert timm.models.get_pretrained_cfg(tag).hf_hub_id == cfg['repo_id'] == f'timm-capsules/{tag}'
+
+
+@pytest.mark.parametrize('tag', TAGS)
+def test_hub_config_describes_the_registered_model(tag):
+    cfg = hub.load_hub_config(tag)
+    model = timm.create_model(cfg['model'], device='meta')
+    assert sum(p.numel() for p in model.parameters()) == cfg['architecture']['params']
+    assert model.iterations == cfg['architecture']['routing_iterations']
+    assert list(model.pretrained_cfg['input_size']) == cfg['architecture']['input_size']
+    assert model.num_classes == cfg['dataset']['num_classes']
+    assert cfg['license'] == 'apache-2.0' == model.pretrained_cfg['license']
+    assert cfg['results']['mean'] is None and cfg['results']['num_seeds'] is None  # nothing trained yet
+
+
+def test_paper_results_are_the_papers():
+    paper = {tag: hub.load_hub_config(tag)['paper_results'] for tag in TAGS}
+    assert (paper['capsnet_resnet_cifar10.cifar10']['mean'], paper['capsnet_resnet_cifar10.cifar10']['best']) == (94.85, 95.14)
+    assert (paper['capsnet_resnet_cifar100.cifar100']['mean'], paper['capsnet_resnet_cifar100.cifar100']['best']) == (76.27, 78.02)
+
+
+@pytest.mark.parametrize('tag', TAGS)
+@pytest.mark.parametrize('published', [False, True])
+def test_cards_render_and_parse(tag, published):
+    cfg = hub.load_hub_config(tag)
+    text = hub.render_card(cfg, published=published)
+    card = ModelCard(text)
+    assert card.data.library_name == 'timm' and card.data.license == 'apache-2.0'
+    assert card.data.pipeline_tag == 'image-classification'
+    assert card.data.datasets == cfg['dataset']['hub_ids'] and 'capsule-network' in card.data.tags
+    assert card.data.eval_results is None  # no measured accuracy exists yet
+    assert ('not yet published' in card.text) is not published
+    for needle in ('forward_routing', 'features_only=True', 'RoutingTrace', f"{cfg['architecture']['params']:,}",
+                   cfg['training']['command'], 'Capsules with Inverted Dot-Product Attention Routing'):
+        assert needle in card.text
+    paper = cfg['paper_results']
+    if paper['best'] is not None:
+        assert f"{paper['mean']:.2f}" in card.text and f"{paper['best']:.2f}" in card.text
+
+
+def test_recorded_results_reach_card_and_table(tmp_path):
+    config = tmp_path / 'capsnet_resnet_cifar10.cifar10.json'
+    shutil.copy(CONFIG_DIR / config.name, config)
+    cfg = hub.record_results(config, [94.61, 94.93, 95.02], checkpoint=95.02)
+    assert cfg['results'] == dict(cfg['results'], num_seeds=3, mean=94.85, std=0.22, best=95.02)
+    card = ModelCard(hub.render_card(config, published=True))
+    assert card.data.eval_results[0].metric_value == 95.02
+    assert '94.85 ± 0.22' in card.text
+    row = [line for line in hub.render_model_table([cfg]).splitlines() if 'capsnet_resnet_cifar10' in line][0]
+    assert '94.85 ± 0.22 (95.02), 3' in row and '1,828,817' in row
+    # a summary typed in by hand that disagrees with the per-seed numbers is rejected
+    cfg['results']['best'] = 96.0
+    with pytest.raises(ConfigError, match='per_seed'):
+        hub.validate_hub_config(cfg)
+
+
+def test_readme_model_table_is_generated_from_hub_configs():
+    readme = (ROOT / 'README.md').read_text()
+    table = hub.readme_table(readme)
+    assert table is not None, (
+        f'README.md needs the model table between {hub.TABLE_BEGIN} and {hub.TABLE_END}: '
+        f'python -m timm_capsules.hub table')
+    assert table == hub.render_model_table(), 'README model table is stale: python -m timm_capsules.hub table --write README.md'
+    for tag in TAGS:
+        assert f'`{tag}`' in table
+
+
+@pytest.mark.parametrize('tag', TAGS)
+def test_recipe_is_the_training_scripts_preset(tag):
+    """The recipe a card states is the one `train_accelerate.py --preset <name>` runs."""
+    import importlib.util
+    script = ROOT / 'train_accelerate.py'
+    if not script.exists():
+        pytest.skip('train_accelerate.py is not in this checkout')
+    spec = importlib.util.spec_from_file_location('_train_accelerate_for_hub_test', script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = hub.load_hub_config(tag)
+    preset = module.PRESETS[cfg['training']['preset']]
+    recipe = cfg['training']['recipe']
+    assert preset['model'] == cfg['model']
+    pairs = {'optimizer': 'opt', 'lr': 'lr', 'momentum': 'momentum', 'weight_decay': 'weight_decay',
+             'batch_size': 'batch_size', 'epochs': 'epochs', 'lr_milestones': 'decay_milestones',
+             'lr_gamma': 'decay_rate', 'images_per_epoch': 'epoch_size'}
+    for ours, theirs in pairs.items():
+        if ours in recipe:
+            assert recipe[ours] == preset[theirs], (ours, recipe[ours], preset[theirs])
