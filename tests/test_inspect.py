@@ -1,0 +1,226 @@
+"""Routing introspection (timm_capsules.inspect): coefficients, top-down mass, pictures and the probe."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from timm_capsules.capsnet import CapsNet, RoutingTrace
+from timm_capsules.inspect import (
+    class_primary_mass, part_whole_probe, primary_receptive_fields, propagate_mass, routing_entropy,
+    routing_summary, routing_trace)
+from timm_capsules.layers import Capsules
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(num_classes=3, in_chans=1, img_size=12, backbone='simple', backbone_args=dict(out_chs=8),
+            primary_caps=4, pose_dim=4, capsule_layers=(('conv', 4, 3, 1), ('conv', 3, 2, 1)))
+
+
+def _recompute(layer, children: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Parent poses from child poses and routing coefficients, written out independently of the model:
+    p_j = LayerNorm(sum_i r_ij v_ij) with v_ij = the layer's votes."""
+    votes = layer.votes(Capsules(children))  # (groups, children, parents, rows, cols)
+    B, H, W, C, J = coefficients.shape
+    poses = torch.einsum('gij,gijrt->gjrt', coefficients.reshape(B * H * W, C, J), votes)
+    return layer.norm(poses.reshape(B, H, W, J, -1))
+
+
+@pytest.mark.parametrize('routing,iterations', [('concurrent', 2), ('concurrent', 3), ('sequential', 3)])
+def test_coefficients_shapes_sum_and_reproduce_the_logits(routing, iterations):
+    torch.manual_seed(0)
+    model = CapsNet(**TINY, routing=routing, iterations=iterations).eval()
+    x = torch.randn(2, 1, 12, 12)
+    trace = routing_trace(model, x)
+    assert trace.layer_names == ['primary', 'capsule_layers.0', 'capsule_layers.1', 'head.capsules']
+    # documented shapes: (B, H, W, children, parents), children (ky, kx, type) per window / (type, h, w)
+    # 6x6 primary grid -> conv k3 s1 -> 4x4 -> conv k2 s1 -> 3x3 -> 3 class capsules
+    expected = [(2, 4, 4, 3 * 3 * 4, 4), (2, 3, 3, 2 * 2 * 4, 3), (2, 1, 1, 3 * 3 * 3, 3)]
+    assert len(trace.coefficients) == iterations
+    for step in trace.coefficients:
+        assert [tuple(r.shape) for r in step] == expected
+        for r in step:
+            torch.testing.assert_close(r.sum(-1), torch.ones(r.shape[:-1]))
+            assert (r >= 0).all()
+    assert [tuple(p.shape) for p in trace.poses[-1]] == [(2, 6, 6, 4, 4), (2, 4, 4, 4, 4), (2, 3, 3, 3, 4),
+                                                         (2, 1, 1, 3, 4)]
+    assert all((r == 1 / r.shape[-1]).all() for r in trace.coefficients[0])  # uniform first pass
+    assert not torch.allclose(trace.coefficients[-1][0], trace.coefficients[0][0])  # attention did route
+
+    # every layer's poses at every iteration follow from the returned coefficients
+    layers = list(model.capsule_layers) + [model.head.capsules]
+    with torch.no_grad():
+        for k in range(iterations):
+            for l, layer in enumerate(layers):
+                if routing == 'concurrent':
+                    children = trace.poses[max(k - 1, 0)][l]  # iteration k reads iteration k - 1
+                else:  # each layer routes from the finished layer below
+                    children = trace.poses[-1][l]
+                poses = _recompute(layer, children, trace.coefficients[k][l])
+                torch.testing.assert_close(poses, trace.poses[k][l + 1], rtol=1e-4, atol=1e-5)
+        logits = model.head.fc(_recompute(layers[-1], (trace.poses[-2] if routing == 'concurrent' else
+                                                        trace.poses[-1])[-2], trace.coefficients[-1][-1])).flatten(1)
+        torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(trace.logits, model(x), rtol=1e-4, atol=1e-5)
+        # and other coefficients would have given other logits
+        shuffled = trace.coefficients[-1][-1].flip(-1)
+        other = model.head.fc(_recompute(layers[-1], (trace.poses[-2] if routing == 'concurrent' else
+                                                       trace.poses[-1])[-2], shuffled)).flatten(1)
+        assert not torch.allclose(other, logits, atol=1e-3)
+
+    summary = routing_summary(model, trace, index=1)
+    assert [layer['name'] for layer in summary['layers']] == trace.layer_names[1:]
+    first, last = summary['layers'][0]['iterations'][0], summary['layers'][0]['iterations'][-1]
+    assert first['uniform'] and first['entropy_normalized'] == pytest.approx(1.0)
+    assert first['entropy'] == pytest.approx(math.log(4))
+    assert last['argmax_parent'] == trace.coefficients[-1][0][1].argmax(-1).tolist()
+    assert last['entropy'] == pytest.approx(float(routing_entropy(trace.coefficients[-1][0][1]).mean()), rel=1e-5)
+    assert sum(summary['scores'].values()) == pytest.approx(1.0)
+    json.dumps(summary)
+
+
+def test_propagate_mass_matches_a_loop():
+    torch.manual_seed(1)
+    B, H, W, k, s, N, J, K = 2, 3, 2, 3, 2, 2, 3, 2
+    Hc, Wc = (H - 1) * s + k, (W - 1) * s + k
+    r = torch.rand(B, H, W, k * k * N, J).softmax(-1)
+    m = torch.rand(B, H, W, J, K)
+    expected = torch.zeros(B, Hc, Wc, N, K)
+    for b in range(B):
+        for y in range(H):
+            for x in range(W):
+                for ky in range(k):
+                    for kx in range(k):
+                        for n in range(N):
+                            child = (ky * k + kx) * N + n
+                            for j in range(J):
+                                expected[b, y * s + ky, x * s + kx, n] += r[b, y, x, child, j] * m[b, y, x, j]
+    torch.testing.assert_close(propagate_mass(r, m, 'conv', k, s, (Hc, Wc, N)), expected)
+    # fully connected: children in (type, h, w) order
+    r = torch.rand(B, 1, 1, N * 2 * 3, J).softmax(-1)
+    m = torch.rand(B, 1, 1, J, K)
+    out = propagate_mass(r, m, 'fc', None, None, (2, 3, N))
+    for n, h, w in [(0, 0, 0), (1, 0, 2), (1, 1, 1)]:
+        torch.testing.assert_close(out[:, h, w, n], torch.einsum('bj,bjk->bk', r[:, 0, 0, n * 6 + h * 3 + w],
+                                                                 m[:, 0, 0]))
+
+
+def _halves_model():
+    """Primary capsules tiling a 16x16 image in 2x2 cells (8x8 grid), fully connected to 2 class capsules."""
+    torch.manual_seed(0)
+    return CapsNet(num_classes=2, in_chans=1, img_size=16, backbone='simple',
+                   backbone_args=dict(out_chs=4, kernel_size=2, stride=2, padding=0), primary_caps=2, pose_dim=4,
+                   capsule_layers=()).eval()
+
+
+def _fixed_routing(model, left_to_a: float):
+    """forward_routing replaced by a trace whose class routing is fixed: every primary capsule in the left
+    half of the grid sends ``left_to_a`` to class 0 (the rest to class 1), the right half the reverse."""
+    def forward_routing(x):
+        B = x.shape[0]
+        left = (torch.arange(8) < 4).float().view(1, 8).expand(8, 8)  # (h, w)
+        to_a = left * left_to_a + (1 - left) * (1 - left_to_a)
+        to_a = to_a.expand(2, 8, 8).reshape(-1)  # children (type, h, w)
+        r = torch.stack([to_a, 1 - to_a], -1).expand(B, 1, 1, -1, -1)
+        poses = [torch.zeros(B, 8, 8, 2, 4), torch.zeros(B, 1, 1, 2, 4)]
+        return RoutingTrace(logits=torch.zeros(B, 2), layer_names=['primary', 'head.capsules'],
+                            poses=[poses, poses], coefficients=[[torch.full_like(r, 0.5)], [r]],
+                            activations=[[None, None], [None, None]])
+    model.forward_routing = forward_routing
+    return model
+
+
+@pytest.mark.parametrize('ownership', ['soft', 'hard'])
+def test_probe_known_answers(ownership):
+    model = _halves_model()
+    boxes = primary_receptive_fields(model)
+    expected = np.array([[(2 * y, 2 * y + 2, 2 * x, 2 * x + 2) for x in range(8)] for y in range(8)])
+    np.testing.assert_array_equal(boxes, expected)  # 2x2 stride-2 conv then 1x1 primary conv
+
+    images = torch.rand(3, 1, 16, 16)
+    masks = torch.zeros(3, 2, 16, 16)
+    masks[:, 0, :, :8] = 1.0  # digit 0: left half
+    masks[:, 1, :, 8:] = 1.0  # digit 1: right half
+    labels = torch.tensor([[0, 1], [0, 1], [0, 1]])
+
+    result = part_whole_probe(_fixed_routing(model, 1.0), images, masks, labels, ownership=ownership)
+    assert result['images'] == 3
+    assert result['own_fraction'] == pytest.approx(1.0)
+    assert result['baseline'] == pytest.approx(0.5)  # the uniform first pass: no preference
+    assert result['area_share'] == pytest.approx(0.5)
+    assert result['separated'] == pytest.approx(1.0)
+    assert result['background_fraction_of_all'] == pytest.approx(0.0)
+
+    # the same routing read against swapped labels: all mass comes from the other digit
+    result = part_whole_probe(model, images, masks, labels.flip(1), ownership=ownership)
+    assert result['own_fraction'] == pytest.approx(0.0)
+    assert result['separated'] == 0.0
+    assert result['other_fraction_of_all'] == pytest.approx(1.0)
+
+    # 3/4 of each class's mass from its own half; digits only in the top half; single-digit images skipped
+    masks[:, :, 8:] = 0.0
+    labels = torch.tensor([[0, 1], [0, -1], [0, 1]])
+    result = part_whole_probe(_fixed_routing(model, 0.75), images, masks, labels, ownership=ownership)
+    assert result['images'] == 2
+    assert result['own_fraction'] == pytest.approx(0.75)
+    assert result['background_fraction_of_all'] == pytest.approx(0.5)
+    assert result['other_fraction_of_all'] == pytest.approx(0.125)
+
+
+def test_top_down_mass_of_the_fixed_routing():
+    model = _fixed_routing(_halves_model(), 0.75)
+    trace = model.forward_routing(torch.zeros(1, 1, 16, 16))
+    mass = class_primary_mass(model, trace, [0, 1])  # (1, 8, 8, 2 types, 2 classes)
+    assert mass.shape == (1, 8, 8, 2, 2)
+    assert torch.allclose(mass[0, :, :4, :, 0], torch.tensor(0.75))
+    assert torch.allclose(mass[0, :, 4:, :, 0], torch.tensor(0.25))
+    assert torch.allclose(mass[..., 0] + mass[..., 1], torch.tensor(1.0))
+
+
+def test_command_line_writes_pictures_json_and_raw(tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    picture = tmp_path / 'noise.png'
+    Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(picture)
+    out = tmp_path / 'out'
+    kwargs = dict(backbone_args=dict(out_chs=8), primary_caps=4, pose_dim=4, capsule_layers=[['conv', 4, 3, 1]],
+                  iterations=3)
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', MPLBACKEND='Agg')
+    result = subprocess.run(
+        [sys.executable, '-m', 'timm_capsules.inspect', '--model', 'capsnet_matrix_multimnist',
+         '--model-kwargs', json.dumps(kwargs), str(picture), '--diverse-multimnist', '2', '--mnist-source',
+         'sample', '--probe', '4', '--save-raw', 'safetensors', '--out', str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    pngs = ['heatmaps.png', 'entropy.png', 'tree_0.png', 'tree_1.png', 'tree_2.png']
+    for name in pngs:
+        path = out / name
+        assert path.stat().st_size > 8_000, name
+        with Image.open(path) as image:
+            image.load()
+            assert image.format == 'PNG' and min(image.size) >= 150, name
+            pixels = np.asarray(image.convert('RGB')).reshape(-1, 3)
+        assert len(np.unique(pixels, axis=0)) > 50, name  # a real picture, not a blank canvas
+        assert pixels.std() > 10, name
+
+    summary = json.loads((out / 'summary.json').read_text())
+    assert [item['image'] for item in summary['images']][0] == 'noise.png'
+    assert len(summary['images']) == 3
+    for item in summary['images']:
+        assert len(item['predicted']) == 2  # multi-label DiverseMultiMNIST model: top-2 digits
+        assert [layer['name'] for layer in item['layers']] == ['capsule_layers.0', 'head.capsules']
+        assert len(item['layers'][0]['iterations']) == 3
+    assert all(len(item['true']) == 2 for item in summary['images'][1:])
+    probe = json.loads((out / 'probe.json').read_text())
+    assert probe['images'] == 4 and 0.0 <= probe['own_fraction'] <= 1.0
+    raw = load_file(str(out / 'coefficients.safetensors'))
+    r = raw['image1/iteration3/capsule_layers.0']
+    assert r.shape == (6, 6, 3 * 3 * 4, 4)
+    torch.testing.assert_close(r.sum(-1), torch.ones(6, 6, 36))
