@@ -43,11 +43,11 @@ def bench_stream(images: int, batch_size: int | None) -> float:
     return rate(count, seconds)
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=200_000, help="images drawn from the stream")
     parser.add_argument("--build", type=int, default=20_000, help="images written per builder run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     datasets.disable_progress_bars()
     torch.set_num_threads(1)
     digits = load_mnist("train", "sample")
@@ -76,6 +76,7 @@ def main() -> None:
                 _, seconds = timed(lambda: sum(len(b["image"]) for b in loaded.iter(batch_size=1000)))
                 results[f"load_dataset_read_{feature}_{fmt}_images_per_s"] = rate(len(loaded), seconds)
     print(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

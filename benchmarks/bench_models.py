@@ -11,6 +11,8 @@ matmul, timed in the same run, gives the machine's achievable GFLOP/s for refere
     python benchmarks/bench_models.py                      # CPU, batch 32, t=2, fp32 (the issue's target)
     python benchmarks/bench_models.py --batch-sizes 32 128 --iterations 1 2 3 4 5 --dtypes fp32 bf16
     python benchmarks/bench_models.py --smoke              # seconds; what CI runs so the harness cannot rot
+    python benchmarks/bench_models.py --reference resnet50 --models resnet50:num_classes=10 \
+        capsnet_resnet_cifar10:backbone=resnet50,img_size=224   # a capsule head on a timm backbone at 224x224
     python benchmarks/bench_models.py --json results.json  # machine-readable results (always printed too)
 """
 import argparse
@@ -23,10 +25,23 @@ import sys
 import time
 
 DEFAULT_MODELS = ['capsnet_resnet_cifar10', 'capsnet_simple_cifar10', 'resnet18_cifar10']
-REFERENCE = 'resnet18_cifar10'
 
 
-def measure_case(model_name, batch_size, iterations, dtype, device, steps, compile_model, model_kwargs):
+def parse_model(spec):
+    """'name' or 'name:key=value,key=value' (values as Python literals) -> (label, name, kwargs)."""
+    import ast
+    name, _, args = spec.partition(':')
+    kwargs = {}
+    for item in filter(None, args.split(',')):
+        key, _, value = item.partition('=')
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return spec, name, kwargs
+
+
+def measure_case(label, model_name, batch_size, iterations, dtype, device, steps, compile_model, model_kwargs):
     """One case, in this (fresh) process. Returns a dict of measurements."""
     import resource
     import torch
@@ -40,7 +55,7 @@ def measure_case(model_name, batch_size, iterations, dtype, device, steps, compi
     if model_name.startswith('capsnet'):
         kwargs['iterations'] = iterations
     model = timm.create_model(model_name, **kwargs).to(device)
-    input_size = model.pretrained_cfg['input_size']
+    input_size = (model.in_chans, *model.img_size) if hasattr(model, 'img_size') else model.pretrained_cfg['input_size']
     x = torch.randn(batch_size, *input_size, device=device)
     y = torch.randint(0, model.num_classes, (batch_size,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -93,7 +108,7 @@ def measure_case(model_name, batch_size, iterations, dtype, device, steps, compi
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_after_import
     step_s = statistics.median(times)
     return dict(
-        model=model_name, batch_size=batch_size, iterations=iterations if model_name.startswith('capsnet') else None,
+        model=label, batch_size=batch_size, iterations=iterations if model_name.startswith('capsnet') else None,
         dtype=dtype, device=device, compiled=compile_model,
         params=sum(p.numel() for p in model.parameters()),
         step_s=step_s, step_s_min=min(times), step_s_max=max(times),
@@ -130,12 +145,12 @@ def run_in_fresh_process(case, args):
     result = subprocess.run(command, capture_output=True, text=True, timeout=args.case_timeout)
     if result.returncode != 0:
         error = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'failed'
-        return dict(model=case['model_name'], batch_size=case['batch_size'], iterations=case['iterations'],
+        return dict(model=case['label'], batch_size=case['batch_size'], iterations=case['iterations'],
                     dtype=case['dtype'], error=error)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def summarise(rounds):
+def summarise(rounds, reference_model):
     """Median over rounds per case, with the spread of per-round medians."""
     by_case = {}
     for row in rounds:
@@ -153,12 +168,13 @@ def summarise(rounds):
         merged['step_s_max'] = max(r['step_s_max'] for r in good)
         merged['rounds'] = len(good)
         summary.append(merged)
-    references = {(r['batch_size'], r['dtype']): r for r in summary if r['model'] == REFERENCE and 'error' not in r}
+    references = {(r['batch_size'], r['dtype']): r for r in summary if r['model'] == reference_model and 'error' not in r}
     for row in summary:
         reference = references.get((row['batch_size'], row['dtype']))
         if reference and 'error' not in row:
-            row['step_time_vs_resnet18'] = row['step_s'] / reference['step_s']
-            row['peak_memory_vs_resnet18'] = row['peak_memory_mb'] / reference['peak_memory_mb']
+            row['reference'] = reference_model
+            row['step_time_vs_reference'] = row['step_s'] / reference['step_s']
+            row['peak_memory_vs_reference'] = row['peak_memory_mb'] / reference['peak_memory_mb']
     return summary
 
 
@@ -166,10 +182,11 @@ def _key(row):
     return row['model'], row['batch_size'], row.get('iterations'), row['dtype']
 
 
-def print_table(summary, machine):
-    print(f"\n{machine['device_name']} | matmul {machine['matmul_gflops']:.0f} GFLOP/s | torch {machine['torch']}")
-    header = (f"{'model':26s} {'batch':>5s} {'t':>2s} {'dtype':>5s} {'step s (min..max)':>21s} {'x R18':>6s} "
-              f"{'img/s':>7s} {'peak MB':>8s} {'x R18':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s}")
+def print_table(summary, machine, reference_model):
+    print(f"\n{machine['device_name']} | matmul {machine['matmul_gflops']:.0f} GFLOP/s | torch {machine['torch']} "
+          f"| ratios (x ref) against {reference_model}")
+    header = (f"{'model':26s} {'batch':>5s} {'t':>2s} {'dtype':>5s} {'step s (min..max)':>21s} {'x ref':>6s} "
+              f"{'img/s':>7s} {'peak MB':>8s} {'x ref':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s}")
     print(header)
     print('-' * len(header))
     for r in sorted(summary, key=lambda r: (r['batch_size'], r['dtype'], r['model'], r.get('iterations') or 0)):
@@ -179,14 +196,16 @@ def print_table(summary, machine):
             continue
         print(f"{r['model']:26s} {r['batch_size']:>5d} {str(r['iterations'] or '-'):>2s} {r['dtype']:>5s} "
               f"{r['step_s']:>7.3f} ({r['step_s_min']:.3f}..{r['step_s_max']:.3f}) "
-              f"{r.get('step_time_vs_resnet18', float('nan')):>6.2f} {r['inference_images_per_s']:>7.0f} "
-              f"{r['peak_memory_mb']:>8.0f} {r.get('peak_memory_vs_resnet18', float('nan')):>6.2f} "
+              f"{r.get('step_time_vs_reference', float('nan')):>6.2f} {r['inference_images_per_s']:>7.0f} "
+              f"{r['peak_memory_mb']:>8.0f} {r.get('peak_memory_vs_reference', float('nan')):>6.2f} "
               f"{r['train_gflop']:>7.1f} {r['achieved_gflops']:>8.1f}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=DEFAULT_MODELS)
+    parser.add_argument('--models', nargs='+', default=DEFAULT_MODELS,
+                        help="model names, optionally with kwargs: 'name:key=value,key=value'")
+    parser.add_argument('--reference', default='resnet18_cifar10', help='the model ratios are taken against')
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[32])
     parser.add_argument('--iterations', nargs='+', type=int, default=[2])
     parser.add_argument('--dtypes', nargs='+', choices=['fp32', 'bf16'], default=['fp32'])
@@ -207,24 +226,26 @@ def main(argv=None):
         return None
     if args.smoke:
         args.models = [m for m in args.models if m != 'capsnet_resnet_cifar10'] or args.models
+        args.reference = args.reference if args.reference in args.models else args.models[-1]
         args.batch_sizes, args.iterations, args.dtypes, args.steps, args.rounds = [2], [2], ['fp32'], 1, 1
 
     import torch
     model_kwargs = json.loads(args.model_kwargs)
-    cases = [dict(model_name=m, batch_size=b, iterations=t, dtype=d, model_kwargs=model_kwargs)
-             for b in args.batch_sizes for d in args.dtypes for t in args.iterations for m in args.models
-             if t == args.iterations[0] or m.startswith('capsnet')]
+    models = [parse_model(spec) for spec in args.models]
+    cases = [dict(label=label, model_name=name, batch_size=b, iterations=t, dtype=d, model_kwargs={**model_kwargs, **kw})
+             for b in args.batch_sizes for d in args.dtypes for t in args.iterations for label, name, kw in models
+             if t == args.iterations[0] or name.startswith('capsnet')]
     rows = []
     for _ in range(args.rounds):
         for case in cases:  # models alternate within every round
             rows.append(run_in_fresh_process(case, args))
-    summary = summarise(rows)
+    summary = summarise(rows, args.reference)
     device_name = (torch.cuda.get_device_name() if args.device == 'cuda'
                    else f'{platform.machine()} CPU, {os.cpu_count()} cores')
     machine = dict(device_name=device_name, torch=torch.__version__,
                    matmul_gflops=matmul_gflops(args.device), command=' '.join(sys.argv))
     result = dict(machine=machine, results=summary)
-    print_table(summary, machine)
+    print_table(summary, machine, args.reference)
     print(json.dumps(result))
     if args.json_path:
         with open(args.json_path, 'w') as f:

@@ -293,7 +293,7 @@ class CapsNet(nn.Module):
             for layer in layers:
                 children = capsules[-1]
                 parents, _ = layer(children)
-                votes = layer.votes(children) if self.iterations > 1 and not self.grad_checkpointing else None
+                votes = layer.fixed_votes(children) if self.iterations > 1 and not self.grad_checkpointing else None
                 for _ in range(1, self.iterations):
                     parents, _ = self._route(layer, children, parents, votes)
                 capsules.append(parents)
@@ -313,7 +313,7 @@ class CapsNet(nn.Module):
                 votes = None
                 if depth == 1 and not self.grad_checkpointing:
                     if first_votes is None:
-                        first_votes = layer.votes(primary)
+                        first_votes = layer.fixed_votes(primary)
                     votes = first_votes
                 capsules[depth] = self._route(layer, previous[depth - 1], previous[depth], votes)[0]
             snapshots.append(capsules[-1])
@@ -327,7 +327,7 @@ class CapsNet(nn.Module):
         for iteration in range(2, self.iterations + 1):
             index = min(iteration - 2, len(snapshots) - 1)
             if len(snapshots) == 1 and votes is None and not self.grad_checkpointing:
-                votes = layer.votes(snapshots[0])  # children fixed across iterations: vote once
+                votes = layer.fixed_votes(snapshots[0])  # children fixed across iterations: vote once
             parents, _ = self._route(layer, snapshots[index], parents, votes)
         return self.head(parents)
 

@@ -141,10 +141,11 @@ class _RoutedCapsules(nn.Module):
         groups, children, rows = child_poses.shape[:3]
         return groups * children * rows * self.weight[0, :, 0].numel() > self.max_votes
 
-    def votes(self, children: Capsules) -> Tensor:
-        """All votes of this layer: (groups, children, parents, rows, cols)."""
+    def fixed_votes(self, children: Capsules) -> Optional[Tensor]:
+        """Votes to reuse over several passes with the same children, or None when they exceed
+        ``max_votes`` (each pass then forms them chunk by chunk instead)."""
         child_poses, _, _ = self._children(children)
-        return capsule_votes(child_poses, self.weight)
+        return None if self._too_many_votes(child_poses) else capsule_votes(child_poses, self.weight)
 
     def forward(
             self,
