@@ -251,7 +251,12 @@ def test_ablations_change_the_model_and_still_match_where_defined():
         trace = active.forward_routing(x)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(trace.logits, out)
-    assert all(a is not None and ((a > 0) & (a < 1)).all() for a in trace.activations[-1])
+    hidden = trace.activations[-1][:-1]  # the class capsules carry no activations of their own
+    assert trace.activations[-1][-1] is None
+    assert all(a is not None and ((a > 0) & (a < 1)).all() for a in hidden)
+    active.train()
+    active(x).sum().backward()
+    assert all(p.grad is not None for p in active.parameters())  # every beta reaches the loss
 
 
 def test_grad_checkpointing_gives_same_outputs_and_gradients():

@@ -3,5 +3,6 @@
 Importing this package registers its models with timm's registry.
 """
 from . import capsnet  # noqa: F401  (registers the models)
+from . import baselines  # noqa: F401
 
 __version__ = "0.1.0"

@@ -83,6 +83,9 @@ class ClassCapsules(nn.Module):
 
     def __init__(self, in_caps: int, num_classes: int, pose_dim: int, layer_kwargs: Dict[str, Any], device=None, dtype=None):
         super().__init__()
+        # class capsules weigh their children's votes by the children's activations (if any) but carry
+        # none of their own: the logits come from the poses, so parent activations would never be used
+        layer_kwargs = dict(layer_kwargs, activations=False)
         self.capsules = FCCapsules(in_caps, num_classes, pose_dim, device=device, dtype=dtype, **layer_kwargs)
         self.fc = nn.Linear(pose_dim, 1, device=device, dtype=dtype)
 

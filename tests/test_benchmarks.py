@@ -1,0 +1,35 @@
+"""The benchmark harnesses run in a seconds-long smoke mode, so they cannot rot. No timing is asserted."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_model_benchmark_smoke(capsys):
+    bench = load('bench_models')
+    result = bench.main(['--smoke', '--models', 'capsnet_simple_cifar10:iterations=2', 'resnet18_cifar10'])
+    rows = {row['model']: row for row in result['results']}
+    assert set(rows) == {'capsnet_simple_cifar10:iterations=2', 'resnet18_cifar10'}
+    for row in rows.values():
+        assert 'error' not in row, row
+        assert row['step_s'] > 0 and row['peak_memory_mb'] > 0 and row['train_gflop'] > 0
+    assert rows['resnet18_cifar10']['step_time_vs_reference'] == 1.0
+    assert rows['capsnet_simple_cifar10:iterations=2']['params'] == 561_297
+    assert result['machine']['matmul_gflops'] > 0
+    assert '"results"' in capsys.readouterr().out  # machine-readable JSON on stdout
+
+
+def test_data_benchmark_smoke():
+    results = load('bench_data').main(['--images', '2048', '--build', '128'])
+    assert results['stream_batch128_images_per_s'] > 0
+    assert results['load_dataset_read_array_numpy_images_per_s'] > 0
