@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 import timm
 import timm_capsules  # noqa: F401  (registers the capsule models with timm)
 from timm_capsules import hub
+from timm_capsules.baselines import OUTPUT_TYPES
+from timm_capsules.routing_baselines import margin_loss, spread_loss
 from timm_capsules.data.cifar import KNOWN_DATASETS
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -50,6 +52,24 @@ PRESETS = {
     "multimnist_matrix": dict(PAPER_SGD, model="capsnet_matrix_multimnist", **MULTIMNIST),
     "multimnist_vector": dict(PAPER_SGD, model="capsnet_vector_multimnist", **MULTIMNIST),
 }
+# The paper's comparison systems: dynamic routing with Adam 1e-3, EM routing with Adam 1e-2, the CNNs
+# with SGD 0.1; the same batch, epochs and schedule. Their losses follow from what the model returns
+# (see output_kind): margin loss on capsule lengths, spread loss on activations, CE/BCE on logits.
+ADAM = dict(opt="adam", momentum=0.9, weight_decay=0.0)
+for data in ("cifar10", "cifar100"):
+    PRESETS.update({
+        f"{data}_dynamic_simple": dict(PAPER_SGD, **ADAM, lr=1e-3, model=f"dynamic_capsnet_simple_{data}", dataset=data),
+        f"{data}_dynamic_resnet": dict(PAPER_SGD, **ADAM, lr=1e-3, model=f"dynamic_capsnet_resnet_{data}", dataset=data),
+        f"{data}_em_simple": dict(PAPER_SGD, **ADAM, lr=1e-2, model=f"em_capsnet_simple_{data}", dataset=data),
+        f"{data}_em_resnet": dict(PAPER_SGD, **ADAM, lr=1e-2, model=f"em_capsnet_resnet_{data}", dataset=data),
+        f"{data}_cnn": dict(PAPER_SGD, model=f"cnn_baseline_{data}", dataset=data),
+        f"{data}_resnet18": dict(PAPER_SGD, model=f"resnet18_{data}", dataset=data),
+    })
+PRESETS.update({
+    "multimnist_cnn": dict(PAPER_SGD, model="cnn_baseline_multimnist", **MULTIMNIST),
+    "multimnist_cnn_fc": dict(PAPER_SGD, model="cnn_fc_multimnist", **MULTIMNIST),
+    "multimnist_dynamic_vector": dict(PAPER_SGD, **ADAM, lr=1e-3, model="dynamic_capsnet_vector_multimnist", **MULTIMNIST),
+})
 # No preset: a small matrix-pose CapsNet on DiverseMultiMNIST (built-in MNIST sample offline) that
 # learns visibly on a 2-core CPU in a few minutes: 64 backbone channels instead of 1024, 16-d (4x4)
 # poses instead of 64-d, 8 capsule types; 130k parameters instead of 10M.
@@ -281,24 +301,39 @@ def data_config_of(model):
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def loss_fn(logits, targets, multi_label, reduction="mean"):
-    logits = logits.float()
-    if multi_label:  # binary cross-entropy per class
-        loss = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").mean(1)
+def output_kind(model):
+    """What forward returns: 'logits', or for the capsule baselines class-capsule 'lengths' (dynamic
+    routing) or 'activations' (EM routing), both in [0, 1]."""
+    return OUTPUT_TYPES.get(type(model).__name__, "logits")
+
+
+def loss_fn(outputs, targets, multi_label, kind="logits", margin=0.2, reduction="mean"):
+    outputs = outputs.float()
+    if kind == "lengths":  # Sabour et al.'s margin loss
+        loss = margin_loss(outputs, targets, reduction="none")
+    elif kind == "activations":  # Hinton et al.'s spread loss; the margin grows during training
+        loss = spread_loss(outputs, targets, margin, reduction="none")
+    elif multi_label:  # binary cross-entropy per class
+        loss = F.binary_cross_entropy_with_logits(outputs, targets.float(), reduction="none").mean(1)
     else:
-        loss = F.cross_entropy(logits, targets, reduction="none")
+        loss = F.cross_entropy(outputs, targets, reduction="none")
     return loss.mean() if reduction == "mean" else loss
 
 
-def correct(logits, targets, multi_label):
+def present(outputs, kind):
+    """The classes predicted present: logit > 0, or capsule length / activation > 0.5."""
+    return outputs > (0.0 if kind == "logits" else 0.5)
+
+
+def correct(outputs, targets, multi_label, kind="logits"):
     """Per image: exact match of the thresholded prediction (multi-label) or top-1 hit."""
     if multi_label:
-        return ((logits > 0) == targets.bool()).all(1)
-    return logits.argmax(1) == targets
+        return (present(outputs, kind) == targets.bool()).all(1)
+    return outputs.argmax(1) == targets
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, multi_label, num_classes):
+def evaluate(model, loader, accelerator, multi_label, num_classes, kind="logits"):
     """Metrics over the whole test set; gather_for_metrics drops the samples duplicated to even out
     the last batch across processes, so every image counts exactly once."""
     model.eval()
@@ -306,13 +341,13 @@ def evaluate(model, loader, accelerator, multi_label, num_classes):
     tp = fp = fn = torch.zeros(num_classes, dtype=torch.long, device=accelerator.device)
     for images, targets in loader:
         logits = model(images)
-        losses = loss_fn(logits, targets, multi_label, reduction="none")
+        losses = loss_fn(logits, targets, multi_label, kind, margin=0.9, reduction="none")
         logits, targets, losses = accelerator.gather_for_metrics((logits.float(), targets, losses))
         totals["images"] += len(targets)
         totals["loss"] += losses.sum().item()
-        totals["correct"] += correct(logits, targets, multi_label).sum().item()
+        totals["correct"] += correct(logits, targets, multi_label, kind).sum().item()
         if multi_label:
-            predicted, actual = logits > 0, targets.bool()
+            predicted, actual = present(logits, kind), targets.bool()
             tp = tp + (predicted & actual).sum(0)
             fp = fp + (predicted & ~actual).sum(0)
             fn = fn + (~predicted & actual).sum(0)
@@ -471,6 +506,7 @@ def main(argv=None):
         loaders = make_hf_loaders(args, splits, labels, image_column, label_column, data_cfg)
         test_loader = loaders["test"]
     metric_name = "exact_match" if multi_label else "top1"
+    kind = output_kind(model)
 
     # ---- optimizer, scheduler (timm factories; the scheduler is stepped by us, once per optimizer step)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
@@ -511,7 +547,7 @@ def main(argv=None):
         scheduler.step_update(num_updates=completed_steps)
 
     def run_evaluation(epoch):
-        metrics = evaluate(model, test_loader, accelerator, multi_label, num_classes)
+        metrics = evaluate(model, test_loader, accelerator, multi_label, num_classes, kind)
         state.history["eval"].append(dict(step=completed_steps, epoch=epoch, **metrics))
         if accelerator.is_main_process:  # through tqdm, so the progress bar stays intact
             tqdm.write(f"epoch {epoch}: step {completed_steps}, test loss {metrics['loss']:.4f}, "
@@ -555,14 +591,15 @@ def main(argv=None):
                 targets = targets.to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
                 logits = model(images)
-                loss = loss_fn(logits, targets, multi_label)
+                margin = 0.2 + 0.7 * min(1.0, completed_steps / args.max_train_steps)  # spread loss only
+                loss = loss_fn(logits, targets, multi_label, kind, margin)
                 accelerator.backward(loss)
                 if args.clip_grad and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad()
             state.running += torch.stack([loss.detach().float() * len(targets),
-                                          correct(logits.detach(), targets, multi_label).sum().float(),
+                                          correct(logits.detach(), targets, multi_label, kind).sum().float(),
                                           torch.tensor(float(len(targets)), device=accelerator.device)])
             if not accelerator.sync_gradients:
                 continue

@@ -43,13 +43,12 @@ def parse_model(spec):
 
 def measure_case(label, model_name, batch_size, iterations, dtype, device, steps, compile_model, model_kwargs):
     """One case, in this (fresh) process. Returns a dict of measurements."""
-    import resource
     import torch
     import timm
     import timm_capsules  # noqa: F401
     from torch.utils.flop_counter import FlopCounterMode
 
-    rss_after_import = _current_rss_bytes()
+    rss_after_import = 0 if device == 'cuda' else _current_rss_bytes()
     torch.manual_seed(0)
     kwargs = dict(model_kwargs)
     if model_name.startswith('capsnet'):
@@ -73,25 +72,7 @@ def measure_case(label, model_name, batch_size, iterations, dtype, device, steps
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    model.train()
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(**amp):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    train_flops = counter.get_total_flops()
-
-    if device == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    train_step()  # warm-up (and compilation)
-    times = []
-    for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        train_step()
-        sync()
-        times.append(time.perf_counter() - start)
-
+    # inference first: the process's peak RSS after it is the inference peak (training only adds to it)
     model.eval()
     with torch.inference_mode(), torch.autocast(**amp):
         step_model(x)
@@ -101,11 +82,26 @@ def measure_case(label, model_name, batch_size, iterations, dtype, device, steps
             step_model(x)
         sync()
         inference_s = (time.perf_counter() - start) / steps
+    inference_peak = _peak_memory(device) - rss_after_import
 
-    if device == 'cuda':
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_after_import
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(**amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    train_flops = counter.get_total_flops()
+
+    train_step()  # warm-up (and compilation)
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        train_step()
+        sync()
+        times.append(time.perf_counter() - start)
+
+    peak = _peak_memory(device) - rss_after_import
     step_s = statistics.median(times)
     return dict(
         model=label, batch_size=batch_size, iterations=iterations if model_name.startswith('capsnet') else None,
@@ -113,9 +109,18 @@ def measure_case(label, model_name, batch_size, iterations, dtype, device, steps
         params=sum(p.numel() for p in model.parameters()),
         step_s=step_s, step_s_min=min(times), step_s_max=max(times),
         inference_images_per_s=batch_size / inference_s,
-        peak_memory_mb=peak / 2 ** 20,
+        peak_memory_mb=peak / 2 ** 20, inference_peak_memory_mb=inference_peak / 2 ** 20,
         train_gflop=train_flops / 1e9, achieved_gflops=train_flops / step_s / 1e9,
     )
+
+
+def _peak_memory(device):
+    """CUDA: peak allocated bytes; CPU: the process's peak resident set size."""
+    import resource
+    import torch
+    if device == 'cuda':
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _current_rss_bytes():
@@ -162,7 +167,8 @@ def summarise(rounds, reference_model):
             summary.append(rows[0])
             continue
         merged = dict(good[0])
-        for field in ('step_s', 'inference_images_per_s', 'peak_memory_mb', 'achieved_gflops'):
+        for field in ('step_s', 'inference_images_per_s', 'peak_memory_mb', 'inference_peak_memory_mb',
+                      'achieved_gflops'):
             merged[field] = statistics.median(r[field] for r in good)
         merged['step_s_min'] = min(r['step_s_min'] for r in good)
         merged['step_s_max'] = max(r['step_s_max'] for r in good)
@@ -186,7 +192,7 @@ def print_table(summary, machine, reference_model):
     print(f"\n{machine['device_name']} | matmul {machine['matmul_gflops']:.0f} GFLOP/s | torch {machine['torch']} "
           f"| ratios (x ref) against {reference_model}")
     header = (f"{'model':26s} {'batch':>5s} {'t':>2s} {'dtype':>5s} {'step s (min..max)':>21s} {'x ref':>6s} "
-              f"{'img/s':>7s} {'peak MB':>8s} {'x ref':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s}")
+              f"{'img/s':>7s} {'peak MB':>8s} {'x ref':>6s} {'inf MB':>7s} {'GFLOP':>7s} {'GFLOP/s':>8s}")
     print(header)
     print('-' * len(header))
     for r in sorted(summary, key=lambda r: (r['batch_size'], r['dtype'], r['model'], r.get('iterations') or 0)):
@@ -198,7 +204,7 @@ def print_table(summary, machine, reference_model):
               f"{r['step_s']:>7.3f} ({r['step_s_min']:.3f}..{r['step_s_max']:.3f}) "
               f"{r.get('step_time_vs_reference', float('nan')):>6.2f} {r['inference_images_per_s']:>7.0f} "
               f"{r['peak_memory_mb']:>8.0f} {r.get('peak_memory_vs_reference', float('nan')):>6.2f} "
-              f"{r['train_gflop']:>7.1f} {r['achieved_gflops']:>8.1f}")
+              f"{r['inference_peak_memory_mb']:>7.0f} {r['train_gflop']:>7.1f} {r['achieved_gflops']:>8.1f}")
 
 
 def main(argv=None):

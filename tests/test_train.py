@@ -281,3 +281,39 @@ def test_push_to_hub_routes_paper_models_through_the_hub_module(train, tmp_path,
     assert [c[0] for c in calls] == ["hub", "timm"]
     assert calls[0][1][:2] == (tmp_path, "me/paper")
     assert calls[1][2]["safe_serialization"] is True and calls[1][2]["private"] is True
+
+
+def test_baseline_presets_use_the_papers_optimizers(train):
+    presets = train.PRESETS
+    for data in ("cifar10", "cifar100"):
+        assert presets[f"{data}_dynamic_simple"]["opt"] == "adam" and presets[f"{data}_dynamic_simple"]["lr"] == 1e-3
+        assert presets[f"{data}_em_resnet"]["opt"] == "adam" and presets[f"{data}_em_resnet"]["lr"] == 1e-2
+        assert presets[f"{data}_cnn"]["opt"] == "sgd" and presets[f"{data}_resnet18"]["lr"] == 0.1
+    for name, preset in presets.items():
+        assert preset["model"] in timm.list_models(), name
+
+
+def test_loss_and_threshold_follow_what_the_model_returns(train):
+    from timm_capsules.routing_baselines import margin_loss, spread_loss
+    assert train.output_kind(timm.create_model("dynamic_capsnet_vector_multimnist", device="meta")) == "lengths"
+    assert train.output_kind(timm.create_model("em_capsnet_simple_cifar10", device="meta")) == "activations"
+    assert train.output_kind(timm.create_model("cnn_baseline_multimnist", device="meta")) == "logits"
+    scores = torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.7, 0.4]])
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    torch.testing.assert_close(train.loss_fn(scores, targets, True, "lengths"), margin_loss(scores, targets))
+    torch.testing.assert_close(train.loss_fn(scores, targets, True, "activations", margin=0.5),
+                               spread_loss(scores, targets, 0.5))
+    assert train.correct(scores, targets, True, "lengths").tolist() == [True, False]  # 0.4 < 0.5: digit missed
+    assert train.correct(scores, targets, True, "logits").tolist() == [False, False]  # logits: every class > 0
+    assert train.correct(scores - 0.5, targets, True, "logits").tolist() == [True, False]
+
+
+@pytest.mark.slow
+def test_dynamic_routing_baseline_trains_with_its_preset(run, tmp_path):
+    out = tmp_path / "dr"
+    run(["--preset", "multimnist_dynamic_vector", "--model-kwargs", "backbone_args={'out_chs': 16}",
+         "--mnist-source", "sample", "--batch-size", "4", "--epoch-size", "8", "--test-size", "6",
+         "--max-train-steps", "2", "--output-dir", out])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final"]["num_images"] == 6 and 0.0 <= metrics["final"]["exact_match"] <= 1.0
+    assert metrics["args"]["opt"] == "adam" and metrics["args"]["lr"] == 1e-3

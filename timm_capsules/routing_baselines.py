@@ -159,8 +159,10 @@ def margin_loss(
         m_pos: float = 0.9,
         m_neg: float = 0.1,
         down_weight: float = 0.5,
+        reduction: str = 'mean',
 ) -> Tensor:
-    """Sabour et al.'s margin loss on class-capsule lengths (B, classes), averaged over the batch.
+    """Sabour et al.'s margin loss on class-capsule lengths (B, classes), averaged over the batch
+    (``reduction='none'``: one value per image).
 
     L_k = T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2, summed over classes.
     ``target``: class indices (B,) or a multi-hot matrix (B, classes) (several digits per image).
@@ -168,11 +170,13 @@ def margin_loss(
     lengths = lengths.float()
     present = _multi_hot(target, lengths.shape[-1], lengths.dtype)
     loss = present * F.relu(m_pos - lengths).pow(2) + down_weight * (1 - present) * F.relu(lengths - m_neg).pow(2)
-    return loss.sum(-1).mean()
+    loss = loss.sum(-1)
+    return loss.mean() if reduction == 'mean' else loss
 
 
-def spread_loss(activations: Tensor, target: Tensor, margin: float = 0.2) -> Tensor:
-    """Hinton et al.'s spread loss on class activations (B, classes), averaged over the batch.
+def spread_loss(activations: Tensor, target: Tensor, margin: float = 0.2, reduction: str = 'mean') -> Tensor:
+    """Hinton et al.'s spread loss on class activations (B, classes), averaged over the batch
+    (``reduction='none'``: one value per image).
 
     L = sum over targets t and non-targets i of max(0, m - (a_t - a_i))^2. The paper raises the margin m
     from 0.2 to 0.9 during training. ``target``: class indices (B,) or a multi-hot matrix (B, classes).
@@ -181,4 +185,5 @@ def spread_loss(activations: Tensor, target: Tensor, margin: float = 0.2) -> Ten
     present = _multi_hot(target, activations.shape[-1], activations.dtype)
     gap = activations[:, :, None] - activations[:, None, :]  # a_t - a_i for every (t, i)
     pairs = present[:, :, None] * (1 - present[:, None, :])
-    return (pairs * F.relu(margin - gap).pow(2)).sum((1, 2)).mean()
+    loss = (pairs * F.relu(margin - gap).pow(2)).sum((1, 2))
+    return loss.mean() if reduction == 'mean' else loss

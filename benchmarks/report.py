@@ -1,0 +1,61 @@
+"""Renders the README's performance table from the harness's JSON results (benchmarks/results/*.json).
+
+    python benchmarks/report.py                 # print the table
+    python benchmarks/report.py --write README.md   # replace the block between the perf-table markers
+"""
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / 'results'
+BEGIN, END = '<!-- perf-table -->', '<!-- /perf-table -->'
+
+
+def render(paths):
+    lines = []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        machine = result['machine']
+        lines += [
+            f"**`{path.name}`** — {machine['device_name']}, torch {machine['torch']}, plain 2048² matmul "
+            f"{machine['matmul_gflops']:.0f} GFLOP/s; `python {machine['command']}`",
+            '',
+            '| model | batch | iterations | dtype | train step s, median (min–max) | × ref | inference img/s '
+            '| train peak MB | × ref | inference peak MB | GFLOP / step | GFLOP/s |',
+            '|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|',
+        ]
+        rows = sorted(result['results'], key=lambda r: (r['batch_size'], r['dtype'], r['model'], r.get('iterations') or 0))
+        for r in rows:
+            if 'error' in r:
+                lines.append(f"| `{r['model']}` | {r['batch_size']} | {r.get('iterations') or '–'} | {r['dtype']} "
+                             f"| error: {r['error']} | | | | | | | |")
+                continue
+            lines.append(
+                f"| `{r['model']}` | {r['batch_size']} | {r.get('iterations') or '–'} | {r['dtype']} "
+                f"| {r['step_s']:.3f} ({r['step_s_min']:.3f}–{r['step_s_max']:.3f}) "
+                f"| {r.get('step_time_vs_reference', float('nan')):.2f} | {r['inference_images_per_s']:.0f} "
+                f"| {r['peak_memory_mb']:.0f} | {r.get('peak_memory_vs_reference', float('nan')):.2f} "
+                f"| {r.get('inference_peak_memory_mb', float('nan')):.0f} "
+                f"| {r['train_gflop']:.1f} | {r['achieved_gflops']:.1f} |")
+        lines.append('')
+    return '\n'.join(lines).strip()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--write', help='README to update between the perf-table markers')
+    parser.add_argument('results', nargs='*', type=Path, help='result files (default: benchmarks/results/*.json)')
+    args = parser.parse_args(argv)
+    table = render(args.results or sorted(RESULTS.glob('*.json')))
+    if not args.write:
+        print(table)
+        return table
+    readme = Path(args.write)
+    text = readme.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    readme.write_text(text[:start] + '\n' + table + '\n' + text[end:])
+    return table
+
+
+if __name__ == '__main__':
+    main()
