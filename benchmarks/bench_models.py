@@ -11,6 +11,7 @@ matmul, timed in the same run, gives the machine's achievable GFLOP/s for refere
     python benchmarks/bench_models.py                      # CPU, batch 32, t=2, fp32 (the issue's target)
     python benchmarks/bench_models.py --batch-sizes 32 128 --iterations 1 2 3 4 5 --dtypes fp32 bf16
     python benchmarks/bench_models.py --smoke              # seconds; what CI runs so the harness cannot rot
+    python benchmarks/bench_models.py --iterations 3 --profile   # and where each step's time goes, by operator
     python benchmarks/bench_models.py --reference resnet50 --models resnet50:num_classes=10 \
         capsnet_resnet_cifar10:backbone=resnet50,img_size=224   # a capsule head on a timm backbone at 224x224
     python benchmarks/bench_models.py --json results.json  # machine-readable results (always printed too)
@@ -41,7 +42,8 @@ def parse_model(spec):
     return spec, name, kwargs
 
 
-def measure_case(label, model_name, batch_size, iterations, dtype, device, steps, compile_model, model_kwargs):
+def measure_case(label, model_name, batch_size, iterations, dtype, device, steps, compile_model, model_kwargs,
+                 profile=False):
     """One case, in this (fresh) process. Returns a dict of measurements."""
     import torch
     import timm
@@ -103,6 +105,12 @@ def measure_case(label, model_name, batch_size, iterations, dtype, device, steps
 
     peak = _peak_memory(device) - rss_after_import
     step_s = statistics.median(times)
+    top_ops = None
+    if profile:  # where one training step's time goes, by operator
+        with torch.profiler.profile() as prof:
+            train_step()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+        top_ops = [dict(op=e.key, self_cpu_ms=round(e.self_cpu_time_total / 1000, 1), calls=e.count) for e in events]
     return dict(
         model=label, batch_size=batch_size, iterations=iterations if model_name.startswith('capsnet') else None,
         dtype=dtype, device=device, compiled=compile_model,
@@ -111,6 +119,7 @@ def measure_case(label, model_name, batch_size, iterations, dtype, device, steps
         inference_images_per_s=batch_size / inference_s,
         peak_memory_mb=peak / 2 ** 20, inference_peak_memory_mb=inference_peak / 2 ** 20,
         train_gflop=train_flops / 1e9, achieved_gflops=train_flops / step_s / 1e9,
+        **(dict(profile=top_ops) if profile else {}),
     )
 
 
@@ -146,7 +155,7 @@ def matmul_gflops(device, size=2048, repeats=5):
 
 def run_in_fresh_process(case, args):
     command = [sys.executable, __file__, '--worker', json.dumps(case), '--device', args.device,
-               '--steps', str(args.steps)] + (['--compile'] if args.compile else [])
+               '--steps', str(args.steps)] + (['--compile'] if args.compile else []) + (['--profile'] if args.profile else [])
     result = subprocess.run(command, capture_output=True, text=True, timeout=args.case_timeout)
     if result.returncode != 0:
         error = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'failed'
@@ -173,6 +182,10 @@ def summarise(rounds, reference_model):
         merged['step_s_min'] = min(r['step_s_min'] for r in good)
         merged['step_s_max'] = max(r['step_s_max'] for r in good)
         merged['rounds'] = len(good)
+        merged.pop('profile', None)
+        profiles = [r['profile'] for r in good if 'profile' in r]
+        if profiles:
+            merged['profile'] = profiles[-1]
         summary.append(merged)
     references = {(r['batch_size'], r['dtype']): r for r in summary if r['model'] == reference_model and 'error' not in r}
     for row in summary:
@@ -186,6 +199,14 @@ def summarise(rounds, reference_model):
 
 def _key(row):
     return row['model'], row['batch_size'], row.get('iterations'), row['dtype']
+
+
+def print_profiles(summary):
+    for r in summary:
+        if r.get('profile'):
+            print(f"\n{r['model']} batch {r['batch_size']} t={r.get('iterations')} {r['dtype']}: top operators of one step")
+            for op in r['profile']:
+                print(f"  {op['op']:40s} {op['self_cpu_ms']:>10.1f} ms {op['calls']:>6d} calls")
 
 
 def print_table(summary, machine, reference_model):
@@ -219,6 +240,7 @@ def main(argv=None):
     parser.add_argument('--steps', type=int, default=3, help='timed training steps per process')
     parser.add_argument('--rounds', type=int, default=2, help='fresh processes per case, models alternating')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--profile', action='store_true', help="add each case's top operators (torch.profiler)")
     parser.add_argument('--model-kwargs', default='{}', help='JSON kwargs for every model, e.g. {"img_size": 64}')
     parser.add_argument('--case-timeout', type=int, default=1800)
     parser.add_argument('--smoke', action='store_true', help='tiny, one round: checks the harness runs')
@@ -228,7 +250,8 @@ def main(argv=None):
 
     if args.worker:
         case = json.loads(args.worker)
-        print(json.dumps(measure_case(**case, device=args.device, steps=args.steps, compile_model=args.compile)))
+        print(json.dumps(measure_case(**case, device=args.device, steps=args.steps, compile_model=args.compile,
+                                      profile=args.profile)))
         return None
     if args.smoke:
         args.models = [m for m in args.models if m != 'capsnet_resnet_cifar10'] or args.models
@@ -252,6 +275,7 @@ def main(argv=None):
                    matmul_gflops=matmul_gflops(args.device), command=' '.join(sys.argv))
     result = dict(machine=machine, results=summary)
     print_table(summary, machine, args.reference)
+    print_profiles(summary)
     print(json.dumps(result))
     if args.json_path:
         with open(args.json_path, 'w') as f:

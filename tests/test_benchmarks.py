@@ -17,12 +17,13 @@ def load(name):
 @pytest.mark.slow
 def test_model_benchmark_smoke(capsys):
     bench = load('bench_models')
-    result = bench.main(['--smoke', '--models', 'capsnet_simple_cifar10:iterations=2', 'resnet18_cifar10'])
+    result = bench.main(['--smoke', '--profile', '--models', 'capsnet_simple_cifar10:iterations=2', 'resnet18_cifar10'])
     rows = {row['model']: row for row in result['results']}
     assert set(rows) == {'capsnet_simple_cifar10:iterations=2', 'resnet18_cifar10'}
     for row in rows.values():
         assert 'error' not in row, row
         assert row['step_s'] > 0 and row['peak_memory_mb'] > 0 and row['train_gflop'] > 0
+        assert row['inference_peak_memory_mb'] > 0 and row['profile'][0]['self_cpu_ms'] > 0
     assert rows['resnet18_cifar10']['step_time_vs_reference'] == 1.0
     assert rows['capsnet_simple_cifar10:iterations=2']['params'] == 561_297
     assert result['machine']['matmul_gflops'] > 0
