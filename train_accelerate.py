@@ -307,11 +307,11 @@ def output_kind(model):
     return OUTPUT_TYPES.get(type(model).__name__, "logits")
 
 
-def loss_fn(outputs, targets, multi_label, kind="logits", margin=0.2, reduction="mean"):
+def loss_fn(outputs, targets, multi_label, returns="logits", margin=0.2, reduction="mean"):
     outputs = outputs.float()
-    if kind == "lengths":  # Sabour et al.'s margin loss
+    if returns == "lengths":  # Sabour et al.'s margin loss
         loss = margin_loss(outputs, targets, reduction="none")
-    elif kind == "activations":  # Hinton et al.'s spread loss; the margin grows during training
+    elif returns == "activations":  # Hinton et al.'s spread loss; the margin grows during training
         loss = spread_loss(outputs, targets, margin, reduction="none")
     elif multi_label:  # binary cross-entropy per class
         loss = F.binary_cross_entropy_with_logits(outputs, targets.float(), reduction="none").mean(1)
@@ -320,20 +320,20 @@ def loss_fn(outputs, targets, multi_label, kind="logits", margin=0.2, reduction=
     return loss.mean() if reduction == "mean" else loss
 
 
-def present(outputs, kind):
+def present(outputs, returns):
     """The classes predicted present: logit > 0, or capsule length / activation > 0.5."""
-    return outputs > (0.0 if kind == "logits" else 0.5)
+    return outputs > (0.0 if returns == "logits" else 0.5)
 
 
-def correct(outputs, targets, multi_label, kind="logits"):
+def correct(outputs, targets, multi_label, returns="logits"):
     """Per image: exact match of the thresholded prediction (multi-label) or top-1 hit."""
     if multi_label:
-        return (present(outputs, kind) == targets.bool()).all(1)
+        return (present(outputs, returns) == targets.bool()).all(1)
     return outputs.argmax(1) == targets
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, multi_label, num_classes, kind="logits"):
+def evaluate(model, loader, accelerator, multi_label, num_classes, returns="logits"):
     """Metrics over the whole test set; gather_for_metrics drops the samples duplicated to even out
     the last batch across processes, so every image counts exactly once."""
     model.eval()
@@ -341,13 +341,13 @@ def evaluate(model, loader, accelerator, multi_label, num_classes, kind="logits"
     tp = fp = fn = torch.zeros(num_classes, dtype=torch.long, device=accelerator.device)
     for images, targets in loader:
         logits = model(images)
-        losses = loss_fn(logits, targets, multi_label, kind, margin=0.9, reduction="none")
+        losses = loss_fn(logits, targets, multi_label, returns, margin=0.9, reduction="none")
         logits, targets, losses = accelerator.gather_for_metrics((logits.float(), targets, losses))
         totals["images"] += len(targets)
         totals["loss"] += losses.sum().item()
-        totals["correct"] += correct(logits, targets, multi_label, kind).sum().item()
+        totals["correct"] += correct(logits, targets, multi_label, returns).sum().item()
         if multi_label:
-            predicted, actual = present(logits, kind), targets.bool()
+            predicted, actual = present(logits, returns), targets.bool()
             tp = tp + (predicted & actual).sum(0)
             fp = fp + (predicted & ~actual).sum(0)
             fn = fn + (~predicted & actual).sum(0)
@@ -506,7 +506,7 @@ def main(argv=None):
         loaders = make_hf_loaders(args, splits, labels, image_column, label_column, data_cfg)
         test_loader = loaders["test"]
     metric_name = "exact_match" if multi_label else "top1"
-    kind = output_kind(model)
+    returns = output_kind(model)  # logits, or capsule lengths / activations (the baselines)
 
     # ---- optimizer, scheduler (timm factories; the scheduler is stepped by us, once per optimizer step)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
@@ -547,7 +547,7 @@ def main(argv=None):
         scheduler.step_update(num_updates=completed_steps)
 
     def run_evaluation(epoch):
-        metrics = evaluate(model, test_loader, accelerator, multi_label, num_classes, kind)
+        metrics = evaluate(model, test_loader, accelerator, multi_label, num_classes, returns)
         state.history["eval"].append(dict(step=completed_steps, epoch=epoch, **metrics))
         if accelerator.is_main_process:  # through tqdm, so the progress bar stays intact
             tqdm.write(f"epoch {epoch}: step {completed_steps}, test loss {metrics['loss']:.4f}, "
@@ -592,14 +592,14 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 logits = model(images)
                 margin = 0.2 + 0.7 * min(1.0, completed_steps / args.max_train_steps)  # spread loss only
-                loss = loss_fn(logits, targets, multi_label, kind, margin)
+                loss = loss_fn(logits, targets, multi_label, returns, margin)
                 accelerator.backward(loss)
                 if args.clip_grad and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad()
             state.running += torch.stack([loss.detach().float() * len(targets),
-                                          correct(logits.detach(), targets, multi_label, kind).sum().float(),
+                                          correct(logits.detach(), targets, multi_label, returns).sum().float(),
                                           torch.tensor(float(len(targets)), device=accelerator.device)])
             if not accelerator.sync_gradients:
                 continue
