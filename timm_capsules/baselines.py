@@ -31,7 +31,7 @@ from timm.models.resnet import BasicBlock, ResNet
 
 from .backbones import CifarResNetBackbone, SimpleBackbone
 from .capsnet import CIFAR10_LABELS, CIFAR100_LABELS, CIFAR_MEAN, CIFAR_STD, DIGIT_LABELS, check_input
-from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules
+from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, capsules_to_nchw
 from .routing import capsule_votes
 from .routing_baselines import dynamic_routing, em_routing, inverse_temperature_schedule, squash
 
@@ -201,14 +201,6 @@ class _CapsuleBaseline(nn.Module):
 
     # ---- capsules <-> feature maps ------------------------------------------------------------
 
-    def _to_nchw(self, capsules: Capsules) -> Tensor:
-        poses, activations = capsules
-        B, H, W, N, d = poses.shape
-        x = poses.reshape(B, H, W, N * d)
-        if activations is not None:
-            x = torch.cat([x, activations], dim=-1)
-        return x.permute(0, 3, 1, 2)
-
     def _from_nchw(self, x: Tensor) -> Capsules:
         B, C, H, W = x.shape
         x = x.permute(0, 2, 3, 1)
@@ -235,7 +227,7 @@ class _CapsuleBaseline(nn.Module):
             if len(levels) > max_index:
                 break
             state = self._run(step, state)
-            levels.append(self._to_nchw(state))
+            levels.append(capsules_to_nchw(state))
         return levels
 
     def forward_intermediates(

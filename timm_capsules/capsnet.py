@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from .backbones import CifarResNetBackbone, SimpleBackbone, TimmBackbone
-from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules
+from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, capsules_to_nchw
 
 __all__ = ['CapsNet', 'RoutingTrace']
 
@@ -336,14 +336,6 @@ class CapsNet(nn.Module):
 
     # ---- capsules <-> feature maps -------------------------------------------------------------
 
-    def _to_nchw(self, capsules: Capsules) -> Tensor:
-        poses, activations = capsules
-        B, H, W, N, d = poses.shape
-        x = poses.reshape(B, H, W, N * d)
-        if activations is not None:
-            x = torch.cat([x, activations], dim=-1)
-        return x.permute(0, 3, 1, 2)
-
     def _from_nchw(self, x: Tensor) -> List[Capsules]:
         B, _, H, W = x.shape
         x = x.permute(0, 2, 3, 1)
@@ -390,12 +382,12 @@ class CapsNet(nn.Module):
         num_layers = self._layers_for_level(max_index) if early else len(self.capsule_layers)
         capsules, snapshots = self._route_hidden(self.primary(features), num_layers)
         levels = [c for c, spec in zip(capsules, [('primary',)] + self.layer_specs) if spec[0] != 'fc']
-        intermediates += [self._to_nchw(c) for level, c in enumerate(levels, num_backbone) if level in take_indices]
+        intermediates += [capsules_to_nchw(c) for level, c in enumerate(levels, num_backbone) if level in take_indices]
         if intermediates_only:
             return intermediates
         if early:
-            return self._to_nchw(capsules[-1]), intermediates
-        return torch.cat([self._to_nchw(s) for s in snapshots], dim=1), intermediates
+            return capsules_to_nchw(capsules[-1]), intermediates
+        return torch.cat([capsules_to_nchw(s) for s in snapshots], dim=1), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -424,7 +416,7 @@ class CapsNet(nn.Module):
         check_input(x, self.in_chans, self.img_size)
         features = self.backbone(x)[-1]
         _, snapshots = self._route_hidden(self.primary(features), len(self.capsule_layers))
-        return torch.cat([self._to_nchw(s) for s in snapshots], dim=1)
+        return torch.cat([capsules_to_nchw(s) for s in snapshots], dim=1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if pre_logits or self.head is None:

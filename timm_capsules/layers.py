@@ -13,12 +13,23 @@ import torch.nn.functional as F
 
 from .routing import attention_routing, capsule_votes, chunked_attention_routing, uniform_routing
 
-__all__ = ['Capsules', 'PrimaryCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape']
+__all__ = ['Capsules', 'PrimaryCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw']
 
 
 class Capsules(NamedTuple):
     poses: Tensor  # (B, H, W, N, d)
     activations: Optional[Tensor] = None  # (B, H, W, N) in (0, 1), only with EM-style activations
+
+
+def capsules_to_nchw(capsules: Capsules) -> Tensor:
+    """A capsule grid as a feature map (B, N * d [+ N], H, W): channel n * d + e holds entry e of capsule
+    type n; with activations, the last N channels hold them."""
+    poses, activations = capsules
+    B, H, W, N, d = poses.shape
+    x = poses.reshape(B, H, W, N * d)
+    if activations is not None:
+        x = torch.cat([x, activations], dim=-1)
+    return x.permute(0, 3, 1, 2)
 
 
 def _is_tracing() -> bool:
