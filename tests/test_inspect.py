@@ -24,7 +24,7 @@ TINY = dict(num_classes=3, in_chans=1, img_size=12, backbone='simple', backbone_
 def _recompute(layer, children: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """Parent poses from child poses and routing coefficients, written out independently of the model:
     p_j = LayerNorm(sum_i r_ij v_ij) with v_ij = the layer's votes."""
-    votes = layer.fixed_votes(Capsules(children))  # (groups, children, parents, rows, cols)
+    votes = layer.votes(Capsules(children))  # (groups, children, parents, rows, cols)
     B, H, W, C, J = coefficients.shape
     poses = torch.einsum('gij,gijrt->gjrt', coefficients.reshape(B * H * W, C, J), votes)
     return layer.norm(poses.reshape(B, H, W, J, -1))

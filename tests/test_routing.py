@@ -122,7 +122,8 @@ def test_layer_matches_naive_reference(kind, matrix_pose):
         layer.norm.bias.normal_()
     for parents in (None, parent):
         expected, expected_coefficients = naive_layer(layer, child, parents)
-        got, coefficients = layer(Capsules(child), None if parents is None else Capsules(parents))
+        got, coefficients = layer(
+            Capsules(child), None if parents is None else Capsules(parents), return_coefficients=True)
         torch.testing.assert_close(got.poses, expected, rtol=1e-5, atol=1e-5)
         if parents is not None:
             torch.testing.assert_close(coefficients.reshape(expected_coefficients.shape), expected_coefficients)

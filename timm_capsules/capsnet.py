@@ -28,6 +28,7 @@ from timm.models._features import feature_take_indices
 
 from .backbones import CifarResNetBackbone, SimpleBackbone, TimmBackbone
 from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, capsules_to_nchw
+from .routing import use_fused_routing
 
 __all__ = ['CapsNet', 'RoutingTrace']
 
@@ -114,8 +115,10 @@ class CapsNet(nn.Module):
         layer_norm: LayerNorm on capsule poses (False is ablation A).
         activations: EM-style capsule activations that weight each child's votes (ablation C).
         global_pool: pooling of the features when ``num_classes == 0`` ('avg', 'max', ... or '' for none).
-        max_votes: a routing pass whose vote tensor would hold more elements is run in chunks of at most
-            this many, each recomputed in the backward pass (bounded memory for large inputs); None never chunks.
+        max_votes: with plain tensor-op routing (on a GPU, or with ``set_fused_routing(False)``), a pass whose
+            vote tensor would hold more elements runs in chunks of at most this many, each recomputed in the
+            backward pass (bounded memory for large inputs); None never chunks. The fused CPU kernel never
+            stores votes, so it needs no chunks.
     """
 
     def __init__(
@@ -210,6 +213,14 @@ class CapsNet(nn.Module):
         self.head = ClassCapsules(self.head_in_caps, num_classes, pose_dim, layer_kwargs, **dd) if num_classes else None
         self.pruned = False
         self.set_max_votes(max_votes)
+        self.fused_routing = use_fused_routing()
+
+    def set_fused_routing(self, enable: bool = True):
+        """Route on the CPU with the fused kernel (the default; see ``routing.fused_attention_routing``)
+        or with plain tensor ops, the reference it is tested against."""
+        for module in self.modules():
+            if hasattr(module, 'fused_routing'):
+                module.fused_routing = enable
 
     def set_max_votes(self, max_votes: Optional[int]):
         """Vote-tensor size above which routing runs in memory-bounded chunks (None: never)."""
@@ -270,6 +281,7 @@ class CapsNet(nn.Module):
                 self.head_in_caps, num_classes, self.pose_dim, self.head_layer_kwargs,
                 device=reference.device, dtype=reference.dtype).train(self.training)
             self.set_max_votes(self.max_votes)
+            self.set_fused_routing(self.fused_routing)
         else:
             self.head = None
 
@@ -443,7 +455,8 @@ class CapsNet(nn.Module):
                 routing[0].append(self._uniform_coefficients(layer, history[0][-1]))
             for k in range(1, self.iterations):  # every layer at once, from the previous iteration
                 for depth, layer in enumerate(layers, 1):
-                    parents, coefficients = layer(history[k - 1][depth - 1], history[k - 1][depth])
+                    parents, coefficients = layer(
+                        history[k - 1][depth - 1], history[k - 1][depth], return_coefficients=True)
                     history[k].append(parents)
                     routing[k].append(self._unflatten_coefficients(coefficients, parents))
         else:  # sequential: each layer finishes its iterations before the next starts
@@ -453,7 +466,7 @@ class CapsNet(nn.Module):
                 history[0].append(parents)
                 routing[0].append(self._uniform_coefficients(layer, parents))
                 for k in range(1, self.iterations):
-                    parents, coefficients = layer(children, parents)
+                    parents, coefficients = layer(children, parents, return_coefficients=True)
                     history[k].append(parents)
                     routing[k].append(self._unflatten_coefficients(coefficients, parents))
                 children = parents

@@ -11,7 +11,9 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from .routing import attention_routing, capsule_votes, chunked_attention_routing, uniform_routing
+from .routing import (
+    attention_routing, capsule_votes, chunked_attention_routing, fused_attention_routing, uniform_routing,
+    use_fused_routing)
 
 __all__ = ['Capsules', 'PrimaryCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw']
 
@@ -128,7 +130,10 @@ class _RoutedCapsules(nn.Module):
             self.beta_u = nn.Parameter(torch.ones(out_caps, device=device, dtype=dtype))
         else:
             self.beta_a = self.beta_u = None
-        # votes beyond this many elements are formed chunk by chunk (see chunked_attention_routing)
+        # on the CPU, attention passes run in the fused kernel, which never stores votes
+        # (routing.fused_attention_routing); elsewhere votes beyond max_votes elements are formed
+        # chunk by chunk (routing.chunked_attention_routing)
+        self.fused_routing = use_fused_routing()
         self.max_votes: Optional[int] = 2 ** 26
         self.reset_parameters()
 
@@ -146,37 +151,52 @@ class _RoutedCapsules(nn.Module):
         child_poses, child_activations, grid = self._children(children)
         return uniform_routing(child_poses, self.weight, child_activations), grid
 
+    def _fused(self, child_poses: Tensor) -> bool:
+        return self.fused_routing and child_poses.device.type == 'cpu' and not _is_tracing()
+
     def _too_many_votes(self, child_poses: Tensor) -> bool:
         if self.max_votes is None or _is_tracing():
             return False
         groups, children, rows = child_poses.shape[:3]
         return groups * children * rows * self.weight[0, :, 0].numel() > self.max_votes
 
+    def votes(self, children: Capsules) -> Tensor:
+        """Every child's vote for every parent, (groups, children, parents, rows, cols)."""
+        return capsule_votes(self._children(children)[0], self.weight)
+
     def fixed_votes(self, children: Capsules) -> Optional[Tensor]:
-        """Votes to reuse over several passes with the same children, or None when they exceed
-        ``max_votes`` (each pass then forms them chunk by chunk instead)."""
+        """Votes to reuse over several passes with the same children, or None when passes form their
+        own: in the fused kernel, or chunk by chunk when there are more than ``max_votes``."""
         child_poses, _, _ = self._children(children)
-        return None if self._too_many_votes(child_poses) else capsule_votes(child_poses, self.weight)
+        if self._fused(child_poses) or self._too_many_votes(child_poses):
+            return None
+        return capsule_votes(child_poses, self.weight)
 
     def forward(
             self,
             children: Capsules,
             parents: Optional[Capsules] = None,
             votes: Optional[Tensor] = None,
+            return_coefficients: bool = False,
     ) -> Tuple[Capsules, Optional[Tensor]]:
         """One routing pass: uniform when ``parents`` is None, else attention to the given parents.
 
         ``votes`` may be passed in when the children did not change since they were last computed.
-        Returns the parent capsules and the routing coefficients (groups, children, parents), or
-        None for the uniform pass.
+        Returns the parent capsules and, with ``return_coefficients``, the routing coefficients
+        (groups, children, parents) of an attention pass (else None: they are as large as the votes / d).
         """
+        coefficients = agreement = None
         if parents is None:
             poses, (B, H, W) = self._uniform(children)
-            child_activations = coefficients = agreement = None
+            child_activations = None
         else:
             child_poses, child_activations, (B, H, W) = self._children(children)
             parent_poses = parents.poses.reshape(-1, self.out_caps, self.child_rows, self.parent_cols)
-            if votes is None and self._too_many_votes(child_poses):
+            with_routing = return_coefficients or self.beta_a is not None
+            if votes is None and self._fused(child_poses):
+                poses, coefficients, agreement = fused_attention_routing(
+                    child_poses, self.weight, parent_poses, child_activations, with_routing)
+            elif votes is None and self._too_many_votes(child_poses):
                 poses, coefficients, agreement = chunked_attention_routing(
                     child_poses, self.weight, parent_poses, child_activations, self.max_votes)
             else:
@@ -187,7 +207,7 @@ class _RoutedCapsules(nn.Module):
         activations = None
         if self.beta_a is not None:
             activations = self._parent_activations(coefficients, agreement, child_activations, poses)
-        return Capsules(poses, activations), coefficients
+        return Capsules(poses, activations), coefficients if return_coefficients else None
 
     def _parent_activations(self, coefficients, agreement, child_activations, poses) -> Tensor:
         if agreement is None:  # uniform pass: no parent state yet, so no agreement either

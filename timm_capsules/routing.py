@@ -14,6 +14,11 @@ Axis names used in the einsums:
     c  child pose columns
     t  parent pose columns
 """
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -91,3 +96,156 @@ def chunked_attention_routing(
             chunks.append(route(*args))
     poses, coefficients, agreement = zip(*chunks)
     return torch.cat(poses), torch.cat(coefficients), torch.cat(agreement)
+
+
+# ---- the fused CPU kernel ---------------------------------------------------------------------------
+
+def use_fused_routing() -> bool:
+    """Whether capsule layers route on the CPU with the fused kernel (``csrc/routing.cpp``) by default.
+    Set ``TIMM_CAPSULES_FUSED_ROUTING=0`` to use plain tensor ops (the reference) everywhere."""
+    return os.environ.get('TIMM_CAPSULES_FUSED_ROUTING', '1') != '0'
+
+
+_kernel = None  # the compiled extension once loaded; False when it cannot be built here
+
+
+def routing_kernel():
+    """The fused routing extension, compiled on first use (about a minute, then cached by torch in
+    ``~/.cache/torch_extensions``), or None when this machine cannot build it (no C++ compiler)."""
+    global _kernel
+    if _kernel is None:
+        from torch.utils.cpp_extension import load
+        # -march=native: the cache must not be shared with a different CPU, so the CPU is in the name
+        cpu = hashlib.sha1(_cpu_model().encode()).hexdigest()[:8]
+        try:
+            _kernel = load(
+                name=f'timm_capsules_routing_{cpu}', sources=[str(Path(__file__).parent / 'csrc' / 'routing.cpp')],
+                extra_cflags=['-O3', '-march=native', '-fopenmp'], extra_ldflags=['-fopenmp'])
+        except Exception as error:  # a compiler or header missing: route with plain tensor ops instead
+            warnings.warn(f'the fused routing kernel could not be built ({error}); routing falls back to plain '
+                          f'tensor ops (slower, more memory). Set TIMM_CAPSULES_FUSED_ROUTING=0 to silence this.')
+            _kernel = False
+    return _kernel or None
+
+
+def _cpu_model() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line for line in f if line.startswith('model name')), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def fused_attention_routing(
+        children: Tensor,
+        weight: Tensor,
+        parents: Tensor,
+        child_activations: Optional[Tensor] = None,
+        with_routing: bool = True,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``attention_routing(capsule_votes(children, weight), parents, child_activations)`` as one CPU kernel
+    that never writes the votes to memory: each child's votes are formed, compared with the parents and
+    added to them in a buffer that stays in cache, and the backward pass forms them again. Memory is
+    that of the inputs and outputs, whatever the number of votes; the arithmetic is the same.
+
+    Returns what ``attention_routing`` does; with ``with_routing=False`` the coefficients and agreement
+    (each as large as the votes / d) are neither stored nor returned (None). float32 and float64 run
+    natively, other dtypes in float32.
+    """
+    poses, coefficients, agreement = torch.ops.timm_capsules.attention_routing(
+        children, weight, parents, child_activations, with_routing)
+    return (poses, coefficients, agreement) if with_routing else (poses, None, None)
+
+
+def _kernel_layouts(children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor]):
+    """(g, i, r, c), (i, j, c, t), (g, j, r, t) -> the kernel's (g, i, r, c), (i, c, j*t), (g, r, j*t)."""
+    dtype = children.dtype if children.dtype in (torch.float32, torch.float64) else torch.float32
+    I, J, C, T = weight.shape
+    G, _, R, _ = parents.shape
+    children = children.to(dtype).contiguous()
+    weight = weight.to(dtype).permute(0, 2, 1, 3).reshape(I, C, J * T).contiguous()
+    parents = parents.to(dtype).permute(0, 2, 1, 3).reshape(G, R, J * T).contiguous()
+    activations = None if activations is None else activations.to(dtype).contiguous()
+    return children, weight, parents, activations
+
+
+@torch.library.custom_op('timm_capsules::attention_routing', mutates_args=())
+def _attention_routing_op(
+        children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor], with_routing: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    kernel = routing_kernel()
+    if kernel is None:
+        poses, coefficients, agreement = attention_routing(capsule_votes(children, weight), parents, activations)
+        if not with_routing:
+            return poses.clone(), children.new_empty(0), children.new_empty(0)
+        return poses.clone(), coefficients.clone(), agreement.clone()
+    I, J, C, T = weight.shape
+    G, _, R, _ = parents.shape
+    poses, coefficients, agreement = kernel.forward(
+        *_kernel_layouts(children, weight, parents, activations), T, (R * T) ** -0.5, with_routing)
+    poses = poses.reshape(G, R, J, T).permute(0, 2, 1, 3)  # (g, r, j*t) -> (g, j, r, t)
+    dtype = parents.dtype
+    return poses.to(dtype).contiguous(), coefficients.to(dtype), agreement.to(dtype)
+
+
+@_attention_routing_op.register_fake
+def _(children, weight, parents, activations, with_routing):
+    routing_shape = (children.shape[0], children.shape[1], weight.shape[1]) if with_routing else (0,)
+    return torch.empty_like(parents), parents.new_empty(routing_shape), parents.new_empty(routing_shape)
+
+
+@torch.library.custom_op('timm_capsules::attention_routing_backward', mutates_args=())
+def _attention_routing_backward_op(
+        grad_poses: Tensor, grad_coefficients: Optional[Tensor], grad_agreement: Optional[Tensor],
+        children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for children, weight, parents and activations (empty when there are none)."""
+    kernel = routing_kernel()
+    if kernel is None:  # the reference, differentiated by autograd
+        inputs = [t.detach().requires_grad_() for t in (children, weight, parents)]
+        if activations is not None:
+            inputs.append(activations.detach().requires_grad_())
+        with torch.enable_grad():
+            outputs = attention_routing(capsule_votes(*inputs[:2]), inputs[2], inputs[3] if activations is not None else None)
+            pairs = [(o, g) for o, g in zip(outputs, (grad_poses, grad_coefficients, grad_agreement)) if g is not None]
+            grads = torch.autograd.grad(*zip(*pairs), inputs, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+        return grads[0], grads[1], grads[2], grads[3] if activations is not None else children.new_empty(0)
+    I, J, C, T = weight.shape
+    G, _, R, _ = parents.shape
+    dtype = children.dtype if children.dtype in (torch.float32, torch.float64) else torch.float32
+    flat = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
+    grad_poses = grad_poses.to(dtype).permute(0, 2, 1, 3).reshape(G, R, J * T).contiguous()
+    d_children, d_weight, d_parents, d_activations = kernel.backward(
+        grad_poses, flat(grad_coefficients), flat(grad_agreement),
+        *_kernel_layouts(children, weight, parents, activations), T, (R * T) ** -0.5)
+    d_weight = d_weight.reshape(I, C, J, T).permute(0, 2, 1, 3)  # (i, c, j*t) -> (i, j, c, t)
+    d_parents = d_parents.reshape(G, R, J, T).permute(0, 2, 1, 3)  # (g, r, j*t) -> (g, j, r, t)
+    return (d_children.to(children.dtype), d_weight.to(weight.dtype).contiguous(),
+            d_parents.to(parents.dtype).contiguous(), d_activations.to(children.dtype))
+
+
+@_attention_routing_backward_op.register_fake
+def _(grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations):
+    d_activations = children.new_empty(0) if activations is None else torch.empty_like(activations)
+    return torch.empty_like(children), torch.empty_like(weight), torch.empty_like(parents), d_activations
+
+
+def _setup_context(ctx, inputs, output):
+    children, weight, parents, activations, _ = inputs
+    ctx.save_for_backward(children, weight, parents, activations)  # the votes are formed again, not kept
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_poses, grad_coefficients, grad_agreement):
+    children, weight, parents, activations = ctx.saved_tensors
+    if grad_poses is None:
+        grad_poses = torch.zeros_like(parents)
+    unused = lambda grad: grad is None or grad.numel() == 0  # noqa: E731
+    d_children, d_weight, d_parents, d_activations = _attention_routing_backward_op(
+        grad_poses, None if unused(grad_coefficients) else grad_coefficients,
+        None if unused(grad_agreement) else grad_agreement, children, weight, parents, activations)
+    return d_children, d_weight, d_parents, None if activations is None else d_activations, None
+
+
+_attention_routing_op.register_autograd(_backward, setup_context=_setup_context)

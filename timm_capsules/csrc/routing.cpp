@@ -1,0 +1,273 @@
+// Fused inverted dot-product attention routing pass for the CPU.
+//
+// One pass computes, for every group g (an image, or an image x output position window), child i and
+// parent type j:  vote v_ij = u_i W_ij,  agreement a_ij = <p_j, v_ij> * scale,  r_ij = softmax_j(a_ij),
+// and the parents' new poses  P_j = sum_i r_ij act_i v_ij.  Plain tensor ops must write every vote to
+// memory (groups x children x parents x d values, up to ~1 GB for the paper's CIFAR models) and keep
+// it for the backward pass. Here the votes of one child (parents x d values) live in a small buffer
+// that stays in L1, and the backward pass recomputes them: memory is the inputs and outputs only.
+//
+// Layouts (all contiguous; K = J * T, i.e. parent type j and pose column t flattened):
+//   children (G, I, R, C)   weight (I, C, K)   parents (G, R, K)   activations (G, I), optional
+//   poses (G, R, K)         coefficients (G, I, J)                 agreement (G, I, J)
+// With K innermost, every hot loop runs over K contiguous values and vectorises. Coefficients and
+// agreement are written only when asked for (they are as large as the votes / d); the backward pass
+// recomputes them with the votes, so nothing but the inputs is kept for it.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace {
+
+struct Sizes {
+  int64_t G, I, R, C, J, T, K;
+};
+
+Sizes sizes_of(const at::Tensor& children, const at::Tensor& weight, int64_t parent_cols) {
+  TORCH_CHECK(children.dim() == 4 && weight.dim() == 3, "children (G, I, R, C) and weight (I, C, K) expected");
+  Sizes s{children.size(0), children.size(1), children.size(2), children.size(3), 0, parent_cols, weight.size(2)};
+  TORCH_CHECK(weight.size(0) == s.I && weight.size(1) == s.C, "weight does not match the children");
+  TORCH_CHECK(s.K % s.T == 0, "weight's last axis must be parents x pose columns");
+  s.J = s.K / s.T;
+  return s;
+}
+
+// v (R, K) = u (R, C) @ w (C, K)
+template <typename scalar_t>
+inline void votes_of(const scalar_t* u, const scalar_t* w, scalar_t* v, const Sizes& s) {
+  for (int64_t r = 0; r < s.R; ++r) {
+    scalar_t* vr = v + r * s.K;
+    const scalar_t* ur = u + r * s.C;
+#pragma omp simd
+    for (int64_t k = 0; k < s.K; ++k) vr[k] = ur[0] * w[k];
+    for (int64_t c = 1; c < s.C; ++c) {
+      const scalar_t uc = ur[c];
+      const scalar_t* wc = w + c * s.K;
+#pragma omp simd
+      for (int64_t k = 0; k < s.K; ++k) vr[k] += uc * wc[k];
+    }
+  }
+}
+
+// out[j] = sum_{r, t} x[r, j T + t] y[r, j T + t]; prod is a K-long scratch buffer
+template <typename scalar_t>
+inline void per_parent_dot(const scalar_t* x, const scalar_t* y, scalar_t* prod, scalar_t* out, const Sizes& s) {
+#pragma omp simd
+  for (int64_t k = 0; k < s.K; ++k) prod[k] = x[k] * y[k];
+  for (int64_t r = 1; r < s.R; ++r) {
+    const scalar_t* xr = x + r * s.K;
+    const scalar_t* yr = y + r * s.K;
+#pragma omp simd
+    for (int64_t k = 0; k < s.K; ++k) prod[k] += xr[k] * yr[k];
+  }
+  for (int64_t j = 0; j < s.J; ++j) {
+    scalar_t sum = 0;
+    for (int64_t t = 0; t < s.T; ++t) sum += prod[j * s.T + t];
+    out[j] = sum;
+  }
+}
+
+// softmax over the J parents, computed in the accumulation type
+template <typename scalar_t>
+inline void softmax(const scalar_t* logits, scalar_t* out, int64_t J) {
+  scalar_t max = logits[0];
+  for (int64_t j = 1; j < J; ++j) max = std::max(max, logits[j]);
+  scalar_t total = 0;
+  for (int64_t j = 0; j < J; ++j) {
+    out[j] = std::exp(logits[j] - max);
+    total += out[j];
+  }
+  for (int64_t j = 0; j < J; ++j) out[j] /= total;
+}
+
+// agreement a_j = scale <v_j, p_j> and coefficients r = softmax(a) of one child
+template <typename scalar_t>
+inline void routing_of(const scalar_t* v, const scalar_t* p, scalar_t scale, scalar_t* prod, scalar_t* logits,
+                       scalar_t* r, const Sizes& s) {
+  per_parent_dot(v, p, prod, logits, s);
+  for (int64_t j = 0; j < s.J; ++j) logits[j] *= scale;
+  softmax(logits, r, s.J);
+}
+
+template <typename scalar_t>
+inline void spread(const scalar_t* per_parent, scalar_t factor, scalar_t* out, const Sizes& s) {
+  for (int64_t j = 0; j < s.J; ++j)
+    for (int64_t t = 0; t < s.T; ++t) out[j * s.T + t] = per_parent[j] * factor;
+}
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& children, const at::Tensor& weight, const at::Tensor& parents,
+                    const scalar_t* activations, scalar_t scale, const Sizes& s,
+                    scalar_t* out, scalar_t* coef, scalar_t* agree) {
+  const scalar_t* u = children.data_ptr<scalar_t>();
+  const scalar_t* w = weight.data_ptr<scalar_t>();
+  const scalar_t* p = parents.data_ptr<scalar_t>();
+  at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> v(s.R * s.K), prod(s.K), mass(s.K), logits(s.J), r(s.J);
+    for (int64_t g = begin; g < end; ++g) {
+      const scalar_t* pg = p + g * s.R * s.K;
+      scalar_t* og = out + g * s.R * s.K;
+      std::fill(og, og + s.R * s.K, scalar_t(0));
+      for (int64_t i = 0; i < s.I; ++i) {
+        const int64_t gi = g * s.I + i;
+        votes_of(u + gi * s.R * s.C, w + i * s.C * s.K, v.data(), s);
+        routing_of(v.data(), pg, scale, prod.data(), logits.data(), r.data(), s);
+        if (agree) std::copy(logits.begin(), logits.end(), agree + gi * s.J);
+        if (coef) std::copy(r.begin(), r.end(), coef + gi * s.J);
+        spread(r.data(), activations ? activations[gi] : scalar_t(1), mass.data(), s);
+        for (int64_t row = 0; row < s.R; ++row) {
+          const scalar_t* vr = v.data() + row * s.K;
+          scalar_t* orow = og + row * s.K;
+#pragma omp simd
+          for (int64_t k = 0; k < s.K; ++k) orow[k] += mass[k] * vr[k];
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_poses, const scalar_t* grad_coef, const scalar_t* grad_agree,
+                     const at::Tensor& children, const at::Tensor& weight, const at::Tensor& parents,
+                     const scalar_t* activations, scalar_t scale, const Sizes& s,
+                     at::Tensor& grad_children, at::Tensor& grad_weight_per_thread, at::Tensor& grad_parents,
+                     scalar_t* grad_activations) {
+  const scalar_t* dP = grad_poses.data_ptr<scalar_t>();
+  const scalar_t* u = children.data_ptr<scalar_t>();
+  const scalar_t* w = weight.data_ptr<scalar_t>();
+  const scalar_t* p = parents.data_ptr<scalar_t>();
+  scalar_t* du = grad_children.data_ptr<scalar_t>();
+  scalar_t* dp = grad_parents.data_ptr<scalar_t>();
+  scalar_t* dw_all = grad_weight_per_thread.data_ptr<scalar_t>();
+  at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
+    // each thread sums its own weight gradient; they are added up afterwards
+    scalar_t* dw = dw_all + at::get_thread_num() * s.I * s.C * s.K;
+    std::vector<scalar_t> v(s.R * s.K), dv(s.R * s.K), prod(s.K), mass(s.K), pull(s.K);
+    std::vector<scalar_t> d_mass(s.J), d_coef(s.J), d_logit(s.J), logits(s.J), r(s.J);
+    for (int64_t g = begin; g < end; ++g) {
+      const scalar_t* pg = p + g * s.R * s.K;
+      const scalar_t* dPg = dP + g * s.R * s.K;
+      scalar_t* dpg = dp + g * s.R * s.K;
+      std::fill(dpg, dpg + s.R * s.K, scalar_t(0));
+      for (int64_t i = 0; i < s.I; ++i) {
+        const int64_t gi = g * s.I + i;
+        const scalar_t* ui = u + gi * s.R * s.C;
+        const scalar_t* wi = w + i * s.C * s.K;
+        const scalar_t act = activations ? activations[gi] : scalar_t(1);
+        votes_of(ui, wi, v.data(), s);
+        routing_of(v.data(), pg, scale, prod.data(), logits.data(), r.data(), s);
+        // P_j = sum_i r_ij act_i v_ij: gradient of the mass r_ij act_i is <dP_j, v_ij>
+        per_parent_dot(dPg, v.data(), prod.data(), d_mass.data(), s);
+        scalar_t weighted = 0;
+        for (int64_t j = 0; j < s.J; ++j) {
+          d_coef[j] = d_mass[j] * act + (grad_coef ? grad_coef[gi * s.J + j] : scalar_t(0));
+          weighted += r[j] * d_coef[j];
+        }
+        if (grad_activations) {
+          scalar_t d_act = 0;
+          for (int64_t j = 0; j < s.J; ++j) d_act += d_mass[j] * r[j];
+          grad_activations[gi] = d_act;
+        }
+        // softmax backward, then a_ij = scale <p_j, v_ij>
+        for (int64_t j = 0; j < s.J; ++j)
+          d_logit[j] = (r[j] * (d_coef[j] - weighted) + (grad_agree ? grad_agree[gi * s.J + j] : scalar_t(0))) * scale;
+        spread(r.data(), act, mass.data(), s);
+        spread(d_logit.data(), scalar_t(1), pull.data(), s);
+        for (int64_t row = 0; row < s.R; ++row) {
+          const int64_t o = row * s.K;
+#pragma omp simd
+          for (int64_t k = 0; k < s.K; ++k) {
+            dv[o + k] = mass[k] * dPg[o + k] + pull[k] * pg[o + k];
+            dpg[o + k] += pull[k] * v[o + k];
+          }
+        }
+        // v = u W: du (R, C) = dv (R, K) W^T,  dW (C, K) += u^T dv
+        scalar_t* dui = du + gi * s.R * s.C;
+        scalar_t* dwi = dw + i * s.C * s.K;
+        for (int64_t row = 0; row < s.R; ++row) {
+          const scalar_t* dvr = dv.data() + row * s.K;
+          for (int64_t c = 0; c < s.C; ++c) {
+            const scalar_t* wc = wi + c * s.K;
+            scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t k = 0; k < s.K; ++k) sum += dvr[k] * wc[k];
+            dui[row * s.C + c] = sum;
+            const scalar_t uc = ui[row * s.C + c];
+            scalar_t* dwc = dwi + c * s.K;
+#pragma omp simd
+            for (int64_t k = 0; k < s.K; ++k) dwc[k] += uc * dvr[k];
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& children, const at::Tensor& weight, const at::Tensor& parents,
+                  const std::optional<at::Tensor>& activations, const Sizes& s) {
+  for (const at::Tensor* t : {&children, &weight, &parents}) {
+    TORCH_CHECK(t->device().is_cpu(), "the fused routing kernel runs on the CPU");
+    TORCH_CHECK(t->is_contiguous(), "the fused routing kernel needs contiguous inputs");
+    TORCH_CHECK(t->scalar_type() == children.scalar_type(), "the fused routing kernel needs one dtype");
+  }
+  TORCH_CHECK(parents.size(0) == s.G && parents.size(1) == s.R && parents.size(2) == s.K,
+              "parents (G, R, K) do not match the children and weight");
+  if (activations) {
+    TORCH_CHECK(activations->is_contiguous() && activations->scalar_type() == children.scalar_type() &&
+                activations->numel() == s.G * s.I, "activations (G, I) do not match the children");
+  }
+}
+
+}  // namespace
+
+// with_routing: also return coefficients and agreement (G, I, J); else they are empty
+std::vector<at::Tensor> routing_forward(const at::Tensor& children, const at::Tensor& weight, const at::Tensor& parents,
+                                        const std::optional<at::Tensor>& activations, int64_t parent_cols, double scale,
+                                        bool with_routing) {
+  const Sizes s = sizes_of(children, weight, parent_cols);
+  check_inputs(children, weight, parents, activations, s);
+  auto poses = at::empty({s.G, s.R, s.K}, children.options());
+  auto routing_shape = with_routing ? std::vector<int64_t>{s.G, s.I, s.J} : std::vector<int64_t>{0};
+  auto coefficients = at::empty(routing_shape, children.options());
+  auto agreement = at::empty(routing_shape, children.options());
+  AT_DISPATCH_FLOATING_TYPES(children.scalar_type(), "routing_forward", [&] {
+    forward_kernel<scalar_t>(children, weight, parents, activations ? activations->data_ptr<scalar_t>() : nullptr,
+                             static_cast<scalar_t>(scale), s, poses.data_ptr<scalar_t>(),
+                             with_routing ? coefficients.data_ptr<scalar_t>() : nullptr,
+                             with_routing ? agreement.data_ptr<scalar_t>() : nullptr);
+  });
+  return {poses, coefficients, agreement};
+}
+
+std::vector<at::Tensor> routing_backward(const at::Tensor& grad_poses, const std::optional<at::Tensor>& grad_coefficients,
+                                         const std::optional<at::Tensor>& grad_agreement, const at::Tensor& children,
+                                         const at::Tensor& weight, const at::Tensor& parents,
+                                         const std::optional<at::Tensor>& activations, int64_t parent_cols,
+                                         double scale) {
+  const Sizes s = sizes_of(children, weight, parent_cols);
+  check_inputs(children, weight, parents, activations, s);
+  TORCH_CHECK(grad_poses.is_contiguous(), "contiguous gradients expected");
+  for (const auto* t : {&grad_coefficients, &grad_agreement})
+    TORCH_CHECK(!*t || ((*t)->is_contiguous() && (*t)->numel() == s.G * s.I * s.J), "gradient of (G, I, J) expected");
+  auto grad_children = at::empty_like(children);
+  auto grad_parents = at::empty_like(parents);
+  auto grad_weight_per_thread = at::zeros({at::get_num_threads(), s.I, s.C, s.K}, weight.options());
+  auto grad_activations = activations ? at::empty_like(*activations) : at::empty({0}, children.options());
+  AT_DISPATCH_FLOATING_TYPES(children.scalar_type(), "routing_backward", [&] {
+    backward_kernel<scalar_t>(
+        grad_poses, grad_coefficients ? grad_coefficients->data_ptr<scalar_t>() : nullptr,
+        grad_agreement ? grad_agreement->data_ptr<scalar_t>() : nullptr, children, weight, parents,
+        activations ? activations->data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale), s,
+        grad_children, grad_weight_per_thread, grad_parents,
+        activations ? grad_activations.data_ptr<scalar_t>() : nullptr);
+  });
+  return {grad_children, grad_weight_per_thread.sum(0), grad_parents, grad_activations};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &routing_forward, "fused attention routing pass (CPU)");
+  m.def("backward", &routing_backward, "its backward pass, votes recomputed (CPU)");
+}
