@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from timm_capsules.capsnet import CapsNet
 from timm_capsules.layers import Capsules, ConvCapsules, FCCapsules
-from timm_capsules.routing import attention_routing, capsule_votes, uniform_routing
+from timm_capsules import routing
+from timm_capsules.routing import attention_routing, capsule_votes, fused_attention_routing, uniform_routing
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
@@ -197,11 +198,13 @@ def test_gradcheck_capsule_layers(kind):
 
 # ---- whole models: schedules ------------------------------------------------------------------------
 
+@pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('routing', ['concurrent', 'sequential'])
 @pytest.mark.parametrize('iterations', [1, 2, 3])
 @pytest.mark.parametrize('matrix_pose', [True, False])
-def test_capsnet_matches_naive_schedule(routing, iterations, matrix_pose):
+def test_capsnet_matches_naive_schedule(routing, iterations, matrix_pose, fused):
     model = tiny_capsnet(matrix_pose, iterations, routing)
+    model.set_fused_routing(fused)
     x = torch.randn(2, 1, 10, 10)
     with torch.no_grad():
         expected = naive_capsnet_logits(model, x)
@@ -276,8 +279,10 @@ def test_grad_checkpointing_gives_same_outputs_and_gradients():
 def test_chunked_routing_equals_unchunked_forward_and_gradients():
     x = torch.randn(3, 1, 10, 10)
     reference = tiny_capsnet(iterations=3).train()
+    reference.set_fused_routing(False)  # chunks belong to the plain tensor-op path
     reference.set_max_votes(None)
     chunked = tiny_capsnet(iterations=3).train()
+    chunked.set_fused_routing(False)
     chunked.set_max_votes(100)  # a few groups per chunk
     assert all(m.max_votes == 100 for m in chunked.modules() if hasattr(m, 'max_votes'))
     out, out_chunked = reference(x), chunked(x)
@@ -308,3 +313,134 @@ def test_conv_uniform_pass_as_convolution_equals_window_path_fp32(activations):
     for g_fast, g_slow in zip(torch.autograd.grad((fast * probe).sum(), inputs),
                               torch.autograd.grad((slow * probe).sum(), inputs)):
         torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-5)
+
+
+# ---- the fused CPU kernel against the plain tensor ops ------------------------------------------------
+
+def routing_inputs(groups, children, parents, rows, cols, parent_cols, activations, dtype=torch.float32):
+    torch.manual_seed(9)
+    tensors = [torch.randn(groups, children, rows, cols, dtype=dtype),
+               torch.randn(children, parents, cols, parent_cols, dtype=dtype) * 0.5,
+               torch.randn(groups, parents, rows, parent_cols, dtype=dtype)]
+    if activations:
+        tensors.append(torch.rand(groups, children, dtype=dtype))
+    return [t.requires_grad_() for t in tensors]
+
+
+ROUTING_SHAPES = [  # groups, children, parents, rows, cols, parent cols
+    (6, 18, 5, 4, 4, 4),  # 4x4 matrix poses, a conv window
+    (3, 11, 4, 1, 8, 5),  # vector poses changing dimension
+    (2, 30, 10, 3, 3, 3),  # 3x3 matrix poses, more parents
+]
+
+
+@pytest.mark.parametrize('activations', [False, True])
+@pytest.mark.parametrize('shape', ROUTING_SHAPES)
+def test_fused_routing_equals_tensor_ops_fp32(shape, activations):
+    """Poses, coefficients, agreement and every input gradient, in float32, to 1e-5."""
+    inputs = routing_inputs(*shape, activations)
+    children, weight, parents, acts = inputs + [None] * (4 - len(inputs))
+    expected = attention_routing(capsule_votes(children, weight), parents, acts)
+    got = fused_attention_routing(children, weight, parents, acts)
+    probes = [torch.randn_like(e) for e in expected]
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    loss = lambda outputs: sum((o * p).sum() for o, p in zip(outputs, probes))  # noqa: E731
+    for g, e in zip(torch.autograd.grad(loss(got), inputs), torch.autograd.grad(loss(expected), inputs)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_routing_without_coefficients_gives_the_same_poses_and_gradients():
+    inputs = routing_inputs(*ROUTING_SHAPES[0], activations=True)
+    poses, coefficients, agreement = fused_attention_routing(*inputs, with_routing=False)
+    assert coefficients is None and agreement is None
+    expected = attention_routing(capsule_votes(*inputs[:2]), *inputs[2:])[0]
+    torch.testing.assert_close(poses, expected, rtol=1e-5, atol=1e-5)
+    probe = torch.randn_like(expected)
+    for g, e in zip(torch.autograd.grad((poses * probe).sum(), inputs),
+                    torch.autograd.grad((expected * probe).sum(), inputs)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('activations', [False, True])
+def test_gradcheck_fused_routing(activations):
+    inputs = routing_inputs(3, 5, 3, 2, 2, 3, activations, dtype=torch.float64)
+    route = lambda *t: fused_attention_routing(*t[:3], t[3] if activations else None)  # noqa: E731
+    assert torch.autograd.gradcheck(route, inputs)
+
+
+def test_fused_routing_keeps_no_votes_for_the_backward_pass():
+    """What autograd saves for one pass: the plain ops keep the votes, the fused kernel only its inputs."""
+    groups, children, parents, rows, cols, parent_cols = 8, 36, 8, 4, 4, 4
+    num_votes = groups * children * parents * rows * parent_cols
+
+    def largest_saved(route):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            route(*routing_inputs(groups, children, parents, rows, cols, parent_cols, activations=False))
+        return max(saved)
+
+    assert largest_saved(lambda u, w, p: attention_routing(capsule_votes(u, w), p)) >= num_votes
+    largest_input = groups * children * rows * cols  # the children, num_votes / parents here
+    assert largest_saved(lambda u, w, p: fused_attention_routing(u, w, p, with_routing=False)) == largest_input
+
+
+def test_fused_routing_runs_bf16_inputs_in_float32():
+    inputs = routing_inputs(*ROUTING_SHAPES[0], activations=False)
+    expected = fused_attention_routing(*[t.detach() for t in inputs])[0]
+    got = fused_attention_routing(*[t.detach().bfloat16() for t in inputs])[0]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_without_a_compiler_fused_routing_warns_and_falls_back_to_tensor_ops(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError('no C++ compiler here')
+
+    inputs = routing_inputs(*ROUTING_SHAPES[1], activations=True)
+    with_kernel = fused_attention_routing(*inputs)
+    monkeypatch.setattr(routing, '_kernel', None)
+    monkeypatch.setattr(torch.utils.cpp_extension, 'load', no_compiler)
+    with pytest.warns(UserWarning, match='no C.. compiler here'):
+        assert routing.routing_kernel() is None
+    without = fused_attention_routing(*inputs)
+    for a, b in zip(without, with_kernel):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    probes = [torch.randn_like(t) for t in with_kernel]
+    grads = [torch.autograd.grad(sum((o * p).sum() for o, p in zip(out, probes)), inputs)
+             for out in (without, with_kernel)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('options', [dict(iterations=3), dict(iterations=4, activations=True),
+                                     dict(iterations=3, routing='sequential', matrix_pose=False)])
+def test_fused_capsnet_equals_tensor_op_capsnet_fp32(options):
+    """Whole models in float32: outputs to 1e-5, every parameter's gradient to 1e-5 of its largest entry
+    (through LayerNorm and several passes, summation order alone moves fp32 gradients by a few 1e-6)."""
+    fused = tiny_capsnet(**options).float().train()
+    reference = tiny_capsnet(**options).float().train()
+    reference.set_fused_routing(False)
+    assert all(m.fused_routing for m in fused.modules() if hasattr(m, 'fused_routing'))
+    x = torch.randn(3, 1, 10, 10, dtype=torch.float32)
+    out, expected = fused(x), reference(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(torch.autograd.grad(out.square().sum(), list(fused.parameters())),
+                    torch.autograd.grad(expected.square().sum(), list(reference.parameters()))):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+@pytest.mark.slow
+def test_compiled_training_step_through_the_fused_kernel_matches_eager():
+    model = tiny_capsnet(iterations=3).float().train()
+    x = torch.randn(2, 1, 10, 10, dtype=torch.float32)
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(torch.autograd.grad(out.square().sum(), list(model.parameters())), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())

@@ -201,16 +201,9 @@ def _attention_routing_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for children, weight, parents and activations (empty when there are none)."""
     kernel = routing_kernel()
-    if kernel is None:  # the reference, differentiated by autograd
-        inputs = [t.detach().requires_grad_() for t in (children, weight, parents)]
-        if activations is not None:
-            inputs.append(activations.detach().requires_grad_())
-        with torch.enable_grad():
-            outputs = attention_routing(capsule_votes(*inputs[:2]), inputs[2], inputs[3] if activations is not None else None)
-            pairs = [(o, g) for o, g in zip(outputs, (grad_poses, grad_coefficients, grad_agreement)) if g is not None]
-            grads = torch.autograd.grad(*zip(*pairs), inputs, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
-        return grads[0], grads[1], grads[2], grads[3] if activations is not None else children.new_empty(0)
+    if kernel is None:
+        return _attention_routing_backward_reference(
+            grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations)
     I, J, C, T = weight.shape
     G, _, R, _ = parents.shape
     dtype = children.dtype if children.dtype in (torch.float32, torch.float64) else torch.float32
@@ -223,6 +216,26 @@ def _attention_routing_backward_op(
     d_parents = d_parents.reshape(G, R, J, T).permute(0, 2, 1, 3)  # (g, r, j*t) -> (g, j, r, t)
     return (d_children.to(children.dtype), d_weight.to(weight.dtype).contiguous(),
             d_parents.to(parents.dtype).contiguous(), d_activations.to(children.dtype))
+
+
+def _attention_routing_backward_reference(
+        grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations):
+    """What the kernel's backward pass computes, in plain tensor ops (votes materialised)."""
+    votes = capsule_votes(children, weight)
+    scale = (votes.shape[-1] * votes.shape[-2]) ** -0.5
+    coefficients = (torch.einsum('gijrt,gjrt->gij', votes, parents) * scale).softmax(-1)
+    act = torch.ones_like(coefficients[..., 0]) if activations is None else activations
+    d_mass = torch.einsum('gjrt,gijrt->gij', grad_poses, votes)
+    d_coefficients = d_mass * act[..., None] + (0 if grad_coefficients is None else grad_coefficients)
+    d_logits = coefficients * (d_coefficients - (coefficients * d_coefficients).sum(-1, keepdim=True))
+    pull = (d_logits + (0 if grad_agreement is None else grad_agreement)) * scale
+    d_votes = (torch.einsum('gij,gjrt->gijrt', coefficients * act[..., None], grad_poses)
+               + torch.einsum('gij,gjrt->gijrt', pull, parents))
+    d_children = torch.einsum('gijrt,ijct->girc', d_votes, weight)
+    d_weight = torch.einsum('girc,gijrt->ijct', children, d_votes)
+    d_parents = torch.einsum('gij,gijrt->gjrt', pull, votes)
+    d_activations = children.new_empty(0) if activations is None else (d_mass * coefficients).sum(-1)
+    return d_children, d_weight, d_parents, d_activations
 
 
 @_attention_routing_backward_op.register_fake
