@@ -444,3 +444,15 @@ def test_compiled_training_step_through_the_fused_kernel_matches_eager():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(torch.autograd.grad(out.square().sum(), list(model.parameters())), expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def test_flop_counter_counts_the_fused_forward_like_the_tensor_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+    inputs = [t.detach() for t in routing_inputs(*ROUTING_SHAPES[0], activations=False)]
+    counts = []
+    for route in (lambda u, w, p: attention_routing(capsule_votes(u, w), p),
+                  lambda u, w, p: fused_attention_routing(u, w, p)):
+        with FlopCounterMode(display=False) as counter:
+            route(*inputs)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

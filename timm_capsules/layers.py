@@ -152,7 +152,7 @@ class _RoutedCapsules(nn.Module):
         return uniform_routing(child_poses, self.weight, child_activations), grid
 
     def _fused(self, child_poses: Tensor) -> bool:
-        return self.fused_routing and child_poses.device.type == 'cpu' and not _is_tracing()
+        return self.fused_routing and not _is_tracing() and child_poses.device.type == 'cpu'
 
     def _too_many_votes(self, child_poses: Tensor) -> bool:
         if self.max_votes is None or _is_tracing():

@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 import torch.utils.checkpoint
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 
 def capsule_votes(children: Tensor, weight: Tensor) -> Tensor:
@@ -262,3 +263,21 @@ def _backward(ctx, grad_poses, grad_coefficients, grad_agreement):
 
 
 _attention_routing_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# what torch.utils.flop_counter counts for the kernel (one multiply-add = 2 FLOPs): per child-parent pair,
+# forward: vote 2RCT, agreement 2RT, weighted sum 2RT; backward: the vote formed again, its two
+# gradients (children, weight) 2RCT each, and 5 R T-sized products (agreement, mass, pull, dv, d parents)
+@register_flop_formula(torch.ops.timm_capsules.attention_routing)
+def _forward_flops(children_shape, weight_shape, *args, **kwargs) -> int:
+    I, J, C, T = weight_shape
+    G, _, R, _ = children_shape
+    return 2 * G * I * J * R * T * (C + 2)
+
+
+@register_flop_formula(torch.ops.timm_capsules.attention_routing_backward)
+def _backward_flops(grad_poses_shape, grad_coefficients_shape, grad_agreement_shape, children_shape, weight_shape,
+                    *args, **kwargs) -> int:
+    I, J, C, T = weight_shape
+    G, _, R, _ = children_shape
+    return 2 * G * I * J * R * T * (3 * C + 5)
