@@ -364,8 +364,9 @@ def test_fused_routing_without_coefficients_gives_the_same_poses_and_gradients()
 
 
 @pytest.mark.parametrize('activations', [False, True])
-def test_gradcheck_fused_routing(activations):
-    inputs = routing_inputs(3, 5, 3, 2, 2, 3, activations, dtype=torch.float64)
+@pytest.mark.parametrize('pose', [(2, 2, 3), (4, 4, 4)])  # any shape, and the 4x4 poses the kernel unrolls
+def test_gradcheck_fused_routing(pose, activations):
+    inputs = routing_inputs(3, 5, 3, *pose, activations, dtype=torch.float64)
     route = lambda *t: fused_attention_routing(*t[:3], t[3] if activations else None)  # noqa: E731
     assert torch.autograd.gradcheck(route, inputs)
 

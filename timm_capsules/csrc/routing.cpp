@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -35,42 +36,59 @@ Sizes sizes_of(const at::Tensor& children, const at::Tensor& weight, int64_t par
   return s;
 }
 
-// v (R, K) = u (R, C) @ w (C, K)
-template <typename scalar_t>
-inline void votes_of(const scalar_t* u, const scalar_t* w, scalar_t* v, const Sizes& s) {
-  for (int64_t r = 0; r < s.R; ++r) {
-    scalar_t* vr = v + r * s.K;
-    const scalar_t* ur = u + r * s.C;
+// Kernels take the pose shape as a template argument N when it is N x N for children and parents (the
+// paper's 4x4 matrix poses), so that loops over rows and columns unroll; N = 0 reads the sizes at run time.
+template <int N>
+struct Dims {
+  int64_t J, K, R_, C_, T_;
+  explicit Dims(const Sizes& s) : J(s.J), K(s.K), R_(s.R), C_(s.C), T_(s.T) {}
+  int64_t R() const { return N ? N : R_; }
+  int64_t C() const { return N ? N : C_; }
+  int64_t T() const { return N ? N : T_; }
+};
+
+// v (R, K) = u (R, C) @ w (C, K), and prod (K) = sum_r v[r] * p[r]: the votes and, per entry, their
+// agreement with the parents, in one sweep that keeps each vote in registers
+template <typename scalar_t, int N>
+inline void votes_and_agreement(const scalar_t* u, const scalar_t* w, const scalar_t* p, scalar_t* v, scalar_t* prod,
+                                const Dims<N>& d) {
+  for (int64_t r = 0; r < d.R(); ++r) {
+    scalar_t* vr = v + r * d.K;
+    const scalar_t* ur = u + r * d.C();
+    const scalar_t* pr = p + r * d.K;
 #pragma omp simd
-    for (int64_t k = 0; k < s.K; ++k) vr[k] = ur[0] * w[k];
-    for (int64_t c = 1; c < s.C; ++c) {
-      const scalar_t uc = ur[c];
-      const scalar_t* wc = w + c * s.K;
-#pragma omp simd
-      for (int64_t k = 0; k < s.K; ++k) vr[k] += uc * wc[k];
+    for (int64_t k = 0; k < d.K; ++k) {
+      scalar_t sum = 0;
+      for (int64_t c = 0; c < d.C(); ++c) sum += ur[c] * w[c * d.K + k];
+      vr[k] = sum;
+      prod[k] = (r ? prod[k] : scalar_t(0)) + sum * pr[k];
     }
   }
 }
 
-// out[j] = sum_{r, t} x[r, j T + t] y[r, j T + t]; prod is a K-long scratch buffer
-template <typename scalar_t>
-inline void per_parent_dot(const scalar_t* x, const scalar_t* y, scalar_t* prod, scalar_t* out, const Sizes& s) {
-#pragma omp simd
-  for (int64_t k = 0; k < s.K; ++k) prod[k] = x[k] * y[k];
-  for (int64_t r = 1; r < s.R; ++r) {
-    const scalar_t* xr = x + r * s.K;
-    const scalar_t* yr = y + r * s.K;
-#pragma omp simd
-    for (int64_t k = 0; k < s.K; ++k) prod[k] += xr[k] * yr[k];
-  }
-  for (int64_t j = 0; j < s.J; ++j) {
+// out[j] = sum_t prod[j T + t] * scale
+template <typename scalar_t, int N>
+inline void per_parent_sum(const scalar_t* prod, scalar_t scale, scalar_t* out, const Dims<N>& d) {
+  for (int64_t j = 0; j < d.J; ++j) {
     scalar_t sum = 0;
-    for (int64_t t = 0; t < s.T; ++t) sum += prod[j * s.T + t];
-    out[j] = sum;
+    for (int64_t t = 0; t < d.T(); ++t) sum += prod[j * d.T() + t];
+    out[j] = sum * scale;
   }
 }
 
-// softmax over the J parents, computed in the accumulation type
+// out[j] = sum_{r, t} x[r, j T + t] y[r, j T + t]; prod is a K-long scratch buffer
+template <typename scalar_t, int N>
+inline void per_parent_dot(const scalar_t* x, const scalar_t* y, scalar_t* prod, scalar_t* out, const Dims<N>& d) {
+  for (int64_t r = 0; r < d.R(); ++r) {
+    const scalar_t* xr = x + r * d.K;
+    const scalar_t* yr = y + r * d.K;
+#pragma omp simd
+    for (int64_t k = 0; k < d.K; ++k) prod[k] = (r ? prod[k] : scalar_t(0)) + xr[k] * yr[k];
+  }
+  per_parent_sum(prod, scalar_t(1), out, d);
+}
+
+// softmax over the J parents
 template <typename scalar_t>
 inline void softmax(const scalar_t* logits, scalar_t* out, int64_t J) {
   scalar_t max = logits[0];
@@ -80,130 +98,127 @@ inline void softmax(const scalar_t* logits, scalar_t* out, int64_t J) {
     out[j] = std::exp(logits[j] - max);
     total += out[j];
   }
-  for (int64_t j = 0; j < J; ++j) out[j] /= total;
+  const scalar_t inverse = scalar_t(1) / total;
+  for (int64_t j = 0; j < J; ++j) out[j] *= inverse;
 }
 
-// agreement a_j = scale <v_j, p_j> and coefficients r = softmax(a) of one child
-template <typename scalar_t>
-inline void routing_of(const scalar_t* v, const scalar_t* p, scalar_t scale, scalar_t* prod, scalar_t* logits,
-                       scalar_t* r, const Sizes& s) {
-  per_parent_dot(v, p, prod, logits, s);
-  for (int64_t j = 0; j < s.J; ++j) logits[j] *= scale;
-  softmax(logits, r, s.J);
+// out[j T + t] = per_parent[j] * factor
+template <typename scalar_t, int N>
+inline void spread(const scalar_t* per_parent, scalar_t factor, scalar_t* out, const Dims<N>& d) {
+  for (int64_t j = 0; j < d.J; ++j)
+    for (int64_t t = 0; t < d.T(); ++t) out[j * d.T() + t] = per_parent[j] * factor;
 }
 
-template <typename scalar_t>
-inline void spread(const scalar_t* per_parent, scalar_t factor, scalar_t* out, const Sizes& s) {
-  for (int64_t j = 0; j < s.J; ++j)
-    for (int64_t t = 0; t < s.T; ++t) out[j * s.T + t] = per_parent[j] * factor;
-}
-
-template <typename scalar_t>
-void forward_kernel(const at::Tensor& children, const at::Tensor& weight, const at::Tensor& parents,
-                    const scalar_t* activations, scalar_t scale, const Sizes& s,
-                    scalar_t* out, scalar_t* coef, scalar_t* agree) {
-  const scalar_t* u = children.data_ptr<scalar_t>();
-  const scalar_t* w = weight.data_ptr<scalar_t>();
-  const scalar_t* p = parents.data_ptr<scalar_t>();
+template <typename scalar_t, int N>
+void forward_kernel(const scalar_t* u, const scalar_t* w, const scalar_t* p, const scalar_t* activations,
+                    scalar_t scale, const Sizes& s, scalar_t* out, scalar_t* coef, scalar_t* agree) {
+  const Dims<N> d(s);
   at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> v(s.R * s.K), prod(s.K), mass(s.K), logits(s.J), r(s.J);
+    std::vector<scalar_t> v(d.R() * d.K), prod(d.K), mass(d.K), logits(d.J), r(d.J);
     for (int64_t g = begin; g < end; ++g) {
-      const scalar_t* pg = p + g * s.R * s.K;
-      scalar_t* og = out + g * s.R * s.K;
-      std::fill(og, og + s.R * s.K, scalar_t(0));
+      const scalar_t* pg = p + g * d.R() * d.K;
+      scalar_t* og = out + g * d.R() * d.K;
+      std::fill(og, og + d.R() * d.K, scalar_t(0));
       for (int64_t i = 0; i < s.I; ++i) {
         const int64_t gi = g * s.I + i;
-        votes_of(u + gi * s.R * s.C, w + i * s.C * s.K, v.data(), s);
-        routing_of(v.data(), pg, scale, prod.data(), logits.data(), r.data(), s);
-        if (agree) std::copy(logits.begin(), logits.end(), agree + gi * s.J);
-        if (coef) std::copy(r.begin(), r.end(), coef + gi * s.J);
-        spread(r.data(), activations ? activations[gi] : scalar_t(1), mass.data(), s);
-        for (int64_t row = 0; row < s.R; ++row) {
-          const scalar_t* vr = v.data() + row * s.K;
-          scalar_t* orow = og + row * s.K;
+        votes_and_agreement(u + gi * d.R() * d.C(), w + i * d.C() * d.K, pg, v.data(), prod.data(), d);
+        per_parent_sum(prod.data(), scale, logits.data(), d);
+        softmax(logits.data(), r.data(), d.J);
+        if (agree) std::copy(logits.begin(), logits.end(), agree + gi * d.J);
+        if (coef) std::copy(r.begin(), r.end(), coef + gi * d.J);
+        spread(r.data(), activations ? activations[gi] : scalar_t(1), mass.data(), d);
+        for (int64_t row = 0; row < d.R(); ++row) {
+          const scalar_t* vr = v.data() + row * d.K;
+          scalar_t* orow = og + row * d.K;
 #pragma omp simd
-          for (int64_t k = 0; k < s.K; ++k) orow[k] += mass[k] * vr[k];
+          for (int64_t k = 0; k < d.K; ++k) orow[k] += mass[k] * vr[k];
         }
       }
     }
   });
 }
 
-template <typename scalar_t>
-void backward_kernel(const at::Tensor& grad_poses, const scalar_t* grad_coef, const scalar_t* grad_agree,
-                     const at::Tensor& children, const at::Tensor& weight, const at::Tensor& parents,
-                     const scalar_t* activations, scalar_t scale, const Sizes& s,
-                     at::Tensor& grad_children, at::Tensor& grad_weight_per_thread, at::Tensor& grad_parents,
-                     scalar_t* grad_activations) {
-  const scalar_t* dP = grad_poses.data_ptr<scalar_t>();
-  const scalar_t* u = children.data_ptr<scalar_t>();
-  const scalar_t* w = weight.data_ptr<scalar_t>();
-  const scalar_t* p = parents.data_ptr<scalar_t>();
-  scalar_t* du = grad_children.data_ptr<scalar_t>();
-  scalar_t* dp = grad_parents.data_ptr<scalar_t>();
-  scalar_t* dw_all = grad_weight_per_thread.data_ptr<scalar_t>();
+template <typename scalar_t, int N>
+void backward_kernel(const scalar_t* dP, const scalar_t* grad_coef, const scalar_t* grad_agree, const scalar_t* u,
+                     const scalar_t* w, const scalar_t* p, const scalar_t* activations, scalar_t scale, const Sizes& s,
+                     scalar_t* du, scalar_t* dw_all, scalar_t* dp, scalar_t* grad_activations) {
+  const Dims<N> d(s);
   at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
     // each thread sums its own weight gradient; they are added up afterwards
-    scalar_t* dw = dw_all + at::get_thread_num() * s.I * s.C * s.K;
-    std::vector<scalar_t> v(s.R * s.K), dv(s.R * s.K), prod(s.K), mass(s.K), pull(s.K);
-    std::vector<scalar_t> d_mass(s.J), d_coef(s.J), d_logit(s.J), logits(s.J), r(s.J);
+    scalar_t* dw = dw_all + at::get_thread_num() * s.I * d.C() * d.K;
+    std::vector<scalar_t> v(d.R() * d.K), dv(d.R() * d.K), prod(d.K), mass(d.K), pull(d.K);
+    std::vector<scalar_t> d_mass(d.J), d_coef(d.J), d_logit(d.J), logits(d.J), r(d.J);
     for (int64_t g = begin; g < end; ++g) {
-      const scalar_t* pg = p + g * s.R * s.K;
-      const scalar_t* dPg = dP + g * s.R * s.K;
-      scalar_t* dpg = dp + g * s.R * s.K;
-      std::fill(dpg, dpg + s.R * s.K, scalar_t(0));
+      const scalar_t* pg = p + g * d.R() * d.K;
+      const scalar_t* dPg = dP + g * d.R() * d.K;
+      scalar_t* dpg = dp + g * d.R() * d.K;
+      std::fill(dpg, dpg + d.R() * d.K, scalar_t(0));
       for (int64_t i = 0; i < s.I; ++i) {
         const int64_t gi = g * s.I + i;
-        const scalar_t* ui = u + gi * s.R * s.C;
-        const scalar_t* wi = w + i * s.C * s.K;
+        const scalar_t* ui = u + gi * d.R() * d.C();
+        const scalar_t* wi = w + i * d.C() * d.K;
         const scalar_t act = activations ? activations[gi] : scalar_t(1);
-        votes_of(ui, wi, v.data(), s);
-        routing_of(v.data(), pg, scale, prod.data(), logits.data(), r.data(), s);
+        votes_and_agreement(ui, wi, pg, v.data(), prod.data(), d);
+        per_parent_sum(prod.data(), scale, logits.data(), d);
+        softmax(logits.data(), r.data(), d.J);
         // P_j = sum_i r_ij act_i v_ij: gradient of the mass r_ij act_i is <dP_j, v_ij>
-        per_parent_dot(dPg, v.data(), prod.data(), d_mass.data(), s);
+        per_parent_dot(dPg, v.data(), prod.data(), d_mass.data(), d);
         scalar_t weighted = 0;
-        for (int64_t j = 0; j < s.J; ++j) {
-          d_coef[j] = d_mass[j] * act + (grad_coef ? grad_coef[gi * s.J + j] : scalar_t(0));
+        for (int64_t j = 0; j < d.J; ++j) {
+          d_coef[j] = d_mass[j] * act + (grad_coef ? grad_coef[gi * d.J + j] : scalar_t(0));
           weighted += r[j] * d_coef[j];
         }
         if (grad_activations) {
           scalar_t d_act = 0;
-          for (int64_t j = 0; j < s.J; ++j) d_act += d_mass[j] * r[j];
+          for (int64_t j = 0; j < d.J; ++j) d_act += d_mass[j] * r[j];
           grad_activations[gi] = d_act;
         }
         // softmax backward, then a_ij = scale <p_j, v_ij>
-        for (int64_t j = 0; j < s.J; ++j)
-          d_logit[j] = (r[j] * (d_coef[j] - weighted) + (grad_agree ? grad_agree[gi * s.J + j] : scalar_t(0))) * scale;
-        spread(r.data(), act, mass.data(), s);
-        spread(d_logit.data(), scalar_t(1), pull.data(), s);
-        for (int64_t row = 0; row < s.R; ++row) {
-          const int64_t o = row * s.K;
+        for (int64_t j = 0; j < d.J; ++j)
+          d_logit[j] = (r[j] * (d_coef[j] - weighted) + (grad_agree ? grad_agree[gi * d.J + j] : scalar_t(0))) * scale;
+        spread(r.data(), act, mass.data(), d);
+        spread(d_logit.data(), scalar_t(1), pull.data(), d);
+        // dv = mass dP + pull p;  d parents += pull v;  v = u W: du (R, C) = dv W^T, dW (C, K) += u^T dv
+        scalar_t* dui = du + gi * d.R() * d.C();
+        scalar_t* dwi = dw + i * d.C() * d.K;
+        for (int64_t row = 0; row < d.R(); ++row) {
+          const int64_t o = row * d.K;
+          scalar_t* dvr = dv.data() + o;
 #pragma omp simd
-          for (int64_t k = 0; k < s.K; ++k) {
-            dv[o + k] = mass[k] * dPg[o + k] + pull[k] * pg[o + k];
+          for (int64_t k = 0; k < d.K; ++k) {
+            dvr[k] = mass[k] * dPg[o + k] + pull[k] * pg[o + k];
             dpg[o + k] += pull[k] * v[o + k];
           }
-        }
-        // v = u W: du (R, C) = dv (R, K) W^T,  dW (C, K) += u^T dv
-        scalar_t* dui = du + gi * s.R * s.C;
-        scalar_t* dwi = dw + i * s.C * s.K;
-        for (int64_t row = 0; row < s.R; ++row) {
-          const scalar_t* dvr = dv.data() + row * s.K;
-          for (int64_t c = 0; c < s.C; ++c) {
-            const scalar_t* wc = wi + c * s.K;
+          for (int64_t c = 0; c < d.C(); ++c) {
+            const scalar_t* wc = wi + c * d.K;
             scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-            for (int64_t k = 0; k < s.K; ++k) sum += dvr[k] * wc[k];
-            dui[row * s.C + c] = sum;
-            const scalar_t uc = ui[row * s.C + c];
-            scalar_t* dwc = dwi + c * s.K;
+            for (int64_t k = 0; k < d.K; ++k) sum += dvr[k] * wc[k];
+            dui[row * d.C() + c] = sum;
+          }
+        }
+        for (int64_t c = 0; c < d.C(); ++c) {
+          scalar_t* dwc = dwi + c * d.K;
 #pragma omp simd
-            for (int64_t k = 0; k < s.K; ++k) dwc[k] += uc * dvr[k];
+          for (int64_t k = 0; k < d.K; ++k) {
+            scalar_t sum = dwc[k];
+            for (int64_t row = 0; row < d.R(); ++row) sum += ui[row * d.C() + c] * dv[row * d.K + k];
+            dwc[k] = sum;
           }
         }
       }
     }
   });
+}
+
+// the paper's 4x4 matrix poses get loops unrolled at compile time; anything else reads its sizes at run time
+template <typename F>
+void with_pose_shape(const Sizes& s, const F& f) {
+  if (s.R == 4 && s.C == 4 && s.T == 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 0>{});
+  }
 }
 
 void check_inputs(const at::Tensor& children, const at::Tensor& weight, const at::Tensor& parents,
@@ -234,10 +249,14 @@ std::vector<at::Tensor> routing_forward(const at::Tensor& children, const at::Te
   auto coefficients = at::empty(routing_shape, children.options());
   auto agreement = at::empty(routing_shape, children.options());
   AT_DISPATCH_FLOATING_TYPES(children.scalar_type(), "routing_forward", [&] {
-    forward_kernel<scalar_t>(children, weight, parents, activations ? activations->data_ptr<scalar_t>() : nullptr,
-                             static_cast<scalar_t>(scale), s, poses.data_ptr<scalar_t>(),
-                             with_routing ? coefficients.data_ptr<scalar_t>() : nullptr,
-                             with_routing ? agreement.data_ptr<scalar_t>() : nullptr);
+    with_pose_shape(s, [&](auto four) {
+      constexpr int N = decltype(four)::value;
+      forward_kernel<scalar_t, N>(
+          children.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), parents.data_ptr<scalar_t>(),
+          activations ? activations->data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale), s,
+          poses.data_ptr<scalar_t>(), with_routing ? coefficients.data_ptr<scalar_t>() : nullptr,
+          with_routing ? agreement.data_ptr<scalar_t>() : nullptr);
+    });
   });
   return {poses, coefficients, agreement};
 }
@@ -257,12 +276,16 @@ std::vector<at::Tensor> routing_backward(const at::Tensor& grad_poses, const std
   auto grad_weight_per_thread = at::zeros({at::get_num_threads(), s.I, s.C, s.K}, weight.options());
   auto grad_activations = activations ? at::empty_like(*activations) : at::empty({0}, children.options());
   AT_DISPATCH_FLOATING_TYPES(children.scalar_type(), "routing_backward", [&] {
-    backward_kernel<scalar_t>(
-        grad_poses, grad_coefficients ? grad_coefficients->data_ptr<scalar_t>() : nullptr,
-        grad_agreement ? grad_agreement->data_ptr<scalar_t>() : nullptr, children, weight, parents,
-        activations ? activations->data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale), s,
-        grad_children, grad_weight_per_thread, grad_parents,
-        activations ? grad_activations.data_ptr<scalar_t>() : nullptr);
+    with_pose_shape(s, [&](auto four) {
+      constexpr int N = decltype(four)::value;
+      backward_kernel<scalar_t, N>(
+          grad_poses.data_ptr<scalar_t>(), grad_coefficients ? grad_coefficients->data_ptr<scalar_t>() : nullptr,
+          grad_agreement ? grad_agreement->data_ptr<scalar_t>() : nullptr, children.data_ptr<scalar_t>(),
+          weight.data_ptr<scalar_t>(), parents.data_ptr<scalar_t>(),
+          activations ? activations->data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale), s,
+          grad_children.data_ptr<scalar_t>(), grad_weight_per_thread.data_ptr<scalar_t>(),
+          grad_parents.data_ptr<scalar_t>(), activations ? grad_activations.data_ptr<scalar_t>() : nullptr);
+    });
   });
   return {grad_children, grad_weight_per_thread.sum(0), grad_parents, grad_activations};
 }
