@@ -32,6 +32,7 @@ import timm
 import timm_capsules  # noqa: F401  (registers the capsule models with timm)
 from timm_capsules import hub
 from timm_capsules.baselines import OUTPUT_TYPES
+from timm_capsules.routing import routing_kernel
 from timm_capsules.routing_baselines import margin_loss, spread_loss
 from timm_capsules.data.cifar import KNOWN_DATASETS
 from timm.optim import create_optimizer_v2
@@ -507,6 +508,10 @@ def main(argv=None):
         test_loader = loaders["test"]
     metric_name = "exact_match" if multi_label else "top1"
     returns = output_kind(model)  # logits, or capsule lengths / activations (the baselines)
+    if accelerator.device.type == "cpu" and getattr(model, "fused_routing", False):
+        with accelerator.main_process_first():  # compiled once (about a minute), then cached by torch
+            accelerator.print("loading the fused CPU routing kernel (compiled on first use)")
+            routing_kernel()
 
     # ---- optimizer, scheduler (timm factories; the scheduler is stepped by us, once per optimizer step)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,

@@ -1,4 +1,8 @@
-"""Inverted dot-product attention routing (Tsai et al., ICLR 2020, Procedure 1) as plain tensor functions.
+"""Inverted dot-product attention routing (Tsai et al., ICLR 2020, Procedure 1) as tensor functions.
+
+The plain tensor-op functions (``capsule_votes``, ``uniform_routing``, ``attention_routing``,
+``chunked_attention_routing``) are the reference; ``fused_attention_routing`` runs an attention pass in
+one CPU kernel (``csrc/routing.cpp``) that never stores the votes, and is tested against them.
 
 Every function works on *groups* of children routed to the same set of parents: one group is one
 image for a fully connected capsule layer, or one (image, output position) window for a convolutional
