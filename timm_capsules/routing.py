@@ -21,6 +21,8 @@ Axis names used in the einsums:
 import hashlib
 import os
 import platform
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
@@ -119,13 +121,19 @@ def routing_kernel():
     ``~/.cache/torch_extensions``), or None when this machine cannot build it (no C++ compiler)."""
     global _kernel
     if _kernel is None:
-        from torch.utils.cpp_extension import load
-        # -march=native: the cache must not be shared with a different CPU, so the CPU is in the name
-        cpu = hashlib.sha1(_cpu_model().encode()).hexdigest()[:8]
+        from torch.utils.cpp_extension import get_default_build_root, load
+        # -march=native: a cache shared with another CPU must not hand it this build, so the CPU's
+        # instruction sets are in the name
+        name = f'timm_capsules_routing_{hashlib.sha1(_cpu_description().encode()).hexdigest()[:8]}'
+        version = f'py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}'
+        build_directory = Path(get_default_build_root()) / version / name
+        build_directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(build_directory / 'lock')
         try:
             _kernel = load(
-                name=f'timm_capsules_routing_{cpu}', sources=[str(Path(__file__).parent / 'csrc' / 'routing.cpp')],
-                extra_cflags=['-O3', '-march=native', '-fopenmp'], extra_ldflags=['-fopenmp'])
+                name=name, sources=[str(Path(__file__).parent / 'csrc' / 'routing.cpp')],
+                extra_cflags=['-O3', '-march=native', '-fopenmp'], extra_ldflags=['-fopenmp'],
+                build_directory=str(build_directory))
         except Exception as error:  # a compiler or header missing: route with plain tensor ops instead
             warnings.warn(f'the fused routing kernel could not be built ({error}); routing falls back to plain '
                           f'tensor ops (slower, more memory). Set TIMM_CAPSULES_FUSED_ROUTING=0 to silence this.')
@@ -133,10 +141,20 @@ def routing_kernel():
     return _kernel or None
 
 
-def _cpu_model() -> str:
+def _remove_stale_lock(lock: Path, max_age_s: float = 600.):
+    # torch waits forever on the lock of a build that was killed; no build takes ten minutes
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            warnings.warn(f'removing {lock}, left behind by an interrupted build of the routing kernel')
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _cpu_description() -> str:
     try:
         with open('/proc/cpuinfo') as f:
-            return next((line for line in f if line.startswith('model name')), platform.processor())
+            return ''.join(line for line in f if line.startswith(('model name', 'flags')))[:4096] or platform.processor()
     except OSError:
         return platform.processor()
 
