@@ -30,6 +30,15 @@ def test_model_benchmark_smoke(capsys):
     assert '"results"' in capsys.readouterr().out  # machine-readable JSON on stdout
 
 
+@pytest.mark.slow
+def test_model_benchmark_smoke_bf16():
+    """bf16 autocast through the harness (emulated on CPUs without bf16 units, so the small model only)."""
+    result = load('bench_models').main(['--smoke', '--dtypes', 'bf16', '--models', 'capsnet_simple_cifar10'])
+    (row,) = result['results']
+    assert 'error' not in row, row
+    assert row['dtype'] == 'bf16' and row['step_s'] > 0 and row['train_gflop'] > 0
+
+
 def test_data_benchmark_smoke():
     results = load('bench_data').main(['--images', '2048', '--build', '128'])
     assert results['stream_batch128_images_per_s'] > 0
