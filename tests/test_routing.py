@@ -458,17 +458,3 @@ def test_flop_counter_counts_the_fused_forward_like_the_tensor_ops():
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
 
-
-def test_a_lock_left_by_an_interrupted_build_is_removed_a_live_one_kept(tmp_path):
-    import os
-    import time
-    stale, live = tmp_path / 'stale', tmp_path / 'live'
-    stale.touch()
-    live.touch()
-    old = time.time() - 3600
-    os.utime(stale, (old, old))
-    with pytest.warns(UserWarning, match='interrupted build'):
-        routing._remove_stale_lock(stale)
-    routing._remove_stale_lock(live)
-    routing._remove_stale_lock(tmp_path / 'absent')
-    assert not stale.exists() and live.exists()

@@ -22,7 +22,6 @@ import hashlib
 import os
 import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
@@ -118,7 +117,8 @@ _kernel = None  # the compiled extension once loaded; False when it cannot be bu
 
 def routing_kernel():
     """The fused routing extension, compiled on first use (about a minute, then cached by torch in
-    ``~/.cache/torch_extensions``), or None when this machine cannot build it (no C++ compiler)."""
+    ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), or None when this machine cannot build it
+    (no C++ compiler)."""
     global _kernel
     if _kernel is None:
         from torch.utils.cpp_extension import get_default_build_root, load
@@ -126,9 +126,9 @@ def routing_kernel():
         # instruction sets are in the name
         name = f'timm_capsules_routing_{hashlib.sha1(_cpu_description().encode()).hexdigest()[:8]}'
         version = f'py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}'
-        build_directory = Path(get_default_build_root()) / version / name
+        root = os.environ.get('TORCH_EXTENSIONS_DIR') or get_default_build_root()
+        build_directory = Path(root) / version / name
         build_directory.mkdir(parents=True, exist_ok=True)
-        _remove_stale_lock(build_directory / 'lock')
         try:
             _kernel = load(
                 name=name, sources=[str(Path(__file__).parent / 'csrc' / 'routing.cpp')],
@@ -139,16 +139,6 @@ def routing_kernel():
                           f'tensor ops (slower, more memory). Set TIMM_CAPSULES_FUSED_ROUTING=0 to silence this.')
             _kernel = False
     return _kernel or None
-
-
-def _remove_stale_lock(lock: Path, max_age_s: float = 600.):
-    # torch waits forever on the lock of a build that was killed; no build takes ten minutes
-    try:
-        if time.time() - lock.stat().st_mtime > max_age_s:
-            warnings.warn(f'removing {lock}, left behind by an interrupted build of the routing kernel')
-            lock.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _cpu_description() -> str:
