@@ -14,6 +14,20 @@ from timm.models.resnet import BasicBlock, downsample_conv
 __all__ = ['SimpleBackbone', 'CifarResNetBackbone', 'TimmBackbone']
 
 
+def capsule_group_matcher(coarse: bool = False) -> Dict[str, Any]:
+    """timm's parameter groups (layer-wise lr decay, ...) of a capsule network on one of these backbones:
+    the backbone's stem and stages (a timm backbone as one block), the primary capsules, each capsule layer."""
+    return dict(
+        stem=r'^backbone\.(?:conv1|bn1|conv|bn)\.',
+        blocks=[
+            (r'^backbone\.stages\.(\d+)' if coarse else r'^backbone\.stages\.(\d+)\.(\d+)', None),
+            (r'^backbone\.model', (0,)),
+            (r'^primary', (1000,)),
+            (r'^capsule_layers\.(\d+)', (1001,)),
+        ],
+    )
+
+
 class SimpleBackbone(nn.Module):
     """The paper's simple backbone: one conv (with bias) and a ReLU."""
 

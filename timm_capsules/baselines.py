@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, ResNet
 
-from .backbones import CifarResNetBackbone, SimpleBackbone
+from .backbones import CifarResNetBackbone, SimpleBackbone, capsule_group_matcher
 from .capsnet import CIFAR10_LABELS, CIFAR100_LABELS, CIFAR_MEAN, CIFAR_STD, DIGIT_LABELS, check_input
 from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, capsules_to_nchw
 from .routing import capsule_votes
@@ -296,18 +296,7 @@ class _CapsuleBaseline(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^backbone\.(?:conv1|bn1|conv|bn)\.",
-            blocks=[
-                (r'^backbone\.stages\.(\d+)' if coarse else r'^backbone\.stages\.(\d+)\.(\d+)', None),
-                (r'^primary', (1000,)),
-                (r'^capsule_layers\.(\d+)', (1001,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
+        return capsule_group_matcher(coarse)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -611,10 +600,6 @@ class BaselineCNN(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^stages\.0\.', blocks=r'^stages\.(\d+)')
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):

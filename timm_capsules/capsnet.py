@@ -26,7 +26,7 @@ from timm.layers import SelectAdaptivePool2d, register_notrace_function, to_2tup
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .backbones import CifarResNetBackbone, SimpleBackbone, TimmBackbone
+from .backbones import CifarResNetBackbone, SimpleBackbone, TimmBackbone, capsule_group_matcher
 from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, capsules_to_nchw
 from .routing import use_fused_routing
 
@@ -244,19 +244,7 @@ class CapsNet(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^backbone\.(?:conv1|bn1|conv)\.',
-            blocks=[
-                (r'^backbone\.stages\.(\d+)' if coarse else r'^backbone\.stages\.(\d+)\.(\d+)', None),
-                (r'^backbone\.model', (0,)),
-                (r'^primary', (1000,)),
-                (r'^capsule_layers\.(\d+)', (1001,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
+        return capsule_group_matcher(coarse)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
