@@ -167,3 +167,26 @@ def test_bf16_autocast_keeps_routing_finite_and_close():
             got = model(x)
     assert torch.isfinite(got).all()
     assert (got.float() - expected).abs().max() < 0.1 * expected.abs().max() + 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', timm.list_models(module=['capsnet', 'baselines']))
+def test_every_model_compiles_as_one_graph(name):
+    """README: torch.compile(fullgraph=True) captures every registered model without a graph break. The
+    'aot_eager' backend runs dynamo and AOT autograd (fake kernels, custom-op autograd) for forward and
+    backward, without inductor's code generation, which test_torch_compile_matches_eager covers once."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = timm.create_model(name).train()
+    cfg = model.pretrained_cfg
+    x = torch.randn(2, *cfg['input_size'])
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected.sum(), list(model.parameters()), allow_unused=True)
+    out = torch.compile(model, backend='aot_eager', fullgraph=True)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(out.sum(), list(model.parameters()), allow_unused=True)
+    for g, e in zip(grads, expected_grads):
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4 * e.abs().max().item() + 1e-6)
+    torch._dynamo.reset()

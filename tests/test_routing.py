@@ -11,11 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from timm_capsules.capsnet import CapsNet
-from timm_capsules.layers import Capsules, ConvCapsules, FCCapsules
-from timm_capsules import routing
+from timm_capsules.layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules
+from timm_capsules import layers, routing
 from timm_capsules.routing import attention_routing, capsule_votes, fused_attention_routing, uniform_routing
 
-pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
+from ci import unavailable
+
+
+@pytest.fixture
+def kernel():
+    """The compiled routing kernel. Without it the fused op runs its plain-op fallback, and a 'fused vs
+    plain' comparison would compare the plain ops with themselves."""
+    if routing.routing_kernel() is None:
+        unavailable('the fused routing kernel could not be built on this machine')
 
 
 @pytest.fixture(autouse=True)
@@ -202,7 +210,9 @@ def test_gradcheck_capsule_layers(kind):
 @pytest.mark.parametrize('routing', ['concurrent', 'sequential'])
 @pytest.mark.parametrize('iterations', [1, 2, 3])
 @pytest.mark.parametrize('matrix_pose', [True, False])
-def test_capsnet_matches_naive_schedule(routing, iterations, matrix_pose, fused):
+def test_capsnet_matches_naive_schedule(routing, iterations, matrix_pose, fused, request):
+    if fused:
+        request.getfixturevalue('kernel')
     model = tiny_capsnet(matrix_pose, iterations, routing)
     model.set_fused_routing(fused)
     x = torch.randn(2, 1, 10, 10)
@@ -336,7 +346,7 @@ ROUTING_SHAPES = [  # groups, children, parents, rows, cols, parent cols
 
 @pytest.mark.parametrize('activations', [False, True])
 @pytest.mark.parametrize('shape', ROUTING_SHAPES)
-def test_fused_routing_equals_tensor_ops_fp32(shape, activations):
+def test_fused_routing_equals_tensor_ops_fp32(shape, activations, kernel):
     """Poses, coefficients, agreement and every input gradient, in float32, to 1e-5."""
     inputs = routing_inputs(*shape, activations)
     children, weight, parents, acts = inputs + [None] * (4 - len(inputs))
@@ -351,7 +361,7 @@ def test_fused_routing_equals_tensor_ops_fp32(shape, activations):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_routing_without_coefficients_gives_the_same_poses_and_gradients():
+def test_fused_routing_without_coefficients_gives_the_same_poses_and_gradients(kernel):
     inputs = routing_inputs(*ROUTING_SHAPES[0], activations=True)
     poses, coefficients, agreement = fused_attention_routing(*inputs, with_routing=False)
     assert coefficients is None and agreement is None
@@ -365,13 +375,13 @@ def test_fused_routing_without_coefficients_gives_the_same_poses_and_gradients()
 
 @pytest.mark.parametrize('activations', [False, True])
 @pytest.mark.parametrize('pose', [(2, 2, 3), (4, 4, 4)])  # any shape, and the 4x4 poses the kernel unrolls
-def test_gradcheck_fused_routing(pose, activations):
+def test_gradcheck_fused_routing(pose, activations, kernel):
     inputs = routing_inputs(3, 5, 3, *pose, activations, dtype=torch.float64)
     route = lambda *t: fused_attention_routing(*t[:3], t[3] if activations else None)  # noqa: E731
     assert torch.autograd.gradcheck(route, inputs)
 
 
-def test_fused_routing_keeps_no_votes_for_the_backward_pass():
+def test_fused_routing_keeps_no_votes_for_the_backward_pass(kernel):
     """What autograd saves for one pass: the plain ops keep the votes, the fused kernel only its inputs."""
     groups, children, parents, rows, cols, parent_cols = 8, 36, 8, 4, 4, 4
     num_votes = groups * children * parents * rows * parent_cols
@@ -387,7 +397,7 @@ def test_fused_routing_keeps_no_votes_for_the_backward_pass():
     assert largest_saved(lambda u, w, p: fused_attention_routing(u, w, p, with_routing=False)) == largest_input
 
 
-def test_fused_routing_runs_bf16_inputs_in_float32():
+def test_fused_routing_runs_bf16_inputs_in_float32(kernel):
     inputs = routing_inputs(*ROUTING_SHAPES[0], activations=False)
     expected = fused_attention_routing(*[t.detach() for t in inputs])[0]
     got = fused_attention_routing(*[t.detach().bfloat16() for t in inputs])[0]
@@ -395,7 +405,7 @@ def test_fused_routing_runs_bf16_inputs_in_float32():
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
 
 
-def test_without_a_compiler_fused_routing_warns_and_falls_back_to_tensor_ops(monkeypatch):
+def test_without_a_compiler_fused_routing_warns_and_falls_back_to_tensor_ops(monkeypatch, kernel):
     import torch.utils.cpp_extension
 
     def no_compiler(*args, **kwargs):
@@ -419,7 +429,7 @@ def test_without_a_compiler_fused_routing_warns_and_falls_back_to_tensor_ops(mon
 
 @pytest.mark.parametrize('options', [dict(iterations=3), dict(iterations=4, activations=True),
                                      dict(iterations=3, routing='sequential', matrix_pose=False)])
-def test_fused_capsnet_equals_tensor_op_capsnet_fp32(options):
+def test_fused_capsnet_equals_tensor_op_capsnet_fp32(options, kernel):
     """Whole models in float32: outputs to 1e-5, every parameter's gradient to 1e-5 of its largest entry
     (through LayerNorm and several passes, summation order alone moves fp32 gradients by a few 1e-6)."""
     fused = tiny_capsnet(**options).float().train()
@@ -435,7 +445,7 @@ def test_fused_capsnet_equals_tensor_op_capsnet_fp32(options):
 
 
 @pytest.mark.slow
-def test_compiled_training_step_through_the_fused_kernel_matches_eager():
+def test_compiled_training_step_through_the_fused_kernel_matches_eager(kernel):
     model = tiny_capsnet(iterations=3).float().train()
     x = torch.randn(2, 1, 10, 10, dtype=torch.float32)
     expected = model(x)
@@ -447,7 +457,7 @@ def test_compiled_training_step_through_the_fused_kernel_matches_eager():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 
 
-def test_flop_counter_counts_the_fused_forward_like_the_tensor_ops():
+def test_flop_counter_counts_the_fused_forward_like_the_tensor_ops(kernel):
     from torch.utils.flop_counter import FlopCounterMode
     inputs = [t.detach() for t in routing_inputs(*ROUTING_SHAPES[0], activations=False)]
     counts = []
@@ -458,3 +468,228 @@ def test_flop_counter_counts_the_fused_forward_like_the_tensor_ops():
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
 
+
+
+# ---- behaviour observed directly: normalisation, activations, memory-bounded passes, precision -------
+
+def test_primary_capsules_are_a_conv_then_a_layer_norm_per_pose():
+    """Against an independent computation: an explicit sum over the conv window, channel c as entry c % d
+    of capsule c // d, then (x - mean) / sqrt(var + eps) per pose with the shared gain and bias."""
+    torch.manual_seed(10)
+    caps, d, in_chs = 3, 4, 2
+    layer = PrimaryCapsules(in_chs, caps, d, kernel_size=2, stride=1, activations=True)
+    with torch.no_grad():
+        layer.norm.weight.normal_()
+        layer.norm.bias.normal_()
+    x = torch.randn(2, in_chs, 4, 5)
+    poses, activations = layer(x)
+    kernel = layer.conv.weight  # (C_out, C_in, 2, 2)
+    out = torch.zeros(2, 3, 4, kernel.shape[0])
+    for y in range(3):
+        for w in range(4):
+            out[:, y, w] = torch.einsum('bcuv,ocuv->bo', x[:, :, y:y + 2, w:w + 2], kernel)
+    raw = out[..., :caps * d].reshape(2, 3, 4, caps, d)
+    mean = raw.mean(-1, keepdim=True)
+    var = ((raw - mean) ** 2).mean(-1, keepdim=True)
+    expected = (raw - mean) / torch.sqrt(var + layer.norm.eps) * layer.norm.weight + layer.norm.bias
+    torch.testing.assert_close(poses, expected)
+    torch.testing.assert_close(activations, torch.sigmoid(out[..., caps * d:]))
+    with torch.no_grad():  # unit gain, zero bias: every pose has mean 0 and (biased) variance v / (v + eps)
+        layer.norm.weight.fill_(1.)
+        layer.norm.bias.zero_()
+        poses = layer(x).poses
+    torch.testing.assert_close(poses.mean(-1), torch.zeros(poses.shape[:-1]), rtol=0, atol=1e-12)
+    var = var.squeeze(-1)
+    torch.testing.assert_close(poses.var(-1, unbiased=False), var / (var + layer.norm.eps))
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_ablation_c_activation_is_the_sigmoid_of_the_mass_weighted_agreement(fused, request):
+    """a_j = sigmoid(beta_a + beta_u * sum_i m_ij a_ij / sum_i m_ij) with m_ij = r_ij * child activation,
+    computed here from the naive layer's votes; a parent's activation rises with the agreement."""
+    if fused:
+        request.getfixturevalue('kernel')
+    torch.manual_seed(11)
+    layer = FCCapsules(6, 3, 4, activations=True)
+    layer.fused_routing = fused
+    with torch.no_grad():
+        layer.beta_a.normal_()
+        layer.beta_u.uniform_(0.5, 2.)
+    child, parent = torch.randn(2, 1, 1, 6, 4), torch.randn(2, 1, 1, 3, 4)
+    child_acts = torch.rand(2, 1, 1, 6)
+    got = layer(Capsules(child, child_acts), Capsules(parent))[0].activations.reshape(2, 3)
+    for b in range(2):
+        for j in range(3):
+            children = naive_children(layer, child, b, 0, 0)
+            agreement = torch.stack([torch.stack([parent[b, 0, 0, k] @ naive_vote(layer, p, i, k) for k in range(3)])
+                                     for i, p in enumerate(children)]) / 2.  # (i, k) / sqrt(d)
+            r = agreement.softmax(-1)
+            mass = r[:, j] * child_acts[b, 0, 0]
+            expected = torch.sigmoid(layer.beta_a[j] + layer.beta_u[j] * (mass * agreement[:, j]).sum() / mass.sum())
+            torch.testing.assert_close(got[b, j], expected)
+    # the same children and parent j scaled up: agreement with j (here positive) grows, so does j's activation
+    aligned = parent.clone()
+    aligned[:, :, :, 0] = naive_vote(layer, child[0, 0, 0, 0], 0, 0).reshape(-1)
+    low = layer(Capsules(child, child_acts), Capsules(aligned))[0].activations[0, 0, 0, 0]
+    high = layer(Capsules(child, child_acts), Capsules(aligned * torch.tensor([3., 1., 1.])[:, None]))[0]
+    assert high.activations[0, 0, 0, 0] > low
+
+
+def _largest_votes_formed(monkeypatch):
+    """Patches capsule_votes where the layers and the chunked pass call it; returns the sizes it made."""
+    sizes = []
+
+    def recording(children, weight):
+        votes = capsule_votes(children, weight)
+        sizes.append(votes.numel())
+        return votes
+    monkeypatch.setattr(routing, 'capsule_votes', recording)
+    monkeypatch.setattr(layers, 'capsule_votes', recording)
+    return sizes
+
+
+def test_max_votes_bounds_the_votes_formed_and_kept(monkeypatch):
+    """Chunking observed: with max_votes, no vote tensor larger than the bound is formed (forward and
+    recomputation), and autograd keeps none of them; without it the whole vote tensor is formed and kept."""
+    x = torch.randn(4, 1, 10, 10)
+    model = tiny_capsnet(iterations=3).train()
+    model.set_fused_routing(False)
+    per_group = max(m.weight[:, :, 0].numel() * m.child_rows * m.parent_cols
+                    for m in model.modules() if isinstance(m, (ConvCapsules, FCCapsules)))
+    for max_votes, bounded in ((None, False), (2 * per_group, True)):
+        model.set_max_votes(max_votes)
+        sizes = _largest_votes_formed(monkeypatch)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = model(x)
+        formed_forward = max(sizes)
+        out.sum().backward()
+        if bounded:
+            assert max(sizes) <= max_votes and len(sizes) > 3  # every pass chunked, recomputed in backward
+            assert max(saved) < max_votes
+        else:
+            assert formed_forward > 2 * per_group and max(saved) >= formed_forward
+
+
+def test_grad_checkpointing_recomputes_routing_and_keeps_no_votes(monkeypatch):
+    """Checkpointing observed: votes are formed again in the backward pass, and the largest tensor
+    autograd keeps is no longer a vote tensor."""
+    x = torch.randn(2, 1, 10, 10)
+    model = tiny_capsnet(iterations=3).train()
+    model.set_fused_routing(False)
+    model.set_max_votes(None)
+    sizes = _largest_votes_formed(monkeypatch)
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        sizes.clear()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = model(x)
+        formed_forward = len(sizes)
+        out.sum().backward()
+        if enable:
+            assert len(sizes) > formed_forward  # routing passes recomputed
+            assert max(saved) < max(sizes)
+        else:
+            assert len(sizes) == formed_forward and max(saved) >= max(sizes)
+
+
+class CountOps:
+    """Counts aten calls by name (a TorchDispatchMode sees the recomputation of checkpointed code)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counts = self.counts = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+        self.mode = Mode()
+
+
+def test_grad_checkpointing_reaches_the_resnet_backbone():
+    """The backbone's convolutions run again in the backward pass (beyond the primary capsule conv,
+    which is never checkpointed)."""
+    model = CapsNet(num_classes=3, in_chans=1, img_size=16, backbone='resnet', primary_caps=2, pose_dim=4,
+                    backbone_args=dict(widths=(4, 4), depths=(1, 1)), capsule_layers=(('conv', 2, 3, 1),)).train()
+    x = torch.randn(2, 1, 16, 16)
+    counted = {}
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        out = model(x)
+        counter = CountOps()
+        with counter.mode:
+            out.sum().backward()
+        counted[enable] = counter.counts.get('convolution', 0)
+    assert counted[False] == 0 and counted[True] > 0
+
+
+def test_routing_softmax_and_layer_norm_run_in_float32_under_autocast():
+    """Under bf16 autocast every softmax and LayerNorm of routing gets float32 inputs (the plain-op path;
+    the fused kernel computes in float32 by construction), while the convolutions run in bf16."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dtypes(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if args and isinstance(args[0], torch.Tensor):
+                self.seen.append((func.overloadpacket.__name__, args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_capsnet(iterations=3, activations=True).float()
+    model.set_fused_routing(False)
+    x = torch.randn(2, 1, 10, 10, dtype=torch.float32)
+    with torch.autocast('cpu', dtype=torch.bfloat16), Dtypes() as mode:
+        out = model(x)
+    assert torch.isfinite(out).all()
+    ops = {}
+    for name, dtype in mode.seen:
+        ops.setdefault(name, set()).add(dtype)
+    assert ops['_softmax'] == {torch.float32} and ops['native_layer_norm'] == {torch.float32}
+    assert torch.bfloat16 in ops['convolution']
+
+
+def test_environment_switch_turns_fused_routing_off(monkeypatch, kernel):
+    """TIMM_CAPSULES_FUSED_ROUTING=0: every layer routes with plain tensor ops, the kernel is never called."""
+    def no_kernel(*args, **kwargs):
+        raise AssertionError('the fused kernel ran')
+
+    monkeypatch.setenv('TIMM_CAPSULES_FUSED_ROUTING', '0')
+    model = tiny_capsnet(iterations=3)
+    assert not any(getattr(m, 'fused_routing', False) for m in model.modules())
+    monkeypatch.setattr(layers, 'fused_attention_routing', no_kernel)
+    x = torch.randn(2, 1, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), naive_capsnet_logits(model, x), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv('TIMM_CAPSULES_FUSED_ROUTING', '1')
+    with pytest.raises(AssertionError, match='the fused kernel ran'):
+        tiny_capsnet(iterations=3)(x)
+
+
+def test_the_kernel_is_built_where_ci_runs():
+    """CI installs a compiler: there the kernel must build, or every fused test would compare the
+    plain-op fallback with itself."""
+    if routing.routing_kernel() is None:
+        unavailable('the fused routing kernel could not be built on this machine')
+    assert torch.ops.timm_capsules.attention_routing.default is not None
+
+
+@pytest.mark.slow
+def test_compiled_training_without_the_kernel_uses_the_fallback_and_matches_eager(monkeypatch):
+    """No compiler: the op's plain-op fallback must honour its fake kernel's (contiguous) strides, or
+    torch.compile training stops with a stride error."""
+    monkeypatch.setattr(routing, '_kernel', False)  # as after a failed build
+    assert routing.routing_kernel() is None
+    torch._dynamo.reset()
+    model = tiny_capsnet(iterations=3, activations=True).float().train()
+    x = torch.randn(2, 1, 10, 10, dtype=torch.float32)
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
+    out = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(torch.autograd.grad(out.square().sum(), list(model.parameters())), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+    torch._dynamo.reset()

@@ -187,11 +187,13 @@ def _attention_routing_op(
         children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor], with_routing: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     kernel = routing_kernel()
-    if kernel is None:
-        poses, coefficients, agreement = attention_routing(capsule_votes(children, weight), parents, activations)
+    if kernel is None:  # the fake kernel above promises contiguous outputs, so the fallback gives them too
+        poses, coefficients, agreement = (
+            t.clone(memory_format=torch.contiguous_format)
+            for t in attention_routing(capsule_votes(children, weight), parents, activations))
         if not with_routing:
-            return poses.clone(), children.new_empty(0), children.new_empty(0)
-        return poses.clone(), coefficients.clone(), agreement.clone()
+            return poses, children.new_empty(0), children.new_empty(0)
+        return poses, coefficients, agreement
     I, J, C, T = weight.shape
     G, _, R, _ = parents.shape
     poses, coefficients, agreement = kernel.forward(
@@ -204,7 +206,8 @@ def _attention_routing_op(
 @_attention_routing_op.register_fake
 def _(children, weight, parents, activations, with_routing):
     routing_shape = (children.shape[0], children.shape[1], weight.shape[1]) if with_routing else (0,)
-    return torch.empty_like(parents), parents.new_empty(routing_shape), parents.new_empty(routing_shape)
+    poses = torch.empty_like(parents, memory_format=torch.contiguous_format)
+    return poses, parents.new_empty(routing_shape), parents.new_empty(routing_shape)
 
 
 @torch.library.custom_op('timm_capsules::attention_routing_backward', mutates_args=())
@@ -248,13 +251,15 @@ def _attention_routing_backward_reference(
     d_weight = torch.einsum('girc,gijrt->ijct', children, d_votes)
     d_parents = torch.einsum('gij,gijrt->gjrt', pull, votes)
     d_activations = children.new_empty(0) if activations is None else (d_mass * coefficients).sum(-1)
-    return d_children, d_weight, d_parents, d_activations
+    # contiguous, as the op's fake kernel (empty_like of contiguous inputs) tells torch.compile
+    return tuple(t.contiguous() for t in (d_children, d_weight, d_parents, d_activations))
 
 
 @_attention_routing_backward_op.register_fake
 def _(grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations):
-    d_activations = children.new_empty(0) if activations is None else torch.empty_like(activations)
-    return torch.empty_like(children), torch.empty_like(weight), torch.empty_like(parents), d_activations
+    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    d_activations = children.new_empty(0) if activations is None else like(activations)
+    return like(children), like(weight), like(parents), d_activations
 
 
 def _setup_context(ctx, inputs, output):

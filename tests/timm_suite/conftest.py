@@ -42,7 +42,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
-        if 'timm_suite' not in str(item.path):
+        if 'timm_suite' not in str(item.path) or item.originalname == 'test_timm_model_suite':  # or the placeholder
             keep.append(item)
             continue
         callspec = getattr(item, 'callspec', None)

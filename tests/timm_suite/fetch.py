@@ -20,6 +20,13 @@ HERE = Path(__file__).parent
 TARGET = HERE / 'test_timm_models.py'
 CACHE = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm_capsules'
 OUR_MODULES = ['capsnet', 'baselines']
+PLACEHOLDER = '''# placeholder: the real suite could not be fetched; the next test run tries again
+from ci import unavailable
+
+
+def test_timm_model_suite():
+    unavailable({reason!r})
+'''
 
 
 def _download_sdist(version: str) -> Path:
@@ -47,8 +54,12 @@ def fetch_timm_model_tests() -> bool:
         return True
     try:
         source = _download_sdist(version).read_text()
-    except Exception as error:  # offline: the suite is skipped, everything else still runs
-        warnings.warn(f"could not fetch timm {version}'s test suite ({error}); skipping it")
+    except (OSError, subprocess.SubprocessError, StopIteration, tarfile.TarError) as error:
+        # offline: one placeholder test stands for the suite, skipped with the reason (failed in CI), so the
+        # missing tests show in the summary instead of vanishing
+        reason = f"timm {version}'s test suite could not be fetched ({type(error).__name__}: {error})"
+        warnings.warn(reason)
+        TARGET.write_text(PLACEHOLDER.format(reason=reason))
         return False
     anchor = 'FEAT_INTER_FILTERS = ['
     if anchor not in source:
