@@ -5,6 +5,7 @@ type, or type-major grid index), per parent: vote, agreement / sqrt(d), softmax 
 LayerNorm; uniform first pass; concurrent or sequential schedule over the whole stack.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -405,7 +406,7 @@ def test_fused_routing_runs_bf16_inputs_in_float32(kernel):
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
 
 
-def test_without_a_compiler_fused_routing_warns_and_falls_back_to_tensor_ops(monkeypatch, kernel):
+def test_without_a_compiler_fused_routing_warns_and_falls_back_to_tensor_ops(monkeypatch, tmp_path, kernel):
     import torch.utils.cpp_extension
 
     def no_compiler(*args, **kwargs):
@@ -414,6 +415,7 @@ def test_without_a_compiler_fused_routing_warns_and_falls_back_to_tensor_ops(mon
     inputs = routing_inputs(*ROUTING_SHAPES[1], activations=True)
     with_kernel = fused_attention_routing(*inputs)
     monkeypatch.setattr(routing, '_kernel', None)
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))  # nothing built here yet
     monkeypatch.setattr(torch.utils.cpp_extension, 'load', no_compiler)
     with pytest.warns(UserWarning, match='no C.. compiler here'):
         assert routing.routing_kernel() is None
@@ -693,3 +695,70 @@ def test_compiled_training_without_the_kernel_uses_the_fallback_and_matches_eage
     for g, e in zip(torch.autograd.grad(out.square().sum(), list(model.parameters())), expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
     torch._dynamo.reset()
+
+
+# ---- the kernel's build cache ------------------------------------------------------------------------
+
+def kernel_in_subprocess(extensions_dir, code='k = routing.routing_kernel(); print(k is not None)'):
+    import subprocess
+    import sys
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions_dir))
+    return subprocess.run([sys.executable, '-c', f'import sys; from timm_capsules import routing; {code}'],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def build_copy(tmp_path, kernel):
+    """A copy of this machine's verified kernel build, in its own extensions folder."""
+    import shutil
+    folder, name = routing._kernel_build_folder()
+    copy = tmp_path / 'extensions'
+    shutil.copytree(folder, copy / folder.relative_to(folder.parents[1]), copy_function=shutil.copy2)
+    return copy, copy / folder.relative_to(folder.parents[1]), name
+
+
+def test_a_verified_build_loads_without_compiling_or_cpp_extension(build_copy):
+    extensions, folder, name = build_copy
+    done = kernel_in_subprocess(extensions, 'k = routing.routing_kernel(); print(k is not None, '
+                                            "'torch.utils.cpp_extension' in sys.modules)")
+    assert done.returncode == 0 and done.stdout.split() == ['True', 'False'], done.stderr
+    assert 'compiling' not in done.stderr and 'No CUDA runtime' not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_truncated_build_is_rebuilt_not_loaded(build_copy):
+    """A truncated library would crash the process (SIGBUS) when loaded: its checksum no longer matches,
+    so it is linked again, with a notice, and then verified."""
+    extensions, folder, name = build_copy
+    library = folder / f'{name}.so'
+    library.write_bytes(library.read_bytes()[:4096])
+    done = kernel_in_subprocess(extensions)
+    assert done.returncode == 0 and done.stdout.split() == ['True'], done.stderr
+    assert 'compiling the fused CPU routing kernel' in done.stderr
+    assert (folder / f'{name}.sha256').read_text().split()[-1] == routing._sha256(library)
+    again = kernel_in_subprocess(extensions)
+    assert again.stdout.split() == ['True'] and 'compiling' not in again.stderr
+
+
+def test_a_build_without_its_checksum_or_of_another_source_is_not_trusted(build_copy, monkeypatch):
+    extensions, folder, name = build_copy
+    stamp = folder / f'{name}.sha256'
+    intact = stamp.read_text()
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(extensions))
+    monkeypatch.setattr(routing, '_build_kernel', lambda *args: 'rebuilt')
+    for damage in (lambda: stamp.unlink(),  # a build that never finished
+                   lambda: stamp.write_text(intact.replace(routing._sha256(routing.KERNEL_SOURCE), '0' * 64))):
+        stamp.write_text(intact)
+        damage()
+        monkeypatch.setattr(routing, '_kernel', None)
+        assert routing.routing_kernel() == 'rebuilt'
+    stamp.write_text(intact)
+    monkeypatch.setattr(routing, '_kernel', None)
+    assert routing.routing_kernel() not in (None, 'rebuilt')  # intact again: loaded, not built
+
+
+def test_each_environment_gets_its_own_build_folder(monkeypatch):
+    here = routing._kernel_build_folder()
+    monkeypatch.setattr(torch, '__file__', '/another/venv/lib/python3.11/site-packages/torch/__init__.py')
+    elsewhere = routing._kernel_build_folder()
+    assert here[1] != elsewhere[1] and here[0].parent == elsewhere[0].parent

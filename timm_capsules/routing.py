@@ -22,6 +22,8 @@ import hashlib
 import os
 import platform
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
@@ -113,32 +115,85 @@ def use_fused_routing() -> bool:
 
 
 _kernel = None  # the compiled extension once loaded; False when it cannot be built here
+KERNEL_SOURCE = Path(__file__).parent / 'csrc' / 'routing.cpp'
+KERNEL_CFLAGS = ['-O3', '-march=native', '-fopenmp']
 
 
 def routing_kernel():
-    """The fused routing extension, compiled on first use (about a minute, then cached by torch in
-    ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), or None when this machine cannot build it
-    (no C++ compiler)."""
+    """The fused routing extension, or None when this machine cannot build it (no C++ compiler).
+
+    Compiled on first use (about a minute), in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``.
+    A build is verified before it is loaded: a checksum of the library is written after a successful build,
+    and a library that no longer matches it (a truncated file would crash the process with SIGBUS) or
+    that was built from another source or with other flags is built again.
+    """
     global _kernel
     if _kernel is None:
-        from torch.utils.cpp_extension import get_default_build_root, load
-        # -march=native: a cache shared with another CPU must not hand it this build, so the CPU's
-        # instruction sets are in the name
-        name = f'timm_capsules_routing_{hashlib.sha1(_cpu_description().encode()).hexdigest()[:8]}'
-        version = f'py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}'
-        root = os.environ.get('TORCH_EXTENSIONS_DIR') or get_default_build_root()
-        build_directory = Path(root) / version / name
-        build_directory.mkdir(parents=True, exist_ok=True)
+        folder, name = _kernel_build_folder()
+        library, stamp = folder / f'{name}.so', folder / f'{name}.sha256'
+        expected = f"{_sha256(KERNEL_SOURCE)} {library.name} {' '.join(KERNEL_CFLAGS)}"
         try:
-            _kernel = load(
-                name=name, sources=[str(Path(__file__).parent / 'csrc' / 'routing.cpp')],
-                extra_cflags=['-O3', '-march=native', '-fopenmp'], extra_ldflags=['-fopenmp'],
-                build_directory=str(build_directory))
+            verified = stamp.read_text().split('\n')[:2] == [expected, _sha256(library)]
+        except OSError:
+            verified = False
+        try:
+            _kernel = _import_library(name, library) if verified else _build_kernel(name, folder, library, stamp, expected)
         except Exception as error:  # a compiler or header missing: route with plain tensor ops instead
             warnings.warn(f'the fused routing kernel could not be built ({error}); routing falls back to plain '
                           f'tensor ops (slower, more memory). Set TIMM_CAPSULES_FUSED_ROUTING=0 to silence this.')
             _kernel = False
     return _kernel or None
+
+
+def _kernel_build_folder() -> Tuple[Path, str]:
+    """One build folder per (Python, torch, CPU, environment). -march=native: a cache shared with another
+    CPU must not hand it this build, so the CPU's instruction sets are in the name; two virtual environments
+    with the same torch would rewrite each other's build.ninja (include paths differ), so torch's install
+    path is in it too."""
+    key = f'{_cpu_description()}\n{Path(torch.__file__).resolve().parent}'
+    name = f'timm_capsules_routing_{hashlib.sha1(key.encode()).hexdigest()[:8]}'
+    version = f'py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}'
+    root = (os.environ.get('TORCH_EXTENSIONS_DIR')
+            or Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'torch_extensions')
+    return Path(root) / version / name, name
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _import_library(name: str, library: Path):
+    """Loads a verified build directly: torch.utils.cpp_extension (which prints CUDA notices on CPU-only
+    machines and checks the compiler) is only imported to build."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_kernel(name: str, folder: Path, library: Path, stamp: Path, expected: str):
+    from torch.utils.cpp_extension import load
+    print('timm_capsules: compiling the fused CPU routing kernel (first use, about a minute) ...',
+          file=sys.stderr, flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    library.unlink(missing_ok=True)  # a damaged library must be linked again, not trusted by ninja's timestamps
+    done = threading.Event()
+
+    def sign_of_life():
+        start = time.monotonic()
+        while not done.wait(15):
+            print(f'timm_capsules: still compiling the routing kernel ({time.monotonic() - start:.0f} s)',
+                  file=sys.stderr, flush=True)
+    threading.Thread(target=sign_of_life, daemon=True).start()
+    try:
+        kernel = load(name=name, sources=[str(KERNEL_SOURCE)], extra_cflags=KERNEL_CFLAGS,
+                      extra_ldflags=['-fopenmp'], build_directory=str(folder))
+    finally:
+        done.set()
+    stamp.write_text(f'{expected}\n{_sha256(library)}\n')
+    return kernel
 
 
 def _cpu_description() -> str:

@@ -17,6 +17,7 @@ Prints one JSON object per mutation and exits non-zero if any survived.
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,8 +62,9 @@ def run(mutation, timeout):
     start = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=SCRATCH, env=env, capture_output=True, text=True, timeout=timeout)
-        outcome = 'caught' if done.returncode == 1 else 'survived' if done.returncode == 0 else f'error {done.returncode}'
         tail = (done.stdout.strip() or done.stderr.strip()).splitlines()[-1:]
+        failed = done.returncode == 1 and re.search(r'\b\d+ (failed|errors?)\b', tail[0] if tail else '')
+        outcome = 'caught' if failed else 'survived' if done.returncode == 0 else f'error {done.returncode}'
     except subprocess.TimeoutExpired:
         outcome, tail = 'timeout', []
     return dict(name=mutation['name'], outcome=outcome, seconds=round(time.perf_counter() - start, 1),
