@@ -109,9 +109,11 @@ def test_non_square_matrix_pose_is_rejected():
         timm.create_model('capsnet_simple_cifar10', pose_dim=12)
 
 
-def test_iterations_below_one_are_rejected():
-    with pytest.raises(ValueError, match='iterations must be >= 1'):
-        timm.create_model('capsnet_simple_cifar10', iterations=0)
+@pytest.mark.parametrize('iterations', [0, -2, 65, 1_000_000_000])
+def test_iterations_outside_1_to_64_are_rejected_before_anything_is_built(iterations):
+    with pytest.raises(ValueError, match=f'iterations must be between 1 and 64, got {iterations}'):
+        timm.create_model('capsnet_simple_cifar10', iterations=iterations)
+    assert timm.create_model('capsnet_simple_cifar10', iterations=64).iterations == 64
 
 
 def test_unknown_routing_is_rejected():

@@ -48,6 +48,10 @@ CIFAR100_LABELS = (
     'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman', 'worm')
 DIGIT_LABELS = tuple(str(digit) for digit in range(10))
 
+# the paper studies t = 1..5; every iteration keeps a pose snapshot per layer, so an unbounded t (say from a
+# hostile config.json) would only exhaust memory
+MAX_ITERATIONS = 64
+
 # (kind, num_caps, kernel_size, stride) for conv layers, (kind, num_caps) for fully connected ones
 LayerSpec = Union[Tuple[str, int, int, int], Tuple[str, int]]
 
@@ -110,7 +114,7 @@ class CapsNet(nn.Module):
         primary_kernel_size, primary_stride, primary_padding: the primary capsule conv.
         capsule_layers: hidden capsule layers: ('conv', types, kernel, stride) or ('fc', capsules).
         matrix_pose: sqrt(d) x sqrt(d) matrix poses (True) or d-dimensional vector poses.
-        iterations: routing iterations t (1 means a feed-forward pass with uniform routing).
+        iterations: routing iterations t (1 means a feed-forward pass with uniform routing), at most 64.
         routing: 'concurrent' (the paper's default) or 'sequential' (ablation B).
         layer_norm: LayerNorm on capsule poses (False is ablation A).
         activations: EM-style capsule activations that weight each child's votes (ablation C).
@@ -147,8 +151,8 @@ class CapsNet(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        if iterations < 1:
-            raise ValueError(f'iterations must be >= 1, got {iterations}')
+        if not 1 <= iterations <= MAX_ITERATIONS:
+            raise ValueError(f'iterations must be between 1 and {MAX_ITERATIONS}, got {iterations}')
         if routing not in ('concurrent', 'sequential'):
             raise ValueError(f"routing must be 'concurrent' or 'sequential', got {routing!r}")
         dd = dict(device=device, dtype=dtype)
