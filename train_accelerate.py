@@ -223,7 +223,7 @@ def load_hf_splits(args, source, image_column, label_column):
         try:
             splits[role] = load_image_dataset(source, split)
         except Exception as error:  # offline Hub, missing folder, unknown split: one line, no traceback
-            fail(f"cannot load split {split!r} of {source}: {str(error).splitlines()[0] if str(error) else error!r}")
+            fail(f"cannot load split {split!r} of {source}: {str(error).splitlines()[0] if str(error) else repr(error)}")
         try:
             check_columns(splits[role], image_column, label_column, name=f"{source} ({split})")
         except ValueError as error:
@@ -482,6 +482,8 @@ def main(argv=None):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None, project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # accelerate: silently fp32
+        fail("--mixed_precision fp16 needs a GPU (on the CPU accelerate trains in float32); use bf16 or no")
     set_seed(args.seed)
     started = time.time()
 

@@ -1,10 +1,13 @@
-"""Tests of train_accelerate.py: outputs and reloading, presets, two real processes, exact resume, bad
-arguments, CIFAR-style and multi-label Hub-style datasets, and the default command.
+"""Tests of train_accelerate.py: the metrics on hand-made confusions, outputs and reloading (final
+metrics recomputed independently from the saved model), presets, two real processes, exact resume,
+bad arguments, CIFAR-style and multi-label Hub-style datasets (save_to_disk, parquet, imagefolder,
+splits, --resize), what data reaches the model, mixed precision, and the default command.
 
 Tiny models keep every training step in the milliseconds; most runs call ``main(argv)`` in-process.
 """
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import timm
 import timm_capsules  # noqa: F401
@@ -72,8 +76,147 @@ def cli(*argv, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+# ---------------------------------------------------- metrics written out here, independently of the script
+def expected_losses(scores, hot, returns, multi_label):
+    """Per-image losses from their definitions (not through train_accelerate.loss_fn); hot: multi-hot targets."""
+    if returns == "lengths":  # Sabour et al.: T_k max(0, 0.9 - s_k)^2 + 0.5 (1 - T_k) max(0, s_k - 0.1)^2, summed
+        return (hot * (0.9 - scores).clamp(min=0) ** 2 + 0.5 * (1 - hot) * (scores - 0.1).clamp(min=0) ** 2).sum(1)
+    if returns == "activations":  # spread loss at the evaluation margin 0.9: sum over (target t, non-target i)
+        return torch.stack([sum((0.9 - (s[t] - s[i])).clamp(min=0) ** 2 for t in range(len(s)) if h[t]
+                                for i in range(len(s)) if not h[i]) for s, h in zip(scores, hot)])
+    if multi_label:  # binary cross-entropy per class, averaged over the classes
+        return -(hot * F.logsigmoid(scores) + (1 - hot) * F.logsigmoid(-scores)).mean(1)
+    return -(scores.log_softmax(1) * hot).sum(1)  # cross-entropy
+
+
+def independent_metrics(model, images, targets, multi_label, returns="logits"):
+    """The test metrics of `model` on these images in one plain forward, without train_accelerate."""
+    with torch.no_grad():
+        scores = model.eval()(images).float()
+    hot = targets.float() if multi_label else F.one_hot(targets, scores.shape[1]).float()
+    metrics = dict(num_images=len(targets), loss=expected_losses(scores, hot, returns, multi_label).mean().item())
+    if not multi_label:
+        ranked = scores.topk(min(5, scores.shape[1]), 1).indices
+        return dict(metrics, top1=(ranked[:, 0] == targets).float().mean().item(),
+                    top5=(ranked == targets[:, None]).any(1).float().mean().item())
+    predicted, actual = scores > (0.0 if returns == "logits" else 0.5), targets.bool()
+    counts = zip((predicted & actual).sum(0).tolist(), (predicted & ~actual).sum(0).tolist(),
+                 (~predicted & actual).sum(0).tolist())
+    f1 = [2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0 for tp, fp, fn in counts]
+    return dict(metrics, exact_match=(predicted == actual).all(1).float().mean().item(), per_class_f1=f1,
+                macro_f1=sum(f1) / len(f1))
+
+
+def assert_metrics(reported, expected):
+    """Every metric the script reports, and only those, equals the independent value."""
+    assert set(reported) - {"step", "epoch"} == set(expected)
+    for key, value in expected.items():
+        assert reported[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def mean_std(model):
+    """The (one-channel) normalisation a model was saved with."""
+    return model.pretrained_cfg["mean"][0], model.pretrained_cfg["std"][0]
+
+
+def multimnist_test_images(size, mean, std, seed=0):
+    from timm_capsules.data import make_split
+    split = make_split("test", size, source="sample", seed=seed)
+    return (torch.from_numpy(split.images).unsqueeze(1).float() / 255 - mean) / std, torch.from_numpy(split.targets)
+
+
+def spy_on_model(train, monkeypatch):
+    """Wraps train.create_model so that every forward of the model is recorded: whether it trained, the
+    images it received, and, from inside the first convolution (forward hooks of the top module run outside
+    the autocast that accelerate wraps around forward), whether autocast was on and the dtype computed in."""
+    calls = []
+    create = train.create_model
+
+    def create_model(args, num_classes):
+        model, kwargs = create(args, num_classes)
+        model.register_forward_pre_hook(
+            lambda module, inputs: calls.append(dict(training=module.training, images=inputs[0].detach().clone())))
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda module, inputs, output: calls[-1].update(
+            autocast=torch.is_autocast_enabled("cpu"), dtype=output.dtype))
+        return model, kwargs
+    monkeypatch.setattr(train, "create_model", create_model)
+    return calls
+
+
+def evaluated_images(calls):
+    """The images of the last evaluation, in the order the model saw them."""
+    last = max(k for k, call in enumerate(calls) if call["training"]) if any(c["training"] for c in calls) else -1
+    return torch.cat([call["images"] for call in calls[last + 1:]])
+
+
+# ------------------------------------------------------------------------- evaluation, on known confusions
+class Table(torch.nn.Module):
+    """A model whose outputs we choose: input i (an image index) -> row i of a fixed table."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, index):
+        return self.table[index]
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def evaluate_table(train, accelerator, table, targets, multi_label, returns, batch_size):
+    data = torch.utils.data.TensorDataset(torch.arange(len(targets)), targets)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(data, batch_size=batch_size))
+    return train.evaluate(Table(table), loader, accelerator, multi_label, table.shape[1], returns)
+
+
+def ranked_scores(targets, ranks, levels):
+    """Scores in [0, 1] (valid logits, lengths and activations alike) in which image i's true class has the
+    ranks[i]-th highest score (0: the highest)."""
+    rows = []
+    for target, rank in zip(targets, ranks):
+        order = [c for c in range(len(levels)) if c != target]
+        order.insert(rank, target)  # order[p]: the class with the p-th highest score
+        rows.append(torch.empty(len(levels)).index_copy_(0, torch.tensor(order), torch.tensor(levels)))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("returns", ["logits", "lengths", "activations"])
+def test_evaluate_single_label_top1_top5_and_loss(train, accelerator, returns):
+    targets = torch.tensor([0, 1, 2, 3, 4, 5, 0])
+    # 6 classes: top-1 hits images 0 and 4 (rank 0), top-5 all but images 3 and 6 (rank 5, the last)
+    scores = ranked_scores(targets.tolist(), [0, 1, 4, 5, 0, 2, 5], [0.95, 0.8, 0.6, 0.4, 0.2, 0.05])
+    metrics = evaluate_table(train, accelerator, scores, targets, False, returns, batch_size=3)  # 3 + 3 + 1
+    losses = expected_losses(scores, F.one_hot(targets, 6).float(), returns, False)
+    assert metrics == pytest.approx(dict(num_images=7, top1=2 / 7, top5=5 / 7, loss=losses.mean().item()), rel=1e-6)
+
+
+@pytest.mark.parametrize("returns", ["logits", "lengths", "activations"])
+def test_evaluate_multi_label_f1_and_exact_match(train, accelerator, returns):
+    actual = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 1, 0]]).bool()
+    predicted = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]]).bool()
+    # per class (tp, fp, fn): 0: (3, 0, 1), 1: (2, 0, 0), 2: (1, 1, 1), 3: (0, 0, 0); F1 = 2tp / (2tp + fp + fn),
+    # and 0 for class 3, which is neither present nor predicted anywhere
+    f1 = [2 * 3 / (2 * 3 + 0 + 1), 2 * 2 / (2 * 2 + 0 + 0), 2 * 1 / (2 * 1 + 1 + 1), 0.0]
+    # 0.9 / 0.7: predicted rightly / wrongly; 0.1 / 0.3: absent rightly / wrongly (thresholds 0.5, logits 0)
+    scores = torch.where(predicted, torch.where(actual, 0.9, 0.7), torch.where(actual, 0.3, 0.1))
+    scores = scores - 0.5 if returns == "logits" else scores
+    metrics = evaluate_table(train, accelerator, scores, actual.float(), True, returns, batch_size=2)  # 2 + 2 + 1
+    losses = expected_losses(scores, actual.float(), returns, True)
+    assert metrics.pop("per_class_f1") == pytest.approx(f1, rel=1e-6)
+    assert metrics == pytest.approx(dict(num_images=5, exact_match=2 / 5, macro_f1=sum(f1) / 4,  # images 0 and 4
+                                         loss=losses.mean().item()), rel=1e-6)
+
+
 # ------------------------------------------------------------------------------ outputs and reloading
-def test_tiny_run_writes_outputs_and_reloads(run, tmp_path):
+def test_tiny_run_writes_outputs_and_reloads(run, tmp_path, capsys):
     out = tmp_path / "out"
     results = run(TINY + ["--max-train-steps", 6, "--output-dir", out, "--with-tracking",
                           "--checkpointing-steps", 2, "--checkpoints-total-limit", 2])
@@ -82,9 +225,10 @@ def test_tiny_run_writes_outputs_and_reloads(run, tmp_path):
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000004", "step_00000006"]
     assert list((out / "timm_capsules").glob("**/events.out.tfevents.*")), "no tensorboard log"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["completed_steps"] == 6 and metrics["final"]["num_images"] == 37
-    assert set(metrics["final"]) >= {"exact_match", "per_class_f1", "macro_f1", "loss"}
-    assert metrics["history"]["train"] and metrics["history"]["eval"]
+    final = metrics["final"]
+    assert metrics["completed_steps"] == 6 and final == metrics["history"]["eval"][-1]
+    assert [(r["step"], r["epoch"]) for r in metrics["history"]["eval"]] == [(5, 0), (6, 1)]  # 5 steps an epoch
+    assert [r["step"] for r in metrics["history"]["train"]] == [2, 4, 6]  # --log-every 2
 
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     model = results["model_object"].eval()
@@ -93,6 +237,15 @@ def test_tiny_run_writes_outputs_and_reloads(run, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), model(x))
     assert sum(p.numel() for p in reloaded.parameters()) == metrics["num_parameters"]
+    # the final metrics, recomputed from the saved model on the same 37 test images
+    images, targets = multimnist_test_images(37, *mean_std(reloaded))
+    assert_metrics(final, independent_metrics(reloaded, images, targets, multi_label=True))
+    # and the printed lines carry those numbers
+    printed = capsys.readouterr().out
+    for r in metrics["history"]["eval"]:
+        assert (f"epoch {r['epoch']}: step {r['step']}, test loss {r['loss']:.4f}, "
+                f"exact_match {r['exact_match']:.4f} (37 images)") in printed
+    assert f"final test exact_match: {final['exact_match']:.4f} on 37 images after 6 steps" in printed
 
 
 def test_presets_and_overrides(train):
@@ -144,6 +297,8 @@ def test_resume_continues_exactly(run, tmp_path, accumulation, every, stop, step
     (["--checkpointing-steps", "often"], "--checkpointing_steps must be a number or 'epoch'"),
     (["--resume-from-checkpoint", "/no/such/dir"], "checkpoint /no/such/dir does not exist"),
     (["--dataset", "cifar10", "--model", "capsnet_simple_cifar10"], "cannot load split 'train' of uoft-cs/cifar10"),
+    # accelerate would print "mixed precision fp16" and train in float32: no autocast, no scaler on the CPU
+    (TINY + ["--max-train-steps", "1", "--cpu", "--mixed-precision", "fp16"], "--mixed_precision fp16 needs a GPU"),
 ])
 def test_bad_arguments_stop_with_one_line(run, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
@@ -165,48 +320,181 @@ def test_bad_arguments_cli(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ Hub-style data
-def make_image_dataset(folder, size, mode, n=(12, 7), multi_label=False):
-    """A tiny DatasetDict with CIFAR's columns (img / label), saved with save_to_disk."""
-    import datasets
+def image_examples(size, mode, n=(12, 7), multi_label=False, split_names=("train", "test"), plain=False):
+    """{split: (PIL images, labels)}, the same on every call; plain: each image one random colour (which
+    resizing leaves exact)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    examples = {}
+    for split, count in zip(split_names, n):
+        arrays = [np.broadcast_to(rng.integers(0, 256, shape[2:], dtype=np.uint8), shape).copy() if plain
+                  else rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count)]
+        labels = [sorted(set(rng.integers(0, 10, 2).tolist())) if multi_label else int(rng.integers(0, 10))
+                  for _ in range(count)]
+        examples[split] = [Image.fromarray(a, mode) for a in arrays], labels
+    return examples
+
+
+def make_image_dataset(folder, size, mode, n=(12, 7), multi_label=False, form="save_to_disk", **options):
+    """A tiny dataset with CIFAR's columns (img / label) and classes c0..c9, as --data-dir takes it: a
+    save_to_disk DatasetDict, parquet files <split>.parquet, or an imagefolder <split>/<class>/<k>.png
+    (whose columns are image / label, and whose classes are the folder names that occur)."""
+    import datasets
+
     label = datasets.ClassLabel(names=[f"c{i}" for i in range(10)])
     features = datasets.Features({"img": datasets.Image(),
                                   "label": datasets.List(label) if multi_label else label})
     splits = {}
-    for split, count in zip(("train", "test"), n):
-        shape = (size, size, 3) if mode == "RGB" else (size, size)
-        images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(count)]
-        labels = [sorted(set(rng.integers(0, 10, 2).tolist())) if multi_label else int(rng.integers(0, 10))
-                  for _ in range(count)]
+    for split, (images, labels) in image_examples(size, mode, n, multi_label, **options).items():
         splits[split] = datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
-    datasets.DatasetDict(splits).save_to_disk(str(folder))
+        for k, (image, y) in enumerate(zip(images, labels)) if form == "imagefolder" else ():
+            (folder / split / f"c{y}").mkdir(parents=True, exist_ok=True)
+            image.save(folder / split / f"c{y}" / f"{k:03d}.png")
+        if form == "parquet":
+            folder.mkdir(parents=True, exist_ok=True)
+            splits[split].to_parquet(str(folder / f"{split}.parquet"))
+    if form == "save_to_disk":
+        datasets.DatasetDict(splits).save_to_disk(str(folder))
     return folder
+
+
+def as_tensors(images, labels, mean, std, multi_label=False, num_classes=10):
+    """PIL images -> normalised float (N, C, H, W) written out here; labels -> class indices or multi-hot."""
+    arrays = [np.asarray(image, dtype=np.float32).reshape(image.size[1], image.size[0], -1) / 255 for image in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    if multi_label:
+        return x, torch.stack([torch.zeros(num_classes).index_fill_(0, torch.tensor(y), 1.0) for y in labels])
+    return x, torch.tensor(labels)
+
+
+CIFAR_TINY = ["--model", "capsnet_simple_cifar10", "--dataset", "cifar10",
+              "--model-kwargs", "backbone_args={'out_chs': 8}", "primary_caps=4", "pose_dim=4"]
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.201)  # capsnet_simple_cifar10's
 
 
 def test_cifar_style_dataset(run, tmp_path):
     data = make_image_dataset(tmp_path / "cifar10", size=32, mode="RGB")
     out = tmp_path / "out"
-    results = run(["--model", "capsnet_simple_cifar10", "--dataset", "cifar10", "--data-dir", data,
-                   "--model-kwargs", "backbone_args={'out_chs': 8}", "primary_caps=4", "pose_dim=4",
-                   "--batch-size", 4, "--epochs", 2, "--opt", "sgd", "--lr", 0.01, "--sched", "multistep",
-                   "--decay-milestones", 1, "--output-dir", out])
-    final = results["final"]
-    assert results["task"] == "single-label" and final["num_images"] == 7
-    assert {"top1", "top5"} <= set(final) and results["completed_steps"] == 6  # 3 batches x 2 epochs
-    assert [r["lr"] for r in results["history"]["train"]][-1] == pytest.approx(0.001)
+    results = run(CIFAR_TINY + ["--data-dir", data, "--batch-size", 4, "--epochs", 2, "--opt", "sgd", "--lr", 0.01,
+                                "--sched", "multistep", "--decay-milestones", 1, "--log-every", 1, "--output-dir", out])
+    assert results["task"] == "single-label" and results["completed_steps"] == 6  # 3 batches x 2 epochs
+    # each record holds the lr after its step's scheduler update, i.e. the next step's. Milestone 1 = update 3,
+    # but timm's multistep compares it with t + 1, so the decay already applies to step 3, epoch 0's last
+    assert [r["lr"] for r in results["history"]["train"]] == pytest.approx([0.01] + [0.001] * 5)
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert reloaded.pretrained_cfg["label_names"] == [f"c{i}" for i in range(10)]
-    assert tuple(reloaded.pretrained_cfg["mean"]) == pytest.approx((0.4914, 0.4822, 0.4465))
+    assert tuple(reloaded.pretrained_cfg["mean"]) == pytest.approx(CIFAR_MEAN)
+    # top-1, top-5 and loss recomputed from the saved model on the 7 test images
+    images, targets = as_tensors(*image_examples(32, "RGB")["test"], CIFAR_MEAN, CIFAR_STD)
+    assert_metrics(results["final"], independent_metrics(reloaded, images, targets, multi_label=False))
+    assert json.loads((out / "metrics.json").read_text())["final"] == results["final"]
 
 
 def test_multilabel_hub_style_dataset(run, tmp_path):
     data = make_image_dataset(tmp_path / "multi", size=36, mode="L", multi_label=True)
     results = run(TINY_MODEL + ["--dataset", f"hf:{data}", "--image-column", "img", "--batch-size", 4,
                                 "--max-train-steps", 2, "--output-dir", tmp_path / "out"])
-    assert results["task"] == "multi-label" and results["final"]["num_images"] == 7
-    assert "exact_match" in results["final"]
+    assert results["task"] == "multi-label" and results["metric"] == "exact_match"
+    images, targets = as_tensors(*image_examples(36, "L", multi_label=True)["test"], (0.0,), (1.0,), multi_label=True)
+    assert_metrics(results["final"], independent_metrics(results["model_object"], images, targets, multi_label=True))
+
+
+@pytest.mark.parametrize("form", ["save_to_disk", "parquet", "imagefolder"])
+def test_data_dir_forms(run, train, tmp_path, monkeypatch, form):
+    """The three --data-dir forms of the README; an imagefolder names its image column `image`."""
+    data = make_image_dataset(tmp_path / form, size=32, mode="RGB", form=form)
+    calls = spy_on_model(train, monkeypatch)
+    out = tmp_path / "out"
+    results = run(CIFAR_TINY + ["--data-dir", data, "--batch-size", 4, "--max-train-steps", 2, "--output-dir", out]
+                  + (["--image-column", "image"] if form == "imagefolder" else []))
+    examples = image_examples(32, "RGB")
+    names = [f"c{i}" for i in range(10)]
+    if form == "imagefolder":  # the classes are the folders that occur, in sorted order
+        names = sorted({f"c{y}" for _, labels in examples.values() for y in labels})
+    assert timm.create_model(f"local-dir:{out}", pretrained=True).pretrained_cfg["label_names"] == names
+    images, labels = examples["test"]
+    expected, targets = as_tensors(images, [names.index(f"c{y}") for y in labels], CIFAR_MEAN, CIFAR_STD)
+    seen = evaluated_images(calls)  # before the model runs again below, in front of the spy
+    assert seen.shape == (7, 3, 32, 32)
+    assert_metrics(results["final"], independent_metrics(results["model_object"], expected, targets, False))
+    if form == "imagefolder":  # an imagefolder lists its files in its own order: compare image sums
+        seen, expected = seen.sum((1, 2, 3)).sort().values, expected.sum((1, 2, 3)).sort().values
+    torch.testing.assert_close(seen, expected)
+
+
+def test_resize_brings_images_to_the_models_size(run, train, tmp_path, monkeypatch):
+    data = make_image_dataset(tmp_path / "small", size=28, mode="RGB", plain=True)
+    common = CIFAR_TINY + ["--data-dir", data, "--batch-size", 4, "--max-train-steps", 1]
+    with pytest.raises(SystemExit, match="takes 32x32 images but the dataset's are 28x28; pass --resize"):
+        run(common + ["--output-dir", tmp_path / "refused"])
+    calls = spy_on_model(train, monkeypatch)
+    run(common + ["--resize", "--output-dir", tmp_path / "out"])
+    assert all(call["images"].shape[1:] == (3, 32, 32) for call in calls)
+    # one colour per image: resized to 32x32 it is the same colour, normalised with CIFAR-10's mean and std
+    images, labels = image_examples(28, "RGB", plain=True)["test"]
+    expected, _ = as_tensors([image.resize((32, 32)) for image in images], labels, CIFAR_MEAN, CIFAR_STD)
+    torch.testing.assert_close(evaluated_images(calls), expected)
+
+
+@pytest.mark.parametrize("form, names, n, train_split, test_split, test_images", [
+    ("save_to_disk", ("training", "validation", "test"), (8, 5, 3), "training", "validation", slice(None)),
+    ("parquet", ("train", "test"), (12, 7), "train[:8]", "train[8:]", slice(8, None)),  # datasets' slicing
+])
+def test_split_options(run, train, tmp_path, monkeypatch, form, names, n, train_split, test_split, test_images):
+    data = make_image_dataset(tmp_path / "data", size=32, mode="RGB", n=n, form=form, split_names=names)
+    calls = spy_on_model(train, monkeypatch)
+    results = run(CIFAR_TINY + ["--data-dir", data, "--train-split", train_split, "--test-split", test_split,
+                                "--batch-size", 4, "--epochs", 1, "--output-dir", tmp_path / "out"])
+    assert results["completed_steps"] == 2  # 8 training images at batch 4
+    assert sum(call["training"] for call in calls) == 2
+    images, labels = image_examples(32, "RGB", n, split_names=names)[test_split.partition("[")[0]]
+    expected = as_tensors(images[test_images], labels[test_images], CIFAR_MEAN, CIFAR_STD)
+    torch.testing.assert_close(evaluated_images(calls), expected[0])
+    assert_metrics(results["final"], independent_metrics(results["model_object"], *expected, multi_label=False))
+
+
+def test_missing_split_names_the_ones_there(run, tmp_path):
+    data = make_image_dataset(tmp_path / "data", size=32, mode="RGB", n=(4, 2))
+    with pytest.raises(SystemExit, match=r"cannot load split 'validation' of .*data: .* has splits \['test', "
+                                         r"'train'\], not 'validation'$"):
+        run(CIFAR_TINY + ["--data-dir", data, "--test-split", "validation", "--output-dir", tmp_path / "out"])
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------- what reaches the model, and how
+@pytest.mark.parametrize("workers", [0, 2])
+def test_multimnist_data_reaches_the_model_normalised(run, train, tmp_path, monkeypatch, workers):
+    """Training batches are the DiverseMultiMNIST stream of --seed and the test images make_split(--test-size,
+    --data-seed), both normalised with the model's mean and std, whatever the DataLoader worker count."""
+    from timm_capsules.data import DiverseMultiMNISTStream
+    calls = spy_on_model(train, monkeypatch)
+    mean, std = 0.1307, 0.3081  # not the capsule nets' (0, 1), which would leave a missing normalisation unseen
+    run(TINY + ["--model-arg", f"pretrained_cfg_overlay={{'mean': ({mean},), 'std': ({std},)}}", "--seed", 3,
+                "--data-seed", 5, "--num-workers", workers, "--max-train-steps", 3, "--output-dir", tmp_path])
+    stream = iter(DiverseMultiMNISTStream("train", source="sample", seed=3, batch_size=8))
+    trained = [call["images"] for call in calls if call["training"]]
+    assert len(trained) == 3
+    for images in trained:
+        torch.testing.assert_close(images, (next(stream)[0] - mean) / std)
+    torch.testing.assert_close(evaluated_images(calls), multimnist_test_images(37, mean, std, seed=5)[0])
+
+
+@pytest.mark.parametrize("precision, dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
+def test_mixed_precision_on_the_cpu(run, train, tmp_path, monkeypatch, capsys, precision, dtype):
+    """--mixed_precision bf16 runs every forward (training and evaluation) under CPU autocast; fp16 is refused
+    on the CPU (see test_bad_arguments_stop_with_one_line)."""
+    calls = spy_on_model(train, monkeypatch)
+    results = run(TINY + ["--cpu", "--mixed_precision", precision, "--max-train-steps", 2, "--output-dir", tmp_path])
+    assert [call["training"] for call in calls] == [True, True] + [False] * 3  # 2 steps, 37 test images by 16
+    assert all(call["autocast"] == (precision == "bf16") and call["dtype"] == dtype for call in calls)
+    assert results["args"]["mixed_precision"] == precision and f"mixed precision {precision}" in capsys.readouterr().out
+    assert all(math.isfinite(r["loss"]) for r in results["history"]["train"] + results["history"]["eval"])
+    final = results["final"]
+    assert final["num_images"] == 37 and final["exact_match"] * 37 == pytest.approx(round(final["exact_match"] * 37))
+    assert final["macro_f1"] == pytest.approx(sum(final["per_class_f1"]) / 10)
 
 
 # -------------------------------------------------------------------------------- two processes
@@ -226,6 +514,10 @@ def test_two_processes_identical_weights_and_exact_eval(tmp_path):
     assert metrics["num_processes"] == 2
     assert metrics["final"]["num_images"] == 37  # odd: every test image exactly once
     assert metrics["weights_sha256"] == next(iter(digests.values()))
+    # the gathered metrics are those of the saved model on the 37 images in one process
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    images, targets = multimnist_test_images(37, *mean_std(reloaded))
+    assert_metrics(metrics["final"], independent_metrics(reloaded, images, targets, multi_label=True))
 
 
 # ---------------------------------------------------------------------------- the default command
@@ -237,21 +529,29 @@ def test_default_command_prints_accuracy(tmp_path):
                "--output_dir", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "final test exact_match:" in done.stdout
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    out = tmp_path / "out"
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert f"final test exact_match: {final['exact_match']:.4f} on 100 images after 15 steps" in done.stdout
+    assert "mixed precision no" in done.stdout
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    images, targets = multimnist_test_images(100, *mean_std(reloaded))
+    assert_metrics(final, independent_metrics(reloaded, images, targets, multi_label=True))
 
 
+@pytest.mark.slow
 def test_resume_cifar_style_exactly(run, tmp_path):
-    """Shuffling and augmentation draws survive an interruption (and do not depend on the worker count)."""
+    """Shuffling and augmentation draws survive an interruption and do not depend on the worker count: the
+    uninterrupted run loads in the main process, the interrupted one with 2 workers, the resumed one with 1."""
     data = make_image_dataset(tmp_path / "cifar10", size=32, mode="RGB", n=(20, 5))
-    common = ["--model", "capsnet_simple_cifar10", "--dataset", "cifar10", "--data-dir", data,
-              "--model-kwargs", "backbone_args={'out_chs': 8}", "primary_caps=4", "pose_dim=4",
-              "--batch-size", 4, "--max-train-steps", 12, "--checkpointing-steps", 3, "--seed", 1, "--log-every", 2]
-    full = run(common + ["--output-dir", tmp_path / "full"])
-    run(common + ["--output-dir", tmp_path / "int", "--stop-after-steps", 7])
-    resumed = run(common + ["--output-dir", tmp_path / "int", "--resume-from-checkpoint", "latest"])
+    common = CIFAR_TINY + ["--data-dir", data, "--batch-size", 4, "--max-train-steps", 12, "--checkpointing-steps", 3,
+                           "--seed", 1, "--log-every", 2]  # 5 steps an epoch: the workers restart twice
+    full = run(common + ["--output-dir", tmp_path / "full", "--num-workers", 0])
+    run(common + ["--output-dir", tmp_path / "int", "--stop-after-steps", 7, "--num-workers", 2])
+    resumed = run(common + ["--output-dir", tmp_path / "int", "--resume-from-checkpoint", "latest", "--num-workers", 1])
+    assert (full["args"]["num_workers"], resumed["args"]["num_workers"]) == (0, 1)
     assert_same_weights(load_weights(tmp_path / "full"), load_weights(tmp_path / "int"))
     assert [r["loss"] for r in resumed["history"]["train"]] == pytest.approx([r["loss"] for r in full["history"]["train"]])
+    assert resumed["final"] == pytest.approx(full["final"], rel=1e-5)
 
 
 def test_paper_augmentation():
@@ -309,11 +609,15 @@ def test_loss_and_threshold_follow_what_the_model_returns(train):
 
 
 @pytest.mark.slow
-def test_dynamic_routing_baseline_trains_with_its_preset(run, tmp_path):
+def test_dynamic_routing_baseline_trains_with_its_preset(run, train, tmp_path):
     out = tmp_path / "dr"
     run(["--preset", "multimnist_dynamic_vector", "--model-kwargs", "backbone_args={'out_chs': 16}",
          "--mnist-source", "sample", "--batch-size", "4", "--epoch-size", "8", "--test-size", "6",
          "--max-train-steps", "2", "--output-dir", out])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["final"]["num_images"] == 6 and 0.0 <= metrics["final"]["exact_match"] <= 1.0
     assert metrics["args"]["opt"] == "adam" and metrics["args"]["lr"] == 1e-3
+    # capsule lengths: margin loss, and a class is present when its length is over 0.5
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert train.output_kind(reloaded) == "lengths"
+    images, targets = multimnist_test_images(6, *mean_std(reloaded))
+    assert_metrics(metrics["final"], independent_metrics(reloaded, images, targets, True, returns="lengths"))
