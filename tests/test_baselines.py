@@ -12,8 +12,8 @@ import timm_capsules  # noqa: F401  (registers the models)
 from timm_capsules.baselines import BaselineCNN, DynamicCapsNet, EMCapsNet
 from timm_capsules.data import diverse_multimnist as dmm
 from timm_capsules.data import mnist
-from timm_capsules.routing_baselines import (
-    dynamic_routing, em_routing, inverse_temperature_schedule, margin_loss, spread_loss, squash)
+from timm_capsules.losses import margin_loss, spread_loss
+from timm_capsules.routing_baselines import dynamic_routing, em_routing, inverse_temperature_schedule, squash
 
 # ----------------------------------------------------------------------------------- parameter counts
 # (exact count we get, the paper's figure in millions as printed)
@@ -327,6 +327,28 @@ def test_head_routes_forward_features():
         torch.testing.assert_close(model.forward_head(features), model(x))
 
 
+def test_dynamic_capsnet_output_by_hand():
+    """Sabour et al.: the primary capsules are squashed, every one (type, h, w) votes u_i W_ij for every class,
+    three iterations of routing by agreement, and the model returns the class capsules' lengths."""
+    torch.manual_seed(0)
+    model = DynamicCapsNet(in_chans=1, img_size=20, backbone_args=dict(out_chs=16), primary_caps=4, primary_dim=8,
+                           primary_kernel_size=3, primary_stride=2, class_dim=8).eval()
+    x = torch.randn(2, 1, 20, 20)
+    with torch.no_grad():
+        raw = model.primary(model.backbone(x)[-1]).poses  # (B, 4, 4, 4 types, 8)
+        levels = model.forward_intermediates(x, intermediates_only=True)
+        logits = model(x)
+    assert [info['module'] for info in model.feature_info][-2:] == ['primary.conv', 'primary']
+    squashed = raw * (raw.norm(dim=-1, keepdim=True) ** 2 / (1 + raw.norm(dim=-1, keepdim=True) ** 2)
+                      / raw.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(levels[-2], raw.flatten(3).permute(0, 3, 1, 2))  # channel n * d + e
+    torch.testing.assert_close(levels[-1], squashed.flatten(3).permute(0, 3, 1, 2))
+    children = squashed.permute(0, 3, 1, 2, 4).reshape(2, 64, 8).double()
+    votes = torch.einsum('bic,ijct->bijt', children, model.head.weight.double())
+    classes, _ = naive_dynamic_routing(votes, 3)
+    torch.testing.assert_close(logits.double(), classes.norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
 def test_em_coordinate_addition_changes_votes():
     torch.manual_seed(0)
     kwargs = dict(in_chans=1, img_size=20, backbone_args=dict(out_chs=16), primary_caps=4,
@@ -345,8 +367,19 @@ def test_em_coordinate_addition_changes_votes():
 @pytest.mark.parametrize('ablation', [dict(layer_norm=False), dict(routing='sequential'), dict(activations=True)])
 def test_capsnet_ablations_run(ablation):
     torch.manual_seed(0)
-    model = timm.create_model('capsnet_simple_cifar10', **ablation).train()
-    out = model(torch.randn(2, 3, 32, 32))
+    base = timm.create_model('capsnet_simple_cifar10').eval()
+    model = timm.create_model('capsnet_simple_cifar10', **ablation)
+    ours = model.state_dict()
+    # the ablation alone changes the outputs: every weight the two models share is the same
+    model.load_state_dict({k: v for k, v in base.state_dict().items() if k in ours and ours[k].shape == v.shape},
+                          strict=False)
+    assert any('.norm.' in key for key in ours) is ('layer_norm' not in ablation)
+    assert model.routing == ablation.get('routing', 'concurrent')
+    assert (ours['primary.conv.weight'].shape[0] == 32 * 17) is ('activations' in ablation)  # + 1 activation
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(model.eval()(x), base(x), rtol=1e-3, atol=1e-3)
+    out = model.train()(x)
     out.sum().backward()
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     assert model.backbone.conv.weight.grad is not None and torch.isfinite(model.backbone.conv.weight.grad).all()

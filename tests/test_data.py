@@ -3,12 +3,14 @@ the training stream, the datasets builder and the exported Hub-layout folder."""
 import gzip
 import hashlib
 import logging
+import os
 import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ci import unavailable
 
 from timm_capsules.data import diverse_multimnist as dmm
 from timm_capsules.data import mnist
@@ -86,13 +88,20 @@ def test_idx_rejects_count_mismatch(tmp_path):
         mnist.load_idx_folder(tmp_path, "train")
 
 
-@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_fashion_mnist_from_debian_package():
+    folder = Path(os.environ.get("FASHION_MNIST_DIR", FASHION_DIR))
+    if not any(folder.glob("train-images-idx3-ubyte*")):
+        unavailable(f"Fashion-MNIST not in {folder} (Debian package dataset-fashion-mnist)")
+    # The first ten labels of each split, as published by Zalando: a swapped split or a mis-read
+    # label file fails here even though both splits are balanced.
+    first_labels = {"train": [9, 0, 0, 3, 0, 2, 7, 2, 5, 5], "test": [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]}
     for split, size in (("train", 60_000), ("test", 10_000)):
         digits = mnist.load_mnist(split, "fashion_mnist")
         assert digits.images.shape == (size, 28, 28) and digits.images.dtype == np.uint8
         assert np.bincount(digits.labels).tolist() == [size // 10] * 10  # balanced classes 0-9
+        assert digits.labels[:10].tolist() == first_labels[split]
         assert digits.images.max() == 255 and digits.class_names[9] == "Ankle boot"
+        assert digits.source == "fashion_mnist"
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -132,7 +141,7 @@ def test_offline_skips_network_and_hub_failure_falls_back(monkeypatch):
     monkeypatch.setattr(mnist, "load_hub", lambda split: (_ for _ in ()).throw(ConnectionError("no route")))
     mnist._load_resolved.cache_clear()
     assert mnist.load_mnist("test").source == "sample"
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ConnectionError, match="no route"):
         mnist.load_mnist("test", "hub")
     mnist._load_resolved.cache_clear()
 
@@ -174,6 +183,40 @@ def test_shifts_within_four_pixels(generated, train_digits):
         moved = np.subtract(bounding_box(generated.images[k]), bounding_box(source))
         assert moved[0] == moved[1] and moved[2] == moved[3]  # a pure translation
         assert 0 <= moved[0] <= 8 and 0 <= moved[2] <= 8, moved
+
+
+@pytest.mark.parametrize("canvas_size, max_shift", [(40, 2), (31, 1), (28, 0)])
+def test_canvas_size_and_max_shift_options(train_digits, canvas_size, max_shift):
+    batch = dmm.generate(train_digits, np.arange(600), seed=7, canvas_size=canvas_size, max_shift=max_shift)
+    assert batch.images.shape == (600, canvas_size, canvas_size)
+    # Shifts are measured from the centred position, which rounds down on an odd margin (31 - 28 = 3).
+    centre = (canvas_size - 28) // 2
+    shifts = batch.offsets[batch.classes >= 0] - centre
+    assert shifts.min() == -max_shift and shifts.max() == max_shift  # the whole range, and no more
+    assert len(np.unique(shifts)) == 2 * max_shift + 1
+    for k in range(0, 600, 5):  # the offsets really are where the pixels are
+        (r1, c1), (r2, c2) = batch.offsets[k]
+        image = place_alone(train_digits.images[batch.sources[k, 0]], r1, c1, canvas_size)
+        if batch.num_digits[k] == 2:
+            image = np.minimum(image + place_alone(train_digits.images[batch.sources[k, 1]], r2, c2, canvas_size), 255)
+        np.testing.assert_array_equal(batch.images[k], image, err_msg=f"image {k}")
+    # Single-digit images, from the pixels alone: the bounding box moved by (centre +- max_shift) px.
+    for k in np.flatnonzero(batch.num_digits == 1):
+        moved = np.subtract(bounding_box(batch.images[k]), bounding_box(train_digits.images[batch.sources[k, 0]]))
+        assert moved[0] == moved[1] and moved[2] == moved[3]
+        assert abs(moved[0] - centre) <= max_shift and abs(moved[2] - centre) <= max_shift, moved
+    stream = dmm.DiverseMultiMNISTStream(digits=train_digits, seed=7, num_samples=40, batch_size=40,
+                                         canvas_size=canvas_size, max_shift=max_shift)
+    images, _ = next(iter(stream))
+    assert images.shape == (40, 1, canvas_size, canvas_size)
+    np.testing.assert_array_equal((images[:, 0] * 255).round().byte().numpy(), batch.images[:40])
+
+
+def test_canvas_too_small_for_the_shift_is_rejected(train_digits):
+    with pytest.raises(ValueError, match="canvas_size 35 cannot hold a 28 px digit shifted by up to 4 px"):
+        dmm.generate(train_digits, np.arange(3), canvas_size=35)
+    with pytest.raises(ValueError, match="canvas_size 36 cannot hold a 28 px digit shifted by up to -1 px"):
+        dmm.DiverseMultiMNISTStream(digits=train_digits, max_shift=-1)
 
 
 @pytest.mark.parametrize("overlay", ["sum_clip", "max", "mean"])
@@ -317,33 +360,182 @@ def test_image_feature_round_trips(tmp_path):
     np.testing.assert_array_equal(np.asarray(next(iter(streamed))["image"]), reference.images[0])
 
 
-def test_export_loads_with_plain_load_dataset(tmp_path, monkeypatch):
+def assert_split_is(dataset, reference):
+    """A loaded split holds exactly the generator's images, targets, digit counts and labels, in order."""
+    columns = dataset.with_format("numpy")[:]
+    np.testing.assert_array_equal(columns["image"], reference.images)
+    np.testing.assert_array_equal(columns["target"], reference.targets)
+    np.testing.assert_array_equal(columns["num_digits"], reference.num_digits)
+    assert dataset["labels"] == [sorted(c[c >= 0].tolist()) for c in reference.classes]
+
+
+@pytest.mark.parametrize("canvas_size, max_shift", [(36, 4), (40, 2)])
+def test_export_loads_with_plain_load_dataset(tmp_path, monkeypatch, canvas_size, max_shift):
     import datasets
     from huggingface_hub import DatasetCard
 
     out = tmp_path / "diverse_multimnist"
     dmm.main(["export", str(out), "--source", "sample", "--train-size", "120", "--test-size", "80",
-              "--seed", "1", "--cache-dir", str(tmp_path / "cache")])
+              "--seed", "1", "--cache-dir", str(tmp_path / "cache"), "--canvas-size", str(canvas_size),
+              "--max-shift", str(max_shift)])
     assert sorted(p.name for p in (out / "data").iterdir()) == ["test-00000-of-00001.parquet",
                                                                  "train-00000-of-00001.parquet"]
-    expected_features = dmm.DiverseMultiMNIST(cache_dir=str(tmp_path / "cache"), source="sample").info.features
+    options = dict(source="sample", canvas_size=canvas_size, max_shift=max_shift)
+    expected_features = dmm.DiverseMultiMNIST(cache_dir=str(tmp_path / "cache"), **options).info.features
+    assert expected_features["image"].shape == (canvas_size, canvas_size)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    loaded = datasets.load_dataset("diverse_multimnist")  # by name, from the parent directory
+    # An explicit cache_dir: datasets reads HF_DATASETS_CACHE once, at import, so setting the variable
+    # here would let a cache left by an earlier run answer instead of this export.
+    hf_cache = tmp_path / "hf_cache"
+    loaded = datasets.load_dataset("diverse_multimnist", cache_dir=str(hf_cache))  # by name, from the parent
+    assert all(Path(f["filename"]).is_relative_to(hf_cache) for ds in loaded.values() for f in ds.cache_files)
     assert {split: len(ds) for split, ds in loaded.items()} == {"train": 120, "test": 80}
-    assert loaded["test"].features == expected_features
-    reference = dmm.make_split("test", 80, source="sample", seed=1)
-    np.testing.assert_array_equal(loaded["test"].with_format("numpy")["image"], reference.images)
-    streamed = datasets.load_dataset(str(out), split="test", streaming=True)
+    for split, size in (("train", 120), ("test", 80)):
+        assert loaded[split].features == expected_features
+        assert_split_is(loaded[split], dmm.make_split(split, size, seed=1, **options))
+    reference = dmm.make_split("test", 80, seed=1, **options)
+    streamed = datasets.load_dataset(str(out), split="test", streaming=True, cache_dir=str(hf_cache))
     first = next(iter(streamed))
     assert streamed.features == expected_features
     np.testing.assert_array_equal(np.asarray(first["image"], np.uint8), reference.images[0])
     card = DatasetCard.load(out / "README.md")
     splits = {entry["split"] for entry in card.data.configs[0]["data_files"]}
     assert splits == {"train", "test"} and card.data.license == "cc-by-sa-3.0"
-    assert "dataset_info" in card.data.to_dict() and "Tsai" in card.text
+    info = card.data.to_dict()["dataset_info"]
+    assert {s["name"]: s["num_examples"] for s in info["splits"]} == {"train": 120, "test": 80}
+    assert f"on a {canvas_size}x{canvas_size} canvas" in card.text and f"up to {max_shift} px" in card.text
+    assert f"| canvas_size | `{canvas_size}` |" in card.text and "Tsai" in card.text
+
+
+class FakeHub:
+    """The Hub, in memory: ``repos[repo_id][path] = bytes``. Stands in for the HfApi that ``datasets``
+    pushes through and for the card download/upload of ``huggingface_hub.repocard``; no network."""
+
+    def __init__(self, downloads: Path):
+        self.repos, self.created, self.downloads = {}, [], downloads
+        hub = self
+
+        class Api:
+            def __init__(self, **kwargs):
+                pass
+
+            def repo_info(self, repo_id, **kwargs):
+                if repo_id not in hub.repos:
+                    from huggingface_hub.utils import RepositoryNotFoundError
+                    error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # needs no HTTP response
+                    Exception.__init__(error, repo_id)
+                    raise error
+                return type("RepoInfo", (), {"id": repo_id, "sha": "0" * 40})()
+
+            def create_repo(self, repo_id, repo_type=None, private=False, **kwargs):
+                import huggingface_hub
+                hub.created.append(dict(repo_id=repo_id, repo_type=repo_type, private=private))
+                hub.repos.setdefault(repo_id, {})
+                return huggingface_hub.RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
+
+            def preupload_lfs_files(self, repo_id, additions, **kwargs):
+                for operation in additions:  # datasets deletes the parquet file right after this call
+                    operation.test_bytes = Path(operation.path_or_fileobj).read_bytes()
+
+            def create_commit(self, repo_id, operations, **kwargs):
+                for op in operations:
+                    data = getattr(op, "test_bytes", op.path_or_fileobj)
+                    hub.repos[repo_id][op.path_in_repo] = data if isinstance(data, bytes) else Path(data).read_bytes()
+                return type("CommitInfo", (), {"oid": "a" * 40})()
+
+        self.Api = Api
+
+    def hf_hub_download(self, repo_id, filename, repo_type=None, **kwargs):
+        path = self.downloads / repo_id / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.repos[repo_id][filename])
+        return str(path)
+
+    def upload_file(self, path_or_fileobj, path_in_repo, repo_id, repo_type=None, **kwargs):
+        assert repo_type == "dataset"
+        self.repos[repo_id][path_in_repo] = Path(path_or_fileobj).read_bytes()
+
+
+def test_push_uploads_parquet_and_card_to_the_hub(tmp_path, monkeypatch):
+    import datasets
+    import fsspec
+    import huggingface_hub.repocard
+    from huggingface_hub import DatasetCard
+
+    hub = FakeHub(tmp_path / "downloads")
+    for module in (datasets.dataset_dict, datasets.arrow_dataset):
+        monkeypatch.setattr(module, "HfApi", hub.Api)
+    # push_to_hub lists the repo's existing files and card through HfFileSystem: a new repo is an empty
+    # local folder (the path datasets builds is relative, so it lands under tmp_path)
+    monkeypatch.setattr(datasets.dataset_dict, "HfFileSystem", lambda **kwargs: fsspec.filesystem("file"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub.repocard, "upload_file", hub.upload_file)
+    monkeypatch.setattr(DatasetCard, "validate", lambda self, repo_type=None: None)  # a POST to the Hub
+
+    dmm.main(["push", "my-org/dmm", "--source", "sample", "--train-size", "30", "--test-size", "20", "--seed", "3",
+              "--canvas-size", "32", "--max-shift", "2", "--private", "--cache-dir", str(tmp_path / "cache")])
+    assert hub.created == [dict(repo_id="my-org/dmm", repo_type="dataset", private=True)]
+    files = hub.repos["my-org/dmm"]
+    assert sorted(files) == ["README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet"]
+    # what was uploaded loads back into exactly the generator's images
+    repo = tmp_path / "downloaded"
+    for name, data in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(data)
+    loaded = datasets.load_dataset(str(repo), cache_dir=str(tmp_path / "hf_cache"))
+    options = dict(source="sample", seed=3, canvas_size=32, max_shift=2)
+    for split, size in (("train", 30), ("test", 20)):
+        assert_split_is(loaded[split], dmm.make_split(split, size, **options))
+    card = DatasetCard(files["README.md"].decode())
+    assert card.data.license == "cc-by-sa-3.0"
+    info = card.data.to_dict()["dataset_info"]  # push_to_hub's YAML is kept under our text
+    assert {s["name"]: s["num_examples"] for s in info["splits"]} == {"train": 30, "test": 20}
+    for needle in ("on a 32x32 canvas", "up to 2 px", "| train_size | `30` |", "| seed | `3` |", "CC BY-SA 3.0"):
+        assert needle in card.text, needle  # our card text replaced push_to_hub's
 
 
 def test_preview_writes_png(tmp_path):
+    from PIL import Image
+
     out = dmm.preview(tmp_path / "grid.png", count=10, source="sample", columns=5)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (650, 300)  # figsize (1.3 x 5, 1.5 x 2 rows) at 100 dpi
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.min() < 30 and pixels.max() > 225  # black tiles with bright digits on a white page
+
+
+# ------------------------------------------------------------------------------------ CIFAR-style data
+def test_image_classification_data_normalises_and_encodes_targets():
+    import datasets
+    from PIL import Image
+
+    from timm_capsules.data.cifar import ImageClassificationData, image_transform, label_info
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    single = datasets.Dataset.from_dict(
+        {"img": [Image.fromarray(p) for p in pixels], "label": [7, 0, 3]},
+        features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}))
+    info = label_info(single, "label")
+    assert info == (10, tuple(str(k) for k in range(10)), False)
+    data = ImageClassificationData(single, image_transform((3, 8, 8)), "img", "label", info, mean=mean, std=std)
+    image, target = data[2]
+    by_hand = (pixels[2].transpose(2, 0, 1) / 255.0 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    np.testing.assert_allclose(image.numpy(), by_hand, rtol=1e-5, atol=1e-5)
+    assert target.dtype == torch.int64 and target.item() == 3
+    # multi-label: plain int lists (classes counted from the data); uint8 CHW arrays, which datasets reads
+    # back as lists of Python ints (as in an exported DiverseMultiMNIST); grey, resized
+    multi = datasets.Dataset.from_dict(
+        {"img": [p.transpose(2, 0, 1) for p in pixels], "tags": [[1], [0, 4], []]},
+        features=datasets.Features({"img": datasets.Array3D((3, 8, 8), "uint8"),
+                                    "tags": datasets.Sequence(datasets.Value("int64"))}))
+    info = label_info(multi, "tags")
+    assert info == (5, None, True)
+    data = ImageClassificationData(multi, image_transform((1, 4, 4), resize=True), "img", "tags", info,
+                                   mean=(0.5,), std=(0.25,))
+    image, target = data[1]
+    assert image.shape == (1, 4, 4) and target.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+    grey = Image.fromarray(pixels[1]).convert("L").resize((4, 4), Image.BILINEAR)  # torchvision's Resize
+    np.testing.assert_allclose(image[0].numpy(), (np.asarray(grey) / 255.0 - 0.5) / 0.25, rtol=1e-5, atol=1e-5)
+    assert data[2][1].sum() == 0

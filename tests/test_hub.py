@@ -2,7 +2,10 @@
 placed in a hand-made Hugging Face cache (HF_HUB_OFFLINE=1), and every way of loading it gives the
 original model back. Plus: model cards, the README table, hub_configs, and the integrity errors."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,8 +127,9 @@ def test_cache_layout(simple):
 
 def test_dry_run_refuses_a_non_empty_folder(simple, tmp_path):
     (tmp_path / 'stale.bin').write_bytes(b'x')
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match=f'{tmp_path} is not empty'):
         hub.push_checkpoint(simple.checkpoint, dry_run=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['stale.bin']  # nothing written next to it
 
 
 # ---- loading: pretrained=True, hf-hub:, local-dir: ------------------------------------------------------
@@ -284,14 +288,22 @@ def test_missing_and_renamed_tensors_are_listed_even_when_the_head_is_adapted(si
     assert 'not in the model (1)' in message and 'capsule_layers.0.norm.gain' in message
 
 
-MALFORMED = {
-    'num_classes is a string': lambda c: c.update(num_classes='ten'),
-    'input_size has two entries': lambda c: (c['pretrained_cfg'].update(input_size=[3, 32]), c['model_args'].pop('img_size')),
-    'mean has the wrong length': lambda c: c['pretrained_cfg'].update(mean=[0.5, 0.5]),
-    'label_names has the wrong length': lambda c: c['pretrained_cfg'].update(label_names=['cat', 'dog']),
-    'unknown model argument': lambda c: c['model_args'].update(capsule_magic=3),
-    'model_args in_chans disagrees': lambda c: c['model_args'].update(in_chans=4),
-    'iterations is not an int': lambda c: c['model_args'].update(iterations='2'),
+MALFORMED = {  # case: (how to break config.json, what the error says[, what it says when loading])
+    'num_classes is a string': (lambda c: c.update(num_classes='ten'), "num_classes must be an int >= 0, got 'ten'"),
+    'input_size has two entries': (
+        lambda c: (c['pretrained_cfg'].update(input_size=[3, 32]), c['model_args'].pop('img_size')),
+        r'input_size must be \[channels, height, width\] of positive ints, got [\[(]3, 32[\])]'),  # timm: tuple
+    'mean has the wrong length': (lambda c: c['pretrained_cfg'].update(mean=[0.5, 0.5]),
+                                  r'mean must hold 3 numbers \(one per input channel\), got [\[(]0.5, 0.5[\])]'),
+    'label_names has the wrong length': (lambda c: c['pretrained_cfg'].update(label_names=['cat', 'dog']),
+                                         'label_names must have num_classes=10 entries, got 2'),
+    'unknown model argument': (lambda c: c['model_args'].update(capsule_magic=3),
+                               r"model_args has unknown arguments \['capsule_magic'\]"),
+    'model_args in_chans disagrees': (  # timm builds for 4 channels first, so loading trips over the mean
+        lambda c: c['model_args'].update(in_chans=4), r'model_args.in_chans=4 disagrees with input_size\[0\]=3',
+        r'mean must hold 4 numbers'),
+    'iterations is not an int': (lambda c: c['model_args'].update(iterations='2'),
+                                 "model_args.iterations must be an int >= 1, got '2'"),
 }
 
 
@@ -299,35 +311,37 @@ MALFORMED = {
 def test_malformed_config_is_rejected_before_weights_are_read(simple, tmp_path, case):
     repo = _copy_repo(simple, tmp_path / 'repo')
     config = json.loads((repo / 'config.json').read_text())
-    MALFORMED[case](config)
+    breaks, message, *load_message = MALFORMED[case]
+    breaks(config)
     (repo / 'config.json').write_text(json.dumps(config))
     _corrupt(repo / 'model.safetensors', 'corrupted')  # reading the weights first would raise WeightsError
-    with pytest.raises(ConfigError, match='config.json'):
+    with pytest.raises(ConfigError, match=f'config.json.*{(load_message or [message])[0]}'):
         timm.create_model(f'local-dir:{repo}', pretrained=True)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=f'config.json.*{message}'):
         hub.check_checkpoint(repo)
 
 
-@pytest.mark.parametrize('case', ['unknown architecture', 'not json', 'no architecture'])
+UNPARSEABLE = {  # case: (config.json text from the original, timm's error, check_checkpoint's message)
+    'unknown architecture': (lambda c: json.dumps(dict(c, architecture='capsnet_does_not_exist')),
+                             (RuntimeError, r'Unknown model \(capsnet_does_not_exist\)'),
+                             r"unknown architecture 'capsnet_does_not_exist'"),
+    'not json': (lambda c: '{"architecture": "capsnet_simple_cifar10",',
+                 (json.JSONDecodeError, 'Expecting property name'), r'config.json: not valid JSON'),
+    'no architecture': (lambda c: json.dumps({k: v for k, v in c.items() if k != 'architecture'}),
+                        (KeyError, 'architecture'), r'config.json: missing "architecture"'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(UNPARSEABLE))
 def test_unparseable_config_is_rejected_before_weights_are_read(simple, tmp_path, case):
     repo = _copy_repo(simple, tmp_path / 'repo')
     config = json.loads((repo / 'config.json').read_text())
-    if case == 'unknown architecture':
-        config['architecture'] = 'capsnet_does_not_exist'
-        text = json.dumps(config)
-    elif case == 'not json':
-        text = '{"architecture": "capsnet_simple_cifar10",'
-    else:
-        del config['architecture']
-        text = json.dumps(config)
-    (repo / 'config.json').write_text(text)
-    _corrupt(repo / 'model.safetensors', 'corrupted')
-    with pytest.raises(Exception) as info:  # timm parses config.json before our code runs
+    text, (timm_error, timm_message), message = UNPARSEABLE[case]
+    (repo / 'config.json').write_text(text(config))
+    _corrupt(repo / 'model.safetensors', 'corrupted')  # reading the weights first would raise WeightsError
+    with pytest.raises(timm_error, match=timm_message):  # timm parses config.json before our code runs
         timm.create_model(f'local-dir:{repo}', pretrained=True)
-    assert not isinstance(info.value, WeightsError)
-    if case == 'unknown architecture':
-        assert 'capsnet_does_not_exist' in str(info.value)
-    with pytest.raises(ConfigError, match='unknown architecture|not valid JSON|missing "architecture"'):
+    with pytest.raises(ConfigError, match=message):
         hub.check_checkpoint(repo)
 
 
@@ -376,6 +390,84 @@ def test_push_uploads_the_dry_run_folder_and_marks_the_tag_published(simple, tmp
     written = json.loads(config.read_text())
     assert written['status'] == hub.PUBLISHED and written['hub_commit'] == 'a' * 40
     assert json.loads((CONFIG_DIR / config.name).read_text())['status'] == hub.NOT_PUBLISHED  # untouched
+
+
+# ---- command line: python -m timm_capsules.hub ----------------------------------------------------------
+
+
+def _cells(table: str, tag: str) -> list:
+    row = next(line for line in table.splitlines() if line.startswith(f'| `{tag}` |'))
+    return [cell.strip() for cell in row.strip('|').split('|')]
+
+
+def test_cli_record_reaches_config_card_and_readme_table(tmp_path, monkeypatch, capsys):
+    configs = tmp_path / 'hub_configs'
+    shutil.copytree(CONFIG_DIR, configs)
+    monkeypatch.setenv(hub.CONFIG_DIR_ENV, str(configs))
+    config = configs / 'capsnet_resnet_cifar10.cifar10.json'
+    # mean 93.5567 rounds up to 93.56, sample std 0.4600 (the population std would be 0.38)
+    assert hub.main(['record', '--config', str(config), '--top1', '93.10', '93.55', '94.02',
+                     '--checkpoint-top1', '93.55']) == 0
+    results = json.loads(config.read_text())['results']
+    expected = dict(per_seed=[93.10, 93.55, 94.02], num_seeds=3, mean=93.56, std=0.46, best=94.02, checkpoint=93.55)
+    assert {key: results[key] for key in expected} == expected
+    assert json.loads(capsys.readouterr().out) == results  # it prints what it wrote
+
+    card_path = tmp_path / 'card.md'
+    assert hub.main(['card', '--config', str(config), '--published', '--output', str(card_path)]) == 0
+    card = ModelCard(card_path.read_text())
+    assert card.data.eval_results[0].metric_value == 93.55  # the uploaded weights' accuracy, not the best seed
+    assert '| 93.56 ± 0.46 | 94.02 | 3 | 93.55 |' in card.text
+
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'# intro\n\n{hub.TABLE_BEGIN}\n| stale |\n{hub.TABLE_END}\n\nafter\n')
+    assert hub.main(['table', '--check', str(readme)]) == 1
+    assert capsys.readouterr().out == 'README model table is out of date\n'
+    assert '| stale |' in readme.read_text()  # --check never writes
+    assert hub.main(['table', '--write', str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(f'# intro\n\n{hub.TABLE_BEGIN}\n| tag |') and text.endswith(f'{hub.TABLE_END}\n\nafter\n')
+    assert _cells(text, 'capsnet_resnet_cifar10.cifar10') == [
+        '`capsnet_resnet_cifar10.cifar10`', 'CIFAR-10', '1,828,817', '2', 'not yet published', 'top-1 accuracy (%)',
+        '93.56 ± 0.46 (94.02), 3', '94.85 (95.14)', '`--preset cifar10_resnet`']
+    assert _cells(text, 'capsnet_simple_cifar10.cifar10')[6] == '—'  # nothing recorded there
+    capsys.readouterr()
+    assert hub.main(['table', '--check', str(readme)]) == 0
+    assert hub.main(['table']) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith(f'{hub.TABLE_END}\n') and printed.split(hub.TABLE_BEGIN)[1] in text
+
+
+def test_cli_check_says_ok_or_names_the_bad_tensor(simple, tmp_path, capsys):
+    assert hub.main(['check', '--checkpoint', str(simple.checkpoint)]) == 0
+    assert capsys.readouterr().out == f'{simple.checkpoint}: OK (capsnet_simple_cifar10, 561,297 params)\n'
+    bad = _copy_repo(simple, tmp_path / 'bad')
+    weights = load_file(bad / 'model.safetensors')
+    weights['backbone.conv.weight'] = weights['backbone.conv.weight'][:128].contiguous()
+    del weights['primary.norm.bias']
+    (bad / 'model.safetensors').unlink()
+    save_file(weights, bad / 'model.safetensors')
+    result = subprocess.run([sys.executable, '-m', 'timm_capsules.hub', 'check', '--checkpoint', str(bad)],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE='1'))
+    assert result.returncode == 2 and result.stdout == '' and 'Traceback' not in result.stderr, result.stderr
+    assert result.stderr.startswith('error: ') and str(bad) in result.stderr
+    assert 'shape mismatches (1):\n    backbone.conv.weight: checkpoint (128, 3, 3, 3), model (256, 3, 3, 3)' in result.stderr
+    assert 'missing from the checkpoint (1):\n    primary.norm.bias' in result.stderr
+
+
+def test_cli_cache_makes_a_folder_loadable_offline(simple, tmp_path, capsys):
+    cache = tmp_path / 'cache'
+    assert hub.main(['cache', '--folder', str(simple.dry_run), '--repo-id', 'someone/my-capsnet',
+                     '--cache-dir', str(cache)]) == 0
+    snapshot = Path(capsys.readouterr().out.strip())
+    repo = cache / 'models--someone--my-capsnet'
+    assert snapshot.parent == repo / 'snapshots' and (repo / 'refs' / 'main').read_text() == snapshot.name
+    for name in ('README.md', 'config.json', 'model.safetensors'):
+        assert (snapshot / name).read_bytes() == (simple.dry_run / name).read_bytes()
+    with hub.offline_hub_cache(cache, simple.configs):  # HF_HUB_OFFLINE=1: only the cache can answer
+        model = timm.create_model('hf-hub:someone/my-capsnet', pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(model(simple.x), simple.logits)
 
 
 # ---- hub_configs, cards, README table ----------------------------------------------------------------

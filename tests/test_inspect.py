@@ -1,4 +1,5 @@
 """Routing introspection (timm_capsules.inspect): coefficients, top-down mass, pictures and the probe."""
+import dataclasses
 import json
 import math
 import os
@@ -8,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
-from timm_capsules.capsnet import CapsNet, RoutingTrace
+from timm_capsules.capsnet import CapsNet
 from timm_capsules.inspect import (
-    class_primary_mass, part_whole_probe, primary_receptive_fields, propagate_mass, routing_entropy,
-    routing_summary, routing_trace)
+    class_heatmaps, class_primary_mass, diverse_multimnist_samples, load_images, part_whole_probe, prepare_arrays,
+    primary_receptive_fields, primary_to_image, propagate_mass, routing_entropy, routing_summary, routing_trace)
 from timm_capsules.layers import Capsules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +111,46 @@ def test_propagate_mass_matches_a_loop():
                                                                  m[:, 0, 0]))
 
 
+@pytest.mark.parametrize('routing', ['concurrent', 'sequential'])
+def test_used_iteration_is_the_one_that_fed_the_logits(routing):
+    """iteration='used': with concurrent routing the class capsules' last pass read the layer below at
+    iteration t - 1, that one the layer below it at t - 2, ...; with sequential routing every layer's last."""
+    torch.manual_seed(0)
+    model = CapsNet(**TINY, routing=routing, iterations=3).eval()
+    trace = routing_trace(model, torch.randn(2, 1, 12, 12))
+    # routing layers: capsule_layers.0 (conv k3 s1), capsule_layers.1 (conv k2 s1), head.capsules (fc)
+    layers = [('conv', 3, 1), ('conv', 2, 1), ('fc', None, None)]
+    used = [0, 1, 2] if routing == 'concurrent' else [2, 2, 2]
+    mass = torch.zeros(2, 1, 1, 3, 1)
+    mass[:, 0, 0, 2, 0] = 1.0  # class 2
+    for l in (2, 1, 0):
+        kind, kernel, stride = layers[l]
+        mass = propagate_mass(trace.coefficients[used[l]][l], mass, kind, kernel, stride,
+                              tuple(trace.poses[0][l].shape[1:4]))
+    got = class_primary_mass(model, trace, [2], 'used')
+    torch.testing.assert_close(got, mass)
+    assert got.shape == (2, 6, 6, 4, 1)
+    last = class_primary_mass(model, trace, [2], -1)
+    assert torch.allclose(last, got) is (routing == 'sequential')
+
+
+def test_heat_map_of_a_constant_is_flat_and_sum_keeps_the_mass():
+    torch.manual_seed(0)
+    model = CapsNet(**TINY).eval()
+    boxes = primary_receptive_fields(model)
+    assert boxes[0, 1, 2] < boxes[0, 0, 3]  # neighbouring boxes overlap: pixels in 1, 2 or 4 boxes
+    flat = primary_to_image(torch.full((1, 6, 6), 2.5), boxes, model.img_size, 'mean')
+    covered = primary_to_image(torch.ones(1, 6, 6), boxes, model.img_size, 'sum') > 0
+    assert covered.float().mean() > 0.8
+    torch.testing.assert_close(flat[covered], torch.full_like(flat[covered], 2.5))
+    mass = torch.rand(1, 6, 6, 3)
+    torch.testing.assert_close(primary_to_image(mass, boxes, model.img_size, 'sum').sum((1, 2)), mass.sum((1, 2)))
+    # routing mass relative to the uniform first pass: 1 everywhere for the first pass itself
+    trace = routing_trace(model, torch.randn(1, 1, 12, 12))
+    gain = class_heatmaps(model, trace, [0, 1], iteration=0)
+    torch.testing.assert_close(gain[covered], torch.ones_like(gain[covered]))
+
+
 def _halves_model():
     """Primary capsules tiling a 16x16 image in 2x2 cells (8x8 grid), fully connected to 2 class capsules."""
     torch.manual_seed(0)
@@ -119,17 +161,19 @@ def _halves_model():
 
 def _fixed_routing(model, left_to_a: float):
     """forward_routing replaced by a trace whose class routing is fixed: every primary capsule in the left
-    half of the grid sends ``left_to_a`` to class 0 (the rest to class 1), the right half the reverse."""
+    half of the grid sends ``left_to_a`` to class 0 (the rest to class 1), the right half the reverse.
+    Everything else (shapes, layer names, geometry) is the model's own trace."""
+    real = model.forward_routing
+
     def forward_routing(x):
         B = x.shape[0]
         left = (torch.arange(8) < 4).float().view(1, 8).expand(8, 8)  # (h, w)
         to_a = left * left_to_a + (1 - left) * (1 - left_to_a)
         to_a = to_a.expand(2, 8, 8).reshape(-1)  # children (type, h, w)
         r = torch.stack([to_a, 1 - to_a], -1).expand(B, 1, 1, -1, -1)
-        poses = [torch.zeros(B, 8, 8, 2, 4), torch.zeros(B, 1, 1, 2, 4)]
-        return RoutingTrace(logits=torch.zeros(B, 2), layer_names=['primary', 'head.capsules'],
-                            poses=[poses, poses], coefficients=[[torch.full_like(r, 0.5)], [r]],
-                            activations=[[None, None], [None, None]])
+        trace = real(x)
+        assert trace.layer_names == ['primary', 'head.capsules'] and len(trace.coefficients) == 2
+        return dataclasses.replace(trace, coefficients=[[torch.full_like(r, 0.5)], [r]])
     model.forward_routing = forward_routing
     return model
 
@@ -181,6 +225,7 @@ def test_top_down_mass_of_the_fixed_routing():
     assert torch.allclose(mass[..., 0] + mass[..., 1], torch.tensor(1.0))
 
 
+@pytest.mark.slow  # a subprocess that draws five pictures (about 13 s on 2 cores)
 def test_command_line_writes_pictures_json_and_raw(tmp_path):
     from PIL import Image
     from safetensors.torch import load_file
@@ -218,9 +263,31 @@ def test_command_line_writes_pictures_json_and_raw(tmp_path):
         assert [layer['name'] for layer in item['layers']] == ['capsule_layers.0', 'head.capsules']
         assert len(item['layers'][0]['iterations']) == 3
     assert all(len(item['true']) == 2 for item in summary['images'][1:])
-    probe = json.loads((out / 'probe.json').read_text())
-    assert probe['images'] == 4 and 0.0 <= probe['own_fraction'] <= 1.0
     raw = load_file(str(out / 'coefficients.safetensors'))
     r = raw['image1/iteration3/capsule_layers.0']
     assert r.shape == (6, 6, 3 * 3 * 4, 4)
     torch.testing.assert_close(r.sum(-1), torch.ones(6, 6, 36))
+
+    # the numbers are the model's: the same model (seed 0, as the command builds it) on the same inputs
+    torch.manual_seed(0)
+    model = timm.create_model('capsnet_matrix_multimnist', **kwargs).eval()
+    digits, masks, labels, ids = diverse_multimnist_samples(2, source='sample', two_digit_only=True)
+    x = torch.cat([load_images(model, [str(picture)]), prepare_arrays(model, digits, masks)[0]])
+    trace = routing_trace(model, x)
+    assert [item['image'] for item in summary['images']] == ['noise.png'] + [
+        f'diverse_multimnist_test_{i}' for i in ids]
+    for b, item in enumerate(summary['images']):
+        torch.testing.assert_close(torch.tensor(item['logits']), trace.logits[b])
+        assert item['predicted'] == [str(c) for c in trace.logits[b].argsort(descending=True)[:2].tolist()]
+        for k in range(3):
+            for l, name in enumerate(trace.layer_names[1:]):
+                torch.testing.assert_close(raw[f'image{b}/iteration{k + 1}/{name}'], trace.coefficients[k][l][b])
+    assert [sorted(item['true']) for item in summary['images'][1:]] == [
+        sorted(str(c) for c in label) for label in labels]
+    digits, masks, labels, _ = diverse_multimnist_samples(4, source='sample', two_digit_only=True)
+    x, masks = prepare_arrays(model, digits, masks)
+    expected = part_whole_probe(model, x, masks, torch.from_numpy(labels))
+    probe = json.loads((out / 'probe.json').read_text())
+    assert probe['images'] == 4 and probe.keys() == expected.keys()
+    for key in ('own_fraction', 'baseline', 'area_share', 'separated', 'other_fraction_of_all'):
+        assert probe[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key

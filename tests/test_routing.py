@@ -762,3 +762,16 @@ def test_each_environment_gets_its_own_build_folder(monkeypatch):
     monkeypatch.setattr(torch, '__file__', '/another/venv/lib/python3.11/site-packages/torch/__init__.py')
     elsewhere = routing._kernel_build_folder()
     assert here[1] != elsewhere[1] and here[0].parent == elsewhere[0].parent
+
+
+@pytest.mark.parametrize('routing_kind, used', [('concurrent', [0, 1, 2]), ('sequential', [2, 2, 2])])
+def test_trace_carries_each_layers_geometry_and_the_iteration_the_logits_read(routing_kind, used):
+    """tiny_capsnet: 5x5 primary grid of 3 types -> conv k3 s1 (3 types) -> conv k2 s1 (2 types) -> 3 classes.
+    With t = 3 and concurrent routing, the class capsules' last update reads the second layer's update of
+    iteration 2, which read the first layer's update of iteration 1 (indices 0-based)."""
+    model = tiny_capsnet(iterations=3, routing=routing_kind)
+    with torch.no_grad():
+        trace = model.forward_routing(torch.randn(1, 1, 10, 10))
+    assert trace.geometry == [('conv', 3, 1, (5, 5, 3), (3, 3, 3)), ('conv', 2, 1, (3, 3, 3), (2, 2, 2)),
+                              ('fc', None, None, (2, 2, 2), (1, 1, 3))]
+    assert trace.used_iterations == used

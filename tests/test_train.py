@@ -594,7 +594,7 @@ def test_baseline_presets_use_the_papers_optimizers(train):
 
 
 def test_loss_and_threshold_follow_what_the_model_returns(train):
-    from timm_capsules.routing_baselines import margin_loss, spread_loss
+    from timm_capsules.losses import margin_loss, spread_loss
     assert train.output_kind(timm.create_model("dynamic_capsnet_vector_multimnist", device="meta")) == "lengths"
     assert train.output_kind(timm.create_model("em_capsnet_simple_cifar10", device="meta")) == "activations"
     assert train.output_kind(timm.create_model("cnn_baseline_multimnist", device="meta")) == "logits"

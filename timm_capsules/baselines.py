@@ -4,14 +4,14 @@ Paper: `Capsules with Inverted Dot-Product Attention Routing` - https://arxiv.or
 (Tsai, Srivastava, Goh, Salakhutdinov, ICLR 2020), Table 1, Fig. 5 and appendix Tables 2-12.
 
 - ``DynamicCapsNet``: vector capsules with dynamic routing (Sabour et al., 2017). Outputs the lengths of
-  the class capsules (in [0, 1)); train with ``routing_baselines.margin_loss``.
+  the class capsules (in [0, 1)); train with ``losses.margin_loss``.
 - ``EMCapsNet``: 4x4 matrix capsules with activations and EM routing (Hinton et al., 2018), coordinate
   addition in the class capsules. Outputs the class capsules' activations (in (0, 1)); train with
-  ``routing_baselines.spread_loss``.
+  ``losses.spread_loss``.
 - ``BaselineCNN``: the paper's plain CNNs (CIFAR and DiverseMultiMNIST), logits.
 - ``CifarResNet``: ResNet-18 for 32x32 inputs, timm's own ResNet with a 3x3 stride-1 stem and no max-pool.
 
-``OUTPUT_TYPES`` says what each model's forward returns, and ``LOSSES`` which loss the paper trains it with.
+Each model class says what its forward returns in ``output_type`` (see ``losses.py``).
 
 The capsule baselines route layer by layer (every routing iteration of a layer runs before the next
 layer starts), so ``forward_features`` is simply the deepest capsule layer below the class capsules, as
@@ -37,15 +37,8 @@ from .routing_baselines import dynamic_routing, em_routing, inverse_temperature_
 
 __all__ = [
     'DynamicCapsNet', 'EMCapsNet', 'BaselineCNN', 'CifarResNet', 'DynamicConvCapsules', 'DynamicFCCapsules',
-    'EMConvCapsules', 'EMClassCapsules', 'OUTPUT_TYPES', 'LOSSES',
+    'EMConvCapsules', 'EMClassCapsules',
 ]
-
-# what forward returns, and the loss the paper trains each family with
-OUTPUT_TYPES = {
-    'DynamicCapsNet': 'lengths', 'EMCapsNet': 'activations', 'BaselineCNN': 'logits', 'CifarResNet': 'logits'}
-LOSSES = {  # on DiverseMultiMNIST the CNNs use binary cross-entropy per class, the capsule nets the same losses
-    'DynamicCapsNet': 'margin', 'EMCapsNet': 'spread', 'BaselineCNN': 'cross_entropy', 'CifarResNet': 'cross_entropy'}
-
 
 # ---- capsule layers -----------------------------------------------------------------------------
 
@@ -186,6 +179,7 @@ class _CapsuleBaseline(nn.Module):
     feature level.
     """
     has_activations = False
+    output_type = 'logits'
 
     def _finish_init(self, head_factory: Callable[..., nn.Module], global_pool: str, dd: Dict[str, Any]):
         self._head_factory = head_factory  # (num_classes, device=, dtype=) -> class capsules
@@ -351,6 +345,7 @@ class DynamicCapsNet(_CapsuleBaseline):
         iterations: routing iterations of every routed layer.
         global_pool: pooling of the features when ``num_classes == 0``.
     """
+    output_type = 'lengths'
 
     def __init__(
             self,
@@ -442,6 +437,7 @@ class EMCapsNet(_CapsuleBaseline):
         global_pool: pooling of the features when ``num_classes == 0``.
     """
     has_activations = True
+    output_type = 'activations'
 
     def __init__(
             self,
@@ -544,6 +540,7 @@ class BaselineCNN(nn.Module):
     pooling, a conv with bias, ReLU, and an optional BatchNorm (the paper's "ReLU+BN" order). Every stage is
     a feature level.
     """
+    output_type = 'logits'
 
     def __init__(
             self,
@@ -693,6 +690,7 @@ class BaselineCNN(nn.Module):
 class CifarResNet(ResNet):
     """timm's ResNet for 32x32 inputs: a 3x3 stride-1 stem conv (64 channels), BN, ReLU and no max-pool;
     the stages are timm's own. Feature reductions are 1, 1, 2, 4, 8."""
+    output_type = 'logits'
 
     def __init__(self, *args, in_chans: int = 3, device=None, dtype=None, **kwargs):
         super().__init__(*args, in_chans=in_chans, device=device, dtype=dtype, **kwargs)

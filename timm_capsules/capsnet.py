@@ -17,7 +17,7 @@ coefficient and pose for inspection, with the same logits.
 """
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +27,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from .backbones import CifarResNetBackbone, SimpleBackbone, TimmBackbone, capsule_group_matcher
-from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, capsules_to_nchw
-from .routing import use_fused_routing
+from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, RoutedCapsules, capsules_to_nchw
+from .routing import DEFAULT_MAX_VOTES, use_fused_routing
 
-__all__ = ['CapsNet', 'RoutingTrace']
+__all__ = ['CapsNet', 'RoutingTrace', 'RoutingGeometry', 'last_useful_iteration', 'MAX_ITERATIONS']
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -64,6 +64,27 @@ def check_input(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
             f'a capsule network is built for one input size (pass img_size=/in_chans= to create_model to change it)')
 
 
+class RoutingGeometry(NamedTuple):
+    """How one routed capsule layer connects its children to its parents."""
+    kind: str  # 'conv': each parent position routes a kernel x kernel window; 'fc': every child to every parent
+    kernel_size: Optional[int]
+    stride: Optional[int]
+    child_grid: Tuple[int, int, int]  # (H, W, capsule types) of the children
+    parent_grid: Tuple[int, int, int]  # (H, W, capsule types) of the parents
+
+
+def last_useful_iteration(layer_depth: int, depth: int, iterations: int, routing: str) -> int:
+    """The last iteration (1-based) whose update of the routed layer at ``layer_depth`` (1 = the first
+    capsule layer above the primary capsules, ``depth`` = the class capsules) reaches the logits.
+
+    Concurrent routing: layer l at iteration k reaches the class capsules at iteration t only if
+    k + (depth - l) <= t; anything later is never read. Sequential routing: every layer's last iteration.
+    """
+    if routing == 'sequential':
+        return iterations
+    return max(1, iterations - (depth - layer_depth))
+
+
 @dataclass
 class RoutingTrace:
     """Everything one forward pass routed, for inspection (see ``CapsNet.forward_routing``).
@@ -75,12 +96,16 @@ class RoutingTrace:
     a window for conv layers and (type, h, w) for fully connected layers; rows sum to 1 over parents.
     Iteration 0 is the uniform first pass (every coefficient 1/parents).
     ``activations[k][l]`` are the capsule activations (B, H, W, N) with ``activations=True``, else None.
+    ``geometry[l-1]`` describes how layer l routes from layer l-1, and ``used_iterations[l-1]`` is the index k
+    of the iteration whose coefficients of that layer the logits depend on (``last_useful_iteration`` - 1).
     """
     logits: Tensor
     layer_names: List[str]
     poses: List[List[Tensor]]
     coefficients: List[List[Tensor]]
     activations: List[List[Optional[Tensor]]]
+    geometry: List[RoutingGeometry]
+    used_iterations: List[int]
 
 
 class ClassCapsules(nn.Module):
@@ -99,7 +124,7 @@ class ClassCapsules(nn.Module):
 
 
 class CapsNet(nn.Module):
-    """Capsule network with inverted dot-product attention routing.
+    """Capsule network with inverted dot-product attention routing. Returns logits.
 
     Args:
         num_classes: number of class capsules (0 for a pooled feature extractor).
@@ -124,6 +149,7 @@ class CapsNet(nn.Module):
             backward pass (bounded memory for large inputs); None never chunks. The fused CPU kernel never
             stores votes, so it needs no chunks.
     """
+    output_type = 'logits'  # what forward returns (see losses.py)
 
     def __init__(
             self,
@@ -146,7 +172,7 @@ class CapsNet(nn.Module):
             layer_norm: bool = True,
             activations: bool = False,
             global_pool: str = 'avg',
-            max_votes: Optional[int] = 2 ** 26,
+            max_votes: Optional[int] = DEFAULT_MAX_VOTES,
             device=None,
             dtype=None,
     ):
@@ -160,7 +186,8 @@ class CapsNet(nn.Module):
         self.iterations, self.routing = iterations, routing
         self.pose_dim, self.has_activations = pose_dim, activations
         self.grad_checkpointing = False
-        layer_kwargs = dict(matrix_pose=matrix_pose, layer_norm=layer_norm, activations=activations)
+        layer_kwargs = dict(matrix_pose=matrix_pose, layer_norm=layer_norm, activations=activations,
+                            max_votes=max_votes, fused_routing=use_fused_routing())
 
         # the capsule stack decides how large a feature map it needs; build it on sizes, not tensors
         self.primary_args = dict(kernel_size=primary_kernel_size, stride=primary_stride, padding=primary_padding)
@@ -216,22 +243,29 @@ class CapsNet(nn.Module):
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head = ClassCapsules(self.head_in_caps, num_classes, pose_dim, layer_kwargs, **dd) if num_classes else None
         self.pruned = False
-        self.set_max_votes(max_votes)
-        self.fused_routing = use_fused_routing()
+
+    @property
+    def fused_routing(self) -> bool:
+        return self.head_layer_kwargs['fused_routing']
+
+    @property
+    def max_votes(self) -> Optional[int]:
+        return self.head_layer_kwargs['max_votes']
 
     def set_fused_routing(self, enable: bool = True):
         """Route on the CPU with the fused kernel (the default; see ``routing.fused_attention_routing``)
         or with plain tensor ops, the reference it is tested against."""
-        for module in self.modules():
-            if hasattr(module, 'fused_routing'):
-                module.fused_routing = enable
+        self._set_routing_option('fused_routing', enable)
 
     def set_max_votes(self, max_votes: Optional[int]):
-        """Vote-tensor size above which routing runs in memory-bounded chunks (None: never)."""
-        self.max_votes = max_votes
+        """Vote-tensor size above which plain tensor-op routing runs in memory-bounded chunks (None: never)."""
+        self._set_routing_option('max_votes', max_votes)
+
+    def _set_routing_option(self, name: str, value: Any):
+        self.head_layer_kwargs[name] = value  # class capsules made later by reset_classifier get it too
         for module in self.modules():
-            if hasattr(module, 'max_votes') and module is not self:
-                module.max_votes = max_votes
+            if isinstance(module, RoutedCapsules):
+                setattr(module, name, value)
 
     # ---- construction helpers -------------------------------------------------------------------
 
@@ -272,8 +306,6 @@ class CapsNet(nn.Module):
             self.head = ClassCapsules(
                 self.head_in_caps, num_classes, self.pose_dim, self.head_layer_kwargs,
                 device=reference.device, dtype=reference.dtype).train(self.training)
-            self.set_max_votes(self.max_votes)
-            self.set_fused_routing(self.fused_routing)
         else:
             self.head = None
 
@@ -287,9 +319,7 @@ class CapsNet(nn.Module):
         return layer(children, parents, votes)
 
     def _needed(self, layer_depth: int, iteration: int) -> bool:
-        # concurrent routing: layer l at iteration k reaches the class capsules at iteration t only if
-        # k + (depth - l) <= t; anything later is never read
-        return iteration + self.depth - layer_depth <= self.iterations
+        return iteration <= last_useful_iteration(layer_depth, self.depth, self.iterations, self.routing)
 
     def _route_hidden(self, primary: Capsules, num_layers: int) -> Tuple[List[Capsules], List[Capsules]]:
         """Routes the first ``num_layers`` hidden layers. Returns every layer's latest capsules
@@ -463,12 +493,17 @@ class CapsNet(nn.Module):
                     routing[k].append(self._unflatten_coefficients(coefficients, parents))
                 children = parents
         names = ['primary'] + [f'capsule_layers.{i}' for i in range(len(self.capsule_layers))] + ['head.capsules']
+        grids = [tuple(c.poses.shape[1:4]) for c in history[0]]
         return RoutingTrace(
             logits=self.head(history[-1][-1]),
             layer_names=names,
             poses=[[c.poses for c in step] for step in history],
             coefficients=routing,
             activations=[[c.activations for c in step] for step in history],
+            geometry=[RoutingGeometry(layer.kind, getattr(layer, 'kernel_size', None), getattr(layer, 'stride', None),
+                                      grids[depth - 1], grids[depth]) for depth, layer in enumerate(layers, 1)],
+            used_iterations=[last_useful_iteration(depth, len(layers), self.iterations, self.routing) - 1
+                             for depth in range(1, len(layers) + 1)],
         )
 
     @staticmethod

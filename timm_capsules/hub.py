@@ -926,4 +926,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    # `python -m` runs this file as `__main__`, a second copy of the module: its error classes are not the
+    # ones the library raises (capsnet imports timm_capsules.hub), so main() here would not catch them
+    from timm_capsules.hub import main as package_main
+    sys.exit(package_main())

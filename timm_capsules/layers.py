@@ -12,10 +12,10 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .routing import (
-    attention_routing, capsule_votes, chunked_attention_routing, fused_attention_routing, uniform_routing,
-    use_fused_routing)
+    DEFAULT_MAX_VOTES, attention_routing, capsule_votes, chunked_attention_routing, fused_attention_routing,
+    uniform_routing, use_fused_routing)
 
-__all__ = ['Capsules', 'PrimaryCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw']
+__all__ = ['Capsules', 'PrimaryCapsules', 'RoutedCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw']
 
 
 class Capsules(NamedTuple):
@@ -95,10 +95,15 @@ class PrimaryCapsules(nn.Module):
         return Capsules(poses, activations)
 
 
-class _RoutedCapsules(nn.Module):
+class RoutedCapsules(nn.Module):
     """A capsule layer whose parents are found by inverted dot-product attention routing.
 
     Subclasses say how the child grid is cut into groups of children (``_children``).
+
+    On the CPU, attention passes run in the fused kernel, which never stores votes
+    (``routing.fused_attention_routing``; ``fused_routing=None`` follows ``TIMM_CAPSULES_FUSED_ROUTING``);
+    otherwise a pass whose vote tensor would exceed ``max_votes`` elements is formed chunk by chunk
+    (``routing.chunked_attention_routing``; None never chunks).
     """
 
     def __init__(
@@ -110,6 +115,8 @@ class _RoutedCapsules(nn.Module):
             matrix_pose: bool,
             layer_norm: bool,
             activations: bool,
+            max_votes: Optional[int] = DEFAULT_MAX_VOTES,
+            fused_routing: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
@@ -130,11 +137,8 @@ class _RoutedCapsules(nn.Module):
             self.beta_u = nn.Parameter(torch.ones(out_caps, device=device, dtype=dtype))
         else:
             self.beta_a = self.beta_u = None
-        # on the CPU, attention passes run in the fused kernel, which never stores votes
-        # (routing.fused_attention_routing); elsewhere votes beyond max_votes elements are formed
-        # chunk by chunk (routing.chunked_attention_routing)
-        self.fused_routing = use_fused_routing()
-        self.max_votes: Optional[int] = 2 ** 26
+        self.fused_routing = use_fused_routing() if fused_routing is None else fused_routing
+        self.max_votes = max_votes
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -219,9 +223,10 @@ class _RoutedCapsules(nn.Module):
         return torch.sigmoid(self.beta_a + self.beta_u * mean_agreement)
 
 
-class ConvCapsules(_RoutedCapsules):
+class ConvCapsules(RoutedCapsules):
     """Convolutional capsule layer: every k x k window (stride s, no padding) of the child grid is
     routed to the parent types at one output position; a window's children are (ky, kx, child type)."""
+    kind = 'conv'
 
     def __init__(
             self,
@@ -234,13 +239,15 @@ class ConvCapsules(_RoutedCapsules):
             out_dim: Optional[int] = None,
             layer_norm: bool = True,
             activations: bool = False,
+            max_votes: Optional[int] = DEFAULT_MAX_VOTES,
+            fused_routing: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
         self.in_caps, self.kernel_size, self.stride = in_caps, kernel_size, stride
         super().__init__(
             kernel_size * kernel_size * in_caps, pose_dim, out_caps, out_dim or pose_dim,
-            matrix_pose, layer_norm, activations, device, dtype)
+            matrix_pose, layer_norm, activations, max_votes, fused_routing, device, dtype)
 
     def output_grid(self, height: int, width: int) -> Tuple[int, int]:
         k, s = self.kernel_size, self.stride
@@ -286,9 +293,10 @@ class ConvCapsules(_RoutedCapsules):
         return children, activations, (B, Ho, Wo)
 
 
-class FCCapsules(_RoutedCapsules):
+class FCCapsules(RoutedCapsules):
     """Fully connected capsule layer: every child capsule of the grid (flattened type-major, i.e.
     in (type, h, w) order) is routed to every parent; the output is a 1x1 grid."""
+    kind = 'fc'
 
     def __init__(
             self,
@@ -299,12 +307,15 @@ class FCCapsules(_RoutedCapsules):
             out_dim: Optional[int] = None,
             layer_norm: bool = True,
             activations: bool = False,
+            max_votes: Optional[int] = DEFAULT_MAX_VOTES,
+            fused_routing: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
         self.in_caps = in_caps
         super().__init__(
-            in_caps, pose_dim, out_caps, out_dim or pose_dim, matrix_pose, layer_norm, activations, device, dtype)
+            in_caps, pose_dim, out_caps, out_dim or pose_dim, matrix_pose, layer_norm, activations,
+            max_votes, fused_routing, device, dtype)
 
     def output_grid(self, height: int, width: int) -> Tuple[int, int]:
         return 1, 1

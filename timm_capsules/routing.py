@@ -34,6 +34,10 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 
+# the plain tensor-op path routes a pass whose vote tensor would hold more elements in chunks (256 MB of fp32)
+DEFAULT_MAX_VOTES = 2 ** 26
+
+
 def capsule_votes(children: Tensor, weight: Tensor) -> Tensor:
     """v_ij = p_i W_ij for every child i and parent j.
 
@@ -80,7 +84,7 @@ def chunked_attention_routing(
         weight: Tensor,
         parents: Tensor,
         child_activations: Optional[Tensor] = None,
-        max_votes: int = 2 ** 26,
+        max_votes: int = DEFAULT_MAX_VOTES,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``attention_routing(capsule_votes(children, weight), parents)`` with bounded memory.
 

@@ -1,5 +1,5 @@
 """The paper's comparison routings as plain tensor functions: dynamic routing (Sabour et al., 2017) and
-EM routing (Hinton et al., 2018), with the losses they were trained with (margin loss, spread loss).
+EM routing (Hinton et al., 2018). The losses they were trained with are in ``losses.py``.
 
 Same conventions as ``routing.py``: every function routes *groups* of children to the same set of
 parents (one group is one image for a fully connected capsule layer, one (image, output position)
@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from timm.layers import register_notrace_function
 
-__all__ = [
-    'squash', 'dynamic_routing', 'em_routing', 'inverse_temperature_schedule', 'margin_loss', 'spread_loss',
-]
+__all__ = ['squash', 'dynamic_routing', 'em_routing', 'inverse_temperature_schedule']
 
 
 def squash(s: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
@@ -144,46 +142,3 @@ def _em_routing_fp32(v, a_in, beta_u, beta_a, inverse_temperatures: List[float],
         assignments = (F.logsigmoid(logits)[..., None] + log_p).softmax(dim=1)
     poses = mu[:, :, 0] * scale[:, 0]
     return poses, activations, assignments.transpose(1, 2)
-
-
-def _multi_hot(target: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    """Class indices (B,) or a multi-hot matrix (B, classes) -> a multi-hot matrix."""
-    if target.ndim == 1:
-        return F.one_hot(target.long(), num_classes).to(dtype)
-    return target.to(dtype)
-
-
-def margin_loss(
-        lengths: Tensor,
-        target: Tensor,
-        m_pos: float = 0.9,
-        m_neg: float = 0.1,
-        down_weight: float = 0.5,
-        reduction: str = 'mean',
-) -> Tensor:
-    """Sabour et al.'s margin loss on class-capsule lengths (B, classes), averaged over the batch
-    (``reduction='none'``: one value per image).
-
-    L_k = T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2, summed over classes.
-    ``target``: class indices (B,) or a multi-hot matrix (B, classes) (several digits per image).
-    """
-    lengths = lengths.float()
-    present = _multi_hot(target, lengths.shape[-1], lengths.dtype)
-    loss = present * F.relu(m_pos - lengths).pow(2) + down_weight * (1 - present) * F.relu(lengths - m_neg).pow(2)
-    loss = loss.sum(-1)
-    return loss.mean() if reduction == 'mean' else loss
-
-
-def spread_loss(activations: Tensor, target: Tensor, margin: float = 0.2, reduction: str = 'mean') -> Tensor:
-    """Hinton et al.'s spread loss on class activations (B, classes), averaged over the batch
-    (``reduction='none'``: one value per image).
-
-    L = sum over targets t and non-targets i of max(0, m - (a_t - a_i))^2. The paper raises the margin m
-    from 0.2 to 0.9 during training. ``target``: class indices (B,) or a multi-hot matrix (B, classes).
-    """
-    activations = activations.float()
-    present = _multi_hot(target, activations.shape[-1], activations.dtype)
-    gap = activations[:, :, None] - activations[:, None, :]  # a_t - a_i for every (t, i)
-    pairs = present[:, :, None] * (1 - present[:, None, :])
-    loss = (pairs * F.relu(margin - gap).pow(2)).sum((1, 2))
-    return loss.mean() if reduction == 'mean' else loss

@@ -101,6 +101,8 @@ def _to_pil(image):
     if isinstance(image, Image.Image):
         return image
     array = np.asarray(image)
+    if array.dtype.kind in "iu" and array.dtype != np.uint8 and array.min() >= 0 and array.max() <= 255:
+        array = array.astype(np.uint8)  # Array2D/3D uint8 columns are read back as lists of Python ints
     if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
         array = array.transpose(1, 2, 0)  # CHW -> HWC
     return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)

@@ -448,6 +448,7 @@ def push(repo_id: str, *, private: bool = False, token: str | None = None,
     datasets.DatasetDict({s: builder.as_dataset(s) for s in builder.info.splits}).push_to_hub(
         repo_id, private=private, token=token)
     card = DatasetCard.load(repo_id, repo_type="dataset", token=token)  # keeps push_to_hub's YAML
+    card.data.license = "cc-by-sa-3.0"  # as export() declares it: push_to_hub's YAML has no license
     card.text = _card_text(builder)
     card.push_to_hub(repo_id, repo_type="dataset", token=token)
 
