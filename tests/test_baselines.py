@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import timm_capsules  # noqa: F401  (registers the models)
-from timm_capsules.baselines import BaselineCNN, DynamicCapsNet, EMCapsNet
+from timm_capsules.cnn_baselines import BaselineCNN
+from timm_capsules.dynamic_capsnet import DynamicCapsNet
+from timm_capsules.em_capsnet import EMCapsNet
 from timm_capsules.data import diverse_multimnist as dmm
 from timm_capsules.data import mnist
 from timm_capsules.losses import margin_loss, spread_loss
@@ -36,7 +38,7 @@ PARAMS = {
 
 
 def test_every_baseline_is_registered():
-    assert set(PARAMS) | {'resnet18_cifar100'} == set(timm.list_models(module='baselines'))
+    assert set(PARAMS) | {'resnet18_cifar100'} == set(timm.list_models(module=timm_capsules.MODEL_MODULES[1:]))
 
 
 @pytest.mark.parametrize('name', sorted(PARAMS))

@@ -4,7 +4,8 @@ import timm
 import torch
 
 import timm_capsules  # noqa: F401
-from timm_capsules.capsnet import CIFAR100_LABELS, CapsNet
+from timm_capsules.capsnet import CapsNet
+from timm_capsules.data.constants import CIFAR100_LABELS
 
 PAPER_PARAMS = {
     'capsnet_simple_cifar10': 561_297,
@@ -172,7 +173,7 @@ def test_bf16_autocast_keeps_routing_finite_and_close():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', timm.list_models(module=['capsnet', 'baselines']))
+@pytest.mark.parametrize('name', timm.list_models(module=timm_capsules.MODEL_MODULES))
 def test_every_model_compiles_as_one_graph(name):
     """README: torch.compile(fullgraph=True) captures every registered model without a graph break. The
     'aot_eager' backend runs dynamo and AOT autograd (fake kernels, custom-op autograd) for forward and

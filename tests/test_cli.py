@@ -10,7 +10,7 @@ import timm
 import timm_capsules  # noqa: F401  (registers the models)
 from timm_capsules import __main__ as cli
 
-MODULES = ['capsnet', 'baselines']
+MODULES = timm_capsules.MODEL_MODULES
 
 
 def _described(name: str):

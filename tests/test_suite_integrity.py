@@ -50,4 +50,4 @@ def test_the_fetched_timm_suite_is_the_installed_versions():
     import timm
     if not fetch.TARGET.exists() or not fetch.TARGET.read_text().startswith(f'# timm {timm.__version__}\n'):
         pytest.fail('tests/timm_suite/test_timm_models.py was not fetched for the installed timm at configure time')
-    assert "FEAT_INTER_FILTERS = ['capsnet', 'baselines', " in fetch.TARGET.read_text()
+    assert f"FEAT_INTER_FILTERS = [{', '.join(map(repr, fetch.OUR_MODULES))}, " in fetch.TARGET.read_text()

@@ -15,7 +15,7 @@ def main(argv=None):
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--json', action='store_true', help='print JSON lines instead of a table')
     args = parser.parse_args(argv)
-    names = timm.list_models(module=['capsnet', 'baselines'])
+    names = timm.list_models(module=timm_capsules.MODEL_MODULES)
     if not args.json:
         print(f"{'model':38s} {'params':>12s} {'input':>12s} {'forward ms':>11s}")
     for name in names:

@@ -9,23 +9,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 import timm
+from timm.layers import DropPath
 from timm.models.resnet import BasicBlock, downsample_conv
 
 __all__ = ['SimpleBackbone', 'CifarResNetBackbone', 'TimmBackbone']
-
-
-def capsule_group_matcher(coarse: bool = False) -> Dict[str, Any]:
-    """timm's parameter groups (layer-wise lr decay, ...) of a capsule network on one of these backbones:
-    the backbone's stem and stages (a timm backbone as one block), the primary capsules, each capsule layer."""
-    return dict(
-        stem=r'^backbone\.(?:conv1|bn1|conv|bn)\.',
-        blocks=[
-            (r'^backbone\.stages\.(\d+)' if coarse else r'^backbone\.stages\.(\d+)\.(\d+)', None),
-            (r'^backbone\.model', (0,)),
-            (r'^primary', (1000,)),
-            (r'^capsule_layers\.(\d+)', (1001,)),
-        ],
-    )
 
 
 class SimpleBackbone(nn.Module):
@@ -64,6 +51,7 @@ class CifarResNetBackbone(nn.Module):
             widths: Sequence[int] = (64, 128),
             depths: Sequence[int] = (3, 4),
             strides: Sequence[int] = (1, 2),
+            drop_path_rate: float = 0.,
             device=None,
             dtype=None,
     ):
@@ -75,6 +63,7 @@ class CifarResNetBackbone(nn.Module):
         self.grad_checkpointing = False
         stages, self.feature_info = [], []
         in_chs, reduction = widths[0], 1
+        num_blocks, block_number = sum(depths), 0
         for index, (width, depth, stride) in enumerate(zip(widths, depths, strides)):
             blocks = []
             for block_index in range(depth):
@@ -82,7 +71,11 @@ class CifarResNetBackbone(nn.Module):
                 downsample = None
                 if block_stride != 1 or in_chs != width:
                     downsample = downsample_conv(in_chs, width, 1, block_stride, **dd)
-                blocks.append(BasicBlock(in_chs, width, block_stride, downsample, **dd))
+                # stochastic depth rising linearly to drop_path_rate over the blocks, as in timm's ResNet
+                rate = drop_path_rate * block_number / max(1, num_blocks - 1)
+                block_number += 1
+                blocks.append(BasicBlock(in_chs, width, block_stride, downsample,
+                                         drop_path=DropPath(rate) if rate > 0 else None, **dd))
                 in_chs = width
             reduction *= stride
             stages.append(nn.Sequential(*blocks))
@@ -97,7 +90,7 @@ class CifarResNetBackbone(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         features = []
         for stage in self.stages:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
+            if self.grad_checkpointing:
                 x = timm.models.checkpoint_seq(stage, x)
             else:
                 x = stage(x)

@@ -15,38 +15,24 @@ snapshot for the paper's default of t=2). Updates that cannot reach the output (
 own last update) are skipped; ``forward_routing`` runs the complete schedule and returns every routing
 coefficient and pose for inspection, with the same logits.
 """
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-import torch.utils.checkpoint
-from timm.layers import SelectAdaptivePool2d, register_notrace_function, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import to_2tuple
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .backbones import CifarResNetBackbone, SimpleBackbone, TimmBackbone, capsule_group_matcher
-from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, RoutedCapsules, capsules_to_nchw
+from .backbones import CifarResNetBackbone
+from .base import (
+    CapsuleModel, backbone_grid, build_capsule_model, capsule_cfg, check_input, check_timm_args, create_backbone,
+    set_batchnorm_args)
+from .data.constants import CIFAR10_LABELS, CIFAR100_LABELS, DIGIT_LABELS, MULTIMNIST_MEAN, MULTIMNIST_STD
+from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, RoutedCapsules, capsules_to_nchw, conv_output_size
 from .routing import DEFAULT_MAX_VOTES, use_fused_routing
 
 __all__ = ['CapsNet', 'RoutingTrace', 'RoutingGeometry', 'last_useful_iteration', 'MAX_ITERATIONS']
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
-CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-CIFAR100_LABELS = (
-    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle', 'bottle', 'bowl',
-    'boy', 'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle', 'caterpillar', 'cattle', 'chair',
-    'chimpanzee', 'clock', 'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin',
-    'elephant', 'flatfish', 'forest', 'fox', 'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp',
-    'lawn_mower', 'leopard', 'lion', 'lizard', 'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain',
-    'mouse', 'mushroom', 'oak_tree', 'orange', 'orchid', 'otter', 'palm_tree', 'pear', 'pickup_truck',
-    'pine_tree', 'plain', 'plate', 'poppy', 'porcupine', 'possum', 'rabbit', 'raccoon', 'ray', 'road',
-    'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper', 'snail', 'snake', 'spider',
-    'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank', 'telephone', 'television', 'tiger',
-    'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman', 'worm')
-DIGIT_LABELS = tuple(str(digit) for digit in range(10))
 
 # the paper studies t = 1..5; every iteration keeps a pose snapshot per layer, so an unbounded t (say from a
 # hostile config.json) would only exhaust memory
@@ -54,14 +40,6 @@ MAX_ITERATIONS = 64
 
 # (kind, num_caps, kernel_size, stride) for conv layers, (kind, num_caps) for fully connected ones
 LayerSpec = Union[Tuple[str, int, int, int], Tuple[str, int]]
-
-
-@register_notrace_function
-def check_input(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
-    if x.ndim != 4 or x.shape[1] != in_chans or tuple(x.shape[-2:]) != tuple(img_size):
-        raise ValueError(
-            f'expected images of shape (batch, {in_chans}, {img_size[0]}, {img_size[1]}), got {tuple(x.shape)}; '
-            f'a capsule network is built for one input size (pass img_size=/in_chans= to create_model to change it)')
 
 
 class RoutingGeometry(NamedTuple):
@@ -123,7 +101,7 @@ class ClassCapsules(nn.Module):
         return self.fc(capsules.poses).flatten(1)  # (B, 1, 1, classes, d) -> (B, classes)
 
 
-class CapsNet(nn.Module):
+class CapsNet(CapsuleModel):
     """Capsule network with inverted dot-product attention routing. Returns logits.
 
     Args:
@@ -143,13 +121,16 @@ class CapsNet(nn.Module):
         routing: 'concurrent' (the paper's default) or 'sequential' (ablation B).
         layer_norm: LayerNorm on capsule poses (False is ablation A).
         activations: EM-style capsule activations that weight each child's votes (ablation C).
-        global_pool: pooling of the features when ``num_classes == 0`` ('avg', 'max', ... or '' for none).
+        global_pool: pooling of the features when ``num_classes == 0`` ('avg', 'max', 'fast', ... or '' for none).
+        drop_rate: dropout on the class capsules' input (the last hidden capsules' poses), timm's ``drop_rate``.
+        drop_path_rate: stochastic depth of a residual backbone ('resnet' or a timm model).
+        drop_block_rate: must be 0 or None (no DropBlock here); accepted because timm's scripts pass it.
+        bn_momentum, bn_eps: set on every BatchNorm of the model (timm's meaning).
         max_votes: with plain tensor-op routing (on a GPU, or with ``set_fused_routing(False)``), a pass whose
             vote tensor would hold more elements runs in chunks of at most this many, each recomputed in the
             backward pass (bounded memory for large inputs); None never chunks. The fused CPU kernel never
             stores votes, so it needs no chunks.
     """
-    output_type = 'logits'  # what forward returns (see losses.py)
 
     def __init__(
             self,
@@ -173,6 +154,11 @@ class CapsNet(nn.Module):
             activations: bool = False,
             global_pool: str = 'avg',
             max_votes: Optional[int] = DEFAULT_MAX_VOTES,
+            drop_rate: float = 0.,
+            drop_path_rate: Optional[float] = None,
+            drop_block_rate: Optional[float] = None,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
             device=None,
             dtype=None,
     ):
@@ -182,30 +168,22 @@ class CapsNet(nn.Module):
         if routing not in ('concurrent', 'sequential'):
             raise ValueError(f"routing must be 'concurrent' or 'sequential', got {routing!r}")
         dd = dict(device=device, dtype=dtype)
+        drop_path_rate = check_timm_args(type(self).__name__, drop_path_rate, drop_block_rate, backbone != 'simple')
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, to_2tuple(img_size)
         self.iterations, self.routing = iterations, routing
         self.pose_dim, self.has_activations = pose_dim, activations
-        self.grad_checkpointing = False
         layer_kwargs = dict(matrix_pose=matrix_pose, layer_norm=layer_norm, activations=activations,
                             max_votes=max_votes, fused_routing=use_fused_routing())
 
         # the capsule stack decides how large a feature map it needs; build it on sizes, not tensors
         self.primary_args = dict(kernel_size=primary_kernel_size, stride=primary_stride, padding=primary_padding)
         self.layer_specs = [tuple(spec) for spec in capsule_layers]
-        backbone_args = dict(backbone_args or {})
-        if backbone == 'simple':
-            self.backbone = SimpleBackbone(in_chans, **backbone_args, **dd)
-        elif backbone == 'resnet':
-            self.backbone = CifarResNetBackbone(in_chans, **backbone_args, **dd)
-        else:
-            self.backbone = TimmBackbone(
-                backbone, in_chans, self.img_size, pretrained=backbone_pretrained, out_index=backbone_out_index,
-                fits=lambda h, w: self._stack_grids(h, w) is not None, model_kwargs=backbone_args, **dd)
+        self.backbone = create_backbone(
+            backbone, in_chans, self.img_size, backbone_args, timm_models=True, drop_path_rate=drop_path_rate,
+            pretrained=backbone_pretrained, out_index=backbone_out_index,
+            fits=lambda h, w: self._stack_grids(h, w) is not None, **dd)
         feature_reduction = self.backbone.feature_info[-1]['reduction']
-        if isinstance(self.backbone, TimmBackbone):
-            feature_grid = self.backbone.grid
-        else:  # 'same'-padded convs: ceil(size / reduction)
-            feature_grid = [math.ceil(size / feature_reduction) for size in self.img_size]
+        feature_grid = backbone_grid(self.backbone, self.img_size)
         grids = self._stack_grids(*feature_grid)
         if grids is None:
             raise ValueError(
@@ -240,9 +218,11 @@ class CapsNet(nn.Module):
         self.snapshots = max(1, iterations - 1) if routing == 'concurrent' else 1
         self.head_hidden_size = in_caps * (pose_dim + (1 if activations else 0))
         self.num_features = self.snapshots * self.head_hidden_size
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self._set_global_pool(global_pool)
+        self.head_drop = nn.Dropout(drop_rate)
         self.head = ClassCapsules(self.head_in_caps, num_classes, pose_dim, layer_kwargs, **dd) if num_classes else None
         self.pruned = False
+        set_batchnorm_args(self, bn_momentum, bn_eps)
 
     @property
     def fused_routing(self) -> bool:
@@ -271,36 +251,19 @@ class CapsNet(nn.Module):
 
     def _stack_grids(self, height: int, width: int) -> Optional[List[Tuple[int, int]]]:
         """Grid sizes of the primary and hidden capsule layers for a feature map, or None if too small."""
-        k, s, p = self.primary_args['kernel_size'], self.primary_args['stride'], self.primary_args['padding']
-        grids = [((height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1)]
+        grids = [tuple(conv_output_size(size, **self.primary_args) for size in (height, width))]
         for spec in self.layer_specs:
-            h, w = grids[-1]
-            grids.append(((h - spec[2]) // spec[3] + 1, (w - spec[2]) // spec[3] + 1) if spec[0] == 'conv' else (1, 1))
+            grids.append(tuple(conv_output_size(size, *spec[2:]) for size in grids[-1]) if spec[0] == 'conv' else (1, 1))
         return grids if min(min(grid) for grid in grids) >= 1 else None
 
-    # ---- timm model contract --------------------------------------------------------------------
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return capsule_group_matcher(coarse)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        """Recompute each routing pass (and the backbone's stages) in the backward pass instead of
-        storing its votes: memory then no longer grows with the vote tensors."""
-        self.grad_checkpointing = enable
-        self.backbone.set_grad_checkpointing(enable)
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    # ---- timm model contract (the rest is CapsuleModel's) --------------------------------------
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """New class capsules for ``num_classes`` classes (0 removes them: the model then returns
         pooled features of the last hidden capsules)."""
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+            self._set_global_pool(global_pool)
         if num_classes:
             reference = next(self.parameters())
             self.head = ClassCapsules(
@@ -313,9 +276,8 @@ class CapsNet(nn.Module):
 
     def _route(self, layer: nn.Module, children: Capsules, parents: Optional[Capsules] = None,
                votes: Optional[Tensor] = None) -> Tuple[Capsules, Optional[Tensor]]:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled() and parents is not None:
-            # votes recomputed in the backward pass, never stored: the memory-lean mode
-            return torch.utils.checkpoint.checkpoint(layer, children, parents, use_reentrant=False)
+        if parents is not None and self.grad_checkpointing:  # votes recomputed in the backward pass, never stored
+            return self._checkpointed(layer, children, parents)
         return layer(children, parents, votes)
 
     def _needed(self, layer_depth: int, iteration: int) -> bool:
@@ -454,11 +416,8 @@ class CapsNet(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if pre_logits or self.head is None:
-            return self.global_pool(x[:, -self.head_hidden_size:])
-        return self._classify(self._from_nchw(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+            return self.head_drop(self.global_pool(x[:, -self.head_hidden_size:]))
+        return self._classify(self._from_nchw(self.head_drop(x)))
 
     @torch.jit.ignore
     def forward_routing(self, x: Tensor) -> RoutingTrace:
@@ -521,37 +480,18 @@ class CapsNet(nn.Module):
 def _create_capsnet(variant: str, pretrained: bool = False, **kwargs) -> CapsNet:
     num_conv = sum(spec[0] == 'conv' for spec in kwargs.get('capsule_layers', ()))
     backbone_levels = 2 if kwargs.get('backbone') == 'resnet' else 1
-    num_levels = backbone_levels + 1 + num_conv
-    from .hub import check_state_dict, pretrained_guard  # published tags, config and weights integrity
-    with pretrained_guard(variant, pretrained, kwargs):
-        return build_model_with_cfg(
-            CapsNet, variant, pretrained,
-            feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_levels))),
-            pretrained_filter_fn=check_state_dict,
-            **kwargs,
-        )
+    return build_capsule_model(CapsNet, variant, pretrained, backbone_levels + 1 + num_conv, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (5, 5), 'fixed_input_size': True,
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CIFAR_MEAN, 'std': CIFAR_STD,
-        'first_conv': 'backbone.conv', 'classifier': ('head.capsules', 'head.fc'),
-        'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2002.04764',
-        'paper_name': 'Capsules with Inverted Dot-Product Attention Routing',
-        'origin_url': 'https://github.com/apple/ml-capsules-inverted-attention-routing',
-        **kwargs,
-    }
+    return capsule_cfg(url, **{'pool_size': (5, 5), 'classifier': ('head.capsules', 'head.fc'), **kwargs})
 
 
 _cifar10 = dict(num_classes=10, label_names=CIFAR10_LABELS)
 _cifar100 = dict(num_classes=100, label_names=CIFAR100_LABELS, pool_size=(1, 1))
 _multimnist = dict(
     num_classes=10, label_names=DIGIT_LABELS, input_size=(1, 36, 36), pool_size=(6, 6),
-    mean=(0.,), std=(1.,))
+    mean=MULTIMNIST_MEAN, std=MULTIMNIST_STD)
 
 default_cfgs = generate_default_cfgs({
     'capsnet_simple_cifar10.cifar10': _cfg(

@@ -15,12 +15,20 @@ from .routing import (
     DEFAULT_MAX_VOTES, attention_routing, capsule_votes, chunked_attention_routing, fused_attention_routing,
     uniform_routing, use_fused_routing)
 
-__all__ = ['Capsules', 'PrimaryCapsules', 'RoutedCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw']
+__all__ = [
+    'Capsules', 'PrimaryCapsules', 'RoutedCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw',
+    'conv_output_size',
+]
 
 
 class Capsules(NamedTuple):
     poses: Tensor  # (B, H, W, N, d)
     activations: Optional[Tensor] = None  # (B, H, W, N) in (0, 1), only with EM-style activations
+
+
+def conv_output_size(size: int, kernel_size: int, stride: int = 1, padding: int = 0) -> int:
+    """Output length of a convolution (or capsule window) along one axis; below 1 when it does not fit."""
+    return (size + 2 * padding - kernel_size) // stride + 1
 
 
 def capsules_to_nchw(capsules: Capsules) -> Tensor:
@@ -36,6 +44,14 @@ def capsules_to_nchw(capsules: Capsules) -> Tensor:
 
 def _is_tracing() -> bool:
     return torch.jit.is_scripting() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+def _plain_ops_only() -> bool:
+    """Whether routing must be recorded as plain tensor ops, unchunked: under fx tracing, and under
+    torch.export (which torch.onnx.export runs), so that an exported program runs where this package is
+    not installed (the fused kernel is its own custom op) and keeps a symbolic batch size (the number of
+    chunks would depend on it)."""
+    return _is_tracing() or torch.compiler.is_exporting()
 
 
 def pose_shape(pose_dim: int, matrix_pose: bool) -> Tuple[int, int]:
@@ -156,10 +172,10 @@ class RoutedCapsules(nn.Module):
         return uniform_routing(child_poses, self.weight, child_activations), grid
 
     def _fused(self, child_poses: Tensor) -> bool:
-        return self.fused_routing and not _is_tracing() and child_poses.device.type == 'cpu'
+        return self.fused_routing and not _plain_ops_only() and child_poses.device.type == 'cpu'
 
     def _too_many_votes(self, child_poses: Tensor) -> bool:
-        if self.max_votes is None or _is_tracing():
+        if self.max_votes is None or _plain_ops_only():
             return False
         groups, children, rows = child_poses.shape[:3]
         return groups * children * rows * self.weight[0, :, 0].numel() > self.max_votes
@@ -250,8 +266,7 @@ class ConvCapsules(RoutedCapsules):
             matrix_pose, layer_norm, activations, max_votes, fused_routing, device, dtype)
 
     def output_grid(self, height: int, width: int) -> Tuple[int, int]:
-        k, s = self.kernel_size, self.stride
-        return (height - k) // s + 1, (width - k) // s + 1
+        return conv_output_size(height, self.kernel_size, self.stride), conv_output_size(width, self.kernel_size, self.stride)
 
     def _uniform(self, children: Capsules) -> Tuple[Tensor, Tuple[int, int, int]]:
         # With r = 1/#parents the pose update is an ordinary strided convolution whose input channels

@@ -23,7 +23,7 @@ import timm
 import timm_capsules  # noqa: F401  (registers our models before timm's tests parametrise)
 from timm_capsules import hub
 
-OUR_MODELS = set(timm.list_models(module=['capsnet', 'baselines']))
+OUR_MODELS = set(timm.list_models(module=timm_capsules.MODEL_MODULES))
 HUB_TESTS = {'test_model_load_pretrained', 'test_model_features_pretrained', 'test_model_inference'}
 OFFLINE_HUB_TESTS = {'test_model_load_pretrained', 'test_model_features_pretrained'}  # run against the cache
 HUB_TAGS = {cfg['tag'] for cfg in hub.list_hub_configs()}

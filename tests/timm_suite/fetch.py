@@ -19,7 +19,7 @@ import timm
 HERE = Path(__file__).parent
 TARGET = HERE / 'test_timm_models.py'
 CACHE = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm_capsules'
-OUR_MODULES = ['capsnet', 'baselines']
+OUR_MODULES = ['capsnet', 'dynamic_capsnet', 'em_capsnet', 'cnn_baselines']  # timm_capsules.MODEL_MODULES
 PLACEHOLDER = '''# placeholder: the real suite could not be fetched; the next test run tries again
 from ci import unavailable
 
