@@ -193,3 +193,51 @@ def test_every_model_compiles_as_one_graph(name):
         if e is not None:
             torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4 * e.abs().max().item() + 1e-6)
     torch._dynamo.reset()
+
+
+# ---- the keywords timm's own scripts pass (train.py, validate.py, benchmark.py, inference.py) -------------
+
+FAMILIES = ['capsnet_resnet_cifar10', 'dynamic_capsnet_resnet_cifar10', 'em_capsnet_simple_cifar10',
+            'cnn_baseline_cifar10', 'resnet18_cifar10']
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_timm_script_keywords_are_accepted_and_honoured(name):
+    """train.py passes drop_rate, drop_path_rate, drop_block_rate, global_pool, bn_momentum, bn_eps (None ones
+    are dropped by timm.create_model); benchmark.py passes global_pool='fast'."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_rate=0.5, drop_block_rate=None, bn_momentum=0.01, bn_eps=1e-3)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(m.momentum == 0.01 and m.eps == 1e-3 for m in norms)
+    x = torch.randn(2, *model.pretrained_cfg['input_size'])
+    model.train()
+    torch.manual_seed(1)
+    first = model(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(model(x), first)  # dropout before the classifier is active in training
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x))  # and off in evaluation
+        features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features), model(x))
+    pooled = timm.create_model(name, global_pool='fast', num_classes=0).eval()
+    with torch.no_grad():
+        assert pooled(x).shape == (2, pooled.num_features)
+
+
+@pytest.mark.parametrize('name', ['capsnet_resnet_cifar10', 'dynamic_capsnet_resnet_cifar10', 'resnet18_cifar10'])
+def test_drop_path_rate_gives_residual_backbones_stochastic_depth(name):
+    from timm.layers import DropPath
+    rates = [m.drop_prob for m in timm.create_model(name, drop_path_rate=0.2).modules() if isinstance(m, DropPath)]
+    assert rates and max(rates) == pytest.approx(0.2) and rates == sorted(rates)  # rising with depth, as in timm
+    assert not [m for m in timm.create_model(name).modules() if isinstance(m, DropPath)]
+
+
+@pytest.mark.parametrize('name, kwargs, message', [
+    ('capsnet_simple_cifar10', dict(drop_path_rate=0.1), 'no residual blocks'),
+    ('cnn_baseline_cifar10', dict(drop_path_rate=0.1), 'no residual blocks'),
+    ('em_capsnet_simple_cifar10', dict(drop_block_rate=0.1), 'no DropBlock'),
+])
+def test_keywords_that_cannot_be_honoured_are_errors(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        timm.create_model(name, **kwargs)
