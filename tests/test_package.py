@@ -1,0 +1,90 @@
+"""The package's shape: an acyclic import graph (imports inside functions count), modules a reader can
+hold in their head, and no test helpers in the library."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / 'timm_capsules'
+MAX_LINES = 600
+
+
+def modules():
+    """'timm_capsules.x.y' -> path, for every module of the package."""
+    found = {}
+    for path in sorted(PACKAGE.rglob('*.py')):
+        parts = path.relative_to(PACKAGE.parent).with_suffix('').parts
+        name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+        found[name] = path
+    return found
+
+
+def imported_modules(name, path, known):
+    """The package modules that ``name`` imports anywhere in its source, functions included. ``from X import y``
+    counts as importing the module ``X.y`` when that is a module, else ``X``."""
+    package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names if alias.name in known)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ''
+            if node.level:
+                anchor = package.split('.')[:len(package.split('.')) - node.level + 1]
+                base = '.'.join(anchor + ([base] if base else []))
+            for alias in node.names:
+                module = f'{base}.{alias.name}'
+                targets.add(module if module in known else base)
+    return {t for t in targets if t in known and t != name}
+
+
+def find_cycle(graph):
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = 'open'
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 'open':
+                return stack[stack.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[node] = 'done'
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_import_graph_has_no_cycle():
+    known = modules()
+    graph = {name: imported_modules(name, path, known) for name, path in known.items()}
+    cycle = find_cycle(graph)
+    assert cycle is None, ' -> '.join(cycle)
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+    assert find_cycle({'a': {'b'}, 'b': set()}) is None
+
+
+@pytest.mark.parametrize('name', sorted(modules()))
+def test_module_is_small_enough_to_read(name):
+    lines = len(modules()[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f'{name} has {lines} lines; split it by idea (at most {MAX_LINES})'
+
+
+def test_no_test_helpers_in_the_library():
+    for name, path in modules().items():
+        source = path.read_text()
+        assert 'huggingface_hub.constants' not in source.replace('from huggingface_hub import constants', ''), name
+        assert 'import pytest' not in source, name
+
+
+def test_no_module_shadows_the_standard_library():
+    import sys
+    shadowing = [name for name in modules() if name.rpartition('.')[2] in sys.stdlib_module_names]
+    assert not shadowing, f'{shadowing} share a name with a standard-library module'
