@@ -78,7 +78,7 @@ def cli(*argv, timeout=300):
 
 # ---------------------------------------------------- metrics written out here, independently of the script
 def expected_losses(scores, hot, returns, multi_label):
-    """Per-image losses from their definitions (not through train_accelerate.loss_fn); hot: multi-hot targets."""
+    """Per-image losses from their definitions (not through timm_capsules.losses); hot: multi-hot targets."""
     if returns == "lengths":  # Sabour et al.: T_k max(0, 0.9 - s_k)^2 + 0.5 (1 - T_k) max(0, s_k - 0.1)^2, summed
         return (hot * (0.9 - scores).clamp(min=0) ** 2 + 0.5 * (1 - hot) * (scores - 0.1).clamp(min=0) ** 2).sum(1)
     if returns == "activations":  # spread loss at the evaluation margin 0.9: sum over (target t, non-target i)
@@ -266,6 +266,50 @@ def test_presets_and_overrides(train):
     assert train.parse_args(["--model-kwargs", "backbone=resnet18", "x=[1, 2]"]).model_kwargs["backbone"] == "resnet18"
 
 
+def test_help_gives_every_option_a_line_and_its_default(train, capsys):
+    with pytest.raises(SystemExit) as done:
+        train.parse_args(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    parser = train.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert all(a.help and a.help.strip() for a in options), [a.dest for a in options if not a.help]
+    # the defaults shown are the real ones: the quick run's (QUICK) and the parser's own, never "None"
+    for shown in ("learning rate (default: 0.002)", "(default: adam)", "(default: cosine)", "(default: 8192)",
+                  "(default: capsnet_matrix_multimnist)", "(default: 42)", "weight decay (default: 0.0)",
+                  "(default: 4 with CUDA, else 0)", "(default: 2 x batch size)"):
+        assert shown in " ".join(text.split()), shown
+    assert "default: None" not in text and "default: []" not in text
+    for group in ("model:", "data:", "optimisation:", "checkpointing:", "output:"):
+        assert f"\n{group}\n" in text, group
+    presets = text[text.index("presets (--preset NAME"):]
+    for name, preset in train.PRESETS.items():  # listed once, with the model they train
+        assert text.count(f" {name} ") == 1 and f"{name} " in presets, name
+        assert f" {preset['model']} on {preset['dataset']}" in presets
+
+
+def test_readme_presets_table_lists_every_preset(train):
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Presets"):].split("\n\n")[1]
+    rows = [line.split("|")[1] for line in table.splitlines()[2:]]
+    named = {name.strip(" `") for row in rows for name in row.split(" / ")}
+    assert named == set(train.PRESETS)
+
+
+def test_print_config_shows_a_presets_resolved_values(run, capsys, tmp_path):
+    config = run(["--preset", "cifar10_em_simple", "--lr", "0.5", "--iterations", "3", "--print-config",
+                  "--output-dir", tmp_path])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == config
+    assert (printed["model"], printed["dataset"], printed["opt"], printed["lr"], printed["batch_size"]) == \
+        ("em_capsnet_simple_cifar10", "cifar10", "adam", 0.5, 128)
+    assert printed["decay_milestones"] == [150, 250] and printed["eval_batch_size"] == 256
+    assert printed["model_kwargs"] == {"iterations": 3}
+    assert not any(tmp_path.iterdir())  # nothing trained
+    quick = run(["--print-config"])
+    assert quick["model_kwargs"]["pose_dim"] == 16 and quick["epoch_size"] == 8192
+
+
 # ------------------------------------------------------------------------------------- exact resume
 @pytest.mark.parametrize("accumulation, every, stop, steps", [
     (1, 2, 3, 7),  # 40 images per epoch at batch 8: 5 steps, an evaluation at each epoch end
@@ -294,11 +338,25 @@ def test_resume_continues_exactly(run, tmp_path, accumulation, every, stop, step
     (["--model-arg", "img_size=8"], "too small"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["--model", "capsnet_simple_cifar10"], "DiverseMultiMNIST's are (1, 36, 36)"),
-    (["--checkpointing-steps", "often"], "--checkpointing_steps must be a number or 'epoch'"),
+    (["--checkpointing-steps", "often"], "--checkpointing_steps: must be a number of steps (>= 1) or 'epoch'"),
     (["--resume-from-checkpoint", "/no/such/dir"], "checkpoint /no/such/dir does not exist"),
     (["--dataset", "cifar10", "--model", "capsnet_simple_cifar10"], "cannot load split 'train' of uoft-cs/cifar10"),
     # accelerate would print "mixed precision fp16" and train in float32: no autocast, no scaler on the CPU
     (TINY + ["--max-train-steps", "1", "--cpu", "--mixed-precision", "fp16"], "--mixed_precision fp16 needs a GPU"),
+    # numbers are checked when parsed, naming the option (they used to divide by zero or crash deep inside)
+    (["--epoch-size", "0"], "argument --epoch-size/--epoch_size: must be >= 1, got 0"),
+    (["--max-train-steps", "-3"], "argument --max-train-steps/--max_train_steps: must be >= 1, got -3"),
+    (["--test-size", "-5"], "argument --test-size/--test_size: must be >= 1, got -5"),
+    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+    (["--clip-grad", "nan"], "argument --clip-grad/--clip_grad: must be a finite number, got nan"),
+    (["--weight-decay", "inf"], "argument --weight-decay/--weight_decay: must be a finite number, got inf"),
+    (["--batch-size", "2.5"], "argument --batch-size/--batch_size: '2.5' is not an integer"),
+    (["--num-workers", "-1"], "argument --num-workers/--num_workers: must be >= 0, got -1"),
+    (["--decay-milestones", "3", "-1"], "argument --decay-milestones/--decay_milestones: must be >= 0, got -1"),
+    # a value that is not a Python literal is refused, except for the name arguments
+    (["--model-arg", "primary_caps=eight"], "model argument 'primary_caps=eight': 'eight' is not a Python literal"),
+    (["--model-arg", "global_pool=avg", "--model-arg", "pose_dim=[4"], "'[4' is not a Python literal"),
 ])
 def test_bad_arguments_stop_with_one_line(run, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
@@ -570,17 +628,23 @@ def test_paper_augmentation():
         assert any(torch.equal(out, w) or torch.equal(out, w.flip(-1)) for w in windows)
 
 
-def test_push_to_hub_routes_paper_models_through_the_hub_module(train, tmp_path, monkeypatch):
+def test_push_to_hub_chooses_by_architecture_name(train, tmp_path, monkeypatch):
+    """A paper architecture built as registered goes through timm_capsules.hub (its card describes exactly that
+    model); the same architecture with other create_model arguments, or a model without a hub config, goes
+    through timm's push_to_hf_hub."""
     calls = []
     monkeypatch.setattr(train.hub, "push_checkpoint", lambda *a, **k: calls.append(("hub", a, k)))
     monkeypatch.setattr(train.timm.models, "push_to_hf_hub", lambda *a, **k: calls.append(("timm", a, k)))
-    paper = timm.create_model("capsnet_simple_cifar10")
-    train.push_to_hub(paper, tmp_path, "me/paper", False, None)
+    paper = timm.create_model("capsnet_simple_cifar10", num_classes=10)
+    train.push_to_hub(paper, {"num_classes": 10}, tmp_path, "me/paper", False, None)
     shrunk = timm.create_model("capsnet_simple_cifar10", backbone_args={"out_chs": 8})
-    train.push_to_hub(shrunk, tmp_path, "me/shrunk", True, ["a"] * 10)
-    assert [c[0] for c in calls] == ["hub", "timm"]
+    train.push_to_hub(shrunk, {"backbone_args": {"out_chs": 8}}, tmp_path, "me/shrunk", True, ["a"] * 10)
+    baseline = timm.create_model("cnn_baseline_multimnist", device="meta")
+    train.push_to_hub(baseline, {}, tmp_path, "me/cnn", False, None)
+    assert [c[0] for c in calls] == ["hub", "timm", "timm"]
     assert calls[0][1][:2] == (tmp_path, "me/paper")
     assert calls[1][2]["safe_serialization"] is True and calls[1][2]["private"] is True
+    assert calls[1][2]["model_config"] == dict(label_names=["a"] * 10)
 
 
 def test_baseline_presets_use_the_papers_optimizers(train):
@@ -593,19 +657,16 @@ def test_baseline_presets_use_the_papers_optimizers(train):
         assert preset["model"] in timm.list_models(), name
 
 
-def test_loss_and_threshold_follow_what_the_model_returns(train):
-    from timm_capsules.losses import margin_loss, spread_loss
-    assert train.output_kind(timm.create_model("dynamic_capsnet_vector_multimnist", device="meta")) == "lengths"
-    assert train.output_kind(timm.create_model("em_capsnet_simple_cifar10", device="meta")) == "activations"
-    assert train.output_kind(timm.create_model("cnn_baseline_multimnist", device="meta")) == "logits"
+def test_threshold_follows_what_the_model_returns(train):
+    assert timm.create_model("dynamic_capsnet_vector_multimnist", device="meta").output_type == "lengths"
+    assert timm.create_model("em_capsnet_simple_cifar10", device="meta").output_type == "activations"
+    assert timm.create_model("cnn_baseline_multimnist", device="meta").output_type == "logits"
     scores = torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.7, 0.4]])
     targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
-    torch.testing.assert_close(train.loss_fn(scores, targets, True, "lengths"), margin_loss(scores, targets))
-    torch.testing.assert_close(train.loss_fn(scores, targets, True, "activations", margin=0.5),
-                               spread_loss(scores, targets, 0.5))
     assert train.correct(scores, targets, True, "lengths").tolist() == [True, False]  # 0.4 < 0.5: digit missed
     assert train.correct(scores, targets, True, "logits").tolist() == [False, False]  # logits: every class > 0
     assert train.correct(scores - 0.5, targets, True, "logits").tolist() == [True, False]
+    assert train.correct(scores, torch.tensor([0, 2]), False).tolist() == [True, False]  # top-1: 0.7 beats 0.4
 
 
 @pytest.mark.slow
@@ -618,6 +679,6 @@ def test_dynamic_routing_baseline_trains_with_its_preset(run, train, tmp_path):
     assert metrics["args"]["opt"] == "adam" and metrics["args"]["lr"] == 1e-3
     # capsule lengths: margin loss, and a class is present when its length is over 0.5
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True)
-    assert train.output_kind(reloaded) == "lengths"
+    assert reloaded.output_type == "lengths"
     images, targets = multimnist_test_images(6, *mean_std(reloaded))
     assert_metrics(metrics["final"], independent_metrics(reloaded, images, targets, True, returns="lengths"))
