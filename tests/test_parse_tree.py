@@ -419,3 +419,20 @@ def test_command_line_runs_under_its_new_name(monkeypatch, capsys):
     assert error.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         'python -m timm_capsules.parse_tree: error: give --model NAME or --checkpoint DIR')
+
+
+def test_samples_are_the_split_images_with_their_digit_masks():
+    """The probe's images are the DiverseMultiMNIST test split's own (make_split), and overlaying the two digit
+    masks as the split does (sum clipped at 255) gives each image back."""
+    from timm_capsules.data import make_split
+    images, masks, labels, ids, source = diverse_multimnist_samples(6, source='sample', two_digit_only=True)
+    split = make_split('test', max(ids) + 1, source='sample')
+    assert source == 'sample' and ids == np.flatnonzero(split.num_digits == 2)[:6].tolist()
+    np.testing.assert_array_equal(images, split.images[ids])
+    np.testing.assert_array_equal(labels, split.classes[ids])
+    assert (labels >= 0).all() and masks.shape == (6, 2, 36, 36)
+    overlay = np.minimum(np.rint(255 * (masks[:, 0] + masks[:, 1])), 255)
+    np.testing.assert_array_equal(overlay, images)
+    assert (masks.reshape(6, 2, -1).max(-1) > 0.5).all()  # each digit has its own pixels
+    every = diverse_multimnist_samples(6, source='sample')
+    assert every[3] == list(range(6)) and (every[2][:, 1] == -1).sum() == (split.num_digits[:6] == 1).sum()
