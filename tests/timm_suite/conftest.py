@@ -6,8 +6,8 @@ brings ours in, and ``pytest_collection_modifyitems`` keeps only our models' ite
 Pretrained loading (``test_model_load_pretrained``, ``test_model_features_pretrained``) runs offline for
 every tag with a ``hub_configs/`` file: a session fixture pushes a randomly initialised model of each tag
 with ``--dry-run``, places the folder in a hand-made Hugging Face cache and, for these tests only, points
-huggingface_hub at it (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``) with a copy of hub_configs/ that marks the
-tags published (no weights are published yet; the real hub_configs say so).
+huggingface_hub at it (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``). The hub configs still say "not yet published":
+loading asks the Hub (here its cache), not them.
 
 Deselected, with the reason:
 - ``test_model_inference``: it compares against reference tensors stored in ``timm/`` Hub repos.
@@ -15,13 +15,13 @@ Deselected, with the reason:
 - ``test_model_forward_torchscript``: see EXCLUDED_TORCHSCRIPT below.
 - tests written for one named timm model (no ``model_name`` parameter of ours).
 """
-import json
-
 import pytest
 import timm
 
 import timm_capsules  # noqa: F401  (registers our models before timm's tests parametrise)
 from timm_capsules import hub
+
+from hub_cache import offline_hub_cache
 
 OUR_MODELS = set(timm.list_models(module=timm_capsules.MODEL_MODULES))
 HUB_TESTS = {'test_model_load_pretrained', 'test_model_features_pretrained', 'test_model_inference'}
@@ -60,20 +60,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope='session')
-def offline_hub_repos(tmp_path_factory):
-    """A Hugging Face cache holding a dry-run push of every hub_configs tag, and a copy of hub_configs/
-    marking them published. Built once, on the first pretrained test."""
+def offline_hub_cache_dir(tmp_path_factory):
+    """A Hugging Face cache holding a dry-run push of every hub_configs tag. Built once, on the first
+    pretrained test."""
     root = tmp_path_factory.mktemp('offline_hub')
-    configs, cache = root / 'hub_configs', root / 'hub_cache'
-    configs.mkdir()
+    cache = root / 'hub_cache'
     for cfg in hub.list_hub_configs():
-        (configs / f"{cfg['tag']}.json").write_text(json.dumps(dict(cfg, status=hub.PUBLISHED), indent=2))
         checkpoint, upload = root / cfg['tag'] / 'checkpoint', root / cfg['tag'] / 'upload'
         timm.models.save_for_hf(timm.create_model(cfg['model']), checkpoint, safe_serialization=True)
         hub.push_checkpoint(checkpoint, config=cfg['tag'], dry_run=upload)
         hub.install_in_cache(upload, cfg['repo_id'], cache)
         (checkpoint / 'model.safetensors').unlink()  # keep the disk footprint to one copy
-    return cache, configs
+    return cache
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +79,5 @@ def _offline_hub_for_pretrained_tests(request):
     if getattr(request.node, 'originalname', None) not in OFFLINE_HUB_TESTS:
         yield
         return
-    cache, configs = request.getfixturevalue('offline_hub_repos')
-    with hub.offline_hub_cache(cache, configs):
+    with offline_hub_cache(request.getfixturevalue('offline_hub_cache_dir')):
         yield

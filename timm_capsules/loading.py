@@ -1,0 +1,456 @@
+"""Loading checkpoints safely: ``config.json`` validation, state-dict checks and the pretrained guard.
+
+The model files build every model inside ``pretrained_guard`` and pass ``check_state_dict`` as timm's
+``pretrained_filter_fn``, so that whatever ``timm.create_model`` reads (a registry tag's Hub repo, ``hf-hub:``,
+``local-dir:``) fails with an error that names the file and what is wrong:
+
+- a ``config.json`` that is not JSON, or lacks what timm needs, is caught where timm reads it (timm parses it
+  before any model code runs; see ``_read_config_json_for_timm``);
+- its ``pretrained_cfg`` and ``model_args`` are checked for type and range before the model is built; the
+  argument types come from the model class's constructor (the timm entrypoint's return annotation);
+- weights that are missing on the Hub (or offline and not cached) raise ``WeightsNotPublishedError`` with the
+  command that trains them; unreadable safetensors files and weights that do not fit raise ``WeightsError``.
+
+This module imports no model module (the model files import it).
+"""
+import collections.abc
+import contextlib
+import inspect
+import json
+import math
+import typing
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+import timm
+from timm.layers import SelectAdaptivePool2d
+from timm.models import model_entrypoint, resolve_pretrained_cfg
+
+from .presets import preset_for_model
+
+__all__ = [
+    'ConfigError', 'WeightsError', 'WeightsNotPublishedError', 'MAX_ITERATIONS',
+    'model_class', 'our_architectures', 'training_command', 'validate_model_args', 'validate_checkpoint_config',
+    'read_config_json', 'check_state_dict', 'check_weights_file', 'pretrained_guard',
+]
+
+# the paper studies t = 1..5; every iteration keeps a pose snapshot per layer, so an unbounded t (say from a
+# hostile config.json) would only exhaust memory
+MAX_ITERATIONS = 64
+CONFIG_NAME, WEIGHTS_NAME = 'config.json', 'model.safetensors'
+_PACKAGE = __name__.rpartition('.')[0]
+
+
+class ConfigError(ValueError):
+    """A hub config (``hub_configs/*.json``) or a checkpoint's ``config.json`` is malformed."""
+
+
+class WeightsError(RuntimeError):
+    """A weights file is unreadable (corrupted, truncated), holds non-finite values or does not fit the
+    architecture."""
+
+
+class WeightsNotPublishedError(RuntimeError):
+    """``pretrained=True`` found no weights: the Hub has no such repo or file, or there is no network (or
+    ``HF_HUB_OFFLINE=1``) and the local cache does not hold them."""
+
+
+def _require(condition: bool, where: str, message: str):
+    if not condition:
+        raise ConfigError(f'{where}: {message}')
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- what the model classes accept ----------------------------------------------------------------------
+
+
+def our_architectures() -> List[str]:
+    """Every architecture registered with timm by this package, whatever its model file."""
+    return [name for name in timm.list_models() if model_entrypoint(name).__module__.startswith(f'{_PACKAGE}.')]
+
+
+def model_class(architecture: str) -> type:
+    """The class a timm entrypoint builds, from its return annotation."""
+    return typing.get_type_hints(model_entrypoint(architecture))['return']
+
+
+def _constructor_parameters(cls: type) -> Dict[str, Tuple[Any, Any]]:
+    """{argument: (type hint, default)} of ``cls``'s constructor, following ``**kwargs`` up the bases
+    (e.g. a subclass of timm's ResNet that passes its keywords on)."""
+    parameters = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get('__init__')
+        if init is None:
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except (NameError, TypeError):  # annotations that do not resolve: treat them as Any
+            hints = {}
+        passes_on = False
+        for name, parameter in inspect.signature(init).parameters.items():
+            if name == 'self' or parameter.kind == parameter.VAR_POSITIONAL:
+                continue
+            if parameter.kind == parameter.VAR_KEYWORD:
+                passes_on = True
+                continue
+            default = None if parameter.default is parameter.empty else parameter.default
+            hint = hints.get(name, type(default) if default is not None else Any)
+            parameters.setdefault(name, (hint, default))
+        if not passes_on:
+            break
+    return parameters
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace('typing.', '')
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can stand for ``hint`` (lists stand for tuples and sequences)."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union or type(hint).__name__ == 'UnionType':
+        return any(_matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return not args or (len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args)))
+    if origin in (list, collections.abc.Sequence):
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value) and (
+            not args or all(_matches(v, args[1]) for v in value.values()))
+    return False  # a class, a callable, a torch type: nothing a JSON file can hold
+
+
+def _ints(value: Any) -> Iterator[int]:
+    if _is_int(value):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _ints(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _ints(item)
+
+
+def _check_range(name: str, value: Any, where: str):
+    """Ranges the types cannot say: sizes and counts are never negative, rates lie in [0, 1], and the
+    arguments that set how much memory a model takes are bounded."""
+    arg = f'model_args.{name}'
+    _require(all(v >= 0 for v in _ints(value)), where, f'{arg} must not be negative, got {value!r}')
+    if isinstance(value, float):
+        _require(value >= 0, where, f'{arg} must not be negative, got {value!r}')
+        if name.endswith(('_rate', 'momentum')):
+            _require(value <= 1, where, f'{arg} must be in [0, 1], got {value!r}')
+    if name == 'iterations':
+        _require(1 <= value <= MAX_ITERATIONS, where, f'{arg} must be between 1 and {MAX_ITERATIONS}, got {value!r}')
+    elif name in ('in_chans', 'max_votes', 'img_size', 'capsule_layers', 'bn_eps'):
+        _require(all(v >= 1 for v in _ints(value)) and not (isinstance(value, float) and value <= 0), where,
+                 f'{arg} must be positive, got {value!r}')
+    if name == 'capsule_layers':
+        for spec in value:
+            _require(spec[0] in ('conv', 'fc') and len(spec) == (4 if spec[0] == 'conv' else 2), where,
+                     f"{arg}: each layer is ['conv', capsules, kernel, stride] or ['fc', capsules], got {spec!r}")
+    elif name == 'global_pool':
+        try:
+            SelectAdaptivePool2d(pool_type=value)  # timm's own list of pool types
+        except (AssertionError, ValueError, TypeError, KeyError):
+            raise ConfigError(f'{where}: {arg}: unknown pool type {value!r}') from None
+    elif name == 'backbone':
+        _require(value in ('simple', 'resnet') or timm.is_model(value), where,
+                 f"{arg} must be 'simple', 'resnet' or a timm model name, got {value!r}")
+
+
+def validate_model_args(model_args: Mapping[str, Any], architecture: str, where: str = 'config.json') -> None:
+    """Checks every model argument of a ``config.json`` for name, type and range against the constructor of
+    the architecture's class, before anything is built. Raises ``ConfigError`` naming the argument."""
+    _require(isinstance(model_args, Mapping), where, '"model_args" must be an object')
+    parameters = _constructor_parameters(model_class(architecture))
+    placement = sorted({'device', 'dtype'} & set(model_args))
+    _require(not placement, where, f'model_args must not set {placement}: where a model lives and its precision '
+                                   f'are chosen when loading (create_model(..., device=, dtype=)), not by a checkpoint')
+    unknown = sorted(set(model_args) - set(parameters))
+    _require(not unknown, where, f'model_args has unknown arguments {unknown} '
+                                 f'({model_class(architecture).__name__} takes {sorted(parameters)})')
+    for name, value in model_args.items():
+        hint, _ = parameters[name]
+        _require(_matches(value, hint), where, f'model_args.{name} must be {_type_name(hint)}, got {value!r}')
+        _check_range(name, value, where)
+
+
+def validate_checkpoint_config(
+        pretrained_cfg: Mapping[str, Any],
+        model_args: Optional[Mapping[str, Any]] = None,
+        architecture: Optional[str] = None,
+        where: str = 'config.json',
+) -> None:
+    """Checks the fields of a timm ``config.json`` (its ``pretrained_cfg`` and ``model_args``) that building
+    and loading rely on, before any weights are read. Raises ``ConfigError``."""
+    _require(isinstance(pretrained_cfg, Mapping), where, 'pretrained_cfg must be an object')
+    if architecture is not None:
+        ours = our_architectures()
+        _require(architecture in ours, where, f'unknown architecture {architecture!r} (timm_capsules has {ours})')
+    num_classes = pretrained_cfg.get('num_classes')
+    _require(_is_int(num_classes) and num_classes >= 0, where, f'num_classes must be an int >= 0, got {num_classes!r}')
+    size = pretrained_cfg.get('input_size')
+    _require(isinstance(size, (list, tuple)) and len(size) == 3 and all(_is_int(s) and s > 0 for s in size), where,
+             f'input_size must be [channels, height, width] of positive ints, got {size!r}')
+    for key in ('mean', 'std'):
+        value = pretrained_cfg.get(key)
+        _require(isinstance(value, (list, tuple)) and len(value) == size[0] and all(_is_number(v) for v in value),
+                 where, f'{key} must hold {size[0]} numbers (one per input channel), got {value!r}')
+    _require(all(v > 0 for v in pretrained_cfg['std']), where, 'std must be positive')
+    labels = pretrained_cfg.get('label_names')
+    _require(labels is None or (isinstance(labels, (list, tuple, dict)) and len(labels) == num_classes), where,
+             f'label_names must have num_classes={num_classes} entries, got {None if labels is None else len(labels)}')
+    for key in ('classifier', 'first_conv'):
+        value = pretrained_cfg.get(key)
+        names = (value,) if isinstance(value, str) else value
+        _require(value is None or (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)),
+                 where, f'{key} must be a module name or a list of them, got {value!r}')
+    model_args = dict(model_args or {})
+    if architecture is not None:
+        validate_model_args(model_args, architecture, where)
+    if 'num_classes' in model_args:
+        _require(model_args['num_classes'] == num_classes, where,
+                 f"model_args.num_classes={model_args['num_classes']} disagrees with num_classes={num_classes}")
+    if 'in_chans' in model_args:
+        _require(model_args['in_chans'] == size[0], where,
+                 f"model_args.in_chans={model_args['in_chans']} disagrees with input_size[0]={size[0]}")
+
+
+def _parse_config_json(path: Path) -> Dict[str, Any]:
+    """The checks timm's own parser needs to not fail with a bare ``JSONDecodeError``/``KeyError``."""
+    try:
+        cfg = json.loads(path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f'{path}: not valid JSON ({error})') from error
+    _require(isinstance(cfg, dict), str(path), 'expected a JSON object')
+    _require(isinstance(cfg.get('architecture'), str), str(path), 'missing "architecture"')
+    for key in ('pretrained_cfg', 'model_args'):
+        _require(isinstance(cfg.get(key, {}), dict), str(path), f'"{key}" must be an object')
+    _require(timm.is_model(cfg['architecture']), str(path),
+             f"unknown architecture {cfg['architecture']!r} (import the package that registers it first)")
+    return cfg
+
+
+def read_config_json(folder: Union[str, Path]) -> Dict[str, Any]:
+    """Reads and validates a checkpoint folder's ``config.json`` (one of this package's models)."""
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f'{folder}: no {CONFIG_NAME}')
+    cfg = _parse_config_json(path)
+    _require(isinstance(cfg.get('pretrained_cfg'), dict), str(path), 'missing "pretrained_cfg" object')
+    pretrained_cfg = dict(cfg['pretrained_cfg'])
+    if 'num_classes' in cfg:  # timm's top-level override
+        pretrained_cfg['num_classes'] = cfg['num_classes']
+    validate_checkpoint_config(pretrained_cfg, cfg.get('model_args'), cfg['architecture'], str(path))
+    return cfg
+
+
+def _read_config_json_for_timm(path: Union[str, Path]) -> Dict[str, Any]:
+    return _parse_config_json(Path(path))
+
+
+def _install_config_json_check():
+    """timm reads ``config.json`` (``local-dir:``, ``hf-hub:``) in ``timm.models._hub.load_cfg_from_json``
+    before any model code runs, so a broken file surfaces as a bare ``JSONDecodeError`` or ``KeyError`` that
+    names no file; no hook of timm's runs earlier. Replacing that one reader (same result for every valid
+    file, of any timm model) is the only place to name the file."""
+    from timm.models import _hub
+    if _hub.load_cfg_from_json is not _read_config_json_for_timm:
+        _hub.load_cfg_from_json = _read_config_json_for_timm
+
+
+_install_config_json_check()
+
+
+# ---- weights -------------------------------------------------------------------------------------------
+
+
+def _names(value) -> tuple:
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def check_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """timm ``pretrained_filter_fn``: the checkpoint's tensor names and shapes must be the model's, except
+    where timm adapts them (the classifier when ``num_classes`` differs, the first conv's input channels
+    when ``in_chans`` differs). Raises ``WeightsError`` listing every mismatch."""
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    expected = model.state_dict()
+    head_adapted = getattr(model, 'num_classes', None) != cfg.get('num_classes')
+    classifiers = _names(cfg.get('classifier')) if head_adapted else ()
+    first_convs = {f'{name}.weight' for name in _names(cfg.get('first_conv'))}
+    source_chans = (cfg.get('input_size') or (3,))[0]
+
+    def adapted(key: str) -> bool:
+        return any(key.startswith(f'{name}.') for name in classifiers)
+
+    missing = [k for k in expected if k not in state_dict and not adapted(k)]
+    unexpected = [k for k in state_dict if k not in expected and not adapted(k)]
+    wrong = []
+    for key, tensor in state_dict.items():
+        if key not in expected or adapted(key):
+            continue
+        want = expected[key]
+        if not isinstance(tensor, torch.Tensor):
+            wrong.append(f'{key}: not a tensor ({type(tensor).__name__})')
+        elif tuple(tensor.shape) != tuple(want.shape):
+            in_chans_change = (
+                key in first_convs and tensor.ndim == 4 and tensor.shape[1] == source_chans
+                and tensor.shape[0] == want.shape[0] and tensor.shape[2:] == want.shape[2:])
+            if not in_chans_change:
+                wrong.append(f'{key}: checkpoint {tuple(tensor.shape)}, model {tuple(want.shape)}')
+    if missing or unexpected or wrong:
+        def block(title, items):
+            shown = items[:20] + ([f'... and {len(items) - 20} more'] if len(items) > 20 else [])
+            return f'\n  {title} ({len(items)}):\n    ' + '\n    '.join(shown) if items else ''
+        source = cfg.get('file') or cfg.get('hf_hub_id') or 'the checkpoint'
+        raise WeightsError(
+            f"the weights from {source} do not fit {cfg.get('architecture', type(model).__name__)} "
+            f"(built with {getattr(model, 'num_classes', '?')} classes, {getattr(model, 'in_chans', '?')} input channels):"
+            + block('shape mismatches', wrong) + block('missing from the checkpoint', missing)
+            + block('not in the model', unexpected))
+    return state_dict
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> List[str]:
+    """Names of the floating-point tensors holding NaN or infinity."""
+    return [name for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def check_weights_file(path: Union[str, Path]) -> Dict[str, tuple]:
+    """Reads a safetensors file's header and every tensor; returns {name: shape}. Raises ``WeightsError``
+    for an unreadable file or non-finite values (naming the tensors)."""
+    path = Path(path)
+    shapes, bad = {}, []
+    try:
+        with safe_open(str(path), framework='pt') as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                shapes[key] = tuple(tensor.shape)
+                bad += non_finite_tensors({key: tensor})
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(f'{path}: not a readable safetensors file (corrupted or truncated?): {error}') from error
+    if bad:
+        shown = ', '.join(bad[:20]) + (f' and {len(bad) - 20} more' if len(bad) > 20 else '')
+        raise WeightsError(f'{path}: {len(bad)} tensor(s) hold NaN or infinity (a diverged run?): {shown}')
+    return shapes
+
+
+# ---- the guard around building ---------------------------------------------------------------------------
+
+
+def training_command(architecture: str, preset: Optional[str] = None) -> str:
+    """The command that trains ``architecture``'s weights with ``preset`` (default: the preset that trains
+    it, the paper's recipe)."""
+    preset = preset or preset_for_model(architecture)
+    how = f'--preset {preset}' if preset else f'--model {architecture}'
+    return f'accelerate launch train_accelerate.py {how} --output_dir <output_dir>'
+
+
+def _weights_location(cfg: Mapping[str, Any]) -> str:
+    if cfg.get('source') == 'local-dir' or cfg.get('file'):
+        return str(cfg.get('file'))
+    if cfg.get('hf_hub_id'):
+        return f"Hub repo {cfg['hf_hub_id']} (cached file model.safetensors)"
+    return 'the checkpoint'
+
+
+def _config_location(cfg: Mapping[str, Any]) -> str:
+    if cfg.get('source') == 'local-dir':
+        return str(Path(cfg['file']) / CONFIG_NAME)
+    return f"{CONFIG_NAME} of hf-hub:{cfg.get('hf_hub_id')}"
+
+
+def _not_found_reason(error: Exception, repo: str) -> Optional[str]:
+    """Why the Hub gave no weights, when that is what ``error`` says; None for any other failure."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    if isinstance(error, LocalEntryNotFoundError):
+        mode = 'HF_HUB_OFFLINE=1' if constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
+        return f'{mode} and the Hugging Face cache ({constants.HF_HUB_CACHE}) does not hold {repo}'
+    if isinstance(error, GatedRepoError):
+        return None  # it exists: access is the problem, and huggingface_hub's message says so
+    if isinstance(error, RepositoryNotFoundError):
+        return f'the Hub has no repo {repo}'
+    if isinstance(error, RevisionNotFoundError):
+        return f'the Hub repo {repo} has no such revision'
+    if isinstance(error, EntryNotFoundError):
+        return f'the Hub repo {repo} holds no weights file'
+    return None
+
+
+@contextlib.contextmanager
+def pretrained_guard(variant: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Iterator[None]:
+    """Wraps ``build_model_with_cfg`` in the model files:
+
+    - a ``config.json`` from ``hf-hub:``/``local-dir:`` is validated before the model is built or any weights
+      are read, and the constructor's own objections to its arguments name the file (``ConfigError``);
+    - ``pretrained=True`` goes through timm's usual path (Hub download, or the local cache with
+      ``HF_HUB_OFFLINE=1``); only when the Hub has no such repo or file, or it cannot be reached and nothing is
+      cached, it raises ``WeightsNotPublishedError`` with the command that trains the weights;
+    - an unreadable safetensors file (corrupted, truncated) raises ``WeightsError`` naming the file.
+    """
+    given = kwargs.get('pretrained_cfg')
+    from_file = isinstance(given, Mapping) and given.get('source') in ('hf-hub', 'local-dir')
+    if from_file:
+        validate_checkpoint_config(given, kwargs.get('pretrained_model_args'), variant, _config_location(given))
+    cfg = resolve_pretrained_cfg(variant, given, kwargs.get('pretrained_cfg_overlay')).to_dict() if pretrained else {}
+    try:
+        yield
+    except SafetensorError as error:
+        raise WeightsError(
+            f'cannot read the weights of {variant} from {_weights_location(cfg)}: the safetensors file is '
+            f'corrupted or truncated ({error}). Delete it (for the Hub: its snapshot in the Hugging Face cache) '
+            f'and download or export it again.') from error
+    except (TypeError, ValueError, AssertionError) as error:
+        if not from_file or isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f'{_config_location(given)}: its model_args do not build {variant}: {error}') from error
+    except Exception as error:
+        repo = cfg.get('hf_hub_id')
+        reason = _not_found_reason(error, repo) if pretrained and repo and cfg.get('source') != 'local-dir' else None
+        if reason is None:
+            raise
+        tag = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
+        raise WeightsNotPublishedError(
+            f'no pretrained weights for {tag}: {reason}. Train them with\n'
+            f'    {training_command(variant)}\n'
+            f"and load the result with timm.create_model('local-dir:<output_dir>', pretrained=True), "
+            f'or use pretrained=False for random initialisation.') from error
