@@ -554,6 +554,9 @@ def verify_checkpoint(folder, model, optimizer):
     for name in ('model.safetensors', 'optimizer.bin'):
         if name not in files:
             raise CheckpointError(f'{folder / name}: missing')
+    for file in folder.glob('custom_checkpoint_*.pkl'):  # accelerate would unpickle it with weights_only=False
+        raise CheckpointError(f'{file}: refused, accelerate would load it as code, not data (a checkpoint is data, '
+                              f'never code; written by an older version of this script?)')
     weights = folder / 'model.safetensors'
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -682,3 +683,79 @@ def test_dynamic_routing_baseline_trains_with_its_preset(run, train, tmp_path):
     assert reloaded.output_type == "lengths"
     images, targets = multimnist_test_images(6, *mean_std(reloaded))
     assert_metrics(metrics["final"], independent_metrics(reloaded, images, targets, True, returns="lengths"))
+
+
+# ------------------------------------------------------------------- checkpoints are data, never code
+class Payload:
+    """Unpickled as code, it creates the file `marker` (pickle calls open(marker, 'w'))."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant(folder, name, marker):
+    """Replaces (or adds) `name` in a checkpoint by a pickle payload and, like a crafted checkpoint would, updates
+    the file list of training_state.json so that sizes and checksums match."""
+    import hashlib
+    torch.save({"state": Payload(marker), "param_groups": []}, folder / name)
+    state_file = folder / "training_state.json"
+    saved = json.loads(state_file.read_text())
+    data = (folder / name).read_bytes()
+    saved["files"][name] = dict(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    state_file.write_text(json.dumps(saved))
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A 4-step tiny run with checkpoints at steps 2 and 4 (one subprocess, shared by the tests below)."""
+    out = tmp_path_factory.mktemp("checkpointed")
+    done = cli(*TINY, "--max-train-steps", 4, "--checkpointing-steps", 2, "--seed", 3, "--output-dir", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def copy_run(checkpointed, tmp_path):
+    import shutil
+    shutil.copytree(checkpointed / "checkpoints", tmp_path / "checkpoints")
+    return tmp_path
+
+
+def test_checkpoint_holds_our_state_as_json(checkpointed):
+    folder = checkpointed / "checkpoints" / "step_00000004"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "training_state.json"]
+    saved = json.loads((folder / "training_state.json").read_text())
+    assert saved["completed_steps"] == 4 and [r["step"] for r in saved["history"]["train"]] == [2, 4]
+    assert sorted(saved["files"]) == names[:-1]
+    import hashlib
+    for name, entry in saved["files"].items():
+        data = (folder / name).read_bytes()
+        assert entry == dict(bytes=len(data), sha256=hashlib.sha256(data).hexdigest()), name
+
+
+@pytest.mark.parametrize("name, refusal", [
+    # read by accelerate's load_state with weights_only=True (the RNG states' failure it would swallow silently)
+    ("optimizer.bin", r"not plain tensor data, refused \(a checkpoint is data, never code\)"),
+    ("random_states_0.pkl", r"not plain tensor data, refused \(a checkpoint is data, never code\)"),
+    # accelerate would unpickle it with weights_only=False (where register_for_checkpointing put our state)
+    ("custom_checkpoint_0.pkl", r"refused, accelerate would load it as code, not data"),
+    ("sampler.bin", None),  # never read for our loaders: the run resumes
+])
+def test_planted_pickle_never_runs_on_resume(run, checkpointed, tmp_path, name, refusal):
+    out = copy_run(checkpointed, tmp_path)
+    folder = out / "checkpoints" / "step_00000004"
+    marker = tmp_path / "payload_ran"
+    plant(folder, name, marker)
+    argv = TINY + ["--max-train-steps", 5, "--seed", 3, "--output-dir", out, "--resume-from-checkpoint", folder]
+    if refusal:  # refused before anything is loaded, naming the file
+        with pytest.raises(SystemExit, match=rf"cannot resume: {re.escape(str(folder / name))}: {refusal}"):
+            run(argv)
+    else:
+        assert run(argv)["completed_steps"] == 5
+    assert not marker.exists()
+    # the payload is real: unpickled as code, it would have run
+    torch.load(folder / name, weights_only=False)
+    assert marker.exists()
