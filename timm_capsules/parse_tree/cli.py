@@ -117,6 +117,43 @@ def tree_file_names(image_names: Sequence[str]) -> List[str]:
     return files
 
 
+def _draw_pictures(out: Path, model, trace, x: Tensor, names: List[str], masks: List[Optional[Tensor]],
+                   truths: List[Optional[List[int]]], classes: List[List[int]], trees: List[str],
+                   label_names: List[str], boxes: np.ndarray, args) -> None:
+    """heatmaps.png (a row per image, a map per shown class), a tree per image and entropy.png."""
+    titles = [n if t is None else f'{n}\ntrue: ' + ', '.join(f'{label_names[c]} ({colour})' for c, colour in zip(
+        t, ('red', 'blue'))) for n, t in zip(names, truths)]
+    heat = class_heatmaps(trace, range(model.num_classes), boxes, model.img_size, args.iteration,
+                          heat=args.heat)  # (B, H, W, classes)
+    covered = (receptive_field_matrix(boxes, *model.img_size).sum(0) > 0).reshape(model.img_size).numpy()
+    has_masks = any(m is not None for m in masks)
+    mask_array = np.stack([(m if m is not None else torch.zeros(2, *model.img_size)).numpy()
+                           for m in masks]) if has_masks else None
+    primary_mass = class_primary_mass(trace, None, args.iteration).sum(3).flatten(1, 2)  # (B, P, classes)
+    panel_titles = []
+    for b, row in enumerate(classes):
+        panel_titles.append([])
+        for c in row:
+            title = f'routes to "{label_names[c]}" (logit {float(trace.logits[b, c]):+.1f})'
+            if truths[b] is not None and len(truths[b]) == 2 and c in truths[b]:
+                owner = digit_ownership(boxes, torch.as_tensor(mask_array[b:b + 1]))[0]
+                own = own_fraction(primary_mass[b, :, c], owner, truths[b].index(c))
+                title += f'\n{own:.0%} of its digit mass from its own digit'
+            panel_titles[b].append(title)
+    heatmaps = [[np.where(covered, heat[b, :, :, c].numpy(), np.nan) for c in row] for b, row in enumerate(classes)]
+    display = np.stack([display_image(model, image) for image in x])
+    colour_label = 'routing gain over uniform routing' if args.heat == 'gain' else 'top-down routing mass'
+    plot_heatmaps(out / 'heatmaps.png', display, heatmaps, panel_titles, titles, colour_label, mask_array,
+                  args.dpi)
+    for b in range(len(x)):
+        tree = part_whole_tree(trace, b, classes[b], args.tree_top, args.iteration, label_names)
+        plot_part_whole_tree(out / trees[b], tree, f'{titles[b]}\ncapsules carrying most routing mass to its '
+                             f'top classes', args.dpi)
+    plot_entropy(out / 'entropy.png', entropy_table(trace),
+                 [f'{trace.layer_names[l]} -> {trace.layer_names[l + 1]}' for l in range(len(trace.geometry))],
+                 args.dpi)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -168,37 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 item['true'] = [label_names[c] for c in truths[b]]
             summary['images'].append(item)
             classes.append(item['predicted_index'])
-        titles = [n if t is None else f'{n}\ntrue: ' + ', '.join(f'{label_names[c]} ({colour})' for c, colour in zip(
-            t, ('red', 'blue'))) for n, t in zip(names, truths)]
-        heat = class_heatmaps(trace, range(model.num_classes), boxes, model.img_size, args.iteration,
-                              heat=args.heat)  # (B, H, W, classes)
-        covered = (receptive_field_matrix(boxes, *model.img_size).sum(0) > 0).reshape(model.img_size).numpy()
-        has_masks = any(m is not None for m in masks)
-        mask_array = np.stack([(m if m is not None else torch.zeros(2, *model.img_size)).numpy()
-                               for m in masks]) if has_masks else None
-        primary_mass = class_primary_mass(trace, None, args.iteration).sum(3).flatten(1, 2)  # (B, P, classes)
-        panel_titles = []
-        for b, row in enumerate(classes):
-            panel_titles.append([])
-            for c in row:
-                title = f'routes to "{label_names[c]}" (logit {float(trace.logits[b, c]):+.1f})'
-                if truths[b] is not None and len(truths[b]) == 2 and c in truths[b]:
-                    owner = digit_ownership(boxes, torch.as_tensor(mask_array[b:b + 1]))[0]
-                    own = own_fraction(primary_mass[b, :, c], owner, truths[b].index(c))
-                    title += f'\n{own:.0%} of its digit mass from its own digit'
-                panel_titles[b].append(title)
-        heatmaps = [[np.where(covered, heat[b, :, :, c].numpy(), np.nan) for c in row] for b, row in enumerate(classes)]
-        display = np.stack([display_image(model, image) for image in x])
-        colour_label = 'routing gain over uniform routing' if args.heat == 'gain' else 'top-down routing mass'
-        plot_heatmaps(out / 'heatmaps.png', display, heatmaps, panel_titles, titles, colour_label, mask_array,
-                      args.dpi)
-        for b in range(len(x)):
-            tree = part_whole_tree(trace, b, classes[b], args.tree_top, args.iteration, label_names)
-            plot_part_whole_tree(out / trees[b], tree, f'{titles[b]}\ncapsules carrying most routing mass to its '
-                                 f'top classes', args.dpi)
-        plot_entropy(out / 'entropy.png', entropy_table(trace),
-                     [f'{trace.layer_names[l]} -> {trace.layer_names[l + 1]}' for l in range(len(trace.geometry))],
-                     args.dpi)
+        _draw_pictures(out, model, trace, x, names, masks, truths, classes, trees, label_names, boxes, args)
         summary['entropy_normalized_mean'] = entropy_table(trace).mean(0).tolist()  # [iteration][layer]
         summary['pictures'] = dict({'heatmaps.png': names, 'entropy.png': names},
                                    **{tree: [name] for tree, name in zip(trees, names)})
