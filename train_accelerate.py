@@ -656,15 +656,16 @@ def stop_with_the_launcher():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def check_finite(state, accelerator, lr, checkpoint_hint):
+def check_finite(state, accelerator, lr, output_dir):
     """Stops the run when a loss (or clipped gradient norm) became nan/inf: cheap, since it reads one number
     that the steps kept on the device, at the logging interval and before each checkpoint."""
     first = accelerator.gather(state.first_nonfinite[None])
     first = first[first > 0]
     if len(first):
+        found = checkpoint_dirs(output_dir)
         fail(f'the run diverged: the training loss or gradient became nan/inf at step {first.min().item()} '
              f'(lr {lr:.3g}); nothing was saved. Try a lower --lr, --clip-grad 1.0, or --mixed-precision no '
-             f'(float32){checkpoint_hint}')
+             f'(float32){f"; the last checkpoint is {found[-1]}" if found else ""}')
 
 
 def non_finite_tensors(model):
@@ -800,10 +801,6 @@ def main(argv=None):
             accelerator.log({f'test/{k}': v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=completed_steps)
 
-    def checkpoint_hint():
-        found = checkpoint_dirs(args.output_dir)
-        return f'; the last checkpoint is {found[-1]}' if found else ''
-
     if args.with_tracking:
         accelerator.init_trackers(args.project_name, tracker_config(args))
     model_output_type = getattr(accelerator.unwrap_model(model), 'output_type', 'logits')  # timm's: logits
@@ -855,7 +852,7 @@ def main(argv=None):
                     scheduler.step_update(num_updates=completed_steps)
                 progress.update(1)
                 if completed_steps % args.log_every == 0 or completed_steps == max_steps:
-                    check_finite(state, accelerator, optimizer.param_groups[0]['lr'], checkpoint_hint())
+                    check_finite(state, accelerator, optimizer.param_groups[0]['lr'], args.output_dir)
                     loss_sum, hits, count = accelerator.reduce(state.running.clone(), 'sum').tolist()
                     record = dict(step=completed_steps, epoch=epoch, loss=loss_sum / count, accuracy=hits / count,
                                   lr=optimizer.param_groups[0]['lr'])
@@ -866,7 +863,7 @@ def main(argv=None):
                         accelerator.log({'train/loss': record['loss'], 'train/accuracy': record['accuracy'],
                                          'lr': record['lr']}, step=completed_steps)
                 if args.checkpointing_steps not in (None, 'epoch') and completed_steps % args.checkpointing_steps == 0:
-                    check_finite(state, accelerator, optimizer.param_groups[0]['lr'], checkpoint_hint())
+                    check_finite(state, accelerator, optimizer.param_groups[0]['lr'], args.output_dir)
                     save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
                 if completed_steps == args.stop_after_steps:
                     stopped = '--stop_after_steps'
@@ -880,7 +877,7 @@ def main(argv=None):
             if last or (epoch + 1) % args.eval_every == 0:
                 run_evaluation(epoch)
             if args.checkpointing_steps == 'epoch':
-                check_finite(state, accelerator, optimizer.param_groups[0]['lr'], checkpoint_hint())
+                check_finite(state, accelerator, optimizer.param_groups[0]['lr'], args.output_dir)
                 save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
             if last:
                 break
@@ -901,7 +898,7 @@ def main(argv=None):
         accelerator.print(f'stopped after {completed_steps} steps (--stop_after_steps)')
         return dict(stopped=True, completed_steps=completed_steps, model_object=unwrapped)
     if stopped:
-        check_finite(state, accelerator, optimizer.param_groups[0]['lr'], checkpoint_hint())
+        check_finite(state, accelerator, optimizer.param_groups[0]['lr'], args.output_dir)
         folder = save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
         accelerator.end_training()
         accelerator.print(f'{PROG}: stopped by {stopped} after {completed_steps} steps; checkpoint {folder}; '

@@ -759,3 +759,36 @@ def test_planted_pickle_never_runs_on_resume(run, checkpointed, tmp_path, name, 
     # the payload is real: unpickled as code, it would have run
     torch.load(folder / name, weights_only=False)
     assert marker.exists()
+
+
+# ----------------------------------------------------------------------------- a diverging run stops
+def test_diverging_run_stops_and_saves_nothing_non_finite(run, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        run(TINY + ["--opt", "sgd", "--lr", "1e6", "--max-train-steps", 8, "--log-every", 1, "--checkpointing-steps", 1,
+                    "--checkpoints-total-limit", 0, "--output-dir", out])
+    message = str(stop.value.code)
+    step = int(re.search(r"became nan/inf at step (\d+) ", message).group(1))
+    assert message.startswith("train_accelerate.py: error: the run diverged") and "\n" not in message
+    assert "Try a lower --lr, --clip-grad 1.0, or --mixed-precision no (float32)" in message
+    assert 1 < step <= 8
+    # every step before it was finite (its checkpoint holds the logged losses), none from it on was saved
+    names = [p.name for p in sorted((out / "checkpoints").iterdir())]
+    assert names == [f"step_{k:08d}" for k in range(1, step)]
+    assert message.endswith(f"the last checkpoint is {out / 'checkpoints' / names[-1]}")
+    saved = json.loads((out / "checkpoints" / names[-1] / "training_state.json").read_text())
+    assert [r["step"] for r in saved["history"]["train"]] == list(range(1, step))
+    assert all(math.isfinite(r["loss"]) for r in saved["history"]["train"])
+    assert all(torch.isfinite(t).all() for t in load_weights(out / "checkpoints" / names[-1]).values())
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
+
+
+def test_save_model_refuses_non_finite_weights(train, tmp_path):
+    model = timm.create_model("cnn_baseline_multimnist")
+    with torch.no_grad():
+        model.get_classifier().weight[0, 0] = float("nan")
+    name = next(k for k, v in model.state_dict().items() if v.isnan().any())
+    with pytest.raises(SystemExit, match=rf"the final model has non-finite values \(nan/inf\) in {re.escape(name)}; "
+                                         r"not saved$"):
+        train.save_model(model, tmp_path, None, dict(mean=(0.0,), std=(1.0,)))
+    assert not any(tmp_path.iterdir())
