@@ -792,3 +792,59 @@ def test_save_model_refuses_non_finite_weights(train, tmp_path):
                                          r"not saved$"):
         train.save_model(model, tmp_path, None, dict(mean=(0.0,), std=(1.0,)))
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------- damaged checkpoints
+def damage(file, how):
+    data = file.read_bytes()
+    if how == "truncated":
+        file.write_bytes(data[:len(data) // 2])
+        return f"{len(data) // 2} bytes, {len(data)} when it was written \\(truncated or damaged\\)"
+    file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit, same size
+    return "its contents changed since it was written \\(damaged\\)"
+
+
+@pytest.mark.parametrize("name, how", [("model.safetensors", "truncated"), ("optimizer.bin", "flipped"),
+                                       ("random_states_0.pkl", "truncated")])
+def test_latest_skips_a_damaged_checkpoint(run, checkpointed, tmp_path, capsys, name, how):
+    out = copy_run(checkpointed, tmp_path)
+    newest = out / "checkpoints" / "step_00000004"
+    problem = damage(newest / name, how)
+    resumed = run(TINY + ["--max-train-steps", 4, "--checkpointing-steps", 2, "--seed", 3, "--output-dir", out,
+                          "--resume-from-checkpoint", "latest"])
+    printed = capsys.readouterr()
+    assert re.search(rf"warning: checkpoint step_00000004 is damaged or unusable: {re.escape(str(newest / name))}: "
+                     rf"{problem}; trying the one before it", printed.err)
+    assert f"resuming from {out / 'checkpoints' / 'step_00000002'}" in printed.out
+    # resumed exactly from step 2: the weights of the uninterrupted run
+    assert resumed["completed_steps"] == 4
+    assert_same_weights(load_weights(checkpointed), load_weights(out))
+
+
+@pytest.mark.parametrize("name, how", [("model.safetensors", "flipped"), ("optimizer.bin", "truncated")])
+def test_explicit_damaged_checkpoint_stops_naming_the_file(run, checkpointed, tmp_path, name, how):
+    out = copy_run(checkpointed, tmp_path)
+    folder = out / "checkpoints" / "step_00000004"
+    problem = damage(folder / name, how)
+    with pytest.raises(SystemExit, match=rf"^train_accelerate.py: error: cannot resume: "
+                                         rf"{re.escape(str(folder / name))}: {problem}$"):
+        run(TINY + ["--max-train-steps", 5, "--output-dir", out, "--resume-from-checkpoint", folder])
+    assert not (out / "model.safetensors").exists()
+
+
+def test_checkpoint_of_another_model_or_incomplete_is_refused(run, checkpointed, tmp_path):
+    out = copy_run(checkpointed, tmp_path)
+    folder = out / "checkpoints" / "step_00000004"
+    with pytest.raises(SystemExit, match=rf"cannot resume: {re.escape(str(folder / 'model.safetensors'))}: holds "
+                                         r"another model \(first difference: 'capsule_layers.0.weight'; other --model"):
+        run(TINY + ["--model-arg", "capsule_layers=[('conv', 6, 3, 1)]", "--output-dir", out,
+                    "--resume-from-checkpoint", folder])
+    (folder / "training_state.json").unlink()
+    with pytest.raises(SystemExit, match=rf"cannot resume: {re.escape(str(folder / 'training_state.json'))}: "
+                                         r"missing \(not a complete checkpoint of this script\)$"):
+        run(TINY + ["--output-dir", out, "--resume-from-checkpoint", folder])
+    # with latest, none usable: one line naming each
+    damage(out / "checkpoints" / "step_00000002" / "optimizer.bin", "truncated")
+    with pytest.raises(SystemExit, match=r"no usable checkpoint in .*checkpoints: .*step_00000004/training_state.json: "
+                                         r"missing .*; .*step_00000002/optimizer.bin: \d+ bytes"):
+        run(TINY + ["--output-dir", out, "--resume-from-checkpoint", "latest"])
