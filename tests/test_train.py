@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -848,3 +849,42 @@ def test_checkpoint_of_another_model_or_incomplete_is_refused(run, checkpointed,
     with pytest.raises(SystemExit, match=r"no usable checkpoint in .*checkpoints: .*step_00000004/training_state.json: "
                                          r"missing .*; .*step_00000002/optimizer.bin: \d+ bytes"):
         run(TINY + ["--output-dir", out, "--resume-from-checkpoint", "latest"])
+
+
+# ----------------------------------------------------------------------------------------- reporting
+@pytest.mark.parametrize("mnist_dir", [False, True])
+def test_the_mnist_source_actually_used_is_reported(run, tmp_path, capsys, monkeypatch, mnist_dir):
+    """--mnist-source auto resolves (offline here) to the built-in sample, or to $MNIST_DIR: metrics.json and the
+    log say which, not 'auto'."""
+    from timm_capsules.data import load_sample, write_idx
+    expected = "sample"
+    if mnist_dir:
+        folder = tmp_path / "mnist"
+        folder.mkdir()
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            digits = load_sample(split)
+            write_idx(folder / f"{prefix}-images-idx3-ubyte", digits.images)
+            write_idx(folder / f"{prefix}-labels-idx1-ubyte", digits.labels.astype(np.uint8))
+        monkeypatch.setenv("MNIST_DIR", str(folder))
+        expected = f"idx:{folder}"
+    else:
+        monkeypatch.delenv("MNIST_DIR", raising=False)
+    out = tmp_path / "out"
+    results = run(TINY + ["--mnist-source", "auto", "--max-train-steps", 1, "--output-dir", out])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert results["data_source"] == metrics["data_source"] == expected
+    assert metrics["args"]["mnist_source"] == "auto"  # what was asked, beside what it resolved to
+    assert f"on diverse_multimnist ({expected}):" in capsys.readouterr().out
+
+
+def test_kernel_build_is_timed_apart_from_training(run, train, tmp_path, capsys, monkeypatch):
+    """The one-off kernel build (here a stand-in that takes 1 s) is loaded up front and reported on its own."""
+    calls = []
+    monkeypatch.setattr(train, "routing_kernel", lambda: (calls.append(1), time.sleep(1.0)))
+    results = run(TINY + ["--cpu", "--max-train-steps", 1, "--output-dir", tmp_path])
+    assert len(calls) == 1
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["kernel_load_s"] == results["kernel_load_s"] >= 1.0
+    assert metrics["wall_time_s"] >= metrics["training_time_s"] + metrics["kernel_load_s"]
+    assert (f"({metrics['training_time_s']:.0f} s of training; routing kernel built/loaded in "
+            f"{metrics['kernel_load_s']:.0f} s)") in capsys.readouterr().out
