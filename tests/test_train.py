@@ -888,3 +888,63 @@ def test_kernel_build_is_timed_apart_from_training(run, train, tmp_path, capsys,
     assert metrics["wall_time_s"] >= metrics["training_time_s"] + metrics["kernel_load_s"]
     assert (f"({metrics['training_time_s']:.0f} s of training; routing kernel built/loaded in "
             f"{metrics['kernel_load_s']:.0f} s)") in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ stopping
+def processes_writing_to(folder):
+    """Pids of the live processes whose command line names `folder`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(folder).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def stop_while_training(command, out, signum, **env):
+    """Starts `command`, sends `signum` once its second checkpoint exists (the loop runs), and waits."""
+    process = subprocess.Popen(command, cwd=ROOT, env=dict(ENV, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 240  # a guard against a hang, not a measurement
+    while not (out / "checkpoints" / "step_00000002").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)  # the pipes close when every process holding them is gone
+    return process.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame, processes", [("SIGTERM", 0), ("SIGINT", 0), ("SIGTERM", 1), ("SIGTERM", 2)])
+def test_a_signal_stops_training_with_a_checkpoint(run, tmp_path, signame, processes):
+    """kill -TERM / Ctrl-C of the script, or kill -TERM of `accelerate launch` (with one process it does not pass
+    the signal on: the child asks Linux for SIGTERM when the launcher dies; with two, torch's elastic agent passes
+    it on and the ranks agree on the step), ends the current step, writes a checkpoint and exits non-zero; no
+    process is left, and the run resumes from that checkpoint."""
+    import signal
+    out = tmp_path / "out"
+    argv = [*TINY, "--epoch-size", 10**6, "--max-train-steps", 10**6, "--checkpointing-steps", 1,
+            "--checkpoints-total-limit", 0, "--output-dir", out]
+    command = [sys.executable, str(SCRIPT), *map(str, argv)]
+    if processes:
+        command[1:1] = ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--mixed_precision", "no",
+                        "--dynamo_backend", "no"]
+    if processes == 2:
+        command[3:3] = ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(free_port())]
+    code, _, stderr = stop_while_training(command, out, getattr(signal, signame), ACCELERATE_USE_CPU="1")
+    assert not processes_writing_to(out), "a training process outlived the stop"
+    match = re.search(rf"stopped by {signame} after (\d+) steps; checkpoint (\S+); continue with "
+                      r"--resume-from-checkpoint latest", stderr)
+    assert match, stderr[-3000:]
+    steps = int(match.group(1))
+    # the script's own status, or the launcher's: killed by the signal (one process), failed (two)
+    assert code == {0: 128 + getattr(signal, signame), 1: -signal.SIGTERM, 2: 1}[processes]
+    assert stderr.count(f"stopping after this step, with a checkpoint") == max(processes, 1)
+    newest = sorted((out / "checkpoints").iterdir())[-1]
+    assert match.group(2) == str(newest) and newest.name == f"step_{steps:08d}"
+    assert json.loads((newest / "training_state.json").read_text())["completed_steps"] == steps
+    assert not (out / "model.safetensors").exists()
+    resumed = run(argv[:argv.index("--max-train-steps")] + ["--max-train-steps", steps + 1, "--output-dir", out,
+                                                            "--resume-from-checkpoint", "latest"])
+    assert resumed["completed_steps"] == steps + 1 and (out / "model.safetensors").exists()
