@@ -20,6 +20,7 @@ from timm.models._features import feature_take_indices
 
 from .backbones import CifarResNetBackbone, SimpleBackbone, TimmBackbone
 from .layers import Capsules, capsules_to_nchw, conv_output_size
+from .loading import check_state_dict, pretrained_guard
 
 __all__ = [
     'CapsuleModel', 'LayerwiseCapsuleModel', 'check_input', 'check_timm_args', 'create_backbone', 'backbone_grid',
@@ -281,7 +282,6 @@ def build_capsule_model(cls, variant: str, pretrained: bool, num_levels: Optiona
     """``timm.models.build_model_with_cfg`` behind the pretrained guard (clear errors for unpublished tags,
     malformed configs) with the state-dict check (names and shapes listed on a mismatch); ``num_levels``
     feature levels for ``features_only``."""
-    from .hub import check_state_dict, pretrained_guard  # TODO(integration): top-level from .loading
     feature_cfg = dict(feature_cls='getter', out_indices=tuple(range(num_levels))) if num_levels else None
     with pretrained_guard(variant, pretrained, kwargs):
         return build_model_with_cfg(
