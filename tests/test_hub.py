@@ -328,12 +328,18 @@ MALFORMED = {  # case: (how to break config.json, what the error says[, what it 
         r"model_args.capsule_layers: each layer is \['conv', capsules, kernel, stride\] or \['fc', capsules\], "
         r"got \['pool', 32\]"),
     'capsule layer with a negative size': (lambda c: c['model_args'].update(capsule_layers=[['conv', -32, 3, 2]]),
-                                           'model_args.capsule_layers must not be negative'),
+                                           r"model_args.capsule_layers: sizes must be positive, got \['conv', -32, 3, 2\]"),
+    'no primary capsules': (lambda c: c['model_args'].update(primary_caps=0),
+                            'model_args.primary_caps must be positive, got 0'),
+    'backbone without channels': (lambda c: c['model_args'].update(backbone_args={'out_chs': 0}),
+                                  'model_args.backbone_args.out_chs must be positive, got 0'),
+    'negative padding': (lambda c: c['model_args'].update(primary_padding=-1),
+                         'model_args.primary_padding must not be negative, got -1'),
     'global_pool is unknown': (lambda c: c['model_args'].update(global_pool='median'),
                                "model_args.global_pool: unknown pool type 'median'"),
     'max_votes is zero': (lambda c: c['model_args'].update(max_votes=0), 'model_args.max_votes must be positive, got 0'),
     'img_size is negative': (  # timm copies img_size into input_size before any model code runs
-        lambda c: c['model_args'].update(img_size=[-32, 32]), r'model_args.img_size must not be negative, got \[-32, 32\]',
+        lambda c: c['model_args'].update(img_size=[-32, 32]), r'model_args.img_size must be positive, got \[-32, 32\]',
         r'input_size must be \[channels, height, width\] of positive ints, got [\[(]3, -32, 32[\])]'),
     'device is set': (lambda c: c['model_args'].update(device='cuda'), r"model_args must not set \['device'\]"),
     'dtype is set': (lambda c: c['model_args'].update(dtype='float16'), r"model_args must not set \['dtype'\]"),
@@ -416,6 +422,25 @@ def test_model_argument_types_come_from_the_constructor():
         validate({'iterations': 2}, 'cnn_baseline_cifar10', 'x.json')
     with pytest.raises(ConfigError, match=r'model_args.matrix_pose must be bool, got 1'):
         validate({'matrix_pose': 1}, 'capsnet_simple_cifar10', 'x.json')
+    validate({'global_pool': None, 'drop_rate': 0.0, 'bn_eps': 1e-5, 'bn_momentum': 0.1}, 'cnn_baseline_cifar10')
+    for args, message in [({'bn_eps': 0.0}, 'bn_eps must be positive, got 0.0'),
+                          ({'drop_rate': -0.1}, 'drop_rate must not be negative, got -0.1'),
+                          ({'bn_momentum': 2.0}, r'bn_momentum must be in \[0, 1\], got 2.0'),
+                          ({'head_hidden_size': 0}, 'head_hidden_size must be positive, got 0')]:
+        with pytest.raises(ConfigError, match=f'^x.json: model_args.{message}$'):
+            validate(args, 'cnn_baseline_cifar10', 'x.json')
+
+
+def test_config_and_constructor_share_the_iterations_bound():
+    """config.json validation refuses exactly what the constructor refuses (one bound, no drift)."""
+    from timm_capsules.capsnet import CapsNet
+    top = loading.MAX_ITERATIONS
+    loading.validate_model_args({'iterations': top}, 'capsnet_simple_cifar10')
+    assert CapsNet(backbone_args={'out_chs': 8}, iterations=top, device='meta').iterations == top
+    with pytest.raises(ConfigError, match=f'must be between 1 and {top}, got {top + 1}'):
+        loading.validate_model_args({'iterations': top + 1}, 'capsnet_simple_cifar10')
+    with pytest.raises(ValueError, match=f'iterations must be between 1 and {top}, got {top + 1}'):
+        CapsNet(backbone_args={'out_chs': 8}, iterations=top + 1, device='meta')
 
 
 def test_loading_imports_no_model_module():
@@ -471,8 +496,13 @@ def test_check_and_push_reject_non_finite_weights(simple, tmp_path, capsys):
     assert not out.exists()  # nothing staged
 
 
-def test_cli_check_never_ends_in_a_traceback(simple, tmp_path, capsys):
-    """Model arguments of the right type that the constructor still refuses: one error line, exit 2."""
+def test_cli_never_ends_in_a_traceback(simple, tmp_path, capsys):
+    """Model arguments of the right type that the constructor still refuses, or any other failure: one error
+    line, exit 2."""
+    missing = tmp_path / 'no_such_folder'
+    assert hub.main(['cache', '--folder', str(missing), '--repo-id', 'a/b', '--cache-dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {missing}: FileNotFoundError: ') and err.count('\n') == 1
     repo = _copy_repo(simple, tmp_path / 'repo')
     config = json.loads((repo / 'config.json').read_text())
     config['model_args']['pose_dim'] = 15  # matrix poses need a square pose dimension

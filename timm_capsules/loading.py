@@ -143,44 +143,49 @@ def _matches(value: Any, hint: Any) -> bool:
             return all(_matches(v, args[0]) for v in value)
         return not args or (len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args)))
     if origin in (list, collections.abc.Sequence):
-        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else \
-            isinstance(value, (list, tuple))
+        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
     if origin in (dict, collections.abc.Mapping):
         return isinstance(value, dict) and all(isinstance(k, str) for k in value) and (
             not args or all(_matches(v, args[1]) for v in value.values()))
     return False  # a class, a callable, a torch type: nothing a JSON file can hold
 
 
-def _ints(value: Any) -> Iterator[int]:
-    if _is_int(value):
-        yield value
+def _check_numbers(arg: str, name: str, value: Any, where: str, in_list: bool = False):
+    """Sizes and counts are positive (a named ``num_classes``, padding or index may be 0; entries of a list
+    of mixed specs only non-negative), other numbers non-negative, rates and momenta at most 1."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_numbers(f'{arg}.{key}', key, item, where)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from _ints(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _ints(item)
-
-
-def _check_range(name: str, value: Any, where: str):
-    """Ranges the types cannot say: sizes and counts are never negative, rates lie in [0, 1], and the
-    arguments that set how much memory a model takes are bounded."""
-    arg = f'model_args.{name}'
-    _require(all(v >= 0 for v in _ints(value)), where, f'{arg} must not be negative, got {value!r}')
-    if isinstance(value, float):
+            _check_numbers(arg, name, item, where, in_list=True)
+    elif _is_int(value):
+        if in_list or name == 'num_classes' or name.endswith(('padding', 'index')):
+            _require(value >= 0, where, f'{arg} must not be negative, got {value!r}')
+        else:
+            _require(value >= 1, where, f'{arg} must be positive, got {value!r}')
+    elif isinstance(value, float):
+        if name.endswith('eps'):
+            _require(value > 0, where, f'{arg} must be positive, got {value!r}')
         _require(value >= 0, where, f'{arg} must not be negative, got {value!r}')
         if name.endswith(('_rate', 'momentum')):
             _require(value <= 1, where, f'{arg} must be in [0, 1], got {value!r}')
+
+
+def _check_range(name: str, value: Any, where: str):
+    """Ranges the types cannot say; the arguments that set how much memory a model takes are bounded."""
+    arg = f'model_args.{name}'
     if name == 'iterations':
         _require(1 <= value <= MAX_ITERATIONS, where, f'{arg} must be between 1 and {MAX_ITERATIONS}, got {value!r}')
-    elif name in ('in_chans', 'max_votes', 'img_size', 'capsule_layers', 'bn_eps'):
-        _require(all(v >= 1 for v in _ints(value)) and not (isinstance(value, float) and value <= 0), where,
-                 f'{arg} must be positive, got {value!r}')
-    if name == 'capsule_layers':
+    elif name == 'img_size':
+        sizes = value if isinstance(value, (list, tuple)) else [value]
+        _require(all(size >= 1 for size in sizes), where, f'{arg} must be positive, got {value!r}')
+    elif name == 'capsule_layers':
         for spec in value:
             _require(spec[0] in ('conv', 'fc') and len(spec) == (4 if spec[0] == 'conv' else 2), where,
                      f"{arg}: each layer is ['conv', capsules, kernel, stride] or ['fc', capsules], got {spec!r}")
-    elif name == 'global_pool':
+            _require(all(size >= 1 for size in spec[1:]), where, f'{arg}: sizes must be positive, got {spec!r}')
+    elif name == 'global_pool' and value is not None:
         try:
             SelectAdaptivePool2d(pool_type=value)  # timm's own list of pool types
         except (AssertionError, ValueError, TypeError, KeyError):
@@ -188,6 +193,7 @@ def _check_range(name: str, value: Any, where: str):
     elif name == 'backbone':
         _require(value in ('simple', 'resnet') or timm.is_model(value), where,
                  f"{arg} must be 'simple', 'resnet' or a timm model name, got {value!r}")
+    _check_numbers(arg, name, value, where)
 
 
 def validate_model_args(model_args: Mapping[str, Any], architecture: str, where: str = 'config.json') -> None:
