@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import timm
+import torch
 
 import timm_capsules  # noqa: F401  (registers the models)
 from timm_capsules import __main__ as cli
@@ -25,9 +26,10 @@ def test_table_rows_give_each_models_parameter_count(monkeypatch, capsys):
         return ['capsnet_simple_cifar10', 'em_capsnet_simple_cifar10']
 
     monkeypatch.setattr(cli.timm, 'list_models', two_models)
-    cli.main(['--batch-size', '1'])
-    header, *rows = capsys.readouterr().out.splitlines()
+    cli.main(['--batch-size', '1', '--repeats', '2'])
+    header, *rows, footer = capsys.readouterr().out.splitlines()
     assert header.split() == ['model', 'params', 'input', 'forward', 'ms']
+    assert footer.startswith('forward ms: median of 2 passes after a warm-up, batch 1,')
     rows = [row.split() for row in rows]
     # the README's counts, and what timm builds
     assert [row[:3] for row in rows] == [['capsnet_simple_cifar10', '561,297', '3x32x32'],
@@ -48,3 +50,18 @@ def test_module_lists_every_registered_model_with_its_parameter_count():
     for row in rows:
         assert (row['params'], row['input_size']) == _described(row['model']), row
         assert row['batch_size'] == 1 and isinstance(row['forward_ms'], float)
+
+
+def test_forward_time_is_the_median_of_warm_passes(monkeypatch):
+    """One warm-up pass, then the median of the timed ones: a slow first call does not count."""
+    calls = []
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            calls.append(len(calls))
+            return x
+
+    ticks = iter([0.0, 0.005, 1.0, 1.001, 2.0, 2.009])  # timed passes of 5, 1 and 9 ms
+    monkeypatch.setattr(cli.time, 'perf_counter', lambda: next(ticks))
+    assert cli.forward_ms(Model(), torch.zeros(1), repeats=3) == pytest.approx(5.0)
+    assert len(calls) == 4  # the warm-up and three timed passes

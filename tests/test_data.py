@@ -495,6 +495,19 @@ def test_push_uploads_parquet_and_card_to_the_hub(tmp_path, monkeypatch):
         assert needle in card.text, needle  # our card text replaced push_to_hub's
 
 
+def test_command_line_outputs_default_to_the_ignored_outputs_folder(tmp_path, monkeypatch):
+    """Run in a checkout with no folder given, export and preview write under outputs/ (in .gitignore)."""
+    import subprocess
+    monkeypatch.chdir(tmp_path)
+    dmm.main(["preview", "--source", "sample", "--count", "4"])
+    dmm.main(["export", "--source", "sample", "--train-size", "4", "--test-size", "2"])
+    assert (tmp_path / "outputs" / "diverse_multimnist_preview.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "outputs" / "diverse_multimnist").iterdir()) == ["README.md", "data"]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/diverse_multimnist/README.md"],
+                             cwd=Path(__file__).resolve().parents[1])
+    assert ignored.returncode == 0  # the checkout's .gitignore covers it
+
+
 def test_preview_writes_png(tmp_path):
     from PIL import Image
 

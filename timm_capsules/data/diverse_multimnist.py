@@ -469,6 +469,7 @@ def preview(out_png: str | os.PathLike, *, count: int = 24, split: str = "test",
             ax.imshow(batch.images[k], cmap="gray", vmin=0, vmax=255)
             ax.set_title(",".join(str(c) for c in sorted(batch.classes[k][batch.classes[k] >= 0])), fontsize=9)
     fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return Path(out_png)
@@ -489,11 +490,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m timm_capsules.data.diverse_multimnist",
                                      description="Export, push or preview DiverseMultiMNIST.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, target, help_ in (("export", "out_dir", "write a Hub-layout folder (parquet + README.md)"),
-                                ("push", "repo_id", "build and upload to the Hugging Face Hub"),
-                                ("preview", "out_png", "save a PNG grid of sample images")):
+    # outputs/ is ignored by git, so a default export run in a checkout leaves it clean
+    for name, target, default, help_ in (
+            ("export", "out_dir", "outputs/diverse_multimnist", "write a Hub-layout folder (parquet + README.md)"),
+            ("push", "repo_id", None, "build and upload to the Hugging Face Hub"),
+            ("preview", "out_png", "outputs/diverse_multimnist_preview.png", "save a PNG grid of sample images")):
         sub = commands.add_parser(name, help=help_)
-        sub.add_argument(target)
+        if default is None:
+            sub.add_argument(target)
+        else:
+            sub.add_argument(target, nargs="?", default=default, help=f"(default: {default})")
         _config_arguments(sub)
         if name == "preview":
             sub.add_argument("--count", type=int, default=24)
