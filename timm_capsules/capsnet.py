@@ -29,14 +29,11 @@ from .base import (
     CapsuleModel, backbone_grid, build_capsule_model, capsule_cfg, check_input, check_timm_args, create_backbone,
     set_batchnorm_args)
 from .data.constants import CIFAR10_LABELS, CIFAR100_LABELS, DIGIT_LABELS, MULTIMNIST_MEAN, MULTIMNIST_STD
+from .loading import MAX_ITERATIONS  # a hostile config.json must not ask for more, so loading checks it too
 from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, RoutedCapsules, capsules_to_nchw, conv_output_size
 from .routing import DEFAULT_MAX_VOTES, use_fused_routing
 
 __all__ = ['CapsNet', 'RoutingTrace', 'RoutingGeometry', 'last_useful_iteration', 'MAX_ITERATIONS']
-
-# the paper studies t = 1..5; every iteration keeps a pose snapshot per layer, so an unbounded t (say from a
-# hostile config.json) would only exhaust memory
-MAX_ITERATIONS = 64
 
 # (kind, num_caps, kernel_size, stride) for conv layers, (kind, num_caps) for fully connected ones
 LayerSpec = Union[Tuple[str, int, int, int], Tuple[str, int]]
