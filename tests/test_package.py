@@ -88,3 +88,11 @@ def test_no_module_shadows_the_standard_library():
     import sys
     shadowing = [name for name in modules() if name.rpartition('.')[2] in sys.stdlib_module_names]
     assert not shadowing, f'{shadowing} share a name with a standard-library module'
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject.toml lists the packages explicitly (hub_configs/ is mapped in): a new one must be added."""
+    import tomllib
+    listed = set(tomllib.loads((PACKAGE.parent / 'pyproject.toml').read_text())['tool']['setuptools']['packages'])
+    found = {name for name, path in modules().items() if path.name == '__init__.py'}
+    assert found <= listed, f'add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml'
