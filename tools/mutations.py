@@ -6,6 +6,7 @@ ROUTING = 'tests/test_routing.py'
 DATA = 'tests/test_data.py'
 BASELINES = 'tests/test_baselines.py'
 HUB = 'tests/test_hub.py'
+PARSE = 'tests/test_parse_tree.py'
 
 MUTATIONS = [
     # ---- the routing core (issue #18's table) -------------------------------------------------------
@@ -173,4 +174,40 @@ MUTATIONS = [
          old='elif tuple(tensor.shape) != tuple(want.shape):',
          new='elif tensor.ndim != want.ndim:',
          tests=[f'{HUB}::test_weights_of_another_architecture_are_rejected']),
+    # ---- the parse tree ------------------------------------------------------------------------------------
+    dict(name='used_iteration_last', file='timm_capsules/parse_tree/analysis.py',
+         what="the 'used' iteration is always the last one, not the one that fed the logits",
+         old='        return trace.used_iterations[layer]',
+         new='        return len(trace.coefficients) - 1',
+         tests=[f'{PARSE}::test_used_iteration_is_the_one_that_fed_the_logits']),
+    dict(name='probe_uniform_mass', file='timm_capsules/parse_tree/analysis.py',
+         what='the part-whole probe reads the uniform routing mass instead of the routed one',
+         old='                m = mass[b, :, labels[n, d]]  # (P,)',
+         new='                m = uniform[b, :, labels[n, d]]  # (P,)',
+         tests=[f'{PARSE}::test_probe_known_answers']),
+    dict(name='heatmap_normalised_wrong_axis', file='timm_capsules/parse_tree/analysis.py',
+         what='receptive-field heat maps are normalised over the wrong axis',
+         old='        matrix = matrix / matrix.sum(0, keepdim=True).clamp_min(1)',
+         new='        matrix = matrix / matrix.sum(1, keepdim=True).clamp_min(1)',
+         tests=[f'{PARSE}::test_heat_map_of_a_constant_is_flat_and_sum_keeps_the_mass']),
+    dict(name='tree_files_numbered', file='timm_capsules/parse_tree/cli.py',
+         what='tree pictures are numbered instead of named after their images',
+         old="        file, n = f'tree_{stem}.png', 1",
+         new="        file, n = f'tree_{len(seen)}.png', 1",
+         tests=[f'{PARSE}::test_tree_file_names_follow_the_images']),
+    dict(name='dataset_tag_first', file='timm_capsules/parse_tree/inputs.py',
+         what="the pretrained tag overrides the pretrained_cfg's dataset field",
+         old="    for key in ('dataset', 'tag'):",
+         new="    for key in ('tag', 'dataset'):",
+         tests=[f'{PARSE}::test_dataset_comes_from_the_pretrained_cfg_or_the_option']),
+    dict(name='cached_on_model', file='timm_capsules/parse_tree/analysis.py',
+         what='receptive fields are cached on the model object',
+         old='    finally:\n        model.train(was_training)\n    return boxes',
+         new='    finally:\n        model.train(was_training)\n    model.receptive_fields = boxes\n    return boxes',
+         tests=[f'{PARSE}::test_the_analysis_leaves_the_model_as_it_was']),
+    dict(name='digit_masks_swapped', file='timm_capsules/parse_tree/inputs.py',
+         what="the probe's digit masks come from the other digit of the image",
+         old='digits.images[batch.sources[k, d]] / 255.0',
+         new='digits.images[batch.sources[k, 1 - d]] / 255.0',
+         tests=[f'{PARSE}::test_samples_are_the_split_images_with_their_digit_masks']),
 ]
