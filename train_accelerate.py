@@ -668,9 +668,13 @@ def check_finite(state, accelerator, lr, output_dir):
              f'(float32){f"; the last checkpoint is {found[-1]}" if found else ""}')
 
 
-def non_finite_tensors(model):
-    return [name for name, tensor in model.state_dict().items()
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+def refuse_non_finite(model):
+    """Stops before a model with nan/inf weights is written or pushed, naming the tensors."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        fail(f'the final model has non-finite values (nan/inf) in {", ".join(bad[:5])}'
+             f'{" ..." if len(bad) > 5 else ""}; not saved')
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -685,10 +689,7 @@ def weights_digest(model):
 def save_model(model, output_dir, label_names, data_cfg):
     """The timm way: config.json + model.safetensors, loadable with create_model('local-dir:<dir>').
     Written to a temporary folder first, then moved in. Non-finite weights are never written."""
-    bad = non_finite_tensors(model)
-    if bad:
-        fail(f'the final model has non-finite values (nan/inf) in {", ".join(bad[:5])}'
-             f'{" ..." if len(bad) > 5 else ""}; not saved')
+    refuse_non_finite(model)
     tmp = Path(output_dir) / '.tmp_model'
     shutil.rmtree(tmp, ignore_errors=True)
     model_config = dict(label_names=list(label_names)) if label_names else None
@@ -918,6 +919,7 @@ def main(argv=None):
         num_processes=accelerator.num_processes, num_parameters=num_params,
         training_time_s=finished - training_started, kernel_load_s=kernel_load_s, wall_time_s=finished - started,
         weights_sha256=weights_digest(unwrapped), args=tracker_config(args), history=state.history)
+    refuse_non_finite(unwrapped)  # on every process, so that none waits below for one that stopped
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = Path(args.output_dir)
