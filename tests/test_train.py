@@ -905,13 +905,19 @@ def processes_writing_to(folder):
 
 def stop_while_training(command, out, signum, **env):
     """Starts `command`, sends `signum` once its second checkpoint exists (the loop runs), and waits."""
+    import signal
     process = subprocess.Popen(command, cwd=ROOT, env=dict(ENV, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.time() + 240  # a guard against a hang, not a measurement
     while not (out / "checkpoints" / "step_00000002").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=120)  # the pipes close when every process holding them is gone
+    try:
+        stdout, stderr = process.communicate(timeout=120)  # the pipes close when every process holding them is gone
+    except subprocess.TimeoutExpired:  # it did not stop: leave nothing running behind the failure
+        for pid in processes_writing_to(out):
+            os.kill(pid, signal.SIGKILL)
+        raise
     return process.returncode, stdout, stderr
 
 
