@@ -143,6 +143,24 @@ def test_affine_image_equals_a_per_pixel_reference_warp(test_digits):
         assert want.astype(int).sum() > 5000  # a real digit, not a blank canvas
 
 
+def test_digit_filling_its_frame_is_cut_at_its_edges_and_centred_when_too_big():
+    """Ink up to the frame's edges (Fashion-MNIST-like): outside the frame is black, not a smeared edge,
+    and a transformed box wider than the canvas on an axis is centred on that axis."""
+    noise = np.random.default_rng(0).integers(1, 256, (3, 28, 28), dtype=np.uint8)
+    digits = mnist.MnistDigits(noise, np.arange(3), 'noise')
+    batch = am.make_split(400, 'test', 'affine', seed=0, digits=digits)
+    for k in range(4):
+        np.testing.assert_array_equal(batch.images[k], reference_warp(noise[batch.sources[k]], batch.params[k]))
+    corners = np.array([[x, y] for x in (-14, 14) for y in (-14, 14)])
+    too_wide = 0
+    for k in range(len(batch.images)):
+        moved = corners @ reference_matrix(*batch.params[k, :4]).T
+        wider = moved.max(0) - moved.min(0) > am.CANVAS_SIZE
+        assert (batch.params[k, 4:][wider] == 0).all(), k
+        too_wide += wider.sum()
+    assert too_wide >= 10  # the case occurs (40 times here)
+
+
 def test_positive_rotation_turns_anticlockwise_as_displayed():
     bar = np.zeros((1, 28, 28), np.uint8)
     bar[0, 13:15, 14:26] = 255  # a bar from the centre to the right
