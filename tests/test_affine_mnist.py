@@ -197,6 +197,7 @@ def test_train_and_test_use_disjoint_source_digits(train_digits, test_digits):
     (lambda d: am.generate([3, -1], digits=d), 'indices must be a 1-d sequence of non-negative integers'),
     (lambda d: am.make_split(-2, digits=d), 'count must be a non-negative integer, got -2'),
     (lambda d: am.generate([0], digits=d._replace(images=d.images[:, :27])), 'digits must be uint8 (N, 28, 28)'),
+    (lambda d: am.export('never_written', train_size=-1), 'train_size and test_size must be >= 0, got -1 and 10000'),
 ])
 def test_bad_input_is_one_clear_error(train_digits, call, message):
     with pytest.raises(ValueError) as error:
@@ -247,8 +248,14 @@ def test_preview_shows_translated_above_affine(tmp_path):
         am.preview(tmp_path / 'none.png', count=0, source='sample')
 
 
-def test_command_line_outputs_default_to_the_ignored_outputs_folder(tmp_path, monkeypatch):
+def test_command_line_outputs_default_to_the_ignored_outputs_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    for argv, message in ((['preview', '--count', '0'], '--count must be >= 1, got 0'),
+                          (['export', '--test-size', '-3'], '--test-size must be >= 0, got -3')):
+        with pytest.raises(SystemExit):
+            am.main(argv)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / 'outputs').exists() and not (tmp_path / 'never_written').exists()
     am.main(['preview', '--source', 'sample', '--count', '2'])
     am.main(['export', '--source', 'sample', '--train-size', '4', '--test-size', '2'])
     assert (tmp_path / 'outputs' / 'affine_mnist_preview.png').is_file()
