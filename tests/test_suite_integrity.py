@@ -27,7 +27,8 @@ def test_unfetchable_timm_suite_is_a_visible_skip_and_a_ci_failure(tmp_path, mon
     suite.mkdir(parents=True)
     for name in ('__init__.py', 'conftest.py', 'fetch.py'):
         shutil.copy(TESTS / 'timm_suite' / name, suite / name)
-    shutil.copy(TESTS / 'ci.py', tmp_path / 'tests' / 'ci.py')
+    for helper in ('ci.py', 'hub_cache.py'):  # what tests/timm_suite/ imports from tests/
+        shutil.copy(TESTS / helper, tmp_path / 'tests' / helper)
 
     def offline(version):
         raise OSError('Temporary failure in name resolution')

@@ -361,7 +361,7 @@ class CapsNet(CapsuleModel):
         layer (its poses as the class capsules' routing last read them), as NCHW maps with channel
         n * d + e holding entry e of capsule type n."""
         if output_fmt != 'NCHW':
-            raise ValueError(f"capsule feature maps are NCHW, got output_fmt={output_fmt!r}")
+            raise ValueError(f'capsule feature maps are NCHW, got output_fmt={output_fmt!r}')
         check_input(x, self.in_chans, self.img_size)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         backbone_maps = self.backbone(x)

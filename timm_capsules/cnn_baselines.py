@@ -152,7 +152,7 @@ class BaselineCNN(nn.Module):
             intermediates_only: bool = False,
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         if output_fmt != 'NCHW':
-            raise ValueError(f"feature maps are NCHW, got output_fmt={output_fmt!r}")
+            raise ValueError(f'feature maps are NCHW, got output_fmt={output_fmt!r}')
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []

@@ -22,7 +22,7 @@ ORIGIN_URL = 'https://github.com/apple/ml-capsules-inverted-attention-routing'
 LOSSES = {'logits': 'cross-entropy', 'lengths': 'margin loss (Sabour et al., 2017)',
           'activations': 'spread loss (Hinton et al., 2018)'}
 
-CARD_TEMPLATE = '''\
+CARD_TEMPLATE = """\
 # Model card for {tag}
 
 {description}
@@ -38,7 +38,7 @@ CARD_TEMPLATE = '''\
 ```bibtex
 {citation}
 ```
-'''
+"""
 
 
 def fmt(value: Optional[float]) -> str:
@@ -71,7 +71,7 @@ def _usage(cfg: Mapping[str, Any]) -> str:
         'labels = (logits.sigmoid() > 0.5).nonzero()  # multi-label: every digit present in the image'
         if _multilabel(cfg) else
         'top5_probabilities, top5_class_indices = logits.softmax(dim=1).topk(5)')
-    text = f'''### Image Classification
+    text = f"""### Image Classification
 ```python
 import timm
 import torch
@@ -106,9 +106,9 @@ features = model.forward_features(x)
 embedding = model.forward_head(features, pre_logits=True)
 # or equivalently: timm.create_model("{tag}", pretrained=True, num_classes=0)
 ```
-'''
+"""
     if hasattr(model_class(cfg['model']), 'forward_routing'):
-        text += '''
+        text += """
 ### Routing Introspection
 ```python
 trace = model.forward_routing(x)  # a RoutingTrace; trace.logits equals model(x)
@@ -117,7 +117,7 @@ for name, coefficients in zip(trace.layer_names[1:], trace.coefficients[-1]):
     print(name, tuple(coefficients.shape))
 poses = trace.poses[-1][-1]  # class capsule poses (batch, 1, 1, classes, d)
 ```
-'''
+"""
     return text
 
 

