@@ -1,8 +1,9 @@
 """The routing core against a naive reference written here with explicit loops.
 
-The reference follows DESIGN.md §2 literally: per output position, per child (window offset and child
-type, or type-major grid index), per parent: vote, agreement / sqrt(d), softmax over parents, sum,
-LayerNorm; uniform first pass; concurrent or sequential schedule over the whole stack.
+The reference follows the paper's Procedures 1 and 2 (Tsai et al., ICLR 2020, §3) literally: per output
+position, per child (window offset and child type, or type-major grid index), per parent: vote,
+agreement / sqrt(d), softmax over parents, sum, LayerNorm; uniform first pass; concurrent or sequential
+schedule over the whole stack.
 """
 import math
 import os

@@ -49,8 +49,7 @@ class EMConvCapsules(ConvCapsules):
 
     def forward(self, children: Capsules) -> Tuple[Capsules, Tensor]:
         child_poses, child_activations, (B, H, W) = self._children(children)
-        # votes laid out (groups, parents, children, d) in memory, the layout em_routing works in;
-        # em_routing gets every argument spelled out (TorchScript calls it without its defaults)
+        # votes laid out (groups, parents, children, d) in memory, the layout em_routing works in
         votes = torch.einsum('girc,ijct->gjirt', child_poses, self.weight).flatten(-2).transpose(1, 2)
         poses, activations, assignments = em_routing(
             votes, child_activations, self.beta_u, self.beta_a, self.inverse_temperatures, True, 1e-6)

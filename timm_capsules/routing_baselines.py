@@ -57,8 +57,7 @@ def inverse_temperature_schedule(iterations: int, final: float = 1.0) -> List[fl
     return [final * (t + 1) / iterations for t in range(iterations)]
 
 
-@register_notrace_function  # torch.fx calls it as one op, TorchScript as Python (it switches autocast off)
-@torch.jit.ignore
+@register_notrace_function  # torch.fx records it as one call: it switches autocast off inside
 def em_routing(
         votes: Tensor,
         child_activations: Tensor,
