@@ -37,7 +37,7 @@ from timm_capsules import hub
 from timm_capsules.routing import routing_kernel
 from timm_capsules.losses import classification_loss, predicted_present
 from timm_capsules.data.cifar import KNOWN_DATASETS
-from timm_capsules.presets import PRESETS, QUICK
+from timm_capsules.presets import PRESETS, QUICK, get_preset
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
@@ -214,7 +214,7 @@ def parse_args(argv=None):
     parser = build_parser()
     parser.set_defaults(**{k: v for k, v in QUICK.items() if k != 'model_kwargs'})  # shown by --help
     known, _ = parser.parse_known_args(argv)
-    preset = dict(PRESETS[known.preset]) if known.preset else dict(QUICK)
+    preset = get_preset(known.preset)
     preset_kwargs = preset.pop('model_kwargs', {})
     parser.set_defaults(**preset)
     args = parser.parse_args(argv)
@@ -739,6 +739,114 @@ def tracker_config(args):
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in resolved_config(args).items()}
 
 
+# ------------------------------------------------------------------------------------------------- loop
+def train(args, accelerator, model, optimizer, scheduler, data, state, updates_per_epoch, epochs):
+    """Optimizer steps from ``state.completed_steps`` to ``args.max_train_steps``, evaluating after every
+    ``--eval_every`` epochs and at the end, checkpointing as asked. Returns None when done, or why it stopped
+    early: '--stop_after_steps' or the name of the signal received."""
+    output_type = getattr(accelerator.unwrap_model(model), 'output_type', 'logits')  # timm's own models: logits
+    metric_name = 'exact_match' if data.multi_label else 'top1'
+    max_steps, completed_steps = args.max_train_steps, state.completed_steps
+    starting_epoch, resume_updates = divmod(completed_steps, updates_per_epoch)
+    if scheduler is not None:
+        scheduler.step_update(num_updates=completed_steps)
+
+    def run_evaluation(epoch):
+        metrics = evaluate(model, data.test_batches(), accelerator, data.multi_label, data.num_classes, output_type)
+        state.history['eval'].append(dict(step=completed_steps, epoch=epoch, **metrics))
+        if accelerator.is_main_process:  # through tqdm, so the progress bar stays intact
+            tqdm.write(f"epoch {epoch}: step {completed_steps}, test loss {metrics['loss']:.4f}, "
+                       f"{metric_name} {metrics[metric_name]:.4f} ({metrics['num_images']} images)")
+        if args.with_tracking:
+            accelerator.log({f'test/{k}': v for k, v in metrics.items() if isinstance(v, (int, float))},
+                            step=completed_steps)
+
+    def checkpoint():
+        check_finite(state, accelerator, optimizer.param_groups[0]['lr'], args.output_dir)
+        return save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
+
+    evaluated_steps = {record['step'] for record in state.history['eval']}
+    if completed_steps and not resume_updates and starting_epoch % args.eval_every == 0 \
+            and completed_steps not in evaluated_steps and completed_steps < max_steps:
+        run_evaluation(starting_epoch - 1)  # a step checkpoint at the end of an epoch came before its evaluation
+    progress = tqdm(range(max_steps), initial=completed_steps, disable=not accelerator.is_main_process)
+    stop = StopOnSignal()
+    stop_with_the_launcher()
+    stopped = None
+    epoch = starting_epoch
+    try:
+        for epoch in range(starting_epoch, epochs if completed_steps < max_steps else starting_epoch):
+            model.train()
+            skip = resume_updates * args.gradient_accumulation_steps if epoch == starting_epoch else 0
+            for images, targets in data.train_batches(epoch, skip):
+                with accelerator.accumulate(model):
+                    outputs = model(images)
+                    margin = 0.2 + 0.7 * min(1.0, completed_steps / max_steps)  # spread loss only
+                    loss = classification_loss(outputs, targets, output_type, data.multi_label, margin)
+                    accelerator.backward(loss)
+                    finite = torch.isfinite(loss.detach())
+                    if args.clip_grad and accelerator.sync_gradients:
+                        norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                        if accelerator.scaler is None:  # fp16's scaler skips inf steps by design
+                            finite = finite & torch.isfinite(norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                state.first_nonfinite = torch.where(finite | (state.first_nonfinite > 0), state.first_nonfinite,
+                                                    completed_steps + 1)  # on the device: no sync per step
+                state.running += torch.stack([
+                    loss.detach().float() * len(targets),
+                    correct(outputs.detach(), targets, data.multi_label, output_type).sum().float(),
+                    torch.tensor(float(len(targets)), device=accelerator.device)])
+                if not accelerator.sync_gradients:
+                    continue
+                completed_steps = state.completed_steps = completed_steps + 1
+                if scheduler is not None:
+                    scheduler.step_update(num_updates=completed_steps)
+                progress.update(1)
+                if completed_steps % args.log_every == 0 or completed_steps == max_steps:
+                    check_finite(state, accelerator, optimizer.param_groups[0]['lr'], args.output_dir)
+                    loss_sum, hits, count = accelerator.reduce(state.running.clone(), 'sum').tolist()
+                    record = dict(step=completed_steps, epoch=epoch, loss=loss_sum / count, accuracy=hits / count,
+                                  lr=optimizer.param_groups[0]['lr'])
+                    state.history['train'].append(record)
+                    state.running.zero_()
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+                    if args.with_tracking:
+                        accelerator.log({'train/loss': record['loss'], 'train/accuracy': record['accuracy'],
+                                         'lr': record['lr']}, step=completed_steps)
+                if args.checkpointing_steps not in (None, 'epoch') and completed_steps % args.checkpointing_steps == 0:
+                    checkpoint()
+                if completed_steps == args.stop_after_steps:
+                    stopped = '--stop_after_steps'
+                elif stop.requested(accelerator):
+                    stopped = signal.Signals(stop.signum or signal.SIGTERM).name
+                if completed_steps >= max_steps or stopped:
+                    break
+            if stopped:
+                break
+            last = completed_steps >= max_steps
+            if last or (epoch + 1) % args.eval_every == 0:
+                run_evaluation(epoch)
+            if args.checkpointing_steps == 'epoch':
+                checkpoint()
+            if last:
+                break
+            if stop.requested(accelerator):
+                stopped = signal.Signals(stop.signum or signal.SIGTERM).name
+                break
+    finally:
+        stop.restore()
+        progress.close()
+
+    if stopped and stopped != '--stop_after_steps':  # a checkpoint to resume from (--stop_after_steps: as if killed)
+        folder = checkpoint()
+        accelerator.print(f'{PROG}: stopped by {stopped} after {completed_steps} steps; checkpoint {folder}; '
+                          f'continue with --resume-from-checkpoint latest', file=sys.stderr)
+    elif not stopped and completed_steps not in {record['step'] for record in state.history['eval']}:
+        run_evaluation(epoch)  # e.g. resumed from a checkpoint written just before the final evaluation
+    return stopped
+
+
 # ------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -760,7 +868,6 @@ def main(argv=None):
     model, model_kwargs = create_model(args, data.num_classes)
     data_cfg = data_config_of(model)
     data.build(data_cfg)
-    metric_name = 'exact_match' if data.multi_label else 'top1'
     kernel_load_s = load_routing_kernel(model, accelerator)
     training_started = time.time()
 
@@ -770,8 +877,8 @@ def main(argv=None):
     model, optimizer = accelerator.prepare(model, optimizer)
     data.prepare(accelerator)
     updates_per_epoch = math.ceil(data.batches_per_epoch / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps = args.max_train_steps or args.epochs * updates_per_epoch
-    epochs = math.ceil(max_steps / updates_per_epoch)
+    args.max_train_steps = args.max_train_steps or args.epochs * updates_per_epoch
+    epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     scheduler = None
     if args.sched and args.sched != 'none':
         scheduler, _ = create_scheduler_v2(
@@ -786,136 +893,38 @@ def main(argv=None):
         accelerator.print(f'resuming from {resume}')
         accelerator.load_state(resume)
         state.load(saved, accelerator)
-    completed_steps = state.completed_steps
-    starting_epoch, resume_updates = divmod(completed_steps, updates_per_epoch)
-    if scheduler is not None:
-        scheduler.step_update(num_updates=completed_steps)
 
-    def run_evaluation(epoch):
-        metrics = evaluate(model, data.test_batches(), accelerator, data.multi_label, data.num_classes,
-                           model_output_type)
-        state.history['eval'].append(dict(step=completed_steps, epoch=epoch, **metrics))
-        if accelerator.is_main_process:  # through tqdm, so the progress bar stays intact
-            tqdm.write(f"epoch {epoch}: step {completed_steps}, test loss {metrics['loss']:.4f}, "
-                       f"{metric_name} {metrics[metric_name]:.4f} ({metrics['num_images']} images)")
-        if args.with_tracking:
-            accelerator.log({f'test/{k}': v for k, v in metrics.items() if isinstance(v, (int, float))},
-                            step=completed_steps)
-
+    # ---- the loop and its evaluations
     if args.with_tracking:
         accelerator.init_trackers(args.project_name, tracker_config(args))
-    model_output_type = getattr(accelerator.unwrap_model(model), 'output_type', 'logits')  # timm's: logits
     num_params = sum(p.numel() for p in model.parameters())
     accelerator.print(
         f'{args.model} {model_kwargs} ({num_params:,} parameters) on {args.dataset} ({data.source}): {epochs} epochs '
         f'x {updates_per_epoch} steps, batch {args.batch_size} x {accelerator.num_processes} processes x '
         f'{args.gradient_accumulation_steps} accumulation, {accelerator.device}, '
         f'mixed precision {accelerator.mixed_precision}')
-
-    # ---- the loop
-    stop = StopOnSignal()
-    stop_with_the_launcher()
-    evaluated_steps = {record['step'] for record in state.history['eval']}
-    if completed_steps and not resume_updates and starting_epoch % args.eval_every == 0 \
-            and completed_steps not in evaluated_steps and completed_steps < max_steps:
-        run_evaluation(starting_epoch - 1)  # a step checkpoint at the end of an epoch came before its evaluation
-    progress = tqdm(range(max_steps), initial=completed_steps, disable=not accelerator.is_main_process)
-    stopped = None  # why the loop ended early: '--stop_after_steps' or a signal's name
-    epoch = starting_epoch
-    try:
-        for epoch in range(starting_epoch, epochs if completed_steps < max_steps else starting_epoch):
-            model.train()
-            skip = resume_updates * args.gradient_accumulation_steps if epoch == starting_epoch else 0
-            for images, targets in data.train_batches(epoch, skip):
-                with accelerator.accumulate(model):
-                    outputs = model(images)
-                    margin = 0.2 + 0.7 * min(1.0, completed_steps / max_steps)  # spread loss only
-                    loss = classification_loss(outputs, targets, model_output_type, data.multi_label, margin)
-                    accelerator.backward(loss)
-                    finite = torch.isfinite(loss.detach())
-                    if args.clip_grad and accelerator.sync_gradients:
-                        norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                        if accelerator.scaler is None:  # fp16's scaler skips inf steps by design
-                            finite = finite & torch.isfinite(norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                state.first_nonfinite = torch.where(finite | (state.first_nonfinite > 0), state.first_nonfinite,
-                                                    completed_steps + 1)  # on the device: no sync per step
-                state.running += torch.stack([loss.detach().float() * len(targets),
-                                              correct(outputs.detach(), targets, data.multi_label,
-                                                      model_output_type).sum().float(),
-                                              torch.tensor(float(len(targets)), device=accelerator.device)])
-                if not accelerator.sync_gradients:
-                    continue
-                completed_steps += 1
-                state.completed_steps = completed_steps
-                if scheduler is not None:
-                    scheduler.step_update(num_updates=completed_steps)
-                progress.update(1)
-                if completed_steps % args.log_every == 0 or completed_steps == max_steps:
-                    check_finite(state, accelerator, optimizer.param_groups[0]['lr'], args.output_dir)
-                    loss_sum, hits, count = accelerator.reduce(state.running.clone(), 'sum').tolist()
-                    record = dict(step=completed_steps, epoch=epoch, loss=loss_sum / count, accuracy=hits / count,
-                                  lr=optimizer.param_groups[0]['lr'])
-                    state.history['train'].append(record)
-                    state.running.zero_()
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
-                    if args.with_tracking:
-                        accelerator.log({'train/loss': record['loss'], 'train/accuracy': record['accuracy'],
-                                         'lr': record['lr']}, step=completed_steps)
-                if args.checkpointing_steps not in (None, 'epoch') and completed_steps % args.checkpointing_steps == 0:
-                    check_finite(state, accelerator, optimizer.param_groups[0]['lr'], args.output_dir)
-                    save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
-                if completed_steps == args.stop_after_steps:
-                    stopped = '--stop_after_steps'
-                elif stop.requested(accelerator):
-                    stopped = signal.Signals(stop.signum or signal.SIGTERM).name
-                if completed_steps >= max_steps or stopped:
-                    break
-            if stopped:
-                break
-            last = completed_steps >= max_steps
-            if last or (epoch + 1) % args.eval_every == 0:
-                run_evaluation(epoch)
-            if args.checkpointing_steps == 'epoch':
-                check_finite(state, accelerator, optimizer.param_groups[0]['lr'], args.output_dir)
-                save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
-            if last:
-                break
-            if stop.requested(accelerator):
-                stopped = signal.Signals(stop.signum or signal.SIGTERM).name
-                break
-    finally:
-        stop.restore()
-    progress.close()
-
-    # ---- stopped early: a checkpoint to resume from (--stop_after_steps simulates a kill: none)
+    stopped = train(args, accelerator, model, optimizer, scheduler, data, state, updates_per_epoch, epochs)
     unwrapped = accelerator.unwrap_model(model)
     if args.debug_digests:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / f'digest_rank{accelerator.process_index}.txt').write_text(weights_digest(unwrapped))
-    if stopped == '--stop_after_steps':
-        accelerator.end_training()
-        accelerator.print(f'stopped after {completed_steps} steps (--stop_after_steps)')
-        return dict(stopped=True, completed_steps=completed_steps, model_object=unwrapped)
     if stopped:
-        check_finite(state, accelerator, optimizer.param_groups[0]['lr'], args.output_dir)
-        folder = save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
-        accelerator.end_training()
-        accelerator.print(f'{PROG}: stopped by {stopped} after {completed_steps} steps; checkpoint {folder}; '
-                          f'continue with --resume-from-checkpoint latest', file=sys.stderr)
-        raise SystemExit(128 + signal.Signals[stopped].value)
+        accelerator.end_training()  # last: it ends the process group
+        if stopped != '--stop_after_steps':
+            raise SystemExit(128 + signal.Signals[stopped].value)
+        accelerator.print(f'stopped after {state.completed_steps} steps (--stop_after_steps)')
+        return dict(stopped=True, completed_steps=state.completed_steps, model_object=unwrapped)
 
-    # ---- final evaluation and outputs
-    if completed_steps not in {record['step'] for record in state.history['eval']}:
-        run_evaluation(epoch)  # e.g. resumed from a checkpoint written just before the final evaluation
+    # ---- saving
+    metric_name = 'exact_match' if data.multi_label else 'top1'
     final = state.history['eval'][-1] if state.history['eval'] else {}
     finished = time.time()
+    steps = state.completed_steps
     results = dict(
         model=args.model, model_kwargs=model_kwargs, preset=args.preset, dataset=args.dataset,
         data_source=data.source, task='multi-label' if data.multi_label else 'single-label', metric=metric_name,
-        final=final, completed_steps=completed_steps, epochs=epochs,
-        images_seen=completed_steps * args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+        final=final, completed_steps=steps, epochs=epochs,
+        images_seen=steps * args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
         num_processes=accelerator.num_processes, num_parameters=num_params,
         training_time_s=finished - training_started, kernel_load_s=kernel_load_s, wall_time_s=finished - started,
         weights_sha256=weights_digest(unwrapped), args=tracker_config(args), history=state.history)
@@ -933,7 +942,7 @@ def main(argv=None):
     accelerator.end_training()
     kernel_note = f'; routing kernel built/loaded in {kernel_load_s:.0f} s' if kernel_load_s >= 1 else ''
     accelerator.print(f"final test {metric_name}: {final.get(metric_name, float('nan')):.4f} on "
-                      f"{final.get('num_images', 0)} images after {completed_steps} steps "
+                      f"{final.get('num_images', 0)} images after {steps} steps "
                       f"({results['training_time_s']:.0f} s of training{kernel_note}); saved to {args.output_dir}")
     return dict(results, model_object=unwrapped)
 
