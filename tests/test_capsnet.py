@@ -241,3 +241,13 @@ def test_drop_path_rate_gives_residual_backbones_stochastic_depth(name):
 def test_keywords_that_cannot_be_honoured_are_errors(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         timm.create_model(name, **kwargs)
+
+
+def test_model_data_config_is_the_size_the_model_was_built_for():
+    from timm_capsules.base import model_data_config
+    config = model_data_config(timm.create_model('capsnet_resnet_cifar10', img_size=48))
+    assert config['input_size'] == (3, 48, 48) and config['fixed_input_size'] is True
+    assert config['mean'] == (0.4914, 0.4822, 0.4465)
+    grey = model_data_config(timm.create_model('resnet18_cifar10', in_chans=1))
+    assert grey['input_size'] == (1, 32, 32) and grey['fixed_input_size'] is False
+    assert grey['mean'] == pytest.approx(((0.4914 + 0.4822 + 0.4465) / 3,))  # one entry per channel

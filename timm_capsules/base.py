@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
-from timm.layers import SelectAdaptivePool2d, register_notrace_function
+from timm.layers import SelectAdaptivePool2d, register_notrace_function, to_2tuple
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
@@ -24,7 +24,7 @@ from .loading import check_state_dict, pretrained_guard
 
 __all__ = [
     'CapsuleModel', 'LayerwiseCapsuleModel', 'check_input', 'check_timm_args', 'create_backbone', 'backbone_grid',
-    'set_batchnorm_args', 'build_capsule_model', 'capsule_cfg',
+    'set_batchnorm_args', 'build_capsule_model', 'capsule_cfg', 'model_data_config',
 ]
 
 PAPER = dict(
@@ -286,3 +286,20 @@ def build_capsule_model(cls, variant: str, pretrained: bool, num_levels: Optiona
     with pretrained_guard(variant, pretrained, kwargs):
         return build_model_with_cfg(
             cls, variant, pretrained, feature_cfg=feature_cfg, pretrained_filter_fn=check_state_dict, **kwargs)
+
+
+def model_data_config(model: nn.Module) -> Dict[str, Any]:
+    """timm's ``resolve_data_config`` for the size the model was built for (``img_size=`` / ``in_chans=`` at
+    creation change it, and the capsule stacks take only that size), with one mean/std entry per input
+    channel (the average of the cfg's, e.g. for an ImageNet backbone built with ``in_chans=1``). Also says
+    whether the model takes only that size (``fixed_input_size``)."""
+    from timm.data import resolve_data_config
+    config = resolve_data_config({}, model=model)
+    if hasattr(model, 'img_size') and hasattr(model, 'in_chans'):
+        config['input_size'] = (model.in_chans, *to_2tuple(model.img_size))
+    channels = config['input_size'][0]
+    mean, std = tuple(config['mean']), tuple(config['std'])
+    if len(mean) != channels:
+        mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+    fixed = bool(getattr(model, 'pretrained_cfg', {}).get('fixed_input_size', False))
+    return dict(config, input_size=tuple(config['input_size']), mean=mean, std=std, fixed_input_size=fixed)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
+from ..base import model_data_config
 from ..data.constants import CIFAR10_LABELS, CIFAR100_LABELS, DIGIT_LABELS
 
 __all__ = ['DATASETS', 'model_dataset', 'diverse_multimnist_samples', 'load_images', 'prepare_arrays', 'display_image']
@@ -58,21 +59,12 @@ def diverse_multimnist_samples(count: int, seed: int = 0, source: Optional[str] 
     return batch.images[keep], masks, batch.classes[keep], keep.tolist(), digits.source
 
 
-def _data_config(model) -> Dict[str, Any]:
-    from timm.data import resolve_data_config
-    config = resolve_data_config({}, model=model)
-    config['input_size'] = (model.in_chans, *model.img_size)  # the size the model was built for
-    if len(config['mean']) != model.in_chans:
-        config['mean'] = tuple(config['mean'][:1]) * model.in_chans
-        config['std'] = tuple(config['std'][:1]) * model.in_chans
-    return config
-
-
 def load_images(model, paths: Sequence[str]) -> Tensor:
     """Image files preprocessed with timm's ``resolve_data_config`` + ``create_transform`` (eval)."""
     from PIL import Image
     from timm.data import create_transform
-    config = _data_config(model)
+    config = model_data_config(model)
+    config.pop('fixed_input_size')
     transform = create_transform(**config, is_training=False)
     mode = 'L' if model.in_chans == 1 else 'RGB'
     return torch.stack([transform(Image.open(p).convert(mode)) for p in paths])
@@ -81,7 +73,7 @@ def load_images(model, paths: Sequence[str]) -> Tensor:
 def prepare_arrays(model, images: np.ndarray, masks: Optional[np.ndarray] = None):
     """uint8 (n, S, S) grey images (and masks) -> model input (n, C, H, W) normalised with the model's data
     config; resized bilinearly when the model's input size differs from S."""
-    config = _data_config(model)
+    config = model_data_config(model)
     x = torch.from_numpy(np.asarray(images)).float().div(255.0)[:, None]
     H, W = model.img_size
     if x.shape[-2:] != (H, W):
@@ -98,7 +90,7 @@ def prepare_arrays(model, images: np.ndarray, masks: Optional[np.ndarray] = None
 
 def display_image(model, x: Tensor) -> np.ndarray:
     """Model input (C, H, W) back to [0, 1] for display."""
-    config = _data_config(model)
+    config = model_data_config(model)
     mean = torch.tensor(config['mean']).view(-1, 1, 1)
     std = torch.tensor(config['std']).view(-1, 1, 1)
     img = (x.cpu().float() * std + mean).clamp(0, 1)
