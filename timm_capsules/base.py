@@ -297,6 +297,11 @@ def model_data_config(model: nn.Module) -> Dict[str, Any]:
     config = resolve_data_config({}, model=model)
     if hasattr(model, 'img_size') and hasattr(model, 'in_chans'):
         config['input_size'] = (model.in_chans, *to_2tuple(model.img_size))
+    else:  # a timm model built with in_chans= keeps its cfg's channels: ask its first conv
+        first_conv = getattr(model, 'pretrained_cfg', {}).get('first_conv')
+        conv = model.get_submodule(first_conv) if first_conv else None
+        if isinstance(conv, nn.Conv2d):
+            config['input_size'] = (conv.in_channels, *config['input_size'][1:])
     channels = config['input_size'][0]
     mean, std = tuple(config['mean']), tuple(config['std'])
     if len(mean) != channels:
