@@ -31,7 +31,8 @@ BASELINE_FAMILIES = {
 }
 EXPORTED = PAPER_MODELS + list(BASELINE_FAMILIES.values())
 SLOW_TORCH_EXPORT = {'em_capsnet_simple_cifar10'}
-SLOW_ONNX = {'capsnet_resnet_cifar10', 'capsnet_resnet_cifar100', 'capsnet_vector_multimnist', 'em_capsnet_simple_cifar10'}
+SLOW_ONNX = {'capsnet_resnet_cifar10', 'capsnet_resnet_cifar100', 'capsnet_vector_multimnist',
+             'em_capsnet_simple_cifar10'}
 EXAMPLE_BATCH, CHECKED_BATCHES = 2, (1, 3)  # the batch sizes run differ from the one exported with
 
 # run an exported program (argv[1]) on saved inputs (argv[2:]) in a fresh interpreter

@@ -29,8 +29,20 @@ from timm_suite import fetch
 from timm_suite.fetch import SCRIPTS, fetch_timm_scripts
 
 RUNNER = Path(__file__).parent / 'timm_suite' / 'run_timm_script.py'
-MODELS = ['capsnet_simple_cifar10', 'dynamic_capsnet_simple_cifar10', 'em_capsnet_simple_cifar10',
-          'cnn_baseline_cifar10', 'resnet18_cifar10']
+# model: (create_model keywords, input size); the multimnist CapsNet shrunk as train_accelerate's quick run
+CASES = {
+    'capsnet_simple_cifar10': ({}, (3, 32, 32)),
+    'dynamic_capsnet_simple_cifar10': ({}, (3, 32, 32)),
+    'em_capsnet_simple_cifar10': ({}, (3, 32, 32)),
+    'cnn_baseline_cifar10': ({}, (3, 32, 32)),
+    'resnet18_cifar10': ({}, (3, 32, 32)),
+    'capsnet_matrix_multimnist': (
+        dict(backbone_args={'out_chs': 64}, primary_caps=8, pose_dim=16, capsule_layers=[('conv', 8, 3, 1)]),
+        (1, 36, 36)),
+}
+MODELS = list(CASES)
+# timm's inference.py reads every image as RGB, whatever the model's input channels
+RGB_MODELS = [name for name, (_, input_size) in CASES.items() if input_size[0] == 3]
 CLASSES = ('bright', 'dark')  # ImageFolder sorts class folders: bright = 0, dark = 1
 BATCH = 4
 # every script runs on the CPU, in this process's interpreter, without data-loader worker processes
@@ -47,20 +59,38 @@ def timm_scripts() -> Path:
 
 
 @pytest.fixture(scope='module')
-def image_folder(tmp_path_factory) -> Path:
-    """32x32 RGB images, bright or dark: 2 x 4 for training, 2 x 2 for validation plus one bright image
-    filed under dark, so that validation accuracy is neither 0 nor 100 for a model that learnt brightness."""
-    root = tmp_path_factory.mktemp('images')
-    rng = np.random.default_rng(0)
-    image = lambda bright: rng.integers(128 if bright else 0, 256 if bright else 128, (32, 32, 3), dtype=np.uint8)  # noqa: E731
-    for split, per_class in (('train', 4), ('validation', 2)):
-        for name in CLASSES:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(image(name == 'bright')).save(folder / f'{name}_{i}.png')
-    Image.fromarray(image(True)).save(root / 'validation' / 'dark' / 'dark_mislabelled.png')
-    return root
+def image_folder(tmp_path_factory):
+    """ImageFolders of bright or dark images of one input size (RGB, or grayscale for one channel): 2 x 4 for
+    training, 2 x 2 for validation plus one bright image filed under dark, so that validation accuracy is
+    neither 0 nor 100 for a model that learnt brightness."""
+    roots = {}
+
+    def write(input_size) -> Path:
+        if input_size not in roots:
+            root = roots[input_size] = tmp_path_factory.mktemp('images')
+            channels, height, width = input_size
+            rng = np.random.default_rng(0)
+            shape = (height, width, 3) if channels == 3 else (height, width)
+
+            def image(bright: bool):
+                low = 128 if bright else 0
+                return Image.fromarray(rng.integers(low, low + 128, shape, dtype=np.uint8))
+            for split, per_class in (('train', 4), ('validation', 2)):
+                for name in CLASSES:
+                    folder = root / split / name
+                    folder.mkdir(parents=True)
+                    for i in range(per_class):
+                        image(name == 'bright').save(folder / f'{name}_{i}.png')
+            image(True).save(root / 'validation' / 'dark' / 'dark_mislabelled.png')
+        return roots[input_size]
+    return write
+
+
+def _model_args(model_name: str):
+    """What every script is told about the model: its keywords and input size."""
+    model_kwargs, input_size = CASES[model_name]
+    kwargs = [f'{key}={value!r}' for key, value in model_kwargs.items()]
+    return ['--model', model_name, '--input-size', *input_size, *(['--model-kwargs', *kwargs] if kwargs else [])]
 
 
 def _run(script: Path, args, cwd: Path) -> str:
@@ -79,31 +109,34 @@ def trained(timm_scripts, image_folder, tmp_path_factory):
         if model_name not in runs:
             output = tmp_path_factory.mktemp(f'train_{model_name}')
             _run(timm_scripts / 'train.py', [
-                '--model', model_name, '--data-dir', image_folder, '--epochs', 2, '-b', BATCH, '--lr', 0.01,
-                '--warmup-epochs', 0, '--drop', 0.1, '--no-prefetcher', '--checkpoint-hist', 1, '--seed', 0,
-                '--output', output, '--experiment', 'run', *COMMON], output)
+                *_model_args(model_name), '--data-dir', image_folder(CASES[model_name][1]), '--epochs', 2,
+                '-b', BATCH, '--lr', 0.01, '--warmup-epochs', 0, '--drop', 0.1, '--no-prefetcher',
+                '--checkpoint-hist', 1, '--seed', 0, '--output', output, '--experiment', 'run', *COMMON], output)
             runs[model_name] = output / 'run'
         return runs[model_name]
     return train
 
 
-def _reference(model_name: str, checkpoint: Path, image_folder: Path):
+def _reference(model_name: str, checkpoint: Path, image_folder):
     """The checkpoint's outputs on the validation images, with the model's own eval transform."""
-    model = timm.create_model(model_name).eval()
+    model_kwargs, input_size = CASES[model_name]
+    model = timm.create_model(model_name, **model_kwargs).eval()
     with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its arguments beside the weights
         state = torch.load(checkpoint, map_location='cpu', weights_only=True)
     model.load_state_dict(state['state_dict'])
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    dataset = timm.data.create_dataset('', root=str(image_folder), split='validation', transform=transform)
+    dataset = timm.data.create_dataset('', root=str(image_folder(input_size)), split='validation',
+                                       transform=transform, input_img_mode='RGB' if input_size[0] == 3 else 'L')
     images, targets = zip(*(dataset[i] for i in range(len(dataset))))
     with torch.no_grad():
         outputs = model(torch.stack(images))
     return dataset.filenames(basename=True), outputs, torch.tensor(targets)
 
 
-def _param_count(model_name: str) -> float:
+def _param_count(model_name: str, **kwargs) -> float:
     """As timm's scripts report it: millions, two decimals."""
-    return round(sum(p.numel() for p in timm.create_model(model_name).parameters()) / 1e6, 2)
+    model = timm.create_model(model_name, **dict(CASES[model_name][0], **kwargs))
+    return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
 
 
 @pytest.mark.slow
@@ -125,9 +158,9 @@ def test_train_py_trains_two_epochs_and_evaluates_the_checkpoint_it_saves(model_
 def test_validate_py_on_the_training_checkpoint(model_name, timm_scripts, trained, image_folder, tmp_path):
     checkpoint = trained(model_name) / 'last.pth.tar'
     _run(timm_scripts / 'validate.py', [
-        '--model', model_name, '--data-dir', image_folder, '--split', 'validation', '--checkpoint', checkpoint,
-        '-b', BATCH, '--no-prefetcher', '--results-file', tmp_path / 'results.json', '--results-format', 'json',
-        *COMMON], tmp_path)
+        *_model_args(model_name), '--data-dir', image_folder(CASES[model_name][1]), '--split', 'validation',
+        '--checkpoint', checkpoint, '-b', BATCH, '--no-prefetcher', '--results-file', tmp_path / 'results.json',
+        '--results-format', 'json', *COMMON], tmp_path)
     results = json.loads((tmp_path / 'results.json').read_text())
     _, outputs, targets = _reference(model_name, checkpoint, image_folder)
     assert results['model'] == model_name
@@ -138,26 +171,29 @@ def test_validate_py_on_the_training_checkpoint(model_name, timm_scripts, traine
 @pytest.mark.slow
 @pytest.mark.parametrize('model_name', MODELS)
 def test_benchmark_py_inference_and_training(model_name, timm_scripts, tmp_path):
+    """benchmark.py builds every model with in_chans=3, so it is given RGB images of the model's size."""
+    _, (_, height, width) = CASES[model_name]
     _run(timm_scripts / 'benchmark.py', [
-        '--model', model_name, '--bench', 'both', '--device', 'cpu', '-b', 2, '--num-warm-iter', 1,
-        '--num-bench-iter', 5, '--results-file', tmp_path / 'results.json', '--results-format', 'json'], tmp_path)
+        *_model_args(model_name), '--input-size', 3, height, width, '--bench', 'both', '--device', 'cpu', '-b', 2,
+        '--num-warm-iter', 1, '--num-bench-iter', 5, '--results-file', tmp_path / 'results.json',
+        '--results-format', 'json'], tmp_path)
     results = json.loads((tmp_path / 'results.json').read_text())
     assert results['model'] == model_name
-    assert results['param_count'] == _param_count(model_name)
+    assert results['param_count'] == _param_count(model_name, in_chans=3)
     for phase in ('infer', 'train'):
-        assert results[f'{phase}_batch_size'] == 2 and results[f'{phase}_img_size'] == 32
+        assert results[f'{phase}_batch_size'] == 2 and results[f'{phase}_img_size'] == height
         assert results[f'{phase}_samples_per_sec'] > 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('model_name', MODELS)
+@pytest.mark.parametrize('model_name', RGB_MODELS)
 def test_inference_py_outputs_the_checkpoint_logits(model_name, timm_scripts, trained, image_folder, tmp_path):
     checkpoint = trained(model_name) / 'last.pth.tar'
     _run(timm_scripts / 'inference.py', [
-        '--model', model_name, '--data-dir', image_folder, '--split', 'validation', '--checkpoint', checkpoint,
-        '-b', BATCH, '--output-type', 'logit', '--topk', 10, '--include-index', '--label-type', 'none',
-        '--results-dir', tmp_path, '--results-file', 'predictions', '--results-format', 'json',
-        '--no-console-results', *COMMON], tmp_path)
+        *_model_args(model_name), '--data-dir', image_folder(CASES[model_name][1]), '--split', 'validation',
+        '--checkpoint', checkpoint, '-b', BATCH, '--output-type', 'logit', '--topk', 10, '--include-index',
+        '--label-type', 'none', '--results-dir', tmp_path, '--results-file', 'predictions',
+        '--results-format', 'json', '--no-console-results', *COMMON], tmp_path)
     predictions = json.loads((tmp_path / 'predictions.json').read_text())
     filenames, outputs, _ = _reference(model_name, checkpoint, image_folder)
     assert sorted(predictions) == sorted(filenames)

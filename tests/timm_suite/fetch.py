@@ -97,7 +97,8 @@ def fetch_timm_scripts() -> Tuple[Optional[Path], str]:
             return None, f'TIMM_SCRIPTS_DIR={local} has no {", ".join(missing)}'
         checkout_version = _checkout_version(folder)
         if checkout_version not in (None, version):
-            return None, f'TIMM_SCRIPTS_DIR={local} holds timm {checkout_version}\'s scripts, timm {version} is installed'
+            return None, (f"TIMM_SCRIPTS_DIR={local} holds timm {checkout_version}'s scripts, "
+                          f'timm {version} is installed')
         return folder, ''
     cached = CACHE / f'timm-{version}-scripts'
     if all((cached / script).is_file() for script in SCRIPTS):
