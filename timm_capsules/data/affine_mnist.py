@@ -150,7 +150,7 @@ def _warp(glyphs: np.ndarray, linear: np.ndarray, shift: np.ndarray) -> np.ndarr
     inverse = np.linalg.inv(linear)
     # The same map in grid_sample's normalised coordinates (align_corners=False: pixel k of a side of
     # length L sits at (2k + 1) / L - 1); the two centres cancel.
-    theta = np.concatenate([inverse * (CANVAS_SIZE / DIGIT_SIZE), inverse @ shift[:, :, None] * (-2 / CANVAS_SIZE)], 2)
+    theta = np.concatenate([inverse * (CANVAS_SIZE / DIGIT_SIZE), inverse @ shift[:, :, None] * (-2 / DIGIT_SIZE)], 2)
     grid = F.affine_grid(torch.from_numpy(theta), [n, 1, CANVAS_SIZE, CANVAS_SIZE], align_corners=False)
     source = torch.from_numpy(glyphs).to(torch.float64).unsqueeze(1)
     warped = F.grid_sample(source, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
