@@ -7,6 +7,7 @@ DATA = 'tests/test_data.py'
 BASELINES = 'tests/test_baselines.py'
 HUB = 'tests/test_hub.py'
 PARSE = 'tests/test_parse_tree.py'
+AFFINE = 'tests/test_affine_mnist.py'
 
 MUTATIONS = [
     # ---- the routing core (issue #18's table) -------------------------------------------------------
@@ -210,4 +211,25 @@ MUTATIONS = [
          old='digits.images[batch.sources[k, d]] / 255.0',
          new='digits.images[batch.sources[k, 1 - d]] / 255.0',
          tests=[f'{PARSE}::test_samples_are_the_split_images_with_their_digit_masks']),
+    # ---- affine MNIST --------------------------------------------------------------------------------------
+    dict(name='affine_rotation_sign', file='timm_capsules/data/affine_mnist.py',
+         what='positive rotations turn clockwise as displayed',
+         old='rotate = np.stack([np.stack([cos, sin], -1), np.stack([-sin, cos], -1)], -2)',
+         new='rotate = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)',
+         tests=[f'{AFFINE}::test_positive_rotation_turns_anticlockwise_as_displayed']),
+    dict(name='affine_order', file='timm_capsules/data/affine_mnist.py',
+         what='the affine parts are composed in the wrong order',
+         old='return rotate @ shear_matrix @ scale',
+         new='return scale @ shear_matrix @ rotate',
+         tests=[f'{AFFINE}::test_affine_image_equals_a_per_pixel_reference_warp']),
+    dict(name='translation_range_short', file='timm_capsules/data/affine_mnist.py',
+         what='translated digits never reach the largest shift',
+         old='span = 2 * MAX_SHIFT + 1',
+         new='span = 2 * MAX_SHIFT',
+         tests=[f'{AFFINE}::test_translated_is_an_integer_shift_of_the_unchanged_digit']),
+    dict(name='affine_depends_on_position', file='timm_capsules/data/affine_mnist.py',
+         what='an image depends on its position in the request, not on its index',
+         old='state = _mix64(indices.astype(np.uint64) * _GOLDEN + key_image)',
+         new='state = _mix64(np.arange(len(indices)).astype(np.uint64) * _GOLDEN + key_image)',
+         tests=[f'{AFFINE}::test_image_depends_only_on_seed_split_transform_and_index']),
 ]
