@@ -36,6 +36,7 @@ import timm_capsules  # noqa: F401  (registers the capsule models with timm)
 from timm_capsules import hub
 from timm_capsules.routing import routing_kernel
 from timm_capsules.losses import classification_loss, predicted_present
+from timm_capsules.base import model_data_config
 from timm_capsules.data.cifar import KNOWN_DATASETS
 from timm_capsules.presets import PRESETS, QUICK, get_preset
 from timm.optim import create_optimizer_v2
@@ -390,19 +391,6 @@ def create_model(args, num_classes):
     except (TypeError, ValueError, RuntimeError, AssertionError, OSError) as error:
         fail(f'cannot create {args.model} with {kwargs}: {error}')
     return model, kwargs
-
-
-def data_config_of(model):
-    """input size (C, H, W), mean, std, and whether the model takes only that size."""
-    cfg = timm.data.resolve_data_config({}, model=model)
-    if hasattr(model, 'img_size') and hasattr(model, 'in_chans'):  # the capsule nets' actual size
-        cfg['input_size'] = (model.in_chans, *model.img_size)
-    channels = cfg['input_size'][0]
-    mean, std = tuple(cfg['mean']), tuple(cfg['std'])
-    if len(mean) != channels:  # e.g. an ImageNet model with in_chans=1
-        mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
-    fixed = bool(getattr(model, 'pretrained_cfg', {}).get('fixed_input_size', False))
-    return dict(input_size=tuple(cfg['input_size']), mean=mean, std=std, fixed_input_size=fixed)
 
 
 def load_routing_kernel(model, accelerator):
@@ -866,7 +854,7 @@ def main(argv=None):
     # ---- data and model (everything that can be wrong is checked before training)
     data = load_data(args, accelerator)
     model, model_kwargs = create_model(args, data.num_classes)
-    data_cfg = data_config_of(model)
+    data_cfg = model_data_config(model)
     data.build(data_cfg)
     kernel_load_s = load_routing_kernel(model, accelerator)
     training_started = time.time()
