@@ -251,3 +251,12 @@ def test_model_data_config_is_the_size_the_model_was_built_for():
     grey = model_data_config(timm.create_model('resnet18_cifar10', in_chans=1))
     assert grey['input_size'] == (1, 32, 32) and grey['fixed_input_size'] is False
     assert grey['mean'] == pytest.approx(((0.4914 + 0.4822 + 0.4465) / 3,))  # one entry per channel
+
+
+def test_pretrained_cfg_describes_the_model_as_built():
+    """timm's scripts read input_size/mean/std from pretrained_cfg: after img_size= / in_chans= overrides it
+    must describe the model that was built (the default cfg is left alone)."""
+    model = timm.create_model('capsnet_matrix_multimnist', in_chans=3, img_size=40)
+    assert model.pretrained_cfg['input_size'] == (3, 40, 40) and len(model.pretrained_cfg['std']) == 3
+    assert timm.create_model('capsnet_matrix_multimnist').pretrained_cfg['input_size'] == (1, 36, 36)
+    assert timm.create_model('cnn_baseline_cifar10', img_size=64).pretrained_cfg['input_size'] == (3, 64, 64)

@@ -284,8 +284,15 @@ def build_capsule_model(cls, variant: str, pretrained: bool, num_levels: Optiona
     feature levels for ``features_only``."""
     feature_cfg = dict(feature_cls='getter', out_indices=tuple(range(num_levels))) if num_levels else None
     with pretrained_guard(variant, pretrained, kwargs):
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             cls, variant, pretrained, feature_cfg=feature_cfg, pretrained_filter_fn=check_state_dict, **kwargs)
+    if hasattr(model, 'img_size') and hasattr(model, 'in_chans'):
+        # timm's scripts size and normalise their data from pretrained_cfg: make it describe the model as built
+        # (img_size= / in_chans= overrides), so that benchmark.py or validate.py need no --input-size
+        config = model_data_config(model)
+        model.pretrained_cfg = dict(
+            model.pretrained_cfg, input_size=config['input_size'], mean=config['mean'], std=config['std'])
+    return model
 
 
 def model_data_config(model: nn.Module) -> Dict[str, Any]:
