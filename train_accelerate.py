@@ -13,6 +13,7 @@ checkpoints, outputs, then ``main``: data -> model -> optimizer/scheduler -> loo
 """
 import argparse
 import ast
+import collections
 import hashlib
 import json
 import math
@@ -251,6 +252,13 @@ def normalise(images, data_cfg):
     return (images - mean) / std
 
 
+def chance_level(labels):
+    """The accuracy (top-1, or exact match) of always answering the most frequent label (set) of ``labels``:
+    what a model has to beat."""
+    counts = collections.Counter(labels)
+    return max(counts.values()) / len(labels) if labels else 0.0
+
+
 def quiet_worker(_):
     """DataLoader workers leave Ctrl-C to the main process, which stops training cleanly (see StopOnSignal)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -275,6 +283,7 @@ class MultiMNISTData:
             fail(f"{self.args.model} takes {data_cfg['input_size']} images; DiverseMultiMNIST's are (1, 36, 36)")
         self.data_cfg = data_cfg
         split = make_split('test', self.args.test_size, digits=self.digits['test'], seed=self.args.data_seed)
+        self.chance = chance_level([tuple(row.nonzero()[0]) for row in split.targets])
         test = torch.utils.data.TensorDataset(torch.from_numpy(split.images).unsqueeze(1).float().div_(255),
                                               torch.from_numpy(split.targets))
         self.test_loader = torch.utils.data.DataLoader(test, batch_size=self.args.eval_batch_size)
@@ -333,6 +342,8 @@ class ImageDatasetData:
                 except ValueError as error:
                     fail(str(error))
         self.labels = label_info(self.splits['train'], self.label_column)
+        test_labels = self.splits['test'][self.label_column]
+        self.chance = chance_level([tuple(sorted(y)) if self.labels.multi_label else y for y in test_labels])
         self.multi_label, self.num_classes, self.label_names = (
             self.labels.multi_label, self.labels.num_classes, self.labels.names)
 
@@ -911,7 +922,7 @@ def main(argv=None):
     results = dict(
         model=args.model, model_kwargs=model_kwargs, preset=args.preset, dataset=args.dataset,
         data_source=data.source, task='multi-label' if data.multi_label else 'single-label', metric=metric_name,
-        final=final, completed_steps=steps, epochs=epochs,
+        final=final, chance_level=data.chance, completed_steps=steps, epochs=epochs,
         images_seen=steps * args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
         num_processes=accelerator.num_processes, num_parameters=num_params,
         training_time_s=finished - training_started, kernel_load_s=kernel_load_s, wall_time_s=finished - started,
@@ -928,10 +939,11 @@ def main(argv=None):
             push_to_hub(unwrapped, model_kwargs, out, args.push_to_hub, args.hub_private, data.label_names)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    kernel_note = f'; routing kernel built/loaded in {kernel_load_s:.0f} s' if kernel_load_s >= 1 else ''
+    kernel_note = f', routing kernel built/loaded in {kernel_load_s:.0f} s' if kernel_load_s >= 1 else ''
     accelerator.print(f"final test {metric_name}: {final.get(metric_name, float('nan')):.4f} on "
-                      f"{final.get('num_images', 0)} images after {steps} steps "
-                      f"({results['training_time_s']:.0f} s of training{kernel_note}); saved to {args.output_dir}")
+                      f"{final.get('num_images', 0)} images after {steps} steps, chance level {data.chance:.4f} "
+                      f"(always the most frequent label{' set' if data.multi_label else ''}); "
+                      f"{results['training_time_s']:.0f} s of training{kernel_note}; saved to {args.output_dir}")
     return dict(results, model_object=unwrapped)
 
 

@@ -248,6 +248,12 @@ def test_tiny_run_writes_outputs_and_reloads(run, tmp_path, capsys):
         assert (f"epoch {r['epoch']}: step {r['step']}, test loss {r['loss']:.4f}, "
                 f"exact_match {r['exact_match']:.4f} (37 images)") in printed
     assert f"final test exact_match: {final['exact_match']:.4f} on 37 images after 6 steps" in printed
+    # the accuracy to beat: always answering the test set's most frequent label set, counted here
+    _, targets = multimnist_test_images(37, 0.0, 1.0)
+    sets = [tuple(row.nonzero().flatten().tolist()) for row in targets]
+    chance = max(sets.count(s) for s in sets) / 37
+    assert metrics["chance_level"] == pytest.approx(chance) and chance > 1 / 37
+    assert f"chance level {chance:.4f} (always the most frequent label set); " in printed
 
 
 def test_presets_and_overrides(train):
@@ -451,6 +457,8 @@ def test_cifar_style_dataset(run, tmp_path):
     images, targets = as_tensors(*image_examples(32, "RGB")["test"], CIFAR_MEAN, CIFAR_STD)
     assert_metrics(results["final"], independent_metrics(reloaded, images, targets, multi_label=False))
     assert json.loads((out / "metrics.json").read_text())["final"] == results["final"]
+    labels = targets.tolist()  # chance: always the most frequent test class
+    assert results["chance_level"] == pytest.approx(max(labels.count(y) for y in labels) / 7)
 
 
 def test_multilabel_hub_style_dataset(run, tmp_path):
@@ -886,8 +894,8 @@ def test_kernel_build_is_timed_apart_from_training(run, train, tmp_path, capsys,
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["kernel_load_s"] == results["kernel_load_s"] >= 1.0
     assert metrics["wall_time_s"] >= metrics["training_time_s"] + metrics["kernel_load_s"]
-    assert (f"({metrics['training_time_s']:.0f} s of training; routing kernel built/loaded in "
-            f"{metrics['kernel_load_s']:.0f} s)") in capsys.readouterr().out
+    assert (f"; {metrics['training_time_s']:.0f} s of training, routing kernel built/loaded in "
+            f"{metrics['kernel_load_s']:.0f} s; saved to {tmp_path}") in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ stopping
