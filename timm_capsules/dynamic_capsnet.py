@@ -217,6 +217,7 @@ _DR_SIMPLE = dict(backbone='simple', backbone_args=dict(out_chs=256, kernel_size
 _DR_RESNET = dict(backbone='resnet', backbone_args=dict(widths=(64, 256)),
                   primary_caps=32, primary_dim=8, primary_kernel_size=9, primary_stride=1, class_dim=16)
 
+
 @register_model
 def dynamic_capsnet_simple_cifar10(pretrained: bool = False, **kwargs) -> DynamicCapsNet:
     """Dynamic-routing CapsNet, simple backbone, 7,992,320 parameters (paper: 7.99M)."""

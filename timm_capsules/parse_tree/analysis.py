@@ -55,6 +55,7 @@ __all__ = [
 
 Iteration = Union[int, str]
 
+
 # ------------------------------------------------------------------------------------------ routing
 def routing_trace(model, images: Tensor):
     """``model.forward_routing(images)`` in eval mode without gradients."""
