@@ -871,8 +871,11 @@ def main(argv=None):
     training_started = time.time()
 
     # ---- optimizer and scheduler (timm factories; the scheduler is stepped by us, once per optimizer step)
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum)
+    try:
+        optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                        momentum=args.momentum)
+    except ValueError as error:
+        fail(f'--opt {args.opt}: {error}')
     model, optimizer = accelerator.prepare(model, optimizer)
     data.prepare(accelerator)
     updates_per_epoch = math.ceil(data.batches_per_epoch / args.gradient_accumulation_steps)
@@ -880,10 +883,13 @@ def main(argv=None):
     epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     scheduler = None
     if args.sched and args.sched != 'none':
-        scheduler, _ = create_scheduler_v2(
-            optimizer, sched=args.sched, num_epochs=epochs, decay_milestones=args.decay_milestones or [],
-            decay_rate=args.decay_rate, warmup_epochs=args.warmup_epochs or 0, step_on_epochs=False,
-            updates_per_epoch=updates_per_epoch)
+        try:
+            scheduler, _ = create_scheduler_v2(
+                optimizer, sched=args.sched, num_epochs=epochs, decay_milestones=args.decay_milestones or [],
+                decay_rate=args.decay_rate, warmup_epochs=args.warmup_epochs or 0, step_on_epochs=False,
+                updates_per_epoch=updates_per_epoch)
+        except ValueError as error:
+            fail(f'--sched {args.sched}: {error}')
 
     # ---- resume: weights, optimizer and RNG states (accelerate), our progress (JSON), all verified first
     state = TrainState(accelerator.device)

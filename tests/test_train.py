@@ -365,6 +365,8 @@ def test_resume_continues_exactly(run, tmp_path, accumulation, every, stop, step
     # a value that is not a Python literal is refused, except for the name arguments
     (["--model-arg", "primary_caps=eight"], "model argument 'primary_caps=eight': 'eight' is not a Python literal"),
     (["--model-arg", "global_pool=avg", "--model-arg", "pose_dim=[4"], "'[4' is not a Python literal"),
+    (TINY + ["--opt", "sgdd"], "--opt sgdd: Optimizer sgdd not found in registry"),
+    (TINY + ["--sched", "cosin"], "--sched cosin: Unknown scheduler 'cosin'"),
 ])
 def test_bad_arguments_stop_with_one_line(run, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
