@@ -240,7 +240,7 @@ def parse_args(argv=None):
 def resolved_config(args):
     """What a run with these arguments uses, as JSON-ready values (--print-config, metrics.json)."""
     skip = ('model_kwargs_cli', 'model_arg_cli', 'print_config')
-    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else v if isinstance(v, (list, dict)) else str(v)
+    return {k: v if isinstance(v, (int, float, str, bool, list, dict, type(None))) else str(v)
             for k, v in vars(args).items() if k not in skip}
 
 
