@@ -8,6 +8,7 @@ BASELINES = 'tests/test_baselines.py'
 HUB = 'tests/test_hub.py'
 PARSE = 'tests/test_parse_tree.py'
 AFFINE = 'tests/test_affine_mnist.py'
+TRAIN = 'tests/test_train.py'
 
 MUTATIONS = [
     # ---- the routing core (issue #18's table) -------------------------------------------------------
@@ -232,4 +233,45 @@ MUTATIONS = [
          old='state = _mix64(indices.astype(np.uint64) * _GOLDEN + key_image)',
          new='state = _mix64(np.arange(len(indices)).astype(np.uint64) * _GOLDEN + key_image)',
          tests=[f'{AFFINE}::test_image_depends_only_on_seed_split_transform_and_index']),
+    # ---- the training script -------------------------------------------------------------------------------
+    dict(name='f1_is_jaccard', file='train_accelerate.py',
+         what='`evaluate` computes F1 as tp / (tp + fp + fn)',
+         old='f1 = (2 * tp / (2 * tp + fp + fn).clamp(min=1)).tolist()',
+         new='f1 = (tp / (tp + fp + fn).clamp(min=1)).tolist()',
+         tests=[f'{TRAIN}::test_evaluate_multi_label_f1_and_exact_match']),
+    dict(name='top5_is_top1', file='train_accelerate.py',
+         what='top-5 accuracy counts only the top prediction',
+         old='k = min(5, num_classes)',
+         new='k = 1',
+         tests=[f'{TRAIN}::test_evaluate_single_label_top1_top5_and_loss']),
+    dict(name='nan_check_skipped', file='train_accelerate.py',
+         what='a non-finite learning rate passes the command line',
+         old='        if not math.isfinite(value):',
+         new='        if False:',
+         tests=[f'{TRAIN}::test_bad_arguments_stop_with_one_line']),
+    dict(name='divergence_unnoticed', file='train_accelerate.py',
+         what='a diverging run is not stopped',
+         old='    first = first[first > 0]',
+         new='    first = first[first < 0]',
+         tests=[f'{TRAIN}::test_diverging_run_stops_and_saves_nothing_non_finite']),
+    dict(name='damaged_checkpoint_trusted', file='train_accelerate.py',
+         what='a truncated checkpoint file is loaded',
+         old="        if file.stat().st_size != expected['bytes']:",
+         new='        if False:',
+         tests=[f'{TRAIN}::test_latest_skips_a_damaged_checkpoint']),
+    dict(name='pickles_unchecked', file='train_accelerate.py',
+         what="a checkpoint's pickle files are not checked as plain data before resuming",
+         old='        if re.fullmatch(PICKLED_STATE, name):',
+         new='        if False:',
+         tests=[f'{TRAIN}::test_planted_pickle_never_runs_on_resume']),
+    dict(name='custom_pickle_allowed', file='train_accelerate.py',
+         what="accelerate's custom_checkpoint pickles are not refused",
+         old="    for file in folder.glob('custom_checkpoint_*.pkl'):",
+         new="    for file in folder.glob('custom_checkpoint_*.pkl.off'):",
+         tests=[f'{TRAIN}::test_planted_pickle_never_runs_on_resume']),
+    dict(name='mnist_source_auto', file='train_accelerate.py',
+         what="metrics record the requested MNIST source ('auto'), not the one used",
+         old="        self.source = self.digits['train'].source",
+         new='        self.source = self.args.mnist_source',
+         tests=[f'{TRAIN}::test_the_mnist_source_actually_used_is_reported']),
 ]
