@@ -35,6 +35,10 @@ from .routing import DEFAULT_MAX_VOTES, use_fused_routing
 
 __all__ = ['CapsNet', 'RoutingTrace', 'RoutingGeometry', 'last_useful_iteration', 'MAX_ITERATIONS']
 
+# the input check stays one call in torch.fx graphs traced from methods defined in this file (timm's
+# register_notrace_function only reaches the module of the traced root, CapsuleModel.forward in base.py)
+torch.fx.wrap('check_input')
+
 # (kind, num_caps, kernel_size, stride) for conv layers, (kind, num_caps) for fully connected ones
 LayerSpec = Union[Tuple[str, int, int, int], Tuple[str, int]]
 

@@ -58,6 +58,7 @@ def inverse_temperature_schedule(iterations: int, final: float = 1.0) -> List[fl
 
 
 @register_notrace_function  # torch.fx records it as one call: it switches autocast off inside
+@torch.jit.ignore  # and timm's fx + TorchScript test scripts that graph: the call stays Python
 def em_routing(
         votes: Tensor,
         child_activations: Tensor,
