@@ -47,7 +47,7 @@ PRESETS.update({
 QUICK = dict(
     model='capsnet_matrix_multimnist',
     model_kwargs=dict(backbone_args={'out_chs': 64}, primary_caps=8, pose_dim=16, capsule_layers=[('conv', 8, 3, 1)]),
-    dataset='diverse_multimnist', epoch_size=8192, test_size=2000, epochs=6, batch_size=32,
+    dataset='diverse_multimnist', epoch_size=8192, test_size=2000, epochs=30, batch_size=32,
     opt='adam', lr=2e-3, momentum=0.9, weight_decay=0.0, sched='cosine', decay_milestones=[], decay_rate=0.1,
     warmup_epochs=0,
 )
