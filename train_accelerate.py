@@ -252,6 +252,22 @@ def normalise(images, data_cfg):
     return (images - mean) / std
 
 
+# a CNN of about the quick CapsNet's size trained once on the same images with the same recipe (README)
+CNN_REFERENCE = Path(__file__).resolve().parent / 'benchmarks' / 'records' / 'default_run_cnn_cpu.json'
+
+
+def cnn_reference(args, metric_name):
+    """The recorded CNN result to print beside the quick default run's, or '' for any other run."""
+    quick = get_preset(None)
+    same_budget = args.preset is None and all(
+        getattr(args, key) == quick[key] for key in ('model', 'dataset', 'epochs', 'epoch_size', 'test_size'))
+    if not same_budget or not CNN_REFERENCE.is_file():
+        return ''
+    record = json.loads(CNN_REFERENCE.read_text())['metrics']
+    return (f", a CNN of similar size ({record['num_parameters']:,} parameters) on the same budget "
+            f"{record['final'][metric_name]:.4f} ({CNN_REFERENCE.relative_to(CNN_REFERENCE.parents[2])})")
+
+
 def chance_level(labels):
     """The accuracy (top-1, or exact match) of always answering the most frequent label (set) of ``labels``:
     what a model has to beat."""
@@ -948,7 +964,8 @@ def main(argv=None):
     kernel_note = f', routing kernel built/loaded in {kernel_load_s:.0f} s' if kernel_load_s >= 1 else ''
     accelerator.print(f"final test {metric_name}: {final.get(metric_name, float('nan')):.4f} on "
                       f"{final.get('num_images', 0)} images after {steps} steps, chance level {data.chance:.4f} "
-                      f"(always the most frequent label{' set' if data.multi_label else ''}); "
+                      f"(always the most frequent label{' set' if data.multi_label else ''}"
+                      f"{cnn_reference(args, metric_name)}); "
                       f"{results['training_time_s']:.0f} s of training{kernel_note}; saved to {args.output_dir}")
     return dict(results, model_object=unwrapped)
 

@@ -964,3 +964,13 @@ def test_a_signal_stops_training_with_a_checkpoint(run, tmp_path, signame, proce
     resumed = run(argv[:argv.index("--max-train-steps")] + ["--max-train-steps", steps + 1, "--output-dir", out,
                                                             "--resume-from-checkpoint", "latest"])
     assert resumed["completed_steps"] == steps + 1 and (out / "model.safetensors").exists()
+
+
+def test_quick_run_prints_the_recorded_cnn_reference_beside_its_result(train):
+    """Only the default recipe gets it (the record is a CNN trained on that budget), with the recorded number."""
+    record = json.loads(train.CNN_REFERENCE.read_text())["metrics"]
+    line = train.cnn_reference(train.parse_args([]), "exact_match")
+    assert f"{record['num_parameters']:,} parameters" in line and f"{record['final']['exact_match']:.4f}" in line
+    assert record["epochs"] == train.QUICK["epochs"] and record["model_kwargs"]["stages"]  # the same budget
+    assert train.cnn_reference(train.parse_args(["--epochs", "2"]), "exact_match") == ""
+    assert train.cnn_reference(train.parse_args(["--preset", "multimnist_matrix"]), "exact_match") == ""
