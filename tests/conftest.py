@@ -4,6 +4,8 @@ import os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # nothing here may reach the Hub
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
+import pytest  # noqa: E402
+
 from timm_suite.fetch import fetch_timm_model_tests  # noqa: E402
 
 
@@ -13,3 +15,25 @@ def pytest_configure(config):
     # inside whichever test, or subprocess with its own timeout, routes first
     from timm_capsules.routing import routing_kernel
     routing_kernel()
+
+
+# ---- the MNIST-derived datasets' tests (DiverseMultiMNIST, affine MNIST) -----------------------------------
+
+@pytest.fixture
+def offline_mnist(monkeypatch):
+    """No Hub, and no MNIST_DIR from the developer's shell: the built-in sample is the source."""
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    monkeypatch.delenv('MNIST_DIR', raising=False)
+
+
+@pytest.fixture(scope='module')
+def train_digits():
+    from timm_capsules.data import mnist
+    return mnist.load_sample('train')
+
+
+@pytest.fixture(scope='module')
+def test_digits():
+    from timm_capsules.data import mnist
+    return mnist.load_sample('test')

@@ -1,7 +1,6 @@
 """Tests of timm_capsules.data.affine_mnist: determinism per index, the translated split's exact pixels,
 the affine split's ranges and warp (against a per-pixel reference written here), the disjoint digit
 banks, the exported Hub-layout folder and the preview."""
-import hashlib
 import math
 import subprocess
 from pathlib import Path
@@ -12,26 +11,9 @@ import pytest
 from timm_capsules.data import affine_mnist as am
 from timm_capsules.data import mnist
 
+from mnist_digits import digit_hashes
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
-    monkeypatch.delenv('MNIST_DIR', raising=False)
-
-
-@pytest.fixture(scope='module')
-def train_digits():
-    return mnist.load_sample('train')
-
-
-@pytest.fixture(scope='module')
-def test_digits():
-    return mnist.load_sample('test')
-
-
-def digit_hashes(images: np.ndarray) -> set:
-    return {hashlib.sha1(image.tobytes()).hexdigest() for image in images}
+pytestmark = pytest.mark.usefixtures('offline_mnist')
 
 
 def reference_matrix(rotation: float, shear: float, scale_x: float, scale_y: float) -> np.ndarray:

