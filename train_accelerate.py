@@ -160,6 +160,11 @@ def build_parser():
     add('label-column', help='label column (default: cifar10 label, cifar100 fine_label, hf: label)')
     add('train-split', default='train', help='training split (datasets slicing works: train[:90%%])')
     add('test-split', default='test', help='evaluation split')
+    add('extra-test-split', dest='extra_test_splits', action='append', default=[], metavar='SPLIT',
+        help='another split the final model is evaluated on (repeatable; metrics.json: extra_tests)')
+    add('augment', choices=['crop-flip', 'crop', 'none'], default='crop-flip',
+        help='training augmentation of image datasets: pad 4 + random crop (+ horizontal flip: the paper\'s CIFAR '
+             'recipe); none for data whose flips change the class (digits)')
     add('resize', action='store_true', help="resize images to the model's input size (default: refuse other sizes)")
     add('mnist-source', default='auto',
         help='MNIST digits of DiverseMultiMNIST: auto (Hub when reachable, else the built-in sample) | sample | hub '
@@ -347,7 +352,8 @@ class ImageDatasetData:
         self.image_column, self.label_column = args.image_column or image_column, args.label_column or label_column
         self.splits = {}
         with accelerator.main_process_first():  # a Hub dataset is downloaded once
-            for role, split in (('train', args.train_split), ('test', args.test_split)):
+            roles = [('train', args.train_split), ('test', args.test_split)]
+            for role, split in roles + [(f'extra:{split}', split) for split in args.extra_test_splits]:
                 try:
                     self.splits[role] = load_image_dataset(self.source, split)
                 except Exception as error:  # offline Hub, missing folder, unknown split: one line, no traceback
@@ -376,17 +382,21 @@ class ImageDatasetData:
         loaders = {}
         for role, dataset in self.splits.items():  # images in [0, 1]: normalised by normalise() only
             data = ImageClassificationData(dataset, transform, self.image_column, self.label_column, self.labels,
-                                           mean=(0.0,) * channels, std=(1.0,) * channels, augment=role == 'train',
-                                           seed=self.args.seed)
+                                           mean=(0.0,) * channels, std=(1.0,) * channels,
+                                           augment=self.args.augment != 'none' and role == 'train',
+                                           flip=self.args.augment == 'crop-flip', seed=self.args.seed)
             loaders[role] = torch.utils.data.DataLoader(
                 data, batch_size=self.args.batch_size if role == 'train' else self.args.eval_batch_size,
                 shuffle=role == 'train', num_workers=self.args.num_workers, worker_init_fn=quiet_worker,
                 pin_memory=torch.cuda.is_available())  # workers restart each epoch and see set_epoch
         self.train_loader, self.test_loader = loaders['train'], loaders['test']
+        self.extra_test_loaders = {role[len('extra:'):]: loader for role, loader in loaders.items()
+                                   if role.startswith('extra:')}
 
     def prepare(self, accelerator):
         self.accelerator = accelerator
         self.train_loader, self.test_loader = accelerator.prepare(self.train_loader, self.test_loader)
+        self.extra_test_loaders = {split: accelerator.prepare(loader) for split, loader in self.extra_test_loaders.items()}
         self.batches_per_epoch = len(self.train_loader)
 
     def train_batches(self, epoch, skip):
@@ -396,14 +406,16 @@ class ImageDatasetData:
         for images, targets in batches:
             yield normalise(images, self.data_cfg), targets
 
-    def test_batches(self):
-        for images, targets in self.test_loader:
+    def test_batches(self, split=None):
+        for images, targets in self.extra_test_loaders[split] if split else self.test_loader:
             yield normalise(images, self.data_cfg), targets
 
 
 def load_data(args, accelerator):
     """The dataset of --dataset (the only place that asks which kind it is)."""
     if args.dataset in MULTIMNIST_NAMES:
+        if args.extra_test_splits:
+            fail('--extra-test-split needs an image dataset (DiverseMultiMNIST has one test set)')
         return MultiMNISTData(args, accelerator)
     return ImageDatasetData(args, accelerator)
 
@@ -939,12 +951,17 @@ def main(argv=None):
     # ---- saving
     metric_name = 'exact_match' if data.multi_label else 'top1'
     final = state.history['eval'][-1] if state.history['eval'] else {}
+    output_type = getattr(accelerator.unwrap_model(model), 'output_type', 'logits')
+    extra_tests = {split: evaluate(model, data.test_batches(split), accelerator, data.multi_label, data.num_classes,
+                                   output_type) for split in args.extra_test_splits}
+    for split, metrics in extra_tests.items():
+        accelerator.print(f'{split}: {metric_name} {metrics[metric_name]:.4f} ({metrics["num_images"]} images)')
     finished = time.time()
     steps = state.completed_steps
     results = dict(
         model=args.model, model_kwargs=model_kwargs, preset=args.preset, dataset=args.dataset,
         data_source=data.source, task='multi-label' if data.multi_label else 'single-label', metric=metric_name,
-        final=final, chance_level=data.chance, completed_steps=steps, epochs=epochs,
+        final=final, extra_tests=extra_tests, chance_level=data.chance, completed_steps=steps, epochs=epochs,
         images_seen=steps * args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
         num_processes=accelerator.num_processes, num_parameters=num_params,
         training_time_s=finished - training_started, kernel_load_s=kernel_load_s, wall_time_s=finished - started,

@@ -214,3 +214,22 @@ def load_mnist(split: str, source: Optional[Union[str, os.PathLike]] = None) -> 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+
+
+# ------------------------------------------------------------------------------------------ export
+def export_parquet(out_dir: Union[str, os.PathLike], source: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Both splits of a source as ``data/{train,test}-00000-of-00001.parquet`` (image: Array2D uint8 28x28,
+    label: ClassLabel with the source's class names), the layout ``datasets.load_dataset(str(out_dir))``
+    reads, split slicing included (``split='train[:10%]'``). Used to train on Fashion-MNIST with
+    ``train_accelerate.py --dataset hf:<out_dir>``."""
+    import datasets
+
+    out_dir = Path(out_dir)
+    (out_dir / 'data').mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        digits = load_mnist(split, source)
+        features = datasets.Features({'image': datasets.Array2D((28, 28), 'uint8'),
+                                      'label': datasets.ClassLabel(names=list(digits.class_names))})
+        dataset = datasets.Dataset.from_dict({'image': digits.images, 'label': digits.labels}, features=features)
+        dataset.to_parquet(str(out_dir / 'data' / f'{split}-00000-of-00001.parquet'))
+    return out_dir

@@ -1,0 +1,332 @@
+#!/usr/bin/env python
+"""The paper's comparisons as one experiment runner: every run is one ``train_accelerate.main`` call (the
+same training code path as the script, so ``accelerate launch`` spreads every study over many GPUs), and
+every finished run is one JSON record. Finished runs are skipped, so a study goes on across sessions.
+
+    python experiments.py table1 iterations --scale cpu     # run studies (all: every study)
+    python experiments.py all --scale cpu --list             # the runs and their commands, nothing trained
+    accelerate launch --multi_gpu --num_processes 8 experiments.py all --scale paper
+    python experiments.py report --write README.md           # tables and plots from the records
+
+Studies: ``table1`` (routing kinds and CNN baselines: accuracy, parameters), ``iterations`` (accuracy vs
+routing iterations per routing kind), ``ablations`` (A: no LayerNorm, B: sequential routing, C: EM-style
+activations), ``multimnist`` (DiverseMultiMNIST exact match and the part-whole probe) and ``affine``
+(train on translated digits, test on affinely transformed ones; Sabour et al. 2017).
+
+Scales. ``paper``: the paper's recipes as they are (``timm_capsules.presets``: CIFAR-10/100 and the full
+DiverseMultiMNIST, 350 epochs). ``cpu``: a reduced protocol for a 2-core machine with no network, described
+in ``CPU_PROTOCOL`` and printed beside every result: real Fashion-MNIST (Debian's ``dataset-fashion-mnist``)
+in place of CIFAR with a fixed image budget, DiverseMultiMNIST and Affine MNIST from the built-in MNIST
+sample, small capsule and CNN models where the paper's would not fit, 2 seeds.
+"""
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent
+STUDIES = ('table1', 'iterations', 'ablations', 'multimnist', 'affine')
+RECORDS = ROOT / 'results'
+DATA = Path('outputs') / 'experiments' / 'data'
+
+CPU_PROTOCOL = {
+    'fashion_mnist': 'Fashion-MNIST (real, 60k/10k, 28x28 grey; in place of CIFAR): the first 12,800 training '
+                     'images, one epoch, batch 64, Adam 2e-3 with cosine decay, no augmentation; top-1 on all '
+                     '10,000 test images; models built with in_chans=1, img_size=28',
+    'diverse_multimnist': 'DiverseMultiMNIST from the built-in MNIST sample (4,000 train / 1,000 test digits): '
+                          '8 epochs of 8,192 generated images, batch 32, Adam 2e-3 with cosine decay; exact match '
+                          'on a fixed 2,000-image test set; models about 0.13M parameters (the paper\'s: 10-42M)',
+    'affine_mnist': 'Affine MNIST from the built-in MNIST sample: 20,000 translated 40x40 training images, 3 '
+                    'epochs, batch 32, Adam 2e-3 with cosine decay, no augmentation; top-1 on 5,000 translated '
+                    'and 5,000 affinely transformed test images of the held-out digits; models about 0.13M '
+                    'parameters',
+}
+
+
+class Run(NamedTuple):
+    """One training run: ``row`` says where its result goes in its studies' tables."""
+    run_id: str  # also its record's file name
+    studies: tuple
+    row: Dict[str, Any]  # e.g. kind='IDA', iterations=2, variant='A: no LayerNorm'
+    dataset: str
+    seed: int
+    image_budget: int  # training images seen
+    train_args: List[str]  # train_accelerate.py arguments (without seed and output folder)
+    probe: bool = False  # part-whole probe on the trained model (DiverseMultiMNIST)
+
+
+# ------------------------------------------------------------------------------------------------ studies
+# cpu-scale models: (row name, timm model, create_model kwargs)
+SMALL_MATRIX = dict(backbone_args={'out_chs': 64}, primary_caps=8, pose_dim=16, capsule_layers=[('conv', 8, 3, 1)])
+SMALL_CNN_STAGES = ((80, 3, 2, 1, False, False), (80, 3, 2, 0, False, True), (80, 3, 1, 0, False, True))
+ROUTING_MODELS = {'IDA': 'capsnet_simple_cifar10', 'DR': 'dynamic_capsnet_simple_cifar10',
+                  'EM': 'em_capsnet_simple_cifar10'}
+CNN_MODELS = {'CNN': 'cnn_baseline_cifar10', 'ResNet-18': 'resnet18_cifar10'}
+ABLATIONS = {'A: no LayerNorm': ['--no-layer-norm'], 'B: sequential routing': ['--routing', 'sequential'],
+             'C: EM-style activations': ['--activations']}
+
+
+def model_args(model: str, **kwargs) -> List[str]:
+    args = ['--model', model]
+    for key, value in kwargs.items():
+        args += ['--model-arg', f'{key}={value!r}']
+    return args
+
+
+def cpu_runs(data_dir: Path) -> List[Run]:
+    fashion = ['--dataset', f'hf:{data_dir / "fashion_mnist"}', '--train-split', 'train[:12800]', '--epochs', '1',
+               '--batch-size', '64', '--opt', 'adam', '--lr', '2e-3', '--weight-decay', '0', '--sched', 'cosine',
+               '--warmup-epochs', '0', '--augment', 'none']
+    small = ['--batch-size', '32', '--opt', 'adam', '--lr', '2e-3', '--weight-decay', '0', '--sched', 'cosine',
+             '--warmup-epochs', '0']
+    multimnist = ['--dataset', 'diverse_multimnist', '--mnist-source', 'sample', '--epoch-size', '8192',
+                  '--test-size', '2000', '--epochs', '8'] + small
+    affine = ['--dataset', f'hf:{data_dir / "affine_mnist"}', '--train-split', 'train_translated', '--test-split',
+              'test_affine', '--extra-test-split', 'test_translated', '--epochs', '3', '--augment', 'none'] + small
+    fashion_input = dict(in_chans=1, img_size=28)
+    specs = []  # (studies, row, dataset, budget, arguments, probe)
+    for kind, model in ROUTING_MODELS.items():
+        default_t = 2 if kind == 'IDA' else 3
+        for t in (1, 2, 3, 4):
+            studies = ('iterations',) + (('table1',) if t == default_t else ()) + (
+                ('ablations',) if kind == 'IDA' and t == 2 else ())
+            row = dict(kind=kind, model=model, iterations=t, variant='IDA (concurrent, LayerNorm)')
+            specs.append((studies, row, 'fashion_mnist', 12800,
+                          fashion + model_args(model, iterations=t, **fashion_input), False))
+    for kind, model in CNN_MODELS.items():
+        specs.append((('table1',), dict(kind=kind, model=model), 'fashion_mnist', 12800,
+                      fashion + model_args(model, **fashion_input), False))
+    for variant, flags in ABLATIONS.items():
+        specs.append((('ablations',), dict(kind='IDA', variant=variant, iterations=2), 'fashion_mnist', 12800,
+                      fashion + model_args(ROUTING_MODELS['IDA'], **fashion_input) + flags, False))
+    for kind, model, kwargs, probe in (
+            ('matrix CapsNet', 'capsnet_matrix_multimnist', SMALL_MATRIX, True),
+            ('vector CapsNet', 'capsnet_vector_multimnist', SMALL_MATRIX, True),
+            ('CNN', 'cnn_baseline_multimnist', dict(stages=SMALL_CNN_STAGES + ((80, 1, 1, 0, False, False),)), False),
+            ('CNN, fully connected', 'cnn_fc_multimnist', dict(stages=SMALL_CNN_STAGES, head_hidden_size=80), False)):
+        specs.append((('multimnist',), dict(kind=kind, model=model), 'diverse_multimnist', 8 * 8192,
+                      multimnist + model_args(model, **kwargs), probe))
+    for kind, model, kwargs in (
+            ('CapsNet', 'capsnet_matrix_multimnist', dict(SMALL_MATRIX, img_size=40)),
+            ('CNN', 'cnn_baseline_multimnist',
+             dict(stages=SMALL_CNN_STAGES + ((80, 1, 1, 0, False, False),), img_size=40))):
+        specs.append((('affine',), dict(kind=kind, model=model), 'affine_mnist', 3 * 20000, affine + model_args(model, **kwargs),
+                      False))
+    return specs
+
+
+def paper_runs(data_dir: Path) -> List[Run]:
+    from timm_capsules.presets import PRESETS
+    specs = []
+    for data in ('cifar10', 'cifar100'):
+        for backbone in ('simple', 'resnet'):
+            for kind, preset in (('IDA', f'{data}_{backbone}'), ('DR', f'{data}_dynamic_{backbone}'),
+                                 ('EM', f'{data}_em_{backbone}')):
+                default_t = 2 if kind == 'IDA' else 3
+                for t in (1, 2, 3, 4, 5) if (data, backbone) == ('cifar10', 'resnet') else (default_t,):
+                    studies = (('iterations',) if (data, backbone) == ('cifar10', 'resnet') else ()) + (
+                        ('table1',) if t == default_t else ()) + (
+                        ('ablations',) if (kind, data, backbone, t) == ('IDA', 'cifar10', 'resnet', 2) else ())
+                    row = dict(kind=kind, model=PRESETS[preset]['model'], iterations=t,
+                               variant='IDA (concurrent, LayerNorm)')
+                    specs.append((studies, row, data, None, ['--preset', preset, '--iterations', str(t)], False))
+        for kind, preset in (('CNN', f'{data}_cnn'), ('ResNet-18', f'{data}_resnet18')):
+            specs.append((('table1',), dict(kind=kind, model=PRESETS[preset]['model']), data, None,
+                          ['--preset', preset], False))
+    for variant, flags in ABLATIONS.items():
+        specs.append((('ablations',), dict(kind='IDA', variant=variant, iterations=2), 'cifar10', None,
+                      ['--preset', 'cifar10_resnet'] + flags, False))
+    for kind, preset, probe in (('matrix CapsNet', 'multimnist_matrix', True),
+                                ('vector CapsNet', 'multimnist_vector', True), ('CNN', 'multimnist_cnn', False),
+                                ('CNN, fully connected', 'multimnist_cnn_fc', False),
+                                ('DR vector CapsNet', 'multimnist_dynamic_vector', False)):
+        specs.append((('multimnist',), dict(kind=kind, model=PRESETS[preset]['model']), 'diverse_multimnist', None,
+                      ['--preset', preset], probe))
+    affine = ['--dataset', f'hf:{data_dir / "affine_mnist_full"}', '--train-split', 'train_translated',
+              '--test-split', 'test_affine', '--extra-test-split', 'test_translated', '--epochs', '50',
+              '--batch-size', '128', '--opt', 'adam', '--lr', '1e-3', '--weight-decay', '0', '--sched', 'cosine',
+              '--augment', 'none']
+    for kind, model, kwargs in (('CapsNet', 'capsnet_matrix_multimnist', dict(img_size=40)),
+                                ('CNN', 'cnn_baseline_multimnist', dict(img_size=40))):
+        specs.append((('affine',), dict(kind=kind, model=model), 'affine_mnist', 50 * 60000,
+                      affine + model_args(model, **kwargs), False))
+    return specs
+
+
+def run_name(row: Dict[str, Any]) -> str:
+    """'IDA-t2', 'IDA-t2-A' (ablation A), 'matrixCapsNet', ... for file names."""
+    name = row['kind'] + (f"-t{row['iterations']}" if 'iterations' in row else '')
+    if row.get('variant', 'IDA (').startswith(('A:', 'B:', 'C:')):
+        name += '-' + row['variant'][0]
+    return ''.join(c for c in name if c.isalnum() or c in '-_')
+
+
+def plan(scale: str, studies: Sequence[str], seeds: Sequence[int], data_dir: Path = DATA,
+         extra_args: Sequence[str] = ()) -> List[Run]:
+    """The runs of ``studies`` at ``scale``, one per (configuration, seed); a configuration shared by several
+    studies (e.g. IDA at t = 2: table1, iterations, ablations) is one run."""
+    specs = (cpu_runs if scale == 'cpu' else paper_runs)(data_dir)
+    runs = []
+    for run_studies, row, dataset, budget, args, probe in specs:
+        if not set(run_studies) & set(studies):
+            continue
+        args = list(args) + list(extra_args)
+        digest = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:8]
+        name = run_name(row)
+        for seed in seeds:
+            runs.append(Run(f'{dataset}-{name}-{digest}-seed{seed}', tuple(run_studies), row, dataset, seed,
+                            budget or 0, args, probe))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def prepare_data(scale: str, runs: Sequence[Run], data_dir: Path) -> None:
+    """Writes the image datasets the runs read (once): Fashion-MNIST and Affine MNIST as parquet folders."""
+    needed = {run.dataset for run in runs}
+    if 'fashion_mnist' in needed and not (data_dir / 'fashion_mnist' / 'data').is_dir():
+        from timm_capsules.data.mnist import export_parquet
+        print(f'writing Fashion-MNIST to {data_dir / "fashion_mnist"}', flush=True)
+        export_parquet(data_dir / 'fashion_mnist', 'fashion_mnist')
+    name = 'affine_mnist' if scale == 'cpu' else 'affine_mnist_full'
+    if 'affine_mnist' in needed and not (data_dir / name / 'README.md').is_file():
+        from timm_capsules.data.affine_mnist import export
+        print(f'writing Affine MNIST to {data_dir / name}', flush=True)
+        if scale == 'cpu':
+            export(data_dir / name, train_size=20000, test_size=5000, source='sample')
+        else:
+            export(data_dir / name)
+
+
+# ------------------------------------------------------------------------------------------------- running
+def record_path(records: Path, scale: str, run: Run) -> Path:
+    return records / scale / f'{run.run_id}.json'
+
+
+def machine() -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
+                   if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    gpu = f', {torch.cuda.get_device_name()}' if torch.cuda.is_available() else ''
+    return f'{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}'
+
+
+def commit() -> Optional[str]:
+    try:
+        return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def probe(model, samples: int = 500) -> Dict[str, Any]:
+    """The part-whole probe (``timm_capsules.parse_tree``) on two-digit DiverseMultiMNIST test images."""
+    from timm_capsules.parse_tree import part_whole_probe
+    from timm_capsules.parse_tree.inputs import diverse_multimnist_samples, prepare_arrays
+    images, masks, labels, _, source = diverse_multimnist_samples(samples, source='sample', two_digit_only=True)
+    x, masks = prepare_arrays(model, images, masks)
+    result = part_whole_probe(model.eval(), x, masks, labels)
+    return dict({k: v for k, v in result.items() if k != 'per_image'}, chance=0.5, source=source)
+
+
+def execute(run: Run, scale: str, records: Path, outputs: Path, probe_samples: int) -> Dict[str, Any]:
+    import train_accelerate
+    output_dir = outputs / scale / run.run_id
+    argv = run.train_args + ['--seed', str(run.seed), '--output-dir', str(output_dir),
+                             '--checkpointing-steps', 'epoch', '--resume-from-checkpoint', 'latest']
+    started = time.time()
+    results = train_accelerate.main(argv)
+    model = results.pop('model_object')
+    if results.get('stopped'):
+        raise SystemExit(f'{run.run_id} stopped before its end; rerun to continue it')
+    from accelerate import PartialState
+    if not PartialState().is_main_process:
+        return {}
+    history = results.pop('history')
+    record = dict(
+        run_id=run.run_id, studies=list(run.studies), scale=scale, row=run.row, model=results['model'],
+        model_kwargs=results['model_kwargs'], dataset=run.dataset, data_source=results['data_source'],
+        seed=run.seed, image_budget=results['images_seen'], metric=results['metric'],
+        metrics=dict(results['final'], **{f'{split}/{k}': v for split, m in results['extra_tests'].items()
+                                          for k, v in m.items()}),
+        chance_level=results['chance_level'], num_parameters=results['num_parameters'],
+        training_time_s=results['training_time_s'], wall_time_s=time.time() - started,
+        eval_history=history['eval'], protocol=CPU_PROTOCOL.get(run.dataset) if scale == 'cpu' else 'paper recipe',
+        commit=commit(), machine=machine(),
+        command='python train_accelerate.py ' + ' '.join(_quote(a) for a in run.train_args + ['--seed', str(run.seed)]),
+        train_args=run.train_args)
+    if run.probe:
+        record['part_whole_probe'] = probe(model, probe_samples)
+    path = record_path(records, scale, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix('.tmp')
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return record
+
+
+def _quote(arg: str) -> str:
+    return arg if all(c.isalnum() or c in '-_=.:/[]' for c in arg) else "'" + arg.replace("'", "'\\''") + "'"
+
+
+def run_studies(args) -> int:
+    runs = plan(args.scale, args.studies, args.seeds, args.data_dir, args.train_args)
+    if args.only:
+        runs = [run for run in runs if any(word in run.run_id for word in args.only)]
+    todo = [run for run in runs if not record_path(args.records, args.scale, run).is_file()]
+    print(f'{len(runs)} runs in {", ".join(args.studies)} at scale {args.scale}: {len(runs) - len(todo)} finished, '
+          f'{len(todo)} to run', flush=True)
+    if args.list:
+        for run in runs:
+            done = 'done' if run not in todo else 'todo'
+            print(f'[{done}] {run.run_id} ({", ".join(run.studies)}): python train_accelerate.py '
+                  + ' '.join(_quote(a) for a in run.train_args + ['--seed', str(run.seed)]))
+        return 0
+    prepare_data(args.scale, todo, args.data_dir)
+    for index, run in enumerate(todo):
+        print(f'== run {index + 1}/{len(todo)}: {run.run_id}', flush=True)
+        record = execute(run, args.scale, args.records, args.outputs, args.probe_images)
+        if record:
+            print(f"== {run.run_id}: {record['metric']} {record['metrics'][record['metric']]:.4f}, "
+                  f"{record['training_time_s']:.0f} s", flush=True)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['report']:
+        from experiments_report import main as report_main
+        return report_main(argv[1:])
+    train_args = []
+    if '--' in argv:  # everything after -- goes to every train_accelerate.py call
+        argv, train_args = argv[:argv.index('--')], argv[argv.index('--') + 1:]
+    parser = argparse.ArgumentParser(prog='experiments.py', description=__doc__.split('\n\n')[0])
+    parser.add_argument('studies', nargs='+', choices=STUDIES + ('all',), metavar='STUDY',
+                        help=f'{", ".join(STUDIES)} or all ("report" instead: tables and plots, see report --help)')
+    parser.add_argument('--scale', choices=['cpu', 'paper'], default='cpu', help='reduced CPU protocol or the paper')
+    parser.add_argument('--seeds', type=int, default=2, help='seeds per configuration (0, 1, ...)')
+    parser.add_argument('--only', nargs='+', metavar='WORD', help='only runs whose id contains one of these')
+    parser.add_argument('--list', action='store_true', help='list the runs and their commands, run nothing')
+    parser.add_argument('--records', type=Path, default=RECORDS, help='where run records go (one JSON per run)')
+    parser.add_argument('--outputs', type=Path, default=Path('outputs') / 'experiments',
+                        help='checkpoints and trained models of the runs')
+    parser.add_argument('--data-dir', type=Path, default=DATA, help='where the exported datasets go')
+    parser.add_argument('--probe-images', type=int, default=500, help='two-digit images for the part-whole probe')
+    args = parser.parse_args(argv)
+    args.studies = list(STUDIES) if 'all' in args.studies else args.studies
+    args.seeds, args.train_args = list(range(args.seeds)), train_args
+    return run_studies(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
