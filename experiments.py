@@ -41,7 +41,7 @@ CPU_PROTOCOL = {
                      '10,000 test images; models built with in_chans=1, img_size=28',
     'diverse_multimnist': 'DiverseMultiMNIST from the built-in MNIST sample (4,000 train / 1,000 test digits): '
                           '8 epochs of 8,192 generated images, batch 32, Adam 2e-3 with cosine decay; exact match '
-                          'on a fixed 2,000-image test set; models about 0.13M parameters (the paper\'s: 10-42M)',
+                          "on a fixed 2,000-image test set; models about 0.13M parameters (the paper's: 10-42M)",
     'affine_mnist': 'Affine MNIST from the built-in MNIST sample: 20,000 translated 40x40 training images, 3 '
                     'epochs, batch 32, Adam 2e-3 with cosine decay, no augmentation; top-1 on 5,000 translated '
                     'and 5,000 affinely transformed test images of the held-out digits; models about 0.13M '
@@ -103,7 +103,8 @@ def cpu_runs(data_dir: Path) -> List[Run]:
         specs.append((('table1',), dict(kind=kind, model=model), 'fashion_mnist', 12800,
                       fashion + model_args(model, **fashion_input), False))
     for variant, flags in ABLATIONS.items():
-        specs.append((('ablations',), dict(kind='IDA', variant=variant, iterations=2), 'fashion_mnist', 12800,
+        specs.append((('ablations',), dict(kind='IDA', model=ROUTING_MODELS['IDA'], variant=variant, iterations=2),
+                      'fashion_mnist', 12800,
                       fashion + model_args(ROUTING_MODELS['IDA'], **fashion_input) + flags, False))
     for kind, model, kwargs, probe in (
             ('matrix CapsNet', 'capsnet_matrix_multimnist', SMALL_MATRIX, True),
@@ -116,8 +117,8 @@ def cpu_runs(data_dir: Path) -> List[Run]:
             ('CapsNet', 'capsnet_matrix_multimnist', dict(SMALL_MATRIX, img_size=40)),
             ('CNN', 'cnn_baseline_multimnist',
              dict(stages=SMALL_CNN_STAGES + ((80, 1, 1, 0, False, False),), img_size=40))):
-        specs.append((('affine',), dict(kind=kind, model=model), 'affine_mnist', 3 * 20000, affine + model_args(model, **kwargs),
-                      False))
+        specs.append((('affine',), dict(kind=kind, model=model), 'affine_mnist', 3 * 20000,
+                      affine + model_args(model, **kwargs), False))
     return specs
 
 
@@ -140,7 +141,8 @@ def paper_runs(data_dir: Path) -> List[Run]:
             specs.append((('table1',), dict(kind=kind, model=PRESETS[preset]['model']), data, None,
                           ['--preset', preset], False))
     for variant, flags in ABLATIONS.items():
-        specs.append((('ablations',), dict(kind='IDA', variant=variant, iterations=2), 'cifar10', None,
+        specs.append((('ablations',), dict(kind='IDA', model=PRESETS['cifar10_resnet']['model'], variant=variant,
+                                            iterations=2), 'cifar10', None,
                       ['--preset', 'cifar10_resnet'] + flags, False))
     for kind, preset, probe in (('matrix CapsNet', 'multimnist_matrix', True),
                                 ('vector CapsNet', 'multimnist_vector', True), ('CNN', 'multimnist_cnn', False),
@@ -238,18 +240,25 @@ def probe(model, samples: int = 500) -> Dict[str, Any]:
     return dict({k: v for k, v in result.items() if k != 'per_image'}, chance=0.5, source=source)
 
 
-def execute(run: Run, scale: str, records: Path, outputs: Path, probe_samples: int) -> Dict[str, Any]:
+def execute(run: Run, scale: str, records: Path, outputs: Path, probe_samples: int,
+            stop_after_steps: Optional[int] = None) -> Dict[str, Any]:
     import train_accelerate
     output_dir = outputs / scale / run.run_id
     argv = run.train_args + ['--seed', str(run.seed), '--output-dir', str(output_dir),
                              '--checkpointing-steps', 'epoch', '--resume-from-checkpoint', 'latest']
+    argv += ['--stop-after-steps', str(stop_after_steps)] if stop_after_steps else []
     started = time.time()
-    results = train_accelerate.main(argv)
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    try:
+        results = train_accelerate.main(argv)
+        main_process = PartialState().is_main_process
+    finally:  # the next run starts accelerate afresh (end_training may have ended the process group)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     model = results.pop('model_object')
     if results.get('stopped'):
         raise SystemExit(f'{run.run_id} stopped before its end; rerun to continue it')
-    from accelerate import PartialState
-    if not PartialState().is_main_process:
+    if not main_process:
         return {}
     history = results.pop('history')
     record = dict(
@@ -294,22 +303,234 @@ def run_studies(args) -> int:
     prepare_data(args.scale, todo, args.data_dir)
     for index, run in enumerate(todo):
         print(f'== run {index + 1}/{len(todo)}: {run.run_id}', flush=True)
-        record = execute(run, args.scale, args.records, args.outputs, args.probe_images)
+        record = execute(run, args.scale, args.records, args.outputs, args.probe_images, args.stop_after_steps)
         if record:
             print(f"== {run.run_id}: {record['metric']} {record['metrics'][record['metric']]:.4f}, "
                   f"{record['training_time_s']:.0f} s", flush=True)
     return 0
 
 
+# -------------------------------------------------------------------------------------------------- report
+BEGIN, END = '<!-- experiments:begin -->', '<!-- experiments:end -->'
+CLAIMS = {
+    'table1': 'IDA matches or beats the CNNs with far fewer parameters, and beats DR and EM (Table 1)',
+    'iterations': "IDA's accuracy stays flat or rises with the routing iterations t, while DR and EM degrade "
+                  '(Figs. 3-4)',
+    'ablations': 'each part of the routing matters: LayerNorm (A), concurrent routing (B), no activations (C)',
+    'multimnist': 'the CapsNets beat the CNN baselines on overlapping digits (Table 3); routing separates them',
+    'affine': 'capsules generalise to unseen affine transforms (Sabour et al. 2017: 79% vs 66% on affNIST, '
+              'both about 99% on the translated training distribution)',
+}
+
+
+def load_records(records: Path, scale: str, runs: Sequence[Run]) -> Dict[str, Dict[str, Any]]:
+    """The records of the planned runs (records of other configurations, e.g. an older protocol, are left out)."""
+    found = {}
+    for run in runs:
+        path = record_path(records, scale, run)
+        if path.is_file():
+            found[run.run_id] = json.loads(path.read_text())
+    return found
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """'83.1 ± 0.4 (2)' in % over seeds (sample std), '—' for none."""
+    import statistics
+    if not values:
+        return '—'
+    values = [100 * v for v in values]
+    spread = f' ± {statistics.stdev(values):.1f}' if len(values) > 1 else ''
+    return f'{statistics.mean(values):.1f}{spread} ({len(values)})'
+
+
+def rows_of(study: str, runs: Sequence[Run], records: Dict[str, Dict[str, Any]]):
+    """{row key: (row, [records over seeds])} for one study, in plan order."""
+    grouped: Dict[str, Any] = {}
+    for run in runs:
+        if study in run.studies:
+            key = json.dumps(run.row, sort_keys=True)
+            grouped.setdefault(key, (run.row, []))[1].extend([records[run.run_id]] if run.run_id in records else [])
+    return list(grouped.values())
+
+
+def metric_values(found: Sequence[Dict[str, Any]], name: Optional[str] = None) -> List[float]:
+    return [r['metrics'][name or r['metric']] for r in found if (name or r['metric']) in r['metrics']]
+
+
+def params(found: Sequence[Dict[str, Any]]) -> str:
+    return f"{found[0]['num_parameters']:,}" if found else '—'
+
+
+def study_table(study: str, runs: Sequence[Run], records: Dict[str, Dict[str, Any]]) -> List[str]:
+    rows = rows_of(study, runs, records)
+    if study == 'table1':
+        lines = ['| model | routing | parameters | top-1 (%), mean ± std (seeds) |', '|---|---|---:|---|']
+        lines += [f"| `{row['model']}` | {row['kind']}{' t = %d' % row['iterations'] if 'iterations' in row else ''} "
+                  f'| {params(found)} | {mean_std(metric_values(found))} |' for row, found in rows]
+    elif study == 'iterations':
+        ts = sorted({row['iterations'] for row, _ in rows})
+        lines = ['| routing | ' + ' | '.join(f't = {t}' for t in ts) + ' |', '|---|' + '---|' * len(ts)]
+        for kind in dict.fromkeys(row['kind'] for row, _ in rows):
+            cells = {row['iterations']: mean_std(metric_values(found)) for row, found in rows if row['kind'] == kind}
+            lines.append(f'| {kind} | ' + ' | '.join(cells.get(t, '—') for t in ts) + ' |')
+    elif study == 'ablations':
+        lines = ['| variant (IDA, t = 2) | top-1 (%) |', '|---|---|']
+        lines += [f"| {row['variant']} | {mean_std(metric_values(found))} |" for row, found in rows]
+    elif study == 'multimnist':
+        lines = ['| model | parameters | exact match (%) | part-whole probe: own fraction (chance 0.5) |',
+                 '|---|---:|---|---|']
+        for row, found in rows:
+            probes = [r['part_whole_probe']['own_fraction'] for r in found if 'part_whole_probe' in r]
+            probe_cell = ' / '.join(f'{v:.3f}' for v in probes) if probes else '—'
+            lines.append(f"| {row['kind']} (`{row['model']}`) | {params(found)} | {mean_std(metric_values(found))} "
+                         f'| {probe_cell} |')
+    else:  # affine
+        lines = ['| model | parameters | translated test (%) | affine test (%) | gap (points) |',
+                 '|---|---:|---|---|---|']
+        for row, found in rows:
+            translated, affine = metric_values(found, 'test_translated/top1'), metric_values(found)
+            gap = [t - a for t, a in zip(translated, affine)]
+            lines.append(f"| {row['kind']} (`{row['model']}`) | {params(found)} | {mean_std(translated)} "
+                         f'| {mean_std(affine)} | {mean_std(gap)} |')
+    return lines
+
+
+def plot_iterations(runs: Sequence[Run], records: Dict[str, Dict[str, Any]], path: Path) -> Optional[Path]:
+    """Accuracy vs routing iterations, one line per routing kind (mean and min-max over seeds): Fig. 3's shape."""
+    rows = rows_of('iterations', runs, records)
+    if not any(found for _, found in rows):
+        return None
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for kind in dict.fromkeys(row['kind'] for row, _ in rows):
+        points = [(row['iterations'], [100 * v for v in metric_values(found)]) for row, found in rows
+                  if row['kind'] == kind and found]
+        if points:
+            ts, values = zip(*points)
+            means = [sum(v) / len(v) for v in values]
+            spread = [[m - min(v) for m, v in zip(means, values)], [max(v) - m for m, v in zip(means, values)]]
+            ax.errorbar(ts, means, yerr=spread, marker='o', capsize=3, label=kind)
+    ax.set(xlabel='routing iterations t', ylabel='test top-1 (%)', xticks=sorted({r['iterations'] for r, _ in rows}),
+           title='accuracy vs routing iterations')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_affine(runs: Sequence[Run], records: Dict[str, Dict[str, Any]], path: Path) -> Optional[Path]:
+    """Translated vs affine test accuracy per model: the generalisation gap."""
+    rows = [(row, found) for row, found in rows_of('affine', runs, records) if found]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    width = 0.38
+    for offset, (name, metric) in zip((-width / 2, width / 2), (('translated', 'test_translated/top1'),
+                                                                 ('affine', None))):
+        means = [100 * sum(metric_values(found, metric)) / len(found) for _, found in rows]
+        bars = ax.bar([i + offset for i in range(len(rows))], means, width, label=f'{name} test')
+        ax.bar_label(bars, fmt='%.1f', fontsize=8)
+    ax.set(xticks=range(len(rows)), xticklabels=[row['kind'] for row, _ in rows], ylabel='test top-1 (%)',
+           ylim=(0, 105), title='trained on translated digits')
+    ax.legend(loc='lower right')
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
+def render_report(scale: str, records_dir: Path, plots_dir: Path, link_base: Path = ROOT, data_dir: Path = DATA,
+                  train_args: Sequence[str] = ()) -> str:
+    """The README's results section (Markdown) for one scale, with its plots written to ``plots_dir`` and linked
+    relative to ``link_base`` (the folder of the file it goes into)."""
+    runs = plan(scale, STUDIES, range(100), data_dir, train_args)
+    records = load_records(records_dir, scale, runs)
+    lines = [f'Generated by `python experiments.py report --scale {scale}` from the {len(records)} run records in '
+             f'`{records_dir.name}/{scale}/` (one JSON per run: model, arguments, dataset, seed, image budget, '
+             f'metrics, wall time, commit, machine, command). Mean ± sample std over seeds, seed count in '
+             f'brackets; — : not run yet.']
+    if records:
+        machines = sorted({r['machine'] for r in records.values()})
+        lines.append(f"Machine: {'; '.join(machines)}. Training time of all runs: "
+                     f"{sum(r['wall_time_s'] for r in records.values()) / 3600:.1f} h.")
+    for study in STUDIES:
+        datasets = sorted({run.dataset for run in runs if study in run.studies})
+        protocol = ' '.join(CPU_PROTOCOL[d] + '.' for d in datasets) if scale == 'cpu' else "the paper's recipe."
+        lines += ['', f'**{study}** — claim: {CLAIMS[study]}. Protocol: {protocol}', '']
+        lines += study_table(study, runs, records)
+        plot = {'iterations': plot_iterations, 'affine': plot_affine}.get(study)
+        if plot and plot(runs, records, plots_dir / f'{study}_{scale}.png'):
+            link = Path(os.path.relpath(plots_dir / f'{study}_{scale}.png', link_base)).as_posix()
+            lines += ['', f'![{study}]({link})']
+    return '\n'.join(lines) + '\n'
+
+
+def record_hub_results(records_dir: Path, scale: str = 'paper', train_args: Sequence[str] = ()) -> List[str]:
+    """Writes the per-seed accuracies of runs that trained a hub config's model as registered (only its
+    preset's iterations, no other create_model argument) on that config's dataset into the config, through
+    ``hub.record_results``. Returns the tags written."""
+    from timm_capsules import hub
+    runs = plan(scale, STUDIES, range(100), DATA, train_args)
+    records = load_records(records_dir, scale, runs)
+    written = []
+    for cfg in hub.list_hub_configs():
+        matching = [r for r in records.values()
+                    if r['model'] == cfg['model'] and r['dataset'] == cfg['dataset']['eval_id']
+                    and set(r['model_kwargs']) <= {'num_classes', 'iterations'}
+                    and r['model_kwargs'].get('iterations', cfg['architecture']['routing_iterations'])
+                    == cfg['architecture']['routing_iterations']]
+        if matching:
+            by_seed = sorted(matching, key=lambda r: r['seed'])
+            hub.record_results(cfg['tag'], [100 * r['metrics'][r['metric']] for r in by_seed])
+            written.append(cfg['tag'])
+    return written
+
+
+def report_main(argv: Sequence[str], train_args: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(prog='experiments.py report', description='tables and plots from the run records')
+    parser.add_argument('--scale', choices=['cpu', 'paper'], default='cpu')
+    parser.add_argument('--records', type=Path, default=RECORDS)
+    parser.add_argument('--plots', type=Path, default=RECORDS / 'plots', help='where the PNG plots go')
+    parser.add_argument('--write', type=Path, metavar='README.md',
+                        help=f'replace the text between {BEGIN} and {END} in this file (else print it)')
+    parser.add_argument('--record-hub', action='store_true',
+                        help="fill the hub configs' measured results from matching runs (paper scale)")
+    args = parser.parse_args(argv)
+    text = render_report(args.scale, args.records, args.plots, (args.write or ROOT / 'README.md').resolve().parent,
+                         train_args=train_args)
+    if args.record_hub:
+        tags = record_hub_results(args.records, args.scale, train_args)
+        print(f"hub configs updated: {', '.join(tags) if tags else 'none (no run trained a hub model as registered)'}")
+    if args.write is None:
+        print(text)
+        return 0
+    readme = args.write.read_text()
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f'{args.write} has no {BEGIN} ... {END} block to replace')
+    head, rest = readme.split(BEGIN, 1)
+    args.write.write_text(head + BEGIN + '\n' + text + END + rest.split(END, 1)[1])
+    print(f'wrote the {args.scale} results into {args.write}')
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ['report']:
-        from experiments_report import main as report_main
-        return report_main(argv[1:])
     train_args = []
-    if '--' in argv:  # everything after -- goes to every train_accelerate.py call
+    if '--' in argv:  # everything after -- goes to every train_accelerate.py call (and is part of the runs' ids)
         argv, train_args = argv[:argv.index('--')], argv[argv.index('--') + 1:]
+    if argv[:1] == ['report']:
+        return report_main(argv[1:], train_args)
     parser = argparse.ArgumentParser(prog='experiments.py', description=__doc__.split('\n\n')[0])
     parser.add_argument('studies', nargs='+', choices=STUDIES + ('all',), metavar='STUDY',
                         help=f'{", ".join(STUDIES)} or all ("report" instead: tables and plots, see report --help)')
@@ -321,6 +542,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--outputs', type=Path, default=Path('outputs') / 'experiments',
                         help='checkpoints and trained models of the runs')
     parser.add_argument('--data-dir', type=Path, default=DATA, help='where the exported datasets go')
+    parser.add_argument('--stop-after-steps', type=int, metavar='N',
+                        help='debug: stop each run after N optimizer steps as if killed (a rerun continues it)')
     parser.add_argument('--probe-images', type=int, default=500, help='two-digit images for the part-whole probe')
     args = parser.parse_args(argv)
     args.studies = list(STUDIES) if 'all' in args.studies else args.studies

@@ -993,3 +993,51 @@ def test_quick_run_prints_the_recorded_cnn_reference_beside_its_result(train):
     assert record["epochs"] == train.QUICK["epochs"] and record["model_kwargs"]["stages"]  # the same budget
     assert train.cnn_reference(train.parse_args(["--epochs", "2"]), "exact_match") == ""
     assert train.cnn_reference(train.parse_args(["--preset", "multimnist_matrix"]), "exact_match") == ""
+
+
+# ------------------------------------------------------------------- --augment and --extra-test-split
+def crops(image, padding=4):
+    """Every pad-and-crop window of a (C, H, W) image (the training augmentation's shifts)."""
+    padded = F.pad(image, (padding,) * 4)
+    H, W = image.shape[-2:]
+    return [padded[:, r:r + H, c:c + W] for r in range(2 * padding + 1) for c in range(2 * padding + 1)]
+
+
+@pytest.mark.parametrize("augment", ["none", "crop", "crop-flip"])
+def test_augment_option(run, train, tmp_path, monkeypatch, augment):
+    """none: the training batch is the plain images; crop: shifted windows, never mirrored; crop-flip (the
+    paper's CIFAR recipe, the default): some images are mirrored."""
+    data = make_image_dataset(tmp_path / "data", size=32, mode="RGB")
+    calls = spy_on_model(train, monkeypatch)
+    run(CIFAR_TINY + ["--data-dir", data, "--batch-size", 12, "--max-train-steps", 1, "--augment", augment,
+                      "--output-dir", tmp_path / "out"])
+    seen = calls[0]["images"]  # the one training batch: all 12 training images, shuffled
+    assert calls[0]["training"] and seen.shape == (12, 3, 32, 32)
+    plain, _ = as_tensors(*image_examples(32, "RGB")["train"], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    seen = seen * std + mean  # back to [0, 1]; zero padding is 0 there
+
+    def matches(image, candidates):
+        return any(torch.allclose(image, c, atol=1e-5) for c in candidates)
+    shifted = [any(matches(s, crops(p)) for p in plain) for s in seen]
+    mirrored = [any(matches(s, crops(p.flip(-1))) for p in plain) and not shifted[k] for k, s in enumerate(seen)]
+    if augment == "none":
+        assert all(matches(s, list(plain)) for s in seen)
+    elif augment == "crop":
+        assert all(shifted) and not all(matches(s, list(plain)) for s in seen)
+    else:
+        assert all(a or b for a, b in zip(shifted, mirrored)) and any(mirrored)
+
+
+def test_extra_test_split_is_evaluated_on_the_final_model(run, tmp_path):
+    data = make_image_dataset(tmp_path / "data", size=32, mode="RGB", form="parquet")
+    out = tmp_path / "out"
+    results = run(CIFAR_TINY + ["--data-dir", data, "--batch-size", 4, "--max-train-steps", 2,
+                                "--extra-test-split", "train", "--extra-test-split", "test[:3]", "--output-dir", out])
+    examples = image_examples(32, "RGB")
+    for split, (images, labels) in (("train", examples["train"]), ("test[:3]", [x[:3] for x in examples["test"]])):
+        expected = independent_metrics(results["model_object"], *as_tensors(images, labels, CIFAR_MEAN, CIFAR_STD), False)
+        assert_metrics(results["extra_tests"][split], expected)
+    assert json.loads((out / "metrics.json").read_text())["extra_tests"] == results["extra_tests"]
+    with pytest.raises(SystemExit, match="--extra-test-split needs an image dataset"):
+        run(TINY + ["--extra-test-split", "train", "--output-dir", tmp_path / "refused"])
