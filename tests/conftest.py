@@ -11,10 +11,12 @@ from timm_suite.fetch import fetch_timm_model_tests  # noqa: E402
 
 def pytest_configure(config):
     fetch_timm_model_tests()
-    # build the fused routing kernel once, up front (about a minute on a fresh machine), instead of
+    # build the fused routing kernels once, up front (about a minute each on a fresh machine), instead of
     # inside whichever test, or subprocess with its own timeout, routes first
     from timm_capsules.routing import routing_kernel
+    from timm_capsules.routing_baselines import em_routing_kernel
     routing_kernel()
+    em_routing_kernel()
 
 
 # ---- the MNIST-derived datasets' tests (DiverseMultiMNIST, affine MNIST) -----------------------------------

@@ -15,7 +15,10 @@ from timm_capsules.em_capsnet import EMCapsNet
 from timm_capsules.data import diverse_multimnist as dmm
 from timm_capsules.data import mnist
 from timm_capsules.losses import margin_loss, spread_loss
-from timm_capsules.routing_baselines import dynamic_routing, em_routing, inverse_temperature_schedule, squash
+from timm_capsules.routing_baselines import (
+    dynamic_routing, em_routing, em_routing_from_poses, em_routing_kernel, inverse_temperature_schedule, squash)
+
+from ci import unavailable
 
 # ----------------------------------------------------------------------------------- parameter counts
 # (exact count we get, the paper's figure in millions as printed)
@@ -165,6 +168,120 @@ def test_em_routing_matches_naive_loops(normalize_cost, magnitude):
         torch.testing.assert_close(g.double(), r, rtol=1e-6, atol=1e-6 * magnitude if name == 'poses' else 1e-6,
                                    msg=name)
     assert not torch.allclose(got[2], torch.full_like(got[2], 1 / 3))  # routing really moved
+
+
+# ---- the fused EM kernel (csrc/em_routing.cpp) against autograd through the plain tensor ops
+
+@pytest.fixture
+def em_kernel():
+    """The compiled EM kernel; without it the op runs the plain ops and would be compared with themselves."""
+    if em_routing_kernel() is None:
+        unavailable('the fused EM routing kernel could not be built on this machine')
+
+
+def _em_inputs(dtype, G, I, J, side=4, offset=False, seed=4):
+    torch.manual_seed(seed)
+    grad = dict(dtype=dtype, requires_grad=True)
+    children, weight = torch.randn(G, I, side, side, **grad), torch.randn(I, J, side, side, **grad)
+    a_in, beta_u, beta_a = torch.rand(G, I, **grad), torch.randn(J, **grad), torch.randn(J, **grad)
+    return children, weight, torch.rand(I, side, side, dtype=dtype) if offset else None, a_in, beta_u, beta_a
+
+
+def _em_kernel_and_reference(inputs, temperatures, normalize_cost, probes_seed=5):
+    """Outputs and the gradients of every input for the same random output gradients, from the kernel's op
+    and from autograd through the plain ops."""
+    import timm_capsules.routing_baselines as rb
+    children, weight, offset, *rest = inputs
+    leaves = [children, weight, *rest]
+    got = torch.ops.timm_capsules.em_routing(children, weight, offset, *rest, temperatures, normalize_cost, 1e-6)
+    ref = rb._em_reference(children, weight, offset, *rest, temperatures, normalize_cost, 1e-6)
+    torch.manual_seed(probes_seed)
+    used = [k for k, r in enumerate(ref) if r.requires_grad]  # one iteration: the assignments are constant
+    probes = [torch.randn_like(ref[k]) for k in used]
+    got_grads = torch.autograd.grad([got[k] for k in used], leaves, [p.to(got[0].dtype) for p in probes])
+    ref_grads = torch.autograd.grad([ref[k] for k in used], leaves, probes)
+    return list(got) + list(got_grads), list(ref) + list(ref_grads)
+
+
+@pytest.mark.parametrize('J', [5, 32])  # 32: the kernel's compiled-size path; 5: sizes read at run time
+@pytest.mark.parametrize('iterations', [1, 2, 3])
+@pytest.mark.parametrize('normalize_cost', [True, False])
+@pytest.mark.parametrize('offset', [False, True])
+def test_em_kernel_and_its_backward_match_autograd(em_kernel, J, iterations, normalize_cost, offset):
+    inputs = _em_inputs(torch.float64, 3, 7, J, offset=offset)
+    temperatures = inverse_temperature_schedule(iterations, 1. if normalize_cost else 0.05)
+    for got, ref in zip(*_em_kernel_and_reference(inputs, temperatures, normalize_cost)):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_em_kernel_with_other_pose_sizes_and_gradcheck(em_kernel):
+    inputs = _em_inputs(torch.float64, 2, 5, 3, side=2, offset=True)  # 2x2 poses: no compiled-size path
+    for got, ref in zip(*_em_kernel_and_reference(inputs, [0.5, 1.], True)):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    children, weight, offset, a_in, beta_u, beta_a = inputs
+
+    def routed(children, weight, a_in, beta_u, beta_a):
+        return torch.ops.timm_capsules.em_routing(children, weight, offset, a_in, beta_u, beta_a, [0.5, 1.], True,
+                                                  1e-6)
+    assert torch.autograd.gradcheck(routed, (children, weight, a_in, beta_u, beta_a))
+
+
+@pytest.mark.parametrize('G, I, J, offset', [(16, 288, 32, False), (4, 800, 10, True)])  # conv and class layers
+def test_em_kernel_in_float32_is_as_accurate_as_the_plain_ops(em_kernel, G, I, J, offset):
+    """EM's statistics (E[v^2] - mu^2, log sigma) lose digits in float32 whatever the order of the sums: the
+    kernel is held to the plain ops' own float32 error against float64, not to the plain ops' rounding."""
+    truth, _ = _em_kernel_and_reference(_em_inputs(torch.float64, G, I, J, offset=offset), [1 / 3, 2 / 3, 1.], True)
+    inputs32 = [None if t is None else t.detach().float().requires_grad_(t.requires_grad)
+                for t in _em_inputs(torch.float64, G, I, J, offset=offset)]
+    got, ref = _em_kernel_and_reference(inputs32, [1 / 3, 2 / 3, 1.], True)
+    def error(x, t):
+        return ((x.double() - t).abs().max() / t.abs().max()).item()
+    for k, (g, r, t) in enumerate(zip(got, ref, truth)):
+        assert g.dtype == torch.float32 and error(g, t) <= max(3 * error(r, t), 2e-5), k
+
+
+def test_without_a_compiler_em_routing_warns_and_falls_back_to_the_plain_ops(em_kernel, monkeypatch, tmp_path):
+    """No build: em_routing_from_poses routes the materialised votes with em_routing, and the op itself (what
+    torch.compile records) runs the plain ops forward and backward."""
+    import torch.utils.cpp_extension
+    import timm_capsules.routing_baselines as rb
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError('no C++ compiler here')
+
+    inputs = _em_inputs(torch.float32, 4, 18, 5, offset=True)
+    children, weight, offset, a_in, beta_u, beta_a = inputs
+    with_kernel = em_routing_from_poses(children, weight, a_in, beta_u, beta_a, offset=offset)
+    monkeypatch.setattr(rb, '_em_kernel', None)
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))  # nothing built here yet
+    monkeypatch.setattr(torch.utils.cpp_extension, 'load', no_compiler)
+    with pytest.warns(UserWarning, match='no C.. compiler here'):
+        assert em_routing_kernel() is None
+    without = em_routing_from_poses(children, weight, a_in, beta_u, beta_a, offset=offset)
+    votes = torch.einsum('girc,ijct->gijrt', children, weight) + offset[:, None]
+    plain = em_routing(votes.flatten(-2), a_in, beta_u, beta_a)
+    for a, b, c in zip(without, plain, with_kernel):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+    for got, ref in zip(*_em_kernel_and_reference(inputs, [1 / 3, 2 / 3, 1.], True)):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('extreme', ['huge', 'tiny', 'zero', 'mixed'])
+@pytest.mark.parametrize('autocast', [False, True])
+def test_em_kernel_stays_finite(em_kernel, extreme, autocast):
+    children, weight, _, a_in, beta_u, beta_a = _em_inputs(torch.float32, 4, 18, 5)
+    scale = dict(huge=1e30, tiny=1e-30, zero=0.)
+    with torch.no_grad():
+        children *= scale[extreme] if extreme in scale else torch.logspace(-30, 30, 18)[None, :, None, None]
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        poses, activations, assignments = em_routing_from_poses(
+            children.to(torch.bfloat16) if autocast else children, weight, a_in, beta_u, beta_a)
+        loss = poses.float().sum() * 0 + activations.float().sum()
+    loss.backward()
+    for tensor in (poses, activations, assignments, children.grad, weight.grad, beta_u.grad, beta_a.grad):
+        assert torch.isfinite(tensor.float()).all()
+    torch.testing.assert_close(assignments.float().sum(-1), torch.ones(4, 18), rtol=0, atol=1e-2)
 
 
 def test_inverse_temperature_rises():

@@ -43,3 +43,10 @@ def test_data_benchmark_smoke():
     results = load('bench_data').main(['--images', '2048', '--build', '128'])
     assert results['stream_batch128_images_per_s'] > 0
     assert results['load_dataset_read_array_numpy_images_per_s'] > 0
+
+
+def test_em_benchmark_smoke(capsys):
+    result = load('bench_em').main(['--smoke'])
+    assert result['em_images_per_s'] > 0 and result['ida_images_per_s'] > 0 and result['em_over_ida'] > 0
+    assert result['batch_size'] == 2 and result['threads'] >= 1
+    assert '"em_over_ida"' in capsys.readouterr().out  # one JSON object on stdout

@@ -4,8 +4,8 @@ Paper: `Capsules with Inverted Dot-Product Attention Routing` - https://arxiv.or
 (Tsai, Srivastava, Goh, Salakhutdinov, ICLR 2020), Table 1 and appendix; EM routing:
 `Matrix capsules with EM routing` - https://openreview.net/forum?id=HJWLfGWRb
 
-4x4 matrix poses with activations, EM routing (``routing_baselines.em_routing``), coordinate addition in the
-class capsules. The model returns the class capsules' activations (``output_type = 'activations'``, in
+4x4 matrix poses with activations, EM routing (``routing_baselines.em_routing_from_poses``), coordinate
+addition in the class capsules. The model returns the class capsules' activations (``output_type = 'activations'``, in
 (0, 1)); train with ``losses.spread_loss``. Routing runs layer by layer (see ``base.LayerwiseCapsuleModel``).
 """
 import math
@@ -22,8 +22,7 @@ from .base import (
     set_batchnorm_args)
 from .data.constants import CIFAR10_LABELS, CIFAR100_LABELS
 from .layers import Capsules, ConvCapsules, PrimaryCapsules, conv_output_size
-from .routing import capsule_votes
-from .routing_baselines import em_routing, inverse_temperature_schedule
+from .routing_baselines import em_routing_from_poses, inverse_temperature_schedule
 
 __all__ = ['EMCapsNet', 'EMConvCapsules', 'EMClassCapsules']
 
@@ -49,10 +48,9 @@ class EMConvCapsules(ConvCapsules):
 
     def forward(self, children: Capsules) -> Tuple[Capsules, Tensor]:
         child_poses, child_activations, (B, H, W) = self._children(children)
-        # votes laid out (groups, parents, children, d) in memory, the layout em_routing works in
-        votes = torch.einsum('girc,ijct->gjirt', child_poses, self.weight).flatten(-2).transpose(1, 2)
-        poses, activations, assignments = em_routing(
-            votes, child_activations, self.beta_u, self.beta_a, self.inverse_temperatures, True, 1e-6)
+        poses, activations, assignments = em_routing_from_poses(
+            child_poses, self.weight, child_activations, self.beta_u, self.beta_a, self.inverse_temperatures,
+            True, 1e-6)
         poses = poses.reshape(B, H, W, self.out_caps, self.out_dim)
         return Capsules(poses, activations.reshape(B, H, W, self.out_caps)), assignments
 
@@ -91,14 +89,16 @@ class EMClassCapsules(nn.Module):
     def forward(self, children: Capsules) -> Tensor:
         poses, activations = children
         B, H, W, N, _ = poses.shape
-        votes = capsule_votes(poses.reshape(B * H * W, N, self.side, self.side), self.weight)
-        votes = votes.reshape(B, H, W, N, self.out_caps, self.side * self.side)
+        side, J = self.side, self.out_caps
+        # children in (h, w, type) order, each with its type's weight (EM routing does not depend on the
+        # order of the children); coordinate addition is a constant added to every vote of a child
+        weight = self.weight.expand(H * W, N, J, side, side).reshape(H * W * N, J, side, side)
+        offset = None
         if self.coordinate_addition:
-            votes = votes + self.coordinates[:, :, None, None, :].to(votes.dtype)
-        # children in (h, w, type) order; EM routing does not depend on the order of the children
-        routed = em_routing(
-            votes.reshape(B, H * W * N, self.out_caps, -1), activations.reshape(B, H * W * N),
-            self.beta_u, self.beta_a, self.inverse_temperatures, True, 1e-6)
+            offset = self.coordinates[:, :, None].expand(H, W, N, side * side).reshape(H * W * N, side, side)
+        routed = em_routing_from_poses(
+            poses.reshape(B, H * W * N, side, side), weight, activations.reshape(B, H * W * N),
+            self.beta_u, self.beta_a, self.inverse_temperatures, True, 1e-6, offset)
         return routed[1]  # the class activations (routed[0] holds the class poses)
 
 

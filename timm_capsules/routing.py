@@ -133,29 +133,36 @@ def routing_kernel():
     """
     global _kernel
     if _kernel is None:
-        folder, name = _kernel_build_folder()
-        library, stamp = folder / f'{name}.so', folder / f'{name}.sha256'
-        expected = f"{_sha256(KERNEL_SOURCE)} {library.name} {' '.join(KERNEL_CFLAGS)}"
-        try:
-            verified = stamp.read_text().split('\n')[:2] == [expected, _sha256(library)]
-        except OSError:
-            verified = False
-        try:
-            _kernel = _import_library(name, library) if verified else _build_kernel(name, folder, library, stamp, expected)
-        except Exception as error:  # a compiler or header missing: route with plain tensor ops instead
-            warnings.warn(f'the fused routing kernel could not be built ({error}); routing falls back to plain '
-                          f'tensor ops (slower, more memory). Set TIMM_CAPSULES_FUSED_ROUTING=0 to silence this.')
-            _kernel = False
+        _kernel = load_extension(KERNEL_SOURCE, 'routing')
     return _kernel or None
 
 
-def _kernel_build_folder() -> Tuple[Path, str]:
+def load_extension(source: Path, kind: str):
+    """Builds (or loads a verified build of) one of the package's C++ sources as ``routing_kernel`` describes;
+    False, with a warning, when it cannot be built. ``kind`` names the build folder and the library."""
+    folder, name = _kernel_build_folder(kind)
+    library, stamp = folder / f'{name}.so', folder / f'{name}.sha256'
+    expected = f"{_sha256(source)} {library.name} {' '.join(KERNEL_CFLAGS)}"
+    try:
+        verified = stamp.read_text().split('\n')[:2] == [expected, _sha256(library)]
+    except OSError:
+        verified = False
+    try:
+        return _import_library(name, library) if verified else _build_kernel(name, folder, library, stamp, expected,
+                                                                             source, kind)
+    except Exception as error:  # a compiler or header missing: route with plain tensor ops instead
+        warnings.warn(f'the fused {kind} kernel could not be built ({error}); routing falls back to plain '
+                      f'tensor ops (slower, more memory). Set TIMM_CAPSULES_FUSED_ROUTING=0 to silence this.')
+        return False
+
+
+def _kernel_build_folder(kind: str = 'routing') -> Tuple[Path, str]:
     """One build folder per (Python, torch, CPU, environment). -march=native: a cache shared with another
     CPU must not hand it this build, so the CPU's instruction sets are in the name; two virtual environments
     with the same torch would rewrite each other's build.ninja (include paths differ), so torch's install
     path is in it too."""
     key = f'{_cpu_description()}\n{Path(torch.__file__).resolve().parent}'
-    name = f'timm_capsules_routing_{hashlib.sha1(key.encode()).hexdigest()[:8]}'
+    name = f'timm_capsules_{kind}_{hashlib.sha1(key.encode()).hexdigest()[:8]}'
     version = f'py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}'
     root = (os.environ.get('TORCH_EXTENSIONS_DIR')
             or Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'torch_extensions')
@@ -176,9 +183,10 @@ def _import_library(name: str, library: Path):
     return module
 
 
-def _build_kernel(name: str, folder: Path, library: Path, stamp: Path, expected: str):
+def _build_kernel(name: str, folder: Path, library: Path, stamp: Path, expected: str,
+                  source: Path = KERNEL_SOURCE, kind: str = 'routing'):
     from torch.utils.cpp_extension import load
-    print('timm_capsules: compiling the fused CPU routing kernel (first use, about a minute) ...',
+    print(f'timm_capsules: compiling the fused CPU {kind} kernel (first use, about a minute) ...',
           file=sys.stderr, flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
@@ -188,11 +196,11 @@ def _build_kernel(name: str, folder: Path, library: Path, stamp: Path, expected:
     def sign_of_life():
         start = time.monotonic()
         while not done.wait(15):
-            print(f'timm_capsules: still compiling the routing kernel ({time.monotonic() - start:.0f} s)',
+            print(f'timm_capsules: still compiling the {kind} kernel ({time.monotonic() - start:.0f} s)',
                   file=sys.stderr, flush=True)
     threading.Thread(target=sign_of_life, daemon=True).start()
     try:
-        kernel = load(name=name, sources=[str(KERNEL_SOURCE)], extra_cflags=KERNEL_CFLAGS,
+        kernel = load(name=name, sources=[str(source)], extra_cflags=KERNEL_CFLAGS,
                       extra_ldflags=['-fopenmp'], build_directory=str(folder))
     finally:
         done.set()

@@ -14,15 +14,23 @@ Axis names used in the einsums:
 
 Routing logits, coefficients and EM statistics are computed in float32, so that routing stays stable
 under bf16/fp16 autocast; results are returned in the votes' dtype.
+
+``em_routing_from_poses`` (what the EM capsule layers call) runs EM routing on the CPU in one C++ kernel
+(``csrc/em_routing.cpp``) that never stores the votes; the plain tensor ops of ``em_routing`` are its
+reference and its fallback.
 """
-from typing import List, Tuple
+import contextlib
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from timm.layers import register_notrace_function
 
-__all__ = ['squash', 'dynamic_routing', 'em_routing', 'inverse_temperature_schedule']
+from .routing import capsule_votes, load_extension, use_fused_routing
+
+__all__ = ['squash', 'dynamic_routing', 'em_routing', 'em_routing_from_poses', 'inverse_temperature_schedule']
 
 
 def squash(s: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
@@ -142,3 +150,159 @@ def _em_routing_fp32(v, a_in, beta_u, beta_a, inverse_temperatures: List[float],
         assignments = (F.logsigmoid(logits)[..., None] + log_p).softmax(dim=1)
     poses = mu[:, :, 0] * scale[:, 0]
     return poses, activations, assignments.transpose(1, 2)
+
+
+# ---- EM routing from child poses: the fused CPU kernel ----------------------------------------------------
+
+_em_kernel = None  # the compiled extension once loaded; False when it cannot be built here
+EM_KERNEL_SOURCE = Path(__file__).parent / 'csrc' / 'em_routing.cpp'
+
+
+def em_routing_kernel():
+    """The EM routing extension, or None when this machine cannot build it (built, verified and cached
+    like ``routing.routing_kernel``)."""
+    global _em_kernel
+    if _em_kernel is None:
+        _em_kernel = load_extension(EM_KERNEL_SOURCE, 'em_routing')
+    return _em_kernel or None
+
+
+@register_notrace_function
+@torch.jit.ignore
+def em_routing_from_poses(
+        children: Tensor,
+        weight: Tensor,
+        child_activations: Tensor,
+        beta_u: Tensor,
+        beta_a: Tensor,
+        inverse_temperatures: List[float] = (1 / 3, 2 / 3, 1.),
+        normalize_cost: bool = True,
+        eps: float = 1e-6,
+        offset: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``em_routing`` of the votes ``capsule_votes(children, weight) (+ offset)``, flattened to (g, i, j, d).
+
+    children (g, i, r, c), weight (i, j, c, t), offset (i, r, t) or None: a constant added to child i's votes
+    (coordinate addition), which gets no gradient.
+
+    On the CPU (eager or torch.compile) this is one kernel (``csrc/em_routing.cpp``): each group's votes are
+    formed in a per-thread buffer, routed there, and formed again in the backward pass, which runs the
+    iterations backwards by hand. Memory is that of the inputs and outputs; the arithmetic is ``em_routing``'s
+    (float32, same guards), up to rounding. Under torch.export and fx tracing (graphs that must run without
+    this package), on other devices, without a C++ compiler or with ``TIMM_CAPSULES_FUSED_ROUTING=0``,
+    the votes are materialised and routed by ``em_routing``.
+    """
+    temperatures = [float(t) for t in inverse_temperatures]
+    if not _use_em_kernel(children):
+        votes = capsule_votes(children, weight)
+        if offset is not None:
+            votes = votes + offset[:, None].to(votes.dtype)  # (i, 1, r, t) onto (g, i, j, r, t)
+        return em_routing(votes.flatten(-2), child_activations, beta_u, beta_a, temperatures, normalize_cost, eps)
+    device_type = children.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
+        dtype = children.dtype if children.dtype in (torch.float32, torch.float64) else torch.float32
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        outputs = torch.ops.timm_capsules.em_routing(
+            cast(children), cast(weight), cast(offset), cast(child_activations), cast(beta_u), cast(beta_a),
+            temperatures, normalize_cost, eps)
+    return tuple(t.to(children.dtype) for t in outputs)
+
+
+def _use_em_kernel(children: Tensor) -> bool:
+    if children.device.type != 'cpu' or not use_fused_routing():
+        return False
+    if torch.compiler.is_exporting() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.jit.is_scripting():
+        return False
+    # under torch.compile the op is traced through its fake kernel; it falls back inside when it has no build
+    return torch.compiler.is_compiling() or em_routing_kernel() is not None
+
+
+def _kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a):
+    """The kernel's layouts: weight (i, j, c, t) -> (i, c, t, j), offset (i, r, t) -> (i, r t)."""
+    weight = weight.permute(0, 2, 3, 1).contiguous()
+    offset = None if offset is None else offset.reshape(offset.shape[0], -1).contiguous()
+    return (children.contiguous(), weight, offset, child_activations.contiguous(), beta_u.contiguous(),
+            beta_a.contiguous())
+
+
+def _em_reference(children, weight, offset, child_activations, beta_u, beta_a, temperatures, normalize_cost, eps):
+    votes = capsule_votes(children, weight)
+    if offset is not None:
+        votes = votes + offset[:, None]
+    return _em_routing_fp32(votes.flatten(-2), child_activations, beta_u, beta_a, temperatures, normalize_cost,
+                            eps)
+
+
+@torch.library.custom_op('timm_capsules::em_routing', mutates_args=())
+def _em_routing_op(
+        children: Tensor, weight: Tensor, offset: Optional[Tensor], child_activations: Tensor, beta_u: Tensor,
+        beta_a: Tensor, inverse_temperatures: List[float], normalize_cost: bool, eps: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    kernel = em_routing_kernel()
+    if kernel is None:  # only under torch.compile without a build: the fake kernel promised contiguous outputs
+        with torch.no_grad():
+            outputs = _em_reference(children, weight, offset, child_activations, beta_u, beta_a,
+                                    inverse_temperatures, normalize_cost, eps)
+        return tuple(t.contiguous() for t in outputs)
+    poses, activations, assignments = kernel.forward(
+        *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a), inverse_temperatures,
+        normalize_cost, eps)
+    return poses, activations, assignments
+
+
+@_em_routing_op.register_fake
+def _(children, weight, offset, child_activations, beta_u, beta_a, inverse_temperatures, normalize_cost, eps):
+    G, I, R, _ = children.shape
+    J, T = weight.shape[1], weight.shape[3]
+    return children.new_empty(G, J, R * T), children.new_empty(G, J), children.new_empty(G, I, J)
+
+
+@torch.library.custom_op('timm_capsules::em_routing_backward', mutates_args=())
+def _em_routing_backward_op(
+        grad_poses: Optional[Tensor], grad_activations: Optional[Tensor], grad_assignments: Optional[Tensor],
+        children: Tensor, weight: Tensor, offset: Optional[Tensor], child_activations: Tensor, beta_u: Tensor,
+        beta_a: Tensor, inverse_temperatures: List[float], normalize_cost: bool, eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for children, weight, child activations, beta_u and beta_a."""
+    kernel = em_routing_kernel()
+    if kernel is None:  # torch.func's vjp: autograd's own dispatch is switched off inside a custom op
+        def reference(*leaves):
+            return _em_reference(leaves[0], leaves[1], offset, *leaves[2:], inverse_temperatures, normalize_cost,
+                                 eps)
+        outputs, vjp = torch.func.vjp(reference, children, weight, child_activations, beta_u, beta_a)
+        grads = [torch.zeros_like(o) if g is None else g for o, g in
+                 zip(outputs, (grad_poses, grad_activations, grad_assignments))]
+        return tuple(g.contiguous() for g in vjp(tuple(grads)))
+    flat = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    d_children, d_weight, d_activations, d_beta_u, d_beta_a = kernel.backward(
+        flat(grad_poses), flat(grad_activations), flat(grad_assignments),
+        *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a), inverse_temperatures,
+        normalize_cost, eps)
+    d_weight = d_weight.permute(0, 3, 1, 2).contiguous()  # (i, c, t, j) -> (i, j, c, t)
+    return d_children, d_weight, d_activations, d_beta_u, d_beta_a
+
+
+@_em_routing_backward_op.register_fake
+def _(grad_poses, grad_activations, grad_assignments, children, weight, offset, child_activations, beta_u, beta_a,
+      inverse_temperatures, normalize_cost, eps):
+    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return like(children), like(weight), like(child_activations), like(beta_u), like(beta_a)
+
+
+def _em_setup_context(ctx, inputs, output):
+    *tensors, inverse_temperatures, normalize_cost, eps = inputs
+    ctx.save_for_backward(*tensors)  # the votes are formed again, not kept
+    ctx.config = (inverse_temperatures, normalize_cost, eps)
+    ctx.set_materialize_grads(False)
+
+
+def _em_backward(ctx, grad_poses, grad_activations, grad_assignments):
+    children, weight, offset, child_activations, beta_u, beta_a = ctx.saved_tensors
+    d_children, d_weight, d_activations, d_beta_u, d_beta_a = _em_routing_backward_op(
+        grad_poses, grad_activations, grad_assignments, children, weight, offset, child_activations, beta_u, beta_a,
+        *ctx.config)
+    return d_children, d_weight, None, d_activations, d_beta_u, d_beta_a, None, None, None
+
+
+_em_routing_op.register_autograd(_em_backward, setup_context=_em_setup_context)

@@ -1,0 +1,589 @@
+// EM routing (Hinton et al., 2018) on the CPU as one kernel per (group of children, parents): the votes of a
+// group are formed into a per-thread buffer (I x D x J values, in L2) and never written to memory; every
+// iteration is then one sweep over that buffer (E-step of the previous iteration fused with the M-step
+// sums of this one). The backward pass forms the group's votes and replays its iterations again, then
+// runs them backwards by hand, so that nothing but the inputs and outputs is kept between the passes.
+// The arithmetic is that of ``routing_baselines._em_routing_fp32`` (the reference), with the same guards.
+//
+// Layouts (row-major; "x" = kernel-internal):
+//   children u (G, I, R, C)   weight (I, C, T, J)   offset (I, D), optional   child activations (G, I)
+//   x votes v (I, D, J) per group, D = R T, d = r T + t; x statistics (D, J)
+//   poses (G, J, D)   activations (G, J)   assignments (G, I, J)
+// With the parents J innermost, every hot loop runs over J contiguous values and vectorises.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+struct Config {
+  int64_t G, I, R, C, T, J, D;
+  std::vector<double> lambdas;  // one inverse temperature per iteration
+  bool normalize_cost;
+  double eps;
+  int64_t iterations() const { return static_cast<int64_t>(lambdas.size()); }
+};
+
+// e^x for x <= 0 in a form the compiler vectorises (std::exp is not); the same polynomial as routing.cpp's
+// (Cephes, relative error < 2e-7), kept apart so that the two kernels build independently
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  const float e_r = q * r * r + r + 1.0f;
+  return e_r * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+template <typename scalar_t>
+inline scalar_t sigmoid(scalar_t x) { return scalar_t(1) / (scalar_t(1) + std::exp(-x)); }
+
+template <typename scalar_t>
+inline scalar_t log_sigmoid(scalar_t x) { return std::min(x, scalar_t(0)) - std::log1p(std::exp(-std::abs(x))); }
+
+// What one iteration's M-step leaves (all (D, J) or (J)); the backward pass needs every iteration's.
+template <typename scalar_t>
+struct Step {
+  std::vector<scalar_t> mass, mu, e2, var, logit, x1, x2, c, log_sig, cost_a, rel;
+  Step(int64_t D, int64_t J)
+      : mass(J), mu(D * J), e2(D * J), var(D * J), logit(J), x1(D * J), x2(D * J), c(J), log_sig(J),
+        cost_a(J), rel(J) {}
+};
+
+// Per-thread scratch for one group at a time. N: the pose side when poses are N x N (the paper's 4x4), JN the
+// number of parents when it is the conv layers' 32; 0 reads them at run time. Known at compile time, the
+// loops over parents unroll into a few vector registers instead of going through memory.
+template <typename scalar_t, int N, int JN>
+struct Group {
+  const Config& k;
+  const int64_t I, J_, D_;
+  std::vector<scalar_t> v;           // (I, D, J) votes / s
+  std::vector<scalar_t> p1, p2;      // (D, J) sum_i r_ij v, sum_i r_ij v^2
+  std::vector<scalar_t> logits, row; // (J)
+  std::vector<scalar_t> assign;      // (T, I, J): R^t, kept for t >= 1 when replaying for the backward
+  std::vector<Step<scalar_t>> steps;
+  scalar_t scale = 1, log_scale = 0;
+
+  explicit Group(const Config& config)
+      : k(config), I(config.I), J_(config.J), D_(config.D), v(I * D_ * J_), p1(D_ * J_), p2(D_ * J_), logits(J_),
+        row(J_), assign(config.iterations() * I * J_), steps(config.iterations(), Step<scalar_t>(D_, J_)) {}
+
+  static constexpr int64_t n_or(int64_t fixed, int64_t value) { return fixed ? fixed : value; }
+
+  // v_ij = u_i W_ij (+ offset_i), then divided by the group's largest magnitude s
+  void form_votes(const scalar_t* u, const scalar_t* w, const scalar_t* offset) {
+    const int64_t R = n_or(N, k.R), C = n_or(N, k.C), T = n_or(N, k.T), J = n_or(JN, J_), D = n_or(N * N, D_);
+    scalar_t largest = 0;
+    for (int64_t i = 0; i < I; ++i) {
+      const scalar_t* ui = u + i * R * C;
+      const scalar_t* wi = w + i * C * T * J;
+      scalar_t* vi = v.data() + i * D * J;
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t t = 0; t < T; ++t) {
+          scalar_t* out = vi + (r * T + t) * J;
+          const scalar_t add = offset ? offset[i * D + r * T + t] : scalar_t(0);
+#pragma omp simd
+          for (int64_t j = 0; j < J; ++j) out[j] = add;
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t f = ui[r * C + c];
+            const scalar_t* wc = wi + (c * T + t) * J;
+#pragma omp simd
+            for (int64_t j = 0; j < J; ++j) out[j] += f * wc[j];
+          }
+        }
+      }
+#pragma omp simd reduction(max : largest)
+      for (int64_t e = 0; e < D * J; ++e) largest = std::max(largest, std::abs(vi[e]));
+    }
+    scale = std::max(largest, static_cast<scalar_t>(FLT_MIN));  // the reference's clamp (float32's tiny)
+    log_scale = std::log(scale);
+    const int64_t n = I * D * J;
+    scalar_t* vv = v.data();
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) vv[e] /= scale;
+  }
+
+  // The E-step of iteration t - 1 for child i: R_i (J) = softmax_j(log a_j + log N(v_ij; mu_j, var_j))
+  void e_step(int64_t t, int64_t i, scalar_t* out) {
+    const int64_t J = n_or(JN, J_), D = n_or(N * N, D_);
+    const Step<scalar_t>& s = steps[t - 1];
+    const scalar_t* vi = v.data() + i * D * J;
+    scalar_t* l = logits.data();
+#pragma omp simd
+    for (int64_t j = 0; j < J; ++j) l[j] = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const scalar_t* vd = vi + d * J;
+      const scalar_t* a = s.x1.data() + d * J;
+      const scalar_t* b = s.x2.data() + d * J;
+#pragma omp simd
+      for (int64_t j = 0; j < J; ++j) l[j] += vd[j] * (a[j] + b[j] * vd[j]);
+    }
+    scalar_t largest = -INFINITY;
+    const scalar_t* log_sig = s.log_sig.data();
+    const scalar_t* c = s.c.data();
+#pragma omp simd reduction(max : largest)
+    for (int64_t j = 0; j < J; ++j) {
+      l[j] = log_sig[j] + (scalar_t(0.5) * l[j] - c[j]);
+      largest = std::max(largest, l[j]);
+    }
+    scalar_t total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < J; ++j) {
+      out[j] = exp_nonpositive(l[j] - largest);
+      total += out[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < J; ++j) out[j] /= total;
+  }
+
+  // Iterations on the formed votes. keep: R^t of every iteration stays in `assign` (for the backward);
+  // assignments_out, when given, receives the last iteration's R (I, J).
+  void iterate(const scalar_t* a_in, const scalar_t* beta_u, const scalar_t* beta_a, bool keep,
+               scalar_t* assignments_out) {
+    const int64_t J = n_or(JN, J_), D = n_or(N * N, D_);
+    const int64_t iterations = k.iterations();
+    for (int64_t t = 0; t < iterations; ++t) {
+      Step<scalar_t>& s = steps[t];
+      std::fill(s.mass.begin(), s.mass.end(), scalar_t(0));
+      std::fill(p1.begin(), p1.end(), scalar_t(0));
+      std::fill(p2.begin(), p2.end(), scalar_t(0));
+      const bool last = t == iterations - 1;
+      for (int64_t i = 0; i < I; ++i) {
+        scalar_t* r = keep ? assign.data() + (t * I + i) * J : (last && assignments_out ? assignments_out + i * J
+                                                                                          : row.data());
+        if (t == 0) {
+          std::fill(r, r + J, scalar_t(1) / scalar_t(J));
+        } else {
+          e_step(t, i, r);
+        }
+        if (last && assignments_out && keep) std::copy(r, r + J, assignments_out + i * J);
+        const scalar_t a = a_in[i];
+        const scalar_t* vi = v.data() + i * D * J;
+        scalar_t* m = s.mass.data();
+#pragma omp simd
+        for (int64_t j = 0; j < J; ++j) m[j] += r[j] * a;
+        for (int64_t d = 0; d < D; ++d) {
+          const scalar_t* vd = vi + d * J;
+          scalar_t* q1 = p1.data() + d * J;
+          scalar_t* q2 = p2.data() + d * J;
+#pragma omp simd
+          for (int64_t j = 0; j < J; ++j) {
+            const scalar_t rv = r[j] * a * vd[j];
+            q1[j] += rv;
+            q2[j] += rv * vd[j];
+          }
+        }
+      }
+      m_step(t, beta_u, beta_a);
+    }
+  }
+
+  // mu, sigma^2, cost, parent activations from the sums; then what the next E-step needs
+  void m_step(int64_t t, const scalar_t* beta_u, const scalar_t* beta_a) {
+    const int64_t J = J_, D = D_;
+    Step<scalar_t>& s = steps[t];
+    const scalar_t eps = static_cast<scalar_t>(k.eps);
+    std::vector<scalar_t>& log_sigma_mean = s.cost_a;  // mean_d log sigma, then the cost's factor A_j
+    for (int64_t j = 0; j < J; ++j) log_sigma_mean[j] = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t e = d * J + j;
+        const scalar_t denom = s.mass[j] + eps;
+        const scalar_t mu = p1[e] / denom, e2 = p2[e] / denom;
+        const scalar_t var = std::max(e2 - mu * mu, scalar_t(0)) + eps;
+        s.mu[e] = mu;
+        s.e2[e] = e2;
+        s.var[e] = var;
+        log_sigma_mean[j] += scalar_t(0.5) * std::log(var) + log_scale;
+      }
+    }
+    const scalar_t lambda = static_cast<scalar_t>(k.lambdas[t]);
+    std::vector<scalar_t> cost(J);
+    if (k.normalize_cost) {
+      scalar_t mean_mass = 0, mean_cost = 0;
+      for (int64_t j = 0; j < J; ++j) mean_mass += s.mass[j];
+      mean_mass /= J;
+      for (int64_t j = 0; j < J; ++j) {
+        s.rel[j] = s.mass[j] / (mean_mass + eps);
+        s.cost_a[j] = beta_u[j] + log_sigma_mean[j] / D;
+        cost[j] = s.cost_a[j] * s.rel[j];
+        mean_cost += cost[j];
+      }
+      mean_cost /= J;
+      for (int64_t j = 0; j < J; ++j) cost[j] -= mean_cost;
+    } else {
+      for (int64_t j = 0; j < J; ++j) {
+        s.cost_a[j] = D * beta_u[j] + log_sigma_mean[j];  // sum_d (beta_u + log sigma_d)
+        cost[j] = s.cost_a[j] * s.mass[j];
+      }
+    }
+    for (int64_t j = 0; j < J; ++j) {
+      s.logit[j] = lambda * (beta_a[j] - cost[j]);
+      s.log_sig[j] = log_sigmoid(s.logit[j]);
+      s.c[j] = 0;
+    }
+    // E-step terms: -sum_d (v - mu)^2 / var = [v, v^2] . [2 mu / var, -1 / var] - sum_d mu^2 / var
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t e = d * J + j;
+        const scalar_t inv = scalar_t(1) / s.var[e];
+        s.x1[e] = 2 * s.mu[e] * inv;
+        s.x2[e] = -inv;
+        s.c[j] += s.mu[e] * s.mu[e] * inv + std::log(s.var[e]);
+      }
+    }
+    for (int64_t j = 0; j < J; ++j) s.c[j] *= scalar_t(0.5);
+  }
+};
+
+template <typename scalar_t, int N, int JN>
+void forward_kernel(const Config& k, const scalar_t* u, const scalar_t* w, const scalar_t* offset,
+                    const scalar_t* a_in, const scalar_t* beta_u, const scalar_t* beta_a, scalar_t* poses,
+                    scalar_t* activations, scalar_t* assignments) {
+  at::parallel_for(0, k.G, 1, [&](int64_t begin, int64_t end) {
+    Group<scalar_t, N, JN> group(k);
+    const Step<scalar_t>& last = group.steps.back();
+    for (int64_t g = begin; g < end; ++g) {
+      group.form_votes(u + g * k.I * k.R * k.C, w, offset);
+      group.iterate(a_in + g * k.I, beta_u, beta_a, false, assignments + g * k.I * k.J);
+      for (int64_t j = 0; j < k.J; ++j) {
+        activations[g * k.J + j] = sigmoid(last.logit[j]);
+        for (int64_t d = 0; d < k.D; ++d) poses[(g * k.J + j) * k.D + d] = last.mu[d * k.J + j] * group.scale;
+      }
+    }
+  });
+}
+
+// The iterations run backwards. Per iteration t the vote-sized steps are P_j = sum_i r_ij [v, v^2]
+// (M-step) and the E-step's <x_j, [v_ij, v_ij^2]>; their vote gradients are linear in [v, v^2], so the
+// gradient of each vote is assembled at the end from small factors (dP per (t, j), dL per (t, i, j)).
+template <typename scalar_t, int N, int JN>
+void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t* grad_act,
+                     const scalar_t* grad_assign, const scalar_t* u, const scalar_t* w, const scalar_t* offset,
+                     const scalar_t* a_in, const scalar_t* beta_u, const scalar_t* beta_a, scalar_t* du,
+                     scalar_t* dw_all, scalar_t* da, scalar_t* d_beta_all) {
+  using G_ = Group<scalar_t, N, JN>;
+  const int64_t I = k.I, J = G_::n_or(JN, k.J), D = G_::n_or(N * N, k.D), R = G_::n_or(N, k.R),
+                C = G_::n_or(N, k.C), T = G_::n_or(N, k.T), iterations = k.iterations();
+  at::parallel_for(0, k.G, 1, [&](int64_t begin, int64_t end) {
+    // each thread sums its own weight and beta gradients; they are added up afterwards
+    const int64_t thread = at::get_thread_num();
+    scalar_t* dw = dw_all + thread * I * C * T * J;
+    scalar_t* d_beta_u = d_beta_all + thread * 2 * J;
+    scalar_t* d_beta_a = d_beta_u + J;
+    G_ group(k);
+    const scalar_t eps = static_cast<scalar_t>(k.eps);
+    std::vector<scalar_t> dP1(iterations * D * J), dP2(iterations * D * J), dL(iterations * I * J);
+    std::vector<scalar_t> dmu(D * J), dvar(D * J), dx1(D * J), dx2(D * J), dc(J), dls(J), dlogit(J), dm(J);
+    std::vector<scalar_t> dr(J), dR(J), g1(D * J), g2(D * J), dcost(J);
+    for (int64_t g = begin; g < end; ++g) {
+      const scalar_t* ug = u + g * I * R * C;
+      const scalar_t* ag = a_in + g * I;
+      group.form_votes(ug, w, offset);
+      group.iterate(ag, beta_u, beta_a, true, nullptr);
+      const scalar_t* v = group.v.data();
+      scalar_t* dag = da + g * I;
+      std::fill(dag, dag + I, scalar_t(0));
+      // gradients for the E-step parameters of iteration t (x1, x2, c, log sigmoid(logit)): none after the last
+      std::fill(dx1.begin(), dx1.end(), scalar_t(0));
+      std::fill(dx2.begin(), dx2.end(), scalar_t(0));
+      std::fill(dc.begin(), dc.end(), scalar_t(0));
+      std::fill(dls.begin(), dls.end(), scalar_t(0));
+      for (int64_t t = iterations - 1; t >= 0; --t) {
+        const Step<scalar_t>& s = group.steps[t];
+        const bool last = t == iterations - 1;
+        for (int64_t j = 0; j < J; ++j) {
+          if (last) {
+            const scalar_t act = sigmoid(s.logit[j]);
+            dlogit[j] = grad_act ? grad_act[g * J + j] * act * (1 - act) : scalar_t(0);
+          } else {
+            dlogit[j] = dls[j] * sigmoid(-s.logit[j]);  // d log sigmoid(x) / dx
+          }
+          for (int64_t d = 0; d < D; ++d) {
+            const int64_t e = d * J + j;
+            dmu[e] = last && grad_poses ? grad_poses[(g * J + j) * D + d] * group.scale : scalar_t(0);
+            dvar[e] = 0;
+            if (!last) {  // x1 = 2 mu / var, x2 = -1 / var, c = (sum_d mu^2 / var + log var) / 2
+              const scalar_t inv = scalar_t(1) / s.var[e];
+              const scalar_t d_inv = 2 * dx1[e] * s.mu[e] - dx2[e] + scalar_t(0.5) * dc[j] * s.mu[e] * s.mu[e];
+              dmu[e] += 2 * dx1[e] * inv + dc[j] * s.mu[e] * inv;
+              dvar[e] += -d_inv * inv * inv + scalar_t(0.5) * dc[j] * inv;
+            }
+          }
+        }
+        // logit = lambda (beta_a - cost)
+        const scalar_t lambda = static_cast<scalar_t>(k.lambdas[t]);
+        for (int64_t j = 0; j < J; ++j) {
+          d_beta_a[j] += lambda * dlogit[j];
+          dcost[j] = -lambda * dlogit[j];
+        }
+        std::vector<scalar_t>& d_log_sigma = dls;  // per parent (equal over d), reused: dls is consumed above
+        if (k.normalize_cost) {
+          // cost_j = A_j rel_j - mean_j(A rel), A_j = beta_u_j + mean_d log sigma, rel_j = m_j / (mean m + eps)
+          scalar_t mean_dcost = 0, mean_mass = 0, d_mean_mass = 0;
+          for (int64_t j = 0; j < J; ++j) {
+            mean_dcost += dcost[j];
+            mean_mass += s.mass[j];
+          }
+          mean_dcost /= J;
+          mean_mass /= J;
+          const scalar_t denom = mean_mass + eps;
+          for (int64_t j = 0; j < J; ++j) {
+            const scalar_t d_cost0 = dcost[j] - mean_dcost;
+            const scalar_t d_rel = d_cost0 * s.cost_a[j];
+            d_beta_u[j] += d_cost0 * s.rel[j];
+            d_log_sigma[j] = d_cost0 * s.rel[j] / D;
+            dm[j] = d_rel / denom;
+            d_mean_mass -= d_rel * s.mass[j] / (denom * denom);
+          }
+          for (int64_t j = 0; j < J; ++j) dm[j] += d_mean_mass / J;
+        } else {
+          // cost_j = sum_d (beta_u_j + log sigma_jd) m_j
+          for (int64_t j = 0; j < J; ++j) {
+            d_beta_u[j] += dcost[j] * s.mass[j] * D;
+            d_log_sigma[j] = dcost[j] * s.mass[j];
+            dm[j] = dcost[j] * s.cost_a[j];
+          }
+        }
+        // log sigma = log var / 2 + log s; var = max(E[v^2] - mu^2, 0) + eps; [mu, E[v^2]] = P / (m + eps)
+        scalar_t* p1 = dP1.data() + t * D * J;
+        scalar_t* p2 = dP2.data() + t * D * J;
+        for (int64_t d = 0; d < D; ++d) {
+          for (int64_t j = 0; j < J; ++j) {
+            const int64_t e = d * J + j;
+            scalar_t d_var = dvar[e] + scalar_t(0.5) * d_log_sigma[j] / s.var[e];
+            // clamp_min passes the gradient where its input is at or above the bound, as torch's does
+            const scalar_t d_q = s.e2[e] - s.mu[e] * s.mu[e] >= 0 ? d_var : scalar_t(0);
+            const scalar_t d_mu = dmu[e] - 2 * s.mu[e] * d_q;
+            const scalar_t denom = s.mass[j] + eps;
+            p1[e] = d_mu / denom;
+            p2[e] = d_q / denom;
+            dm[j] -= (d_mu * s.mu[e] + d_q * s.e2[e]) / denom;
+          }
+        }
+        // one sweep: dr_ij = <dP_j, [v_ij, v_ij^2]> + dm_j; r_ij = R_ij a_i; R^t = softmax(L^(t-1))
+        std::fill(dx1.begin(), dx1.end(), scalar_t(0));
+        std::fill(dx2.begin(), dx2.end(), scalar_t(0));
+        std::fill(dc.begin(), dc.end(), scalar_t(0));
+        std::fill(dls.begin(), dls.end(), scalar_t(0));
+        for (int64_t i = 0; i < I; ++i) {
+          const scalar_t* vi = v + i * D * J;
+          scalar_t* r = dr.data();
+#pragma omp simd
+          for (int64_t j = 0; j < J; ++j) r[j] = dm[j];
+          for (int64_t d = 0; d < D; ++d) {
+            const scalar_t* vd = vi + d * J;
+            const scalar_t* q1 = p1 + d * J;
+            const scalar_t* q2 = p2 + d * J;
+#pragma omp simd
+            for (int64_t j = 0; j < J; ++j) r[j] += vd[j] * (q1[j] + q2[j] * vd[j]);
+          }
+          const scalar_t a = ag[i];
+          if (t == 0) {
+            scalar_t sum = 0;
+            for (int64_t j = 0; j < J; ++j) sum += r[j];
+            dag[i] += sum / scalar_t(J);
+            continue;
+          }
+          const scalar_t* Ri = group.assign.data() + (t * I + i) * J;
+          scalar_t d_act = 0, dot = 0;
+          for (int64_t j = 0; j < J; ++j) {
+            d_act += r[j] * Ri[j];
+            dR[j] = r[j] * a + (last && grad_assign ? grad_assign[(g * I + i) * J + j] : scalar_t(0));
+            dot += Ri[j] * dR[j];
+          }
+          dag[i] += d_act;
+          scalar_t* dLi = dL.data() + ((t - 1) * I + i) * J;
+          for (int64_t j = 0; j < J; ++j) {
+            dLi[j] = Ri[j] * (dR[j] - dot);
+            dls[j] += dLi[j];
+            dc[j] -= dLi[j];
+          }
+          // L_ij = log sigmoid(logit_j) + <x_j, [v_ij, v_ij^2]> / 2 - c_j
+          for (int64_t d = 0; d < D; ++d) {
+            const scalar_t* vd = vi + d * J;
+            scalar_t* q1 = dx1.data() + d * J;
+            scalar_t* q2 = dx2.data() + d * J;
+#pragma omp simd
+            for (int64_t j = 0; j < J; ++j) {
+              const scalar_t h = scalar_t(0.5) * dLi[j] * vd[j];
+              q1[j] += h;
+              q2[j] += h * vd[j];
+            }
+          }
+        }
+      }
+      // the votes' gradients: d[v, v^2]_ij = sum_t r^t_ij dP^t_j + sum_t dL^t_ij x^t_j / 2, then
+      // dv = d[v] + 2 v d[v^2], dV = dv / s (s is a constant), and V = u W (+ offset)
+      for (int64_t i = 0; i < I; ++i) {
+        const scalar_t* vi = v + i * D * J;
+        std::fill(g1.begin(), g1.end(), scalar_t(0));
+        std::fill(g2.begin(), g2.end(), scalar_t(0));
+        for (int64_t t = 0; t < iterations; ++t) {
+          const Step<scalar_t>& s = group.steps[t];
+          const scalar_t a = ag[i];
+          for (int64_t j = 0; j < J; ++j)
+            dr[j] = (t == 0 ? scalar_t(1) / scalar_t(J) : group.assign[(t * I + i) * J + j]) * a;
+          const bool e_step = t < iterations - 1;
+          const scalar_t* dLi = dL.data() + (t * I + i) * J;
+          for (int64_t d = 0; d < D; ++d) {
+            const scalar_t* q1 = dP1.data() + (t * D + d) * J;
+            const scalar_t* q2 = dP2.data() + (t * D + d) * J;
+            const scalar_t* y1 = s.x1.data() + d * J;
+            const scalar_t* y2 = s.x2.data() + d * J;
+            scalar_t* h1 = g1.data() + d * J;
+            scalar_t* h2 = g2.data() + d * J;
+            const scalar_t* rr = dr.data();
+            if (e_step) {
+#pragma omp simd
+              for (int64_t j = 0; j < J; ++j) {
+                h1[j] += rr[j] * q1[j] + scalar_t(0.5) * dLi[j] * y1[j];
+                h2[j] += rr[j] * q2[j] + scalar_t(0.5) * dLi[j] * y2[j];
+              }
+            } else {
+#pragma omp simd
+              for (int64_t j = 0; j < J; ++j) {
+                h1[j] += rr[j] * q1[j];
+                h2[j] += rr[j] * q2[j];
+              }
+            }
+          }
+        }
+        const scalar_t inv_scale = scalar_t(1) / group.scale;
+        for (int64_t e = 0; e < D * J; ++e) g1[e] = (g1[e] + 2 * vi[e] * g2[e]) * inv_scale;
+        // du_i (R, C) = sum_{t, j} dV[r T + t, j] W[c, t, j];  dW (C, T, J) += sum_r u[r, c] dV[r T + t, j]
+        const scalar_t* ui = ug + i * R * C;
+        const scalar_t* wi = w + i * C * T * J;
+        scalar_t* dui = du + (g * I + i) * R * C;
+        scalar_t* dwi = dw + i * C * T * J;
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t c = 0; c < C; ++c) {
+            scalar_t sum = 0;
+            for (int64_t t = 0; t < T; ++t) {
+              const scalar_t* dv = g1.data() + (r * T + t) * J;
+              const scalar_t* wc = wi + (c * T + t) * J;
+#pragma omp simd reduction(+ : sum)
+              for (int64_t j = 0; j < J; ++j) sum += dv[j] * wc[j];
+            }
+            dui[r * C + c] = sum;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t t = 0; t < T; ++t) {
+            scalar_t* out = dwi + (c * T + t) * J;
+            for (int64_t r = 0; r < R; ++r) {
+              const scalar_t f = ui[r * C + c];
+              const scalar_t* dv = g1.data() + (r * T + t) * J;
+#pragma omp simd
+              for (int64_t j = 0; j < J; ++j) out[j] += f * dv[j];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+Config config_of(const at::Tensor& children, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
+                 const at::Tensor& a_in, const at::Tensor& beta_u, const at::Tensor& beta_a,
+                 const std::vector<double>& lambdas, bool normalize_cost, double eps) {
+  TORCH_CHECK(children.dim() == 4 && weight.dim() == 4, "children (G, I, R, C) and weight (I, C, T, J) expected");
+  Config k{children.size(0), children.size(1), children.size(2), children.size(3), weight.size(2), weight.size(3),
+           children.size(2) * weight.size(2), lambdas, normalize_cost, eps};
+  TORCH_CHECK(k.iterations() >= 1, "EM routing needs at least one iteration");
+  TORCH_CHECK(weight.size(0) == k.I && weight.size(1) == k.C, "weight does not match the children");
+  std::vector<const at::Tensor*> all{&children, &weight, &a_in, &beta_u, &beta_a};
+  if (offset) all.push_back(&*offset);
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(t->device().is_cpu(), "the EM routing kernel runs on the CPU");
+    TORCH_CHECK(t->is_contiguous(), "the EM routing kernel needs contiguous inputs");
+    TORCH_CHECK(t->scalar_type() == children.scalar_type(), "the EM routing kernel needs one dtype");
+  }
+  TORCH_CHECK(a_in.numel() == k.G * k.I, "child activations (G, I) do not match the children");
+  TORCH_CHECK(beta_u.numel() == k.J && beta_a.numel() == k.J, "beta_u and beta_a (J) expected");
+  TORCH_CHECK(!offset || offset->numel() == k.I * k.D, "offset (I, D) expected");
+  return k;
+}
+
+// 4x4 poses and 32 parents (the conv capsule layers) compiled for their sizes; anything else at run time
+template <typename F>
+void with_shape(const Config& k, const F& f) {
+  if (k.R == 4 && k.C == 4 && k.T == 4 && k.J == 32) {
+    f(std::integral_constant<int, 4>{}, std::integral_constant<int, 32>{});
+  } else if (k.R == 4 && k.C == 4 && k.T == 4) {
+    f(std::integral_constant<int, 4>{}, std::integral_constant<int, 0>{});
+  } else {
+    f(std::integral_constant<int, 0>{}, std::integral_constant<int, 0>{});
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> em_forward(const at::Tensor& children, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& offset, const at::Tensor& a_in,
+                                   const at::Tensor& beta_u, const at::Tensor& beta_a, std::vector<double> lambdas,
+                                   bool normalize_cost, double eps) {
+  const Config k = config_of(children, weight, offset, a_in, beta_u, beta_a, lambdas, normalize_cost, eps);
+  auto poses = at::empty({k.G, k.J, k.D}, children.options());
+  auto activations = at::empty({k.G, k.J}, children.options());
+  auto assignments = at::empty({k.G, k.I, k.J}, children.options());
+  AT_DISPATCH_FLOATING_TYPES(children.scalar_type(), "em_forward", [&] {
+    with_shape(k, [&](auto n, auto jn) {
+    forward_kernel<scalar_t, decltype(n)::value, decltype(jn)::value>(k, children.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                             offset ? offset->data_ptr<scalar_t>() : nullptr, a_in.data_ptr<scalar_t>(),
+                             beta_u.data_ptr<scalar_t>(), beta_a.data_ptr<scalar_t>(), poses.data_ptr<scalar_t>(),
+                             activations.data_ptr<scalar_t>(), assignments.data_ptr<scalar_t>());
+    });
+  });
+  return {poses, activations, assignments};
+}
+
+// gradients for children, weight (I, C, T, J), child activations, beta_u, beta_a
+std::vector<at::Tensor> em_backward(const std::optional<at::Tensor>& grad_poses,
+                                    const std::optional<at::Tensor>& grad_activations,
+                                    const std::optional<at::Tensor>& grad_assignments, const at::Tensor& children,
+                                    const at::Tensor& weight, const std::optional<at::Tensor>& offset,
+                                    const at::Tensor& a_in, const at::Tensor& beta_u, const at::Tensor& beta_a,
+                                    std::vector<double> lambdas, bool normalize_cost, double eps) {
+  const Config k = config_of(children, weight, offset, a_in, beta_u, beta_a, lambdas, normalize_cost, eps);
+  const std::vector<std::pair<const std::optional<at::Tensor>*, int64_t>> grads{
+      {&grad_poses, k.G * k.J * k.D}, {&grad_activations, k.G * k.J}, {&grad_assignments, k.G * k.I * k.J}};
+  for (const auto& [t, n] : grads)
+    TORCH_CHECK(!*t || ((*t)->is_contiguous() && (*t)->numel() == n &&
+                        (*t)->scalar_type() == children.scalar_type()), "gradient of an unexpected shape");
+  auto grad_children = at::empty_like(children);
+  auto grad_a = at::empty_like(a_in);
+  const int64_t threads = at::get_num_threads();
+  auto grad_weight = at::zeros({threads, k.I, k.C, k.T, k.J}, weight.options());
+  auto grad_beta = at::zeros({threads, 2, k.J}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(children.scalar_type(), "em_backward", [&] {
+    auto ptr = [](const std::optional<at::Tensor>& t) { return t ? t->data_ptr<scalar_t>() : nullptr; };
+    with_shape(k, [&](auto n, auto jn) {
+    backward_kernel<scalar_t, decltype(n)::value, decltype(jn)::value>(k, ptr(grad_poses), ptr(grad_activations), ptr(grad_assignments),
+                              children.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), ptr(offset),
+                              a_in.data_ptr<scalar_t>(), beta_u.data_ptr<scalar_t>(), beta_a.data_ptr<scalar_t>(),
+                              grad_children.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
+                              grad_a.data_ptr<scalar_t>(), grad_beta.data_ptr<scalar_t>());
+    });
+  });
+  return {grad_children, grad_weight.sum(0), grad_a, grad_beta.select(1, 0).sum(0), grad_beta.select(1, 1).sum(0)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &em_forward, "EM routing from child poses and weights, votes never stored (CPU)");
+  m.def("backward", &em_backward, "its backward pass, votes formed and iterations replayed again (CPU)");
+}
