@@ -99,9 +99,10 @@ def cpu_runs(data_dir: Path) -> List[Run]:
             row = dict(kind=kind, model=model, iterations=t, variant='IDA (concurrent, LayerNorm)')
             specs.append((studies, row, 'fashion_mnist', 12800,
                           fashion + model_args(model, iterations=t, **fashion_input), False))
-    for kind, model in CNN_MODELS.items():
+    for kind, model in CNN_MODELS.items():  # timm's ResNet takes any input size: no img_size argument
+        model_input = fashion_input if kind == 'CNN' else dict(in_chans=1)
         specs.append((('table1',), dict(kind=kind, model=model), 'fashion_mnist', 12800,
-                      fashion + model_args(model, **fashion_input), False))
+                      fashion + model_args(model, **model_input), False))
     for variant, flags in ABLATIONS.items():
         specs.append((('ablations',), dict(kind='IDA', model=ROUTING_MODELS['IDA'], variant=variant, iterations=2),
                       'fashion_mnist', 12800,
@@ -301,12 +302,22 @@ def run_studies(args) -> int:
                   + ' '.join(_quote(a) for a in run.train_args + ['--seed', str(run.seed)]))
         return 0
     prepare_data(args.scale, todo, args.data_dir)
+    failed = []
     for index, run in enumerate(todo):
         print(f'== run {index + 1}/{len(todo)}: {run.run_id}', flush=True)
-        record = execute(run, args.scale, args.records, args.outputs, args.probe_images, args.stop_after_steps)
+        try:
+            record = execute(run, args.scale, args.records, args.outputs, args.probe_images, args.stop_after_steps)
+        except SystemExit as error:  # train_accelerate's one-line errors: the other runs go on
+            if args.stop_after_steps or len(todo) == 1:
+                raise
+            print(f'== {run.run_id} failed: {error}', flush=True)
+            failed.append(run.run_id)
+            continue
         if record:
             print(f"== {run.run_id}: {record['metric']} {record['metrics'][record['metric']]:.4f}, "
                   f"{record['training_time_s']:.0f} s", flush=True)
+    if failed:
+        raise SystemExit(f'{len(failed)} of {len(todo)} runs failed: {", ".join(failed)}')
     return 0
 
 
@@ -461,8 +472,9 @@ def render_report(scale: str, records_dir: Path, plots_dir: Path, link_base: Pat
              f'brackets; — : not run yet.']
     if records:
         machines = sorted({r['machine'] for r in records.values()})
-        lines.append(f"Machine: {'; '.join(machines)}. Training time of all runs: "
-                     f"{sum(r['wall_time_s'] for r in records.values()) / 3600:.1f} h.")
+        lines.append(f"Machine: {'; '.join(machines)}. Wall time of all runs: "
+                     f"{sum(r['wall_time_s'] for r in records.values()) / 3600:.1f} h (on a machine shared with other "
+                     f'work: not a speed figure; see Performance).')
     for study in STUDIES:
         datasets = sorted({run.dataset for run in runs if study in run.studies})
         protocol = ' '.join(CPU_PROTOCOL[d] + '.' for d in datasets) if scale == 'cpu' else "the paper's recipe."

@@ -46,12 +46,18 @@ def test_cpu_plan_has_every_study_kind_and_seed(experiments):
 
 
 def test_cpu_plan_arguments_parse_to_the_documented_protocol(experiments, train):
+    import timm
+    built = set()
     for run in experiments.plan('cpu', experiments.STUDIES, [0]):
         args = train.parse_args(run.train_args + ['--seed', '0'])
+        kwargs = dict(args.model_kwargs, num_classes=10)
+        if repr((args.model, kwargs)) not in built:  # every model builds with its arguments (on meta: no memory)
+            timm.create_model(args.model, device='meta', **kwargs)
+            built.add(repr((args.model, kwargs)))
         assert args.model == run.row['model'] and args.opt == 'adam' and args.lr == 2e-3 and args.sched == 'cosine'
         if run.dataset == 'fashion_mnist':
             assert (args.train_split, args.epochs, args.batch_size, args.augment) == ('train[:12800]', 1, 64, 'none')
-            assert args.model_kwargs['in_chans'] == 1 and args.model_kwargs['img_size'] == 28
+            assert args.model_kwargs['in_chans'] == 1 and args.model_kwargs.get('img_size', 28) == 28
             assert run.image_budget == 12800
         if 'iterations' in run.row:
             assert args.model_kwargs.get('iterations', 2) == run.row['iterations']  # 2: IDA's default

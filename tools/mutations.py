@@ -9,6 +9,7 @@ HUB = 'tests/test_hub.py'
 PARSE = 'tests/test_parse_tree.py'
 AFFINE = 'tests/test_affine_mnist.py'
 TRAIN = 'tests/test_train.py'
+EXPERIMENTS = 'tests/test_experiments.py'
 
 MUTATIONS = [
     # ---- the routing core (issue #18's table) -------------------------------------------------------
@@ -274,4 +275,33 @@ MUTATIONS = [
          old="        self.source = self.digits['train'].source",
          new='        self.source = self.args.mnist_source',
          tests=[f'{TRAIN}::test_the_mnist_source_actually_used_is_reported']),
+    # ---- the experiment runner and the script options it relies on ------------------------------------
+    dict(name='augment_always_flips', file='train_accelerate.py',
+         what='--augment crop still mirrors images',
+         old="flip=self.args.augment == 'crop-flip'", new='flip=True',
+         tests=[f'{TRAIN}::test_augment_option']),
+    dict(name='extra_split_is_the_test_split', file='train_accelerate.py',
+         what='--extra-test-split evaluates the test split again',
+         old='self.extra_test_loaders[split] if split else self.test_loader', new='self.test_loader',
+         tests=[f'{TRAIN}::test_extra_test_split_is_evaluated_on_the_final_model']),
+    dict(name='finished_runs_rerun', file='experiments.py',
+         what='finished runs are trained again',
+         old='todo = [run for run in runs if not record_path(args.records, args.scale, run).is_file()]',
+         new='todo = list(runs)',
+         tests=[f'{EXPERIMENTS}::test_runs_write_records_skip_finished_and_resume_stopped_runs']),
+    dict(name='stopped_runs_restart', file='experiments.py',
+         what='a stopped run starts again from scratch instead of resuming',
+         old="'--checkpointing-steps', 'epoch', '--resume-from-checkpoint', 'latest']",
+         new="'--checkpointing-steps', 'epoch']",
+         tests=[f'{EXPERIMENTS}::test_runs_write_records_skip_finished_and_resume_stopped_runs']),
+    dict(name='report_population_std', file='experiments.py',
+         what="the report's spread over seeds is the population std, not the sample std",
+         old='statistics.stdev(values)', new='statistics.pstdev(values)',
+         tests=[f'{EXPERIMENTS}::test_report_computes_tables_and_plots_from_records']),
+    dict(name='shared_run_duplicated', file='experiments.py',
+         what='one configuration used by several studies is planned once per study',
+         old="            studies = ('iterations',) + (('table1',) if t == default_t else ()) + (\n"
+             "                ('ablations',) if kind == 'IDA' and t == 2 else ())",
+         new="            studies = ('iterations',)",
+         tests=[f'{EXPERIMENTS}::test_cpu_plan_has_every_study_kind_and_seed']),
 ]
