@@ -202,7 +202,8 @@ def em_routing_from_poses(
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
         dtype = children.dtype if children.dtype in (torch.float32, torch.float64) else torch.float32
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        # contiguous here, so that the op saves the copy it routes and its backward does not copy again
+        cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
         outputs = torch.ops.timm_capsules.em_routing(
             cast(children), cast(weight), cast(offset), cast(child_activations), cast(beta_u), cast(beta_a),
             temperatures, normalize_cost, eps)

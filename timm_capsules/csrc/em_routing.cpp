@@ -31,11 +31,12 @@ struct Config {
   int64_t iterations() const { return static_cast<int64_t>(lambdas.size()); }
 };
 
-// e^x for x <= 0 in a form the compiler vectorises (std::exp is not); the same polynomial as routing.cpp's
-// (Cephes, relative error < 2e-7), kept apart so that the two kernels build independently
+// e^x for x <= 0 in a form the compiler vectorises (std::exp is not): routing.cpp's polynomial (Cephes,
+// relative error < 2e-7), with n = round(x / ln2) by the 1.5 * 2^23 trick instead of std::floor, which GCC
+// leaves scalar without -ffast-math
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float q = 1.9875691500e-4f;
   q = q * r + 1.3981999507e-3f;
@@ -48,6 +49,22 @@ inline float exp_nonpositive(float x) {
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// softmax over the J parents, in place of routing.cpp's (a separate function: its exp loop vectorises)
+template <typename scalar_t>
+inline void softmax(const scalar_t* logits, scalar_t* out, int64_t J) {
+  scalar_t max = logits[0];
+  for (int64_t j = 1; j < J; ++j) max = std::max(max, logits[j]);
+  scalar_t total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < J; ++j) {
+    out[j] = exp_nonpositive(logits[j] - max);
+    total += out[j];
+  }
+  const scalar_t inverse = scalar_t(1) / total;
+#pragma omp simd
+  for (int64_t j = 0; j < J; ++j) out[j] *= inverse;
+}
 
 template <typename scalar_t>
 inline scalar_t sigmoid(scalar_t x) { return scalar_t(1) / (scalar_t(1) + std::exp(-x)); }
@@ -73,14 +90,15 @@ struct Group {
   const int64_t I, J_, D_;
   std::vector<scalar_t> v;           // (I, D, J) votes / s
   std::vector<scalar_t> p1, p2;      // (D, J) sum_i r_ij v, sum_i r_ij v^2
-  std::vector<scalar_t> logits, row; // (J)
+  std::vector<scalar_t> logits;      // (J)
+  std::vector<scalar_t> routed;      // (I, J): r_ij = R_ij a_i, and R itself before that when it is not kept
   std::vector<scalar_t> assign;      // (T, I, J): R^t, kept for t >= 1 when replaying for the backward
   std::vector<Step<scalar_t>> steps;
   scalar_t scale = 1, log_scale = 0;
 
   explicit Group(const Config& config)
       : k(config), I(config.I), J_(config.J), D_(config.D), v(I * D_ * J_), p1(D_ * J_), p2(D_ * J_), logits(J_),
-        row(J_), assign(config.iterations() * I * J_), steps(config.iterations(), Step<scalar_t>(D_, J_)) {}
+        routed(I * J_), assign(config.iterations() * I * J_), steps(config.iterations(), Step<scalar_t>(D_, J_)) {}
 
   static constexpr int64_t n_or(int64_t fixed, int64_t value) { return fixed ? fixed : value; }
 
@@ -113,8 +131,9 @@ struct Group {
     log_scale = std::log(scale);
     const int64_t n = I * D * J;
     scalar_t* vv = v.data();
+    const scalar_t inverse = scalar_t(1) / scale;  // a multiply: a division per vote costs more than the sweeps
 #pragma omp simd
-    for (int64_t e = 0; e < n; ++e) vv[e] /= scale;
+    for (int64_t e = 0; e < n; ++e) vv[e] *= inverse;
   }
 
   // The E-step of iteration t - 1 for child i: R_i (J) = softmax_j(log a_j + log N(v_ij; mu_j, var_j))
@@ -123,31 +142,28 @@ struct Group {
     const Step<scalar_t>& s = steps[t - 1];
     const scalar_t* vi = v.data() + i * D * J;
     scalar_t* l = logits.data();
-#pragma omp simd
-    for (int64_t j = 0; j < J; ++j) l[j] = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      const scalar_t* vd = vi + d * J;
-      const scalar_t* a = s.x1.data() + d * J;
-      const scalar_t* b = s.x2.data() + d * J;
-#pragma omp simd
-      for (int64_t j = 0; j < J; ++j) l[j] += vd[j] * (a[j] + b[j] * vd[j]);
+    if constexpr (JN > 0) {  // the sums stay in registers
+      scalar_t acc[JN] = {};
+      for (int64_t d = 0; d < D; ++d) quadratic_form<JN>(vi + d * J, s.x1.data() + d * J, s.x2.data() + d * J, acc);
+      std::copy(acc, acc + JN, l);
+    } else {
+      std::fill(l, l + J, scalar_t(0));
+      for (int64_t d = 0; d < D; ++d) quadratic_form<0>(vi + d * J, s.x1.data() + d * J, s.x2.data() + d * J, l, J);
     }
-    scalar_t largest = -INFINITY;
     const scalar_t* log_sig = s.log_sig.data();
     const scalar_t* c = s.c.data();
-#pragma omp simd reduction(max : largest)
-    for (int64_t j = 0; j < J; ++j) {
-      l[j] = log_sig[j] + (scalar_t(0.5) * l[j] - c[j]);
-      largest = std::max(largest, l[j]);
-    }
-    scalar_t total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < J; ++j) {
-      out[j] = exp_nonpositive(l[j] - largest);
-      total += out[j];
-    }
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) out[j] /= total;
+    for (int64_t j = 0; j < J; ++j) l[j] = log_sig[j] + (scalar_t(0.5) * l[j] - c[j]);
+    softmax(l, out, J);
+  }
+
+  // acc[j] += v[j] (a[j] + b[j] v[j]): one pose entry's share of <[a, b], [v, v^2]>
+  template <int64_t JB>
+  static inline void quadratic_form(const scalar_t* __restrict v, const scalar_t* __restrict a,
+                                    const scalar_t* __restrict b, scalar_t* __restrict acc, int64_t J = JB) {
+    const int64_t n = JB ? JB : J;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] += v[j] * (a[j] + b[j] * v[j]);
   }
 
   // Iterations on the formed votes. keep: R^t of every iteration stays in `assign` (for the backward);
@@ -158,37 +174,58 @@ struct Group {
     const int64_t iterations = k.iterations();
     for (int64_t t = 0; t < iterations; ++t) {
       Step<scalar_t>& s = steps[t];
-      std::fill(s.mass.begin(), s.mass.end(), scalar_t(0));
-      std::fill(p1.begin(), p1.end(), scalar_t(0));
-      std::fill(p2.begin(), p2.end(), scalar_t(0));
       const bool last = t == iterations - 1;
+      // the E-step for every child, then r_ij = R_ij a_i
+      scalar_t* rows = keep ? assign.data() + t * I * J : (last && assignments_out ? assignments_out : routed.data());
       for (int64_t i = 0; i < I; ++i) {
-        scalar_t* r = keep ? assign.data() + (t * I + i) * J : (last && assignments_out ? assignments_out + i * J
-                                                                                          : row.data());
         if (t == 0) {
-          std::fill(r, r + J, scalar_t(1) / scalar_t(J));
+          std::fill(rows + i * J, rows + (i + 1) * J, scalar_t(1) / scalar_t(J));
         } else {
-          e_step(t, i, r);
+          e_step(t, i, rows + i * J);
         }
-        if (last && assignments_out && keep) std::copy(r, r + J, assignments_out + i * J);
+      }
+      if (last && assignments_out && keep) std::copy(rows, rows + I * J, assignments_out);
+      scalar_t* m = s.mass.data();
+      std::fill(m, m + J, scalar_t(0));
+      for (int64_t i = 0; i < I; ++i) {
         const scalar_t a = a_in[i];
-        const scalar_t* vi = v.data() + i * D * J;
-        scalar_t* m = s.mass.data();
+        scalar_t* ri = routed.data() + i * J;
+        const scalar_t* Ri = rows + i * J;
 #pragma omp simd
-        for (int64_t j = 0; j < J; ++j) m[j] += r[j] * a;
-        for (int64_t d = 0; d < D; ++d) {
-          const scalar_t* vd = vi + d * J;
-          scalar_t* q1 = p1.data() + d * J;
-          scalar_t* q2 = p2.data() + d * J;
-#pragma omp simd
-          for (int64_t j = 0; j < J; ++j) {
-            const scalar_t rv = r[j] * a * vd[j];
-            q1[j] += rv;
-            q2[j] += rv * vd[j];
-          }
+        for (int64_t j = 0; j < J; ++j) {
+          ri[j] = Ri[j] * a;
+          m[j] += ri[j];
+        }
+      }
+      // the M-step's sums, one pose entry at a time over all children: the sums stay in registers
+      for (int64_t d = 0; d < D; ++d) {
+        scalar_t* q1 = p1.data() + d * J;
+        scalar_t* q2 = p2.data() + d * J;
+        if constexpr (JN > 0) {
+          scalar_t s1[JN] = {}, s2[JN] = {};
+          for (int64_t i = 0; i < I; ++i) moments<JN>(routed.data() + i * J, v.data() + (i * D + d) * J, s1, s2);
+          std::copy(s1, s1 + JN, q1);
+          std::copy(s2, s2 + JN, q2);
+        } else {
+          std::fill(q1, q1 + J, scalar_t(0));
+          std::fill(q2, q2 + J, scalar_t(0));
+          for (int64_t i = 0; i < I; ++i) moments<0>(routed.data() + i * J, v.data() + (i * D + d) * J, q1, q2, J);
         }
       }
       m_step(t, beta_u, beta_a);
+    }
+  }
+
+  // s1[j] += r[j] v[j], s2[j] += r[j] v[j]^2
+  template <int64_t JB>
+  static inline void moments(const scalar_t* __restrict r, const scalar_t* __restrict v, scalar_t* __restrict s1,
+                             scalar_t* __restrict s2, int64_t J = JB) {
+    const int64_t n = JB ? JB : J;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t rv = r[j] * v[j];
+      s1[j] += rv;
+      s2[j] += rv * v[j];
     }
   }
 
@@ -289,7 +326,8 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
     const scalar_t eps = static_cast<scalar_t>(k.eps);
     std::vector<scalar_t> dP1(iterations * D * J), dP2(iterations * D * J), dL(iterations * I * J);
     std::vector<scalar_t> dmu(D * J), dvar(D * J), dx1(D * J), dx2(D * J), dc(J), dls(J), dlogit(J), dm(J);
-    std::vector<scalar_t> dr(J), dR(J), g1(D * J), g2(D * J), dcost(J);
+    std::vector<scalar_t> dr(J), dR(J), g1(D * J), g2(D * J), dcost(J), routed_t(iterations * J),
+        du_rows(C * J);
     for (int64_t g = begin; g < end; ++g) {
       const scalar_t* ug = u + g * I * R * C;
       const scalar_t* ag = a_in + g * I;
@@ -375,80 +413,96 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
             dm[j] -= (d_mu * s.mu[e] + d_q * s.e2[e]) / denom;
           }
         }
-        // one sweep: dr_ij = <dP_j, [v_ij, v_ij^2]> + dm_j; r_ij = R_ij a_i; R^t = softmax(L^(t-1))
-        std::fill(dx1.begin(), dx1.end(), scalar_t(0));
-        std::fill(dx2.begin(), dx2.end(), scalar_t(0));
-        std::fill(dc.begin(), dc.end(), scalar_t(0));
+        // per child: dr_ij = <dP_j, [v_ij, v_ij^2]> + dm_j; r_ij = R_ij a_i; R^t = softmax(L^(t-1)).
+        // Fixed-size local arrays (JN parents) stay in registers; otherwise the heap buffers are used.
         std::fill(dls.begin(), dls.end(), scalar_t(0));
+        std::fill(dc.begin(), dc.end(), scalar_t(0));
         for (int64_t i = 0; i < I; ++i) {
           const scalar_t* vi = v + i * D * J;
-          scalar_t* r = dr.data();
+          scalar_t r_local[JN ? JN : 1], dR_local[JN ? JN : 1];
+          scalar_t* r = JN ? r_local : dr.data();
+          scalar_t* dRi = JN ? dR_local : dR.data();
 #pragma omp simd
           for (int64_t j = 0; j < J; ++j) r[j] = dm[j];
-          for (int64_t d = 0; d < D; ++d) {
-            const scalar_t* vd = vi + d * J;
-            const scalar_t* q1 = p1 + d * J;
-            const scalar_t* q2 = p2 + d * J;
-#pragma omp simd
-            for (int64_t j = 0; j < J; ++j) r[j] += vd[j] * (q1[j] + q2[j] * vd[j]);
-          }
+          for (int64_t d = 0; d < D; ++d) G_::template quadratic_form<JN>(vi + d * J, p1 + d * J, p2 + d * J, r, J);
           const scalar_t a = ag[i];
           if (t == 0) {
             scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
             for (int64_t j = 0; j < J; ++j) sum += r[j];
             dag[i] += sum / scalar_t(J);
             continue;
           }
           const scalar_t* Ri = group.assign.data() + (t * I + i) * J;
+          const scalar_t* gR = last && grad_assign ? grad_assign + (g * I + i) * J : nullptr;
           scalar_t d_act = 0, dot = 0;
+#pragma omp simd reduction(+ : d_act, dot)
           for (int64_t j = 0; j < J; ++j) {
             d_act += r[j] * Ri[j];
-            dR[j] = r[j] * a + (last && grad_assign ? grad_assign[(g * I + i) * J + j] : scalar_t(0));
-            dot += Ri[j] * dR[j];
+            dRi[j] = r[j] * a + (gR ? gR[j] : scalar_t(0));
+            dot += Ri[j] * dRi[j];
           }
           dag[i] += d_act;
           scalar_t* dLi = dL.data() + ((t - 1) * I + i) * J;
-          for (int64_t j = 0; j < J; ++j) {
-            dLi[j] = Ri[j] * (dR[j] - dot);
-            dls[j] += dLi[j];
-            dc[j] -= dLi[j];
-          }
-          // L_ij = log sigmoid(logit_j) + <x_j, [v_ij, v_ij^2]> / 2 - c_j
-          for (int64_t d = 0; d < D; ++d) {
-            const scalar_t* vd = vi + d * J;
-            scalar_t* q1 = dx1.data() + d * J;
-            scalar_t* q2 = dx2.data() + d * J;
+          scalar_t* ls = dls.data();
+          scalar_t* cc = dc.data();
 #pragma omp simd
-            for (int64_t j = 0; j < J; ++j) {
-              const scalar_t h = scalar_t(0.5) * dLi[j] * vd[j];
-              q1[j] += h;
-              q2[j] += h * vd[j];
-            }
+          for (int64_t j = 0; j < J; ++j) {
+            dLi[j] = Ri[j] * (dRi[j] - dot);
+            ls[j] += dLi[j];
+            cc[j] -= dLi[j];
+          }
+        }
+        // L_ij = log sigmoid(logit_j) + <x_j, [v_ij, v_ij^2]> / 2 - c_j: dx = sum_i dL_ij [v_ij, v_ij^2] / 2,
+        // one pose entry at a time over all children
+        for (int64_t d = 0; t > 0 && d < D; ++d) {
+          scalar_t s1_local[JN ? JN : 1] = {}, s2_local[JN ? JN : 1] = {};
+          scalar_t* s1 = JN ? s1_local : dx1.data() + d * J;
+          scalar_t* s2 = JN ? s2_local : dx2.data() + d * J;
+          if (!JN) {
+            std::fill(s1, s1 + J, scalar_t(0));
+            std::fill(s2, s2 + J, scalar_t(0));
+          }
+          for (int64_t i = 0; i < I; ++i)
+            G_::template moments<JN>(dL.data() + ((t - 1) * I + i) * J, v + (i * D + d) * J, s1, s2, J);
+          scalar_t* q1 = dx1.data() + d * J;
+          scalar_t* q2 = dx2.data() + d * J;
+#pragma omp simd
+          for (int64_t j = 0; j < J; ++j) {
+            q1[j] = scalar_t(0.5) * s1[j];
+            q2[j] = scalar_t(0.5) * s2[j];
           }
         }
       }
       // the votes' gradients: d[v, v^2]_ij = sum_t r^t_ij dP^t_j + sum_t dL^t_ij x^t_j / 2, then
       // dv = d[v] + 2 v d[v^2], dV = dv / s (s is a constant), and V = u W (+ offset)
+      const scalar_t inv_scale = scalar_t(1) / group.scale;
       for (int64_t i = 0; i < I; ++i) {
         const scalar_t* vi = v + i * D * J;
-        std::fill(g1.begin(), g1.end(), scalar_t(0));
-        std::fill(g2.begin(), g2.end(), scalar_t(0));
+        const scalar_t a = ag[i];
         for (int64_t t = 0; t < iterations; ++t) {
-          const Step<scalar_t>& s = group.steps[t];
-          const scalar_t a = ag[i];
-          for (int64_t j = 0; j < J; ++j)
-            dr[j] = (t == 0 ? scalar_t(1) / scalar_t(J) : group.assign[(t * I + i) * J + j]) * a;
-          const bool e_step = t < iterations - 1;
-          const scalar_t* dLi = dL.data() + (t * I + i) * J;
-          for (int64_t d = 0; d < D; ++d) {
+          scalar_t* rt = routed_t.data() + t * J;
+          const scalar_t* Rt = group.assign.data() + (t * I + i) * J;
+#pragma omp simd
+          for (int64_t j = 0; j < J; ++j) rt[j] = (t == 0 ? scalar_t(1) / scalar_t(J) : Rt[j]) * a;
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          scalar_t h1_local[JN ? JN : 1] = {}, h2_local[JN ? JN : 1] = {};
+          scalar_t* h1 = JN ? h1_local : g1.data() + d * J;
+          scalar_t* h2 = JN ? h2_local : g2.data() + d * J;
+          if (!JN) {
+            std::fill(h1, h1 + J, scalar_t(0));
+            std::fill(h2, h2 + J, scalar_t(0));
+          }
+          for (int64_t t = 0; t < iterations; ++t) {
+            const Step<scalar_t>& s = group.steps[t];
+            const scalar_t* rr = routed_t.data() + t * J;
             const scalar_t* q1 = dP1.data() + (t * D + d) * J;
             const scalar_t* q2 = dP2.data() + (t * D + d) * J;
-            const scalar_t* y1 = s.x1.data() + d * J;
-            const scalar_t* y2 = s.x2.data() + d * J;
-            scalar_t* h1 = g1.data() + d * J;
-            scalar_t* h2 = g2.data() + d * J;
-            const scalar_t* rr = dr.data();
-            if (e_step) {
+            if (t < iterations - 1) {
+              const scalar_t* dLi = dL.data() + (t * I + i) * J;
+              const scalar_t* y1 = s.x1.data() + d * J;
+              const scalar_t* y2 = s.x2.data() + d * J;
 #pragma omp simd
               for (int64_t j = 0; j < J; ++j) {
                 h1[j] += rr[j] * q1[j] + scalar_t(0.5) * dLi[j] * y1[j];
@@ -462,35 +516,51 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
               }
             }
           }
+          const scalar_t* vd = vi + d * J;
+          scalar_t* out = g1.data() + d * J;
+#pragma omp simd
+          for (int64_t j = 0; j < J; ++j) out[j] = (h1[j] + 2 * vd[j] * h2[j]) * inv_scale;
         }
-        const scalar_t inv_scale = scalar_t(1) / group.scale;
-        for (int64_t e = 0; e < D * J; ++e) g1[e] = (g1[e] + 2 * vi[e] * g2[e]) * inv_scale;
         // du_i (R, C) = sum_{t, j} dV[r T + t, j] W[c, t, j];  dW (C, T, J) += sum_r u[r, c] dV[r T + t, j]
         const scalar_t* ui = ug + i * R * C;
         const scalar_t* wi = w + i * C * T * J;
         scalar_t* dui = du + (g * I + i) * R * C;
         scalar_t* dwi = dw + i * C * T * J;
-        for (int64_t r = 0; r < R; ++r) {
+        for (int64_t r = 0; r < R; ++r) {  // per column c a vector over parents, summed across lanes once
+          constexpr int64_t local = N && JN ? N * JN : 1;
+          scalar_t acc_local[local] = {};
+          scalar_t* acc = N && JN ? acc_local : du_rows.data();
+          if (!(N && JN)) std::fill(acc, acc + C * J, scalar_t(0));
+          for (int64_t t = 0; t < T; ++t) {
+            const scalar_t* dv = g1.data() + (r * T + t) * J;
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t* wc = wi + (c * T + t) * J;
+              scalar_t* ac = acc + c * J;
+#pragma omp simd
+              for (int64_t j = 0; j < J; ++j) ac[j] += dv[j] * wc[j];
+            }
+          }
           for (int64_t c = 0; c < C; ++c) {
             scalar_t sum = 0;
-            for (int64_t t = 0; t < T; ++t) {
-              const scalar_t* dv = g1.data() + (r * T + t) * J;
-              const scalar_t* wc = wi + (c * T + t) * J;
+            const scalar_t* ac = acc + c * J;
 #pragma omp simd reduction(+ : sum)
-              for (int64_t j = 0; j < J; ++j) sum += dv[j] * wc[j];
-            }
+            for (int64_t j = 0; j < J; ++j) sum += ac[j];
             dui[r * C + c] = sum;
           }
         }
         for (int64_t c = 0; c < C; ++c) {
           for (int64_t t = 0; t < T; ++t) {
             scalar_t* out = dwi + (c * T + t) * J;
+            scalar_t o_local[JN ? JN : 1];
+            scalar_t* o = JN ? o_local : out;
+            if (JN) std::copy(out, out + J, o);
             for (int64_t r = 0; r < R; ++r) {
               const scalar_t f = ui[r * C + c];
               const scalar_t* dv = g1.data() + (r * T + t) * J;
 #pragma omp simd
-              for (int64_t j = 0; j < J; ++j) out[j] += f * dv[j];
+              for (int64_t j = 0; j < J; ++j) o[j] += f * dv[j];
             }
+            if (JN) std::copy(o, o + J, out);
           }
         }
       }
