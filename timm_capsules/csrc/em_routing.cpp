@@ -1,8 +1,9 @@
 // EM routing (Hinton et al., 2018) on the CPU as one kernel per (group of children, parents): the votes of a
-// group are formed into a per-thread buffer (I x D x J values, in L2) and never written to memory; every
-// iteration is then one sweep over that buffer (E-step of the previous iteration fused with the M-step
-// sums of this one). The backward pass forms the group's votes and replays its iterations again, then
-// runs them backwards by hand, so that nothing but the inputs and outputs is kept between the passes.
+// group are formed into a per-thread buffer (I x D x J values, in L2) and never written to memory; each
+// iteration then reads that buffer twice: the E-step child by child, and the M-step's sums pose entry by
+// pose entry over all children, so that the sums stay in registers. The backward pass forms the group's
+// votes and replays its iterations again, then runs them backwards by hand, so that nothing but the inputs
+// and outputs is kept between the passes.
 // The arithmetic is that of ``routing_baselines._em_routing_fp32`` (the reference), with the same guards.
 //
 // Layouts (row-major; "x" = kernel-internal):
@@ -153,7 +154,7 @@ struct Group {
     const scalar_t* log_sig = s.log_sig.data();
     const scalar_t* c = s.c.data();
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) l[j] = log_sig[j] + (scalar_t(0.5) * l[j] - c[j]);
+    for (int64_t j = 0; j < J; ++j) l[j] = log_sig[j] + (l[j] - c[j]);
     softmax(l, out, J);
   }
 
@@ -273,13 +274,14 @@ struct Group {
       s.log_sig[j] = log_sigmoid(s.logit[j]);
       s.c[j] = 0;
     }
-    // E-step terms: -sum_d (v - mu)^2 / var = [v, v^2] . [2 mu / var, -1 / var] - sum_d mu^2 / var
+    // E-step terms: -sum_d (v - mu)^2 / var / 2 = [v, v^2] . x - sum_d mu^2 / var / 2 with x = [mu / var,
+    // -1 / (2 var)] (exactly half of [2 mu / var, -1 / var]: the sweeps need no factor 1/2); c adds log var / 2
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t j = 0; j < J; ++j) {
         const int64_t e = d * J + j;
         const scalar_t inv = scalar_t(1) / s.var[e];
-        s.x1[e] = 2 * s.mu[e] * inv;
-        s.x2[e] = -inv;
+        s.x1[e] = s.mu[e] * inv;
+        s.x2[e] = scalar_t(-0.5) * inv;
         s.c[j] += s.mu[e] * s.mu[e] * inv + std::log(s.var[e]);
       }
     }
@@ -355,10 +357,11 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
             const int64_t e = d * J + j;
             dmu[e] = last && grad_poses ? grad_poses[(g * J + j) * D + d] * group.scale : scalar_t(0);
             dvar[e] = 0;
-            if (!last) {  // x1 = 2 mu / var, x2 = -1 / var, c = (sum_d mu^2 / var + log var) / 2
+            if (!last) {  // x1 = mu / var, x2 = -1 / (2 var), c = (sum_d mu^2 / var + log var) / 2
               const scalar_t inv = scalar_t(1) / s.var[e];
-              const scalar_t d_inv = 2 * dx1[e] * s.mu[e] - dx2[e] + scalar_t(0.5) * dc[j] * s.mu[e] * s.mu[e];
-              dmu[e] += 2 * dx1[e] * inv + dc[j] * s.mu[e] * inv;
+              const scalar_t d_inv =
+                  dx1[e] * s.mu[e] - scalar_t(0.5) * dx2[e] + scalar_t(0.5) * dc[j] * s.mu[e] * s.mu[e];
+              dmu[e] += dx1[e] * inv + dc[j] * s.mu[e] * inv;
               dvar[e] += -d_inv * inv * inv + scalar_t(0.5) * dc[j] * inv;
             }
           }
@@ -453,8 +456,8 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
             cc[j] -= dLi[j];
           }
         }
-        // L_ij = log sigmoid(logit_j) + <x_j, [v_ij, v_ij^2]> / 2 - c_j: dx = sum_i dL_ij [v_ij, v_ij^2] / 2,
-        // one pose entry at a time over all children
+        // L_ij = log sigmoid(logit_j) + <x_j, [v_ij, v_ij^2]> - c_j: dx = sum_i dL_ij [v_ij, v_ij^2], one pose
+        // entry at a time over all children
         for (int64_t d = 0; t > 0 && d < D; ++d) {
           scalar_t s1_local[JN ? JN : 1] = {}, s2_local[JN ? JN : 1] = {};
           scalar_t* s1 = JN ? s1_local : dx1.data() + d * J;
@@ -469,12 +472,12 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
           scalar_t* q2 = dx2.data() + d * J;
 #pragma omp simd
           for (int64_t j = 0; j < J; ++j) {
-            q1[j] = scalar_t(0.5) * s1[j];
-            q2[j] = scalar_t(0.5) * s2[j];
+            q1[j] = s1[j];
+            q2[j] = s2[j];
           }
         }
       }
-      // the votes' gradients: d[v, v^2]_ij = sum_t r^t_ij dP^t_j + sum_t dL^t_ij x^t_j / 2, then
+      // the votes' gradients: d[v, v^2]_ij = sum_t r^t_ij dP^t_j + sum_t dL^t_ij x^t_j, then
       // dv = d[v] + 2 v d[v^2], dV = dv / s (s is a constant), and V = u W (+ offset)
       const scalar_t inv_scale = scalar_t(1) / group.scale;
       for (int64_t i = 0; i < I; ++i) {
@@ -505,8 +508,8 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
               const scalar_t* y2 = s.x2.data() + d * J;
 #pragma omp simd
               for (int64_t j = 0; j < J; ++j) {
-                h1[j] += rr[j] * q1[j] + scalar_t(0.5) * dLi[j] * y1[j];
-                h2[j] += rr[j] * q2[j] + scalar_t(0.5) * dLi[j] * y2[j];
+                h1[j] += rr[j] * q1[j] + dLi[j] * y1[j];
+                h2[j] += rr[j] * q2[j] + dLi[j] * y2[j];
               }
             } else {
 #pragma omp simd
