@@ -248,7 +248,9 @@ def execute(run: Run, scale: str, records: Path, outputs: Path, probe_samples: i
     argv = run.train_args + ['--seed', str(run.seed), '--output-dir', str(output_dir),
                              '--checkpointing-steps', 'epoch', '--resume-from-checkpoint', 'latest']
     argv += ['--stop-after-steps', str(stop_after_steps)] if stop_after_steps else []
+    resumed = (output_dir / 'checkpoints').is_dir() and any((output_dir / 'checkpoints').iterdir())
     started = time.time()
+    import torch
     from accelerate.state import AcceleratorState, GradientState, PartialState
     try:
         results = train_accelerate.main(argv)
@@ -257,8 +259,8 @@ def execute(run: Run, scale: str, records: Path, outputs: Path, probe_samples: i
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
     model = results.pop('model_object')
-    if results.get('stopped'):
-        raise SystemExit(f'{run.run_id} stopped before its end; rerun to continue it')
+    if results.get('stopped'):  # --stop-after-steps (a signal already ended the process above)
+        raise SystemExit(3)
     if not main_process:
         return {}
     history = results.pop('history')
@@ -269,7 +271,8 @@ def execute(run: Run, scale: str, records: Path, outputs: Path, probe_samples: i
         metrics=dict(results['final'], **{f'{split}/{k}': v for split, m in results['extra_tests'].items()
                                           for k, v in m.items()}),
         chance_level=results['chance_level'], num_parameters=results['num_parameters'],
-        training_time_s=results['training_time_s'], wall_time_s=time.time() - started,
+        training_time_s=results['training_time_s'], wall_time_s=time.time() - started, threads=torch.get_num_threads(),
+        resumed_from_checkpoint=resumed,  # then the times cover the resumed part only
         eval_history=history['eval'], protocol=CPU_PROTOCOL.get(run.dataset) if scale == 'cpu' else 'paper recipe',
         commit=commit(), machine=machine(),
         command='python train_accelerate.py ' + ' '.join(_quote(a) for a in run.train_args + ['--seed', str(run.seed)]),
@@ -307,8 +310,8 @@ def run_studies(args) -> int:
         print(f'== run {index + 1}/{len(todo)}: {run.run_id}', flush=True)
         try:
             record = execute(run, args.scale, args.records, args.outputs, args.probe_images, args.stop_after_steps)
-        except SystemExit as error:  # train_accelerate's one-line errors: the other runs go on
-            if args.stop_after_steps or len(todo) == 1:
+        except SystemExit as error:  # train_accelerate's one-line errors: the other runs go on; a signal stops all
+            if not isinstance(error.code, str) or len(todo) == 1:
                 raise
             print(f'== {run.run_id} failed: {error}', flush=True)
             failed.append(run.run_id)
