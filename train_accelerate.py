@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 import timm
 import timm_capsules  # noqa: F401  (registers the capsule models with timm)
 from timm_capsules import hub
-from timm_capsules.routing import routing_kernel
+from timm_capsules.em_capsnet import EMCapsNet
+from timm_capsules.routing import routing_kernel, use_fused_routing
+from timm_capsules.routing_baselines import em_routing_kernel
 from timm_capsules.losses import classification_loss, predicted_present
 from timm_capsules.base import model_data_config
 from timm_capsules.data.cifar import KNOWN_DATASETS
@@ -433,13 +435,20 @@ def create_model(args, num_classes):
 
 
 def load_routing_kernel(model, accelerator):
-    """Builds (first use on a machine, about a minute) or loads the fused CPU routing kernel before training
-    starts, so that its one-off build is timed apart from training. Returns the seconds it took."""
-    if accelerator.device.type != 'cpu' or not getattr(model, 'fused_routing', False):
+    """Builds (first use on a machine, about a minute) or loads the fused CPU routing kernel the model uses
+    (inverted dot-product attention, or EM routing) before training starts, so that its one-off build is timed
+    apart from training. Returns the seconds it took."""
+    if accelerator.device.type != 'cpu':
+        return 0.0
+    if getattr(model, 'fused_routing', False):
+        load = routing_kernel
+    elif isinstance(model, EMCapsNet) and use_fused_routing():
+        load = em_routing_kernel
+    else:
         return 0.0
     started = time.time()
     with accelerator.main_process_first():  # one process builds, the others load the cached build
-        routing_kernel()
+        load()
     return time.time() - started
 
 

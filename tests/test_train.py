@@ -919,6 +919,20 @@ def test_kernel_build_is_timed_apart_from_training(run, train, tmp_path, capsys,
             f"{metrics['kernel_load_s']:.0f} s; saved to {tmp_path}") in capsys.readouterr().out
 
 
+
+@pytest.mark.parametrize("model, kernel", [("em_capsnet_simple_cifar10", "em_routing_kernel"),
+                                           ("capsnet_simple_cifar10", "routing_kernel")])
+def test_each_family_loads_its_own_kernel_up_front(train, monkeypatch, model, kernel):
+    from accelerate import Accelerator
+    calls = {name: [] for name in ("routing_kernel", "em_routing_kernel")}
+    for name in calls:
+        monkeypatch.setattr(train, name, lambda name=name: calls[name].append(1))
+    train.load_routing_kernel(timm.create_model(model, img_size=28, in_chans=1), Accelerator(cpu=True))
+    assert {name: len(c) for name, c in calls.items()} == {n: int(n == kernel) for n in calls}
+    monkeypatch.setenv("TIMM_CAPSULES_FUSED_ROUTING", "0")  # plain tensor ops: nothing to build
+    assert train.load_routing_kernel(timm.create_model(model, img_size=28, in_chans=1), Accelerator(cpu=True)) == 0.0
+    assert sum(map(len, calls.values())) == 1
+
 # ------------------------------------------------------------------------------------------ stopping
 def processes_writing_to(folder):
     """Pids of the live processes whose command line names `folder`."""
