@@ -91,12 +91,13 @@ inline void per_parent_dot(const scalar_t* x, const scalar_t* y, scalar_t* prod,
 }
 
 // e^x for x <= 0 (a logit minus the maximum) in a form the compiler vectorises, which std::exp is not:
-// x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial (relative error < 2e-7), times 2^n
-// written into the exponent bits. Below -87 e^x underflows a float; it is clamped there (a softmax share
-// below 1e-37). Doubles (gradcheck) keep std::exp.
+// x = n ln2 + r with |r| <= ln2 / 2 (n rounded by adding and subtracting 1.5 * 2^23, which GCC vectorises
+// where it leaves std::floor scalar without -ffast-math), e^r by Cephes' degree-6 polynomial (relative error
+// < 2e-7), times 2^n written into the exponent bits. Below -87 e^x underflows a float; it is clamped there
+// (a softmax share below 1e-37). Doubles (gradcheck) keep std::exp.
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round: std::floor stays scalar
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts: r stays exact
   float q = 1.9875691500e-4f;
   q = q * r + 1.3981999507e-3f;
