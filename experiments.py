@@ -41,7 +41,7 @@ CPU_PROTOCOL = {
                      '10,000 test images; models built with in_chans=1, img_size=28',
     'diverse_multimnist': 'DiverseMultiMNIST from the built-in MNIST sample (4,000 train / 1,000 test digits): '
                           '8 epochs of 8,192 generated images, batch 32, Adam 2e-3 with cosine decay; exact match '
-                          "on a fixed 2,000-image test set; models about 0.13M parameters (the paper's: 10-42M)",
+                          "on a fixed 2,000-image test set; small models (0.12-0.96M parameters; the paper's: 10-42M)",
     'affine_mnist': 'Affine MNIST from the built-in MNIST sample: 20,000 translated 40x40 training images, 3 '
                     'epochs, batch 32, Adam 2e-3 with cosine decay, no augmentation; top-1 on 5,000 translated '
                     'and 5,000 affinely transformed test images of the held-out digits; models about 0.13M '
@@ -409,6 +409,44 @@ def study_table(study: str, runs: Sequence[Run], records: Dict[str, Dict[str, An
     return lines
 
 
+def _mean(found: Sequence[Dict[str, Any]], name: Optional[str] = None) -> Optional[float]:
+    values = metric_values(found, name)
+    return 100 * sum(values) / len(values) if values else None
+
+
+def verdict(study: str, runs: Sequence[Run], records: Dict[str, Dict[str, Any]]) -> str:
+    """What the table says about the claim, computed from the same records (differences of seed means, in
+    points); '' while the runs it needs are missing."""
+    rows = [(row, _mean(found)) for row, found in rows_of(study, runs, records)]
+
+    def diff(a: Optional[float], b: Optional[float]) -> str:
+        return f'{a - b:+.1f}' if a is not None and b is not None else 'n/a'
+    if study == 'table1':
+        ida = next(m for row, m in rows if row['kind'] == 'IDA')
+        others = [f"{row['kind']} {diff(ida, m)}" for row, m in rows if row['kind'] != 'IDA' and m is not None]
+        return f"IDA minus each other model: {', '.join(others)} points." if ida is not None and others else ''
+    if study == 'iterations':
+        trends = []
+        for kind in dict.fromkeys(row['kind'] for row, _ in rows):
+            points = sorted((row['iterations'], m) for row, m in rows if row['kind'] == kind and m is not None)
+            if len(points) >= 2:
+                trends.append(f'{kind} {diff(points[-1][1], points[0][1])} (t = {points[0][0]} to {points[-1][0]})')
+        return f"Change from the fewest to the most iterations run: {', '.join(trends)} points." if trends else ''
+    if study == 'ablations':
+        base = rows[0][1]
+        changes = [f"{row['variant'].split(':')[0]} {diff(m, base)}" for row, m in rows[1:] if m is not None]
+        return f"Each ablation minus the full routing: {', '.join(changes)} points." if changes else ''
+    if study == 'multimnist':
+        caps = [m for row, m in rows if 'CapsNet' in row['kind'] and m is not None]
+        cnns = [m for row, m in rows if 'CNN' in row['kind'] and m is not None]
+        return (f'Best CapsNet minus best CNN: {diff(max(caps), max(cnns))} points of exact match.'
+                if caps and cnns else '')
+    gaps = {row['kind']: diff(_mean(found, 'test_translated/top1'), _mean(found))
+            for row, found in rows_of('affine', runs, records) if found}
+    return ('Generalisation gap (translated minus affine test accuracy): '
+            + ', '.join(f'{kind} {gap}' for kind, gap in gaps.items()) + ' points.') if len(gaps) > 1 else ''
+
+
 def plot_iterations(runs: Sequence[Run], records: Dict[str, Dict[str, Any]], path: Path) -> Optional[Path]:
     """Accuracy vs routing iterations, one line per routing kind (mean and min-max over seeds): Fig. 3's shape."""
     rows = rows_of('iterations', runs, records)
@@ -483,6 +521,8 @@ def render_report(scale: str, records_dir: Path, plots_dir: Path, link_base: Pat
         protocol = ' '.join(CPU_PROTOCOL[d] + '.' for d in datasets) if scale == 'cpu' else "the paper's recipe."
         lines += ['', f'**{study}** — claim: {CLAIMS[study]}. Protocol: {protocol}', '']
         lines += study_table(study, runs, records)
+        summary = verdict(study, runs, records)
+        lines += ['', summary] if summary else []
         plot = {'iterations': plot_iterations, 'affine': plot_affine}.get(study)
         if plot and plot(runs, records, plots_dir / f'{study}_{scale}.png'):
             link = Path(os.path.relpath(plots_dir / f'{study}_{scale}.png', link_base)).as_posix()

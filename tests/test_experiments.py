@@ -128,6 +128,10 @@ def test_report_computes_tables_and_plots_from_records(experiments, tmp_path):
     assert ida_row == '| IDA | ' + ' | '.join(f'{72 + t:.1f} ± 2.8 (2)' for t in range(1, 5)) + ' |'
     affine = text.split('**affine**')[1]
     assert f'| 90.0 ± 0.0 (2) | 55.0 ± {statistics.stdev([50.0, 60.0]):.1f} (2) | 35.0 ± 7.1 (2) |' in affine
+    # the verdicts: differences of the same seed means
+    assert 'IDA minus each other model: CNN -7.0 points.' in table1
+    assert 'Change from the fewest to the most iterations run: IDA +3.0 (t = 1 to 4) points.' in iterations
+    assert 'Generalisation gap (translated minus affine test accuracy): CapsNet +35.0, CNN +35.0 points.' in affine
     for plot in ('iterations_cpu.png', 'affine_cpu.png'):
         assert (tmp_path / 'plots' / plot).stat().st_size > 5000
     assert 'from the 13 run records' in text  # 8 IDA (t = 1..4), 1 CNN, 4 affine; not the stale one
