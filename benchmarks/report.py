@@ -15,6 +15,13 @@ def render(paths):
     lines = []
     for path in paths:
         result = json.loads(Path(path).read_text())
+        if 'em_over_ida' in result:  # bench_em.py: EM vs IDA CapsNet training throughput
+            lines += [f"**`{Path(path).name}`** — {result['cpu']}, torch {result['torch']}, {result['threads']} threads: "
+                      f"`{result['em_model']}` trains at {result['em_images_per_s']:.1f} img/s, `{result['ida_model']}` "
+                      f"at {result['ida_images_per_s']:.1f} img/s: **{result['em_over_ida']:.2f}×** (batch "
+                      f"{result['batch_size']}, {result['in_chans']}×{result['img_size']}×{result['img_size']}, "
+                      f"{result['steps']} alternating steps each; `python benchmarks/bench_em.py`)", '']
+            continue
         machine = result['machine']
         lines += [
             f"**`{path.name}`** — {machine['device_name']}, torch {machine['torch']}, plain 2048² matmul "

@@ -1,5 +1,6 @@
 """The benchmark harnesses run in a seconds-long smoke mode, so they cannot rot. No timing is asserted."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,13 @@ def test_em_benchmark_smoke(capsys):
     assert result['em_images_per_s'] > 0 and result['ida_images_per_s'] > 0 and result['em_over_ida'] > 0
     assert result['batch_size'] == 2 and result['threads'] >= 1
     assert '"em_over_ida"' in capsys.readouterr().out  # one JSON object on stdout
+
+
+def test_report_renders_every_committed_result():
+    """The README's performance block is rendered from every file in benchmarks/results, EM's throughput included."""
+    results = sorted((BENCHMARKS / 'results').glob('*.json'))
+    table = load('report').render(results)
+    for path in results:
+        assert f'**`{path.name}`**' in table
+    em = json.loads((BENCHMARKS / 'results' / 'em_throughput_cpu.json').read_text())
+    assert f"**{em['em_over_ida']:.2f}×**" in table
