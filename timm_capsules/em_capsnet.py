@@ -50,7 +50,7 @@ class EMConvCapsules(ConvCapsules):
         child_poses, child_activations, (B, H, W) = self._children(children)
         poses, activations, assignments = em_routing_from_poses(
             child_poses, self.weight, child_activations, self.beta_u, self.beta_a, self.inverse_temperatures,
-            True, 1e-6)
+            True, 1e-6, None)  # every argument spelled out: TorchScript of an fx graph drops defaults
         poses = poses.reshape(B, H, W, self.out_caps, self.out_dim)
         return Capsules(poses, activations.reshape(B, H, W, self.out_caps)), assignments
 
@@ -95,7 +95,8 @@ class EMClassCapsules(nn.Module):
         weight = self.weight.expand(H * W, N, J, side, side).reshape(H * W * N, J, side, side)
         offset = None
         if self.coordinate_addition:
-            offset = self.coordinates[:, :, None].expand(H, W, N, side * side).reshape(H * W * N, side, side)
+            # sizes from construction (ints), not from the input: torch.fx traces the buffer as a tensor
+            offset = self.coordinates[:, :, None].expand(-1, -1, self.in_caps, -1).reshape(-1, side, side)
         routed = em_routing_from_poses(
             poses.reshape(B, H * W * N, side, side), weight, activations.reshape(B, H * W * N),
             self.beta_u, self.beta_a, self.inverse_temperatures, True, 1e-6, offset)
