@@ -363,6 +363,59 @@ def test_fused_routing_equals_tensor_ops_fp32(shape, activations, kernel):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+def grid_inputs(batch, height, width, types, kernel_size, stride, parents, activations, dtype=torch.float32):
+    """A 4x4-pose child grid, weights for its windows, parents for every window, optional activations."""
+    torch.manual_seed(3)
+    out_h, out_w = (height - kernel_size) // stride + 1, (width - kernel_size) // stride + 1
+    tensors = [torch.randn(batch, height, width, types, 4, 4, dtype=dtype),
+               torch.randn(kernel_size * kernel_size * types, parents, 4, 4, dtype=dtype) * 0.5,
+               torch.randn(batch * out_h * out_w, parents, 4, 4, dtype=dtype)]
+    if activations:
+        tensors.append(torch.rand(batch, height, width, types, dtype=dtype))
+    return [t.requires_grad_() for t in tensors]
+
+
+def copied_windows(grid, kernel_size, stride):
+    """Every window copied out one by one: (b, y, x) windows of (ky, kx, type) children, trailing axes kept."""
+    B, H, W = grid.shape[:3]
+    k, s = kernel_size, stride
+    return torch.stack([grid[b, y:y + k, x:x + k].reshape(-1, *grid.shape[4:])
+                        for b in range(B) for y in range(0, H - k + 1, s) for x in range(0, W - k + 1, s)])
+
+
+@pytest.mark.parametrize('activations', [False, True])
+@pytest.mark.parametrize('window', [(3, 1), (3, 2), (2, 2)])
+def test_fused_routing_over_grid_windows_equals_copied_windows(window, activations, kernel):
+    """The kernel reads a conv layer's windows from the grid and adds their gradients back into it; the
+    reference copies every window out first. Outputs and gradients, in float32, to 1e-5."""
+    inputs = grid_inputs(2, 7, 6, 3, *window, parents=5, activations=activations)
+    grid, weight, parents, acts = inputs + [None] * (4 - len(inputs))
+    expected = attention_routing(capsule_votes(copied_windows(grid, *window), weight), parents,
+                                 None if acts is None else copied_windows(acts, *window))
+    got = fused_attention_routing(grid, weight, parents, acts, window=window)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    probes = [torch.randn_like(e) for e in expected]
+    loss = lambda outputs: sum((o * p).sum() for o, p in zip(outputs, probes))  # noqa: E731
+    for g, e in zip(torch.autograd.grad(loss(got), inputs), torch.autograd.grad(loss(expected), inputs)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_fused_routing_over_grid_windows(kernel):
+    inputs = grid_inputs(2, 4, 3, 2, 2, 1, parents=3, activations=True, dtype=torch.float64)
+    route = lambda *t: fused_attention_routing(*t, window=(2, 1))  # noqa: E731
+    assert torch.autograd.gradcheck(route, inputs)
+
+
+def test_fused_routing_over_grid_windows_keeps_only_the_grid(kernel):
+    """The windows (here 9/4 of the grid) are neither copied for the kernel nor kept for its backward pass."""
+    grid, weight, parents = grid_inputs(2, 9, 9, 4, 3, 2, parents=4, activations=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        fused_attention_routing(grid, weight, parents, with_routing=False, window=(3, 2))
+    assert max(saved) == grid.numel() < copied_windows(grid, 3, 2).numel()
+
+
 def test_fused_routing_without_coefficients_gives_the_same_poses_and_gradients(kernel):
     inputs = routing_inputs(*ROUTING_SHAPES[0], activations=True)
     poses, coefficients, agreement = fused_attention_routing(*inputs, with_routing=False)
@@ -413,21 +466,23 @@ def test_without_a_compiler_fused_routing_warns_and_falls_back_to_tensor_ops(mon
     def no_compiler(*args, **kwargs):
         raise RuntimeError('no C++ compiler here')
 
-    inputs = routing_inputs(*ROUTING_SHAPES[1], activations=True)
-    with_kernel = fused_attention_routing(*inputs)
+    cases = [(routing_inputs(*ROUTING_SHAPES[1], activations=True), None),
+             (grid_inputs(2, 5, 5, 2, 3, 2, parents=3, activations=True), (3, 2))]
+    with_kernel = [fused_attention_routing(*inputs, window=window) for inputs, window in cases]
     monkeypatch.setattr(routing, '_kernel', None)
     monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))  # nothing built here yet
     monkeypatch.setattr(torch.utils.cpp_extension, 'load', no_compiler)
     with pytest.warns(UserWarning, match='no C.. compiler here'):
         assert routing.routing_kernel() is None
-    without = fused_attention_routing(*inputs)
-    for a, b in zip(without, with_kernel):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    probes = [torch.randn_like(t) for t in with_kernel]
-    grads = [torch.autograd.grad(sum((o * p).sum() for o, p in zip(out, probes)), inputs)
-             for out in (without, with_kernel)]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for (inputs, window), expected in zip(cases, with_kernel):
+        without = fused_attention_routing(*inputs, window=window)
+        for a, b in zip(without, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        probes = [torch.randn_like(t) for t in expected]
+        grads = [torch.autograd.grad(sum((o * p).sum() for o, p in zip(out, probes)), inputs)
+                 for out in (without, expected)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('options', [dict(iterations=3), dict(iterations=4, activations=True),

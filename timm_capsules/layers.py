@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .routing import (
     DEFAULT_MAX_VOTES, attention_routing, capsule_votes, chunked_attention_routing, fused_attention_routing,
-    uniform_routing, use_fused_routing)
+    uniform_routing, use_fused_routing, window_children)
 
 __all__ = [
     'Capsules', 'PrimaryCapsules', 'RoutedCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw',
@@ -103,7 +103,9 @@ class PrimaryCapsules(nn.Module):
         self.norm = _capsule_norm(pose_dim, layer_norm, device, dtype)
 
     def forward(self, x: Tensor) -> Capsules:
-        x = self.conv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        # channels-last in, so channels-last out: the capsules' (B, H, W, C) layout is then a view, not a
+        # copy as large as the output (on the CPU this halves the layer's training cost)
+        x = self.conv(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # (B, H, W, C)
         B, H, W, _ = x.shape
         n, d = self.num_caps, self.pose_dim
         poses = self.norm(x[..., :n * d].reshape(B, H, W, n, d))
@@ -164,6 +166,14 @@ class RoutedCapsules(nn.Module):
             self.weight.normal_(0., math.sqrt(parents / (cols * children)))
 
     def _children(self, capsules: Capsules) -> Tuple[Tensor, Optional[Tensor], Tuple[int, int, int]]:
+        """Groups of children (groups, children, rows, cols), their activations (groups, children) and the
+        output grid (B, Ho, Wo)."""
+        raise NotImplementedError
+
+    def _child_grid(self, capsules: Capsules) -> Tuple[Tensor, Optional[Tensor], Tuple[int, int], Tuple[int, int, int]]:
+        """What the fused kernel reads instead: the children as a grid (B, H, W, N, rows, cols) whose
+        (kernel_size, stride) windows are the groups, their activations (B, H, W, N), the window and the
+        output grid."""
         raise NotImplementedError
 
     def _uniform(self, children: Capsules) -> Tuple[Tensor, Tuple[int, int, int]]:
@@ -171,8 +181,8 @@ class RoutedCapsules(nn.Module):
         child_poses, child_activations, grid = self._children(children)
         return uniform_routing(child_poses, self.weight, child_activations), grid
 
-    def _fused(self, child_poses: Tensor) -> bool:
-        return self.fused_routing and not _plain_ops_only() and child_poses.device.type == 'cpu'
+    def _fused(self, poses: Tensor) -> bool:
+        return self.fused_routing and not _plain_ops_only() and poses.device.type == 'cpu'
 
     def _too_many_votes(self, child_poses: Tensor) -> bool:
         if self.max_votes is None or _plain_ops_only():
@@ -187,10 +197,10 @@ class RoutedCapsules(nn.Module):
     def fixed_votes(self, children: Capsules) -> Optional[Tensor]:
         """Votes to reuse over several passes with the same children, or None when passes form their
         own: in the fused kernel, or chunk by chunk when there are more than ``max_votes``."""
-        child_poses, _, _ = self._children(children)
-        if self._fused(child_poses) or self._too_many_votes(child_poses):
+        if self._fused(children.poses):
             return None
-        return capsule_votes(child_poses, self.weight)
+        child_poses, _, _ = self._children(children)
+        return None if self._too_many_votes(child_poses) else capsule_votes(child_poses, self.weight)
 
     def forward(
             self,
@@ -209,14 +219,17 @@ class RoutedCapsules(nn.Module):
         if parents is None:
             poses, (B, H, W) = self._uniform(children)
             child_activations = None
+        elif votes is None and self._fused(children.poses):
+            grid, grid_activations, window, (B, H, W) = self._child_grid(children)
+            parent_poses = parents.poses.reshape(-1, self.out_caps, self.child_rows, self.parent_cols)
+            with_routing = return_coefficients or self.beta_a is not None
+            poses, coefficients, agreement = fused_attention_routing(
+                grid, self.weight, parent_poses, grid_activations, with_routing, window)
+            child_activations = None if grid_activations is None else window_children(grid_activations, *window)
         else:
             child_poses, child_activations, (B, H, W) = self._children(children)
             parent_poses = parents.poses.reshape(-1, self.out_caps, self.child_rows, self.parent_cols)
-            with_routing = return_coefficients or self.beta_a is not None
-            if votes is None and self._fused(child_poses):
-                poses, coefficients, agreement = fused_attention_routing(
-                    child_poses, self.weight, parent_poses, child_activations, with_routing)
-            elif votes is None and self._too_many_votes(child_poses):
+            if votes is None and self._too_many_votes(child_poses):
                 poses, coefficients, agreement = chunked_attention_routing(
                     child_poses, self.weight, parent_poses, child_activations, self.max_votes)
             else:
@@ -293,19 +306,17 @@ class ConvCapsules(RoutedCapsules):
                 f'{type(self).__name__}(kernel_size={k}, stride={s}) needs a child grid of at least {k}x{k}, '
                 f'got {H}x{W}: the input image is too small for this capsule stack')
 
-    def _children(self, capsules: Capsules):
+    def _child_grid(self, capsules: Capsules):
         poses, activations = capsules
         self._check_grid(poses)
         B, H, W, N, _ = poses.shape
-        k, s = self.kernel_size, self.stride
-        # windows as a strided view: (B, Ho, Wo, N, d, ky, kx) -> (B, Ho, Wo, ky, kx, N, d)
-        windows = poses.unfold(1, k, s).unfold(2, k, s).permute(0, 1, 2, 5, 6, 3, 4)
-        Ho, Wo = windows.shape[1], windows.shape[2]
-        children = windows.reshape(B * Ho * Wo, k * k * N, self.child_rows, self.child_cols)
-        if activations is not None:
-            activations = activations.unfold(1, k, s).unfold(2, k, s).permute(0, 1, 2, 4, 5, 3)
-            activations = activations.reshape(B * Ho * Wo, k * k * N)
-        return children, activations, (B, Ho, Wo)
+        grid = poses.reshape(B, H, W, N, self.child_rows, self.child_cols)
+        return grid, activations, (self.kernel_size, self.stride), (B, *self.output_grid(H, W))
+
+    def _children(self, capsules: Capsules):
+        grid, activations, window, out_grid = self._child_grid(capsules)
+        children = window_children(grid, *window)
+        return children, None if activations is None else window_children(activations, *window), out_grid
 
 
 class FCCapsules(RoutedCapsules):
@@ -346,3 +357,7 @@ class FCCapsules(RoutedCapsules):
         if activations is not None:
             activations = activations.permute(0, 3, 1, 2).reshape(B, N * H * W)
         return children, activations, (B, 1, 1)
+
+    def _child_grid(self, capsules: Capsules):
+        children, activations, out_grid = self._children(capsules)  # one 1 x 1 window per image
+        return children[:, None, None], None if activations is None else activations[:, None, None], (1, 1), out_grid

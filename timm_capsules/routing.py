@@ -216,63 +216,85 @@ def _cpu_description() -> str:
         return platform.processor()
 
 
+def window_children(grid: Tensor, kernel_size: int, stride: int) -> Tensor:
+    """The k x k windows (stride s) of a grid as groups of children, as a convolutional capsule layer cuts
+    them: (B, H, W, N, R, C) child poses -> (B Ho Wo, k k N, R, C), children in (ky, kx, type) order; a
+    (B, H, W, N) grid of activations -> (B Ho Wo, k k N)."""
+    windows = grid.unfold(1, kernel_size, stride).unfold(2, kernel_size, stride)  # (B, Ho, Wo, N, [R, C,] ky, kx)
+    windows = windows.movedim((-2, -1), (3, 4))  # (B, Ho, Wo, ky, kx, N, [R, C])
+    return windows.flatten(3, 5).flatten(0, 2)
+
+
 def fused_attention_routing(
         children: Tensor,
         weight: Tensor,
         parents: Tensor,
         child_activations: Optional[Tensor] = None,
         with_routing: bool = True,
+        window: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``attention_routing(capsule_votes(children, weight), parents, child_activations)`` as one CPU kernel
     that never writes the votes to memory: each child's votes are formed, compared with the parents and
     added to them in a buffer that stays in cache, and the backward pass forms them again. Memory is
     that of the inputs and outputs, whatever the number of votes; the arithmetic is the same.
 
+    With ``window=(kernel_size, stride)``, ``children`` is a child grid (B, H, W, N, R, C) (activations
+    (B, H, W, N)) and the groups are its windows, ``window_children(children, *window)``, which the kernel
+    reads from the grid instead of a copy 9x its size (k = 3).
+
     Returns what ``attention_routing`` does; with ``with_routing=False`` the coefficients and agreement
     (each as large as the votes / d) are neither stored nor returned (None). float32 and float64 run
     natively, other dtypes in float32.
     """
+    if window is None:  # every group is one 1 x 1 window of its own
+        children = children[:, None, None]
+        child_activations = None if child_activations is None else child_activations[:, None, None]
+        window = (1, 1)
     poses, coefficients, agreement = torch.ops.timm_capsules.attention_routing(
-        children, weight, parents, child_activations, with_routing)
+        children, weight, parents, child_activations, *window, with_routing)
     return (poses, coefficients, agreement) if with_routing else (poses, None, None)
 
 
 def _kernel_layouts(children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor]):
-    """(g, i, r, c), (i, j, c, t), (g, j, r, t) -> the kernel's (g, i, r, c), (i, c, j*t), (g, r, j*t)."""
+    """(b, h, w, n, r, c), (i, j, c, t), (g, j, r, t) -> the kernel's (b, h, w, n, r, c), (i, c, t*j), (g, r, t*j)."""
     dtype = children.dtype if children.dtype in (torch.float32, torch.float64) else torch.float32
     I, J, C, T = weight.shape
     G, _, R, _ = parents.shape
     children = children.to(dtype).contiguous()
-    weight = weight.to(dtype).permute(0, 2, 1, 3).reshape(I, C, J * T).contiguous()
-    parents = parents.to(dtype).permute(0, 2, 1, 3).reshape(G, R, J * T).contiguous()
+    weight = weight.to(dtype).permute(0, 2, 3, 1).reshape(I, C, T * J).contiguous()
+    parents = parents.to(dtype).permute(0, 2, 3, 1).reshape(G, R, T * J).contiguous()
     activations = None if activations is None else activations.to(dtype).contiguous()
     return children, weight, parents, activations
 
 
 @torch.library.custom_op('timm_capsules::attention_routing', mutates_args=())
 def _attention_routing_op(
-        children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor], with_routing: bool,
+        children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor], kernel_size: int,
+        stride: int, with_routing: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     kernel = routing_kernel()
-    if kernel is None:  # the fake kernel above promises contiguous outputs, so the fallback gives them too
+    if kernel is None:  # the fake kernel below promises contiguous outputs, so the fallback gives them too
+        windows = window_children(children, kernel_size, stride)
+        window_activations = None if activations is None else window_children(activations, kernel_size, stride)
         poses, coefficients, agreement = (
             t.clone(memory_format=torch.contiguous_format)
-            for t in attention_routing(capsule_votes(children, weight), parents, activations))
+            for t in attention_routing(capsule_votes(windows, weight), parents, window_activations))
         if not with_routing:
             return poses, children.new_empty(0), children.new_empty(0)
         return poses, coefficients, agreement
     I, J, C, T = weight.shape
     G, _, R, _ = parents.shape
     poses, coefficients, agreement = kernel.forward(
-        *_kernel_layouts(children, weight, parents, activations), T, (R * T) ** -0.5, with_routing)
-    poses = poses.reshape(G, R, J, T).permute(0, 2, 1, 3)  # (g, r, j*t) -> (g, j, r, t)
+        *_kernel_layouts(children, weight, parents, activations), kernel_size, stride, T, (R * T) ** -0.5,
+        with_routing)
+    poses = poses.reshape(G, R, T, J).permute(0, 3, 1, 2)  # (g, r, t*j) -> (g, j, r, t)
     dtype = parents.dtype
     return poses.to(dtype).contiguous(), coefficients.to(dtype), agreement.to(dtype)
 
 
 @_attention_routing_op.register_fake
-def _(children, weight, parents, activations, with_routing):
-    routing_shape = (children.shape[0], children.shape[1], weight.shape[1]) if with_routing else (0,)
+def _(children, weight, parents, activations, kernel_size, stride, with_routing):
+    routing_shape = (parents.shape[0], weight.shape[0], weight.shape[1]) if with_routing else (0,)
     poses = torch.empty_like(parents, memory_format=torch.contiguous_format)
     return poses, parents.new_empty(routing_shape), parents.new_empty(routing_shape)
 
@@ -280,58 +302,76 @@ def _(children, weight, parents, activations, with_routing):
 @torch.library.custom_op('timm_capsules::attention_routing_backward', mutates_args=())
 def _attention_routing_backward_op(
         grad_poses: Tensor, grad_coefficients: Optional[Tensor], grad_agreement: Optional[Tensor],
-        children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor],
+        children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor], kernel_size: int,
+        stride: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for children, weight, parents and activations (empty when there are none)."""
     kernel = routing_kernel()
     if kernel is None:
         return _attention_routing_backward_reference(
-            grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations)
+            grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations, kernel_size, stride)
     I, J, C, T = weight.shape
     G, _, R, _ = parents.shape
     dtype = children.dtype if children.dtype in (torch.float32, torch.float64) else torch.float32
     flat = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
-    grad_poses = grad_poses.to(dtype).permute(0, 2, 1, 3).reshape(G, R, J * T).contiguous()
+    grad_poses = grad_poses.to(dtype).permute(0, 2, 3, 1).reshape(G, R, T * J).contiguous()
     d_children, d_weight, d_parents, d_activations = kernel.backward(
         grad_poses, flat(grad_coefficients), flat(grad_agreement),
-        *_kernel_layouts(children, weight, parents, activations), T, (R * T) ** -0.5)
-    d_weight = d_weight.reshape(I, C, J, T).permute(0, 2, 1, 3)  # (i, c, j*t) -> (i, j, c, t)
-    d_parents = d_parents.reshape(G, R, J, T).permute(0, 2, 1, 3)  # (g, r, j*t) -> (g, j, r, t)
+        *_kernel_layouts(children, weight, parents, activations), kernel_size, stride, T, (R * T) ** -0.5)
+    d_weight = d_weight.reshape(I, C, T, J).permute(0, 3, 1, 2)  # (i, c, t*j) -> (i, j, c, t)
+    d_parents = d_parents.reshape(G, R, T, J).permute(0, 3, 1, 2)  # (g, r, t*j) -> (g, j, r, t)
     return (d_children.to(children.dtype), d_weight.to(weight.dtype).contiguous(),
             d_parents.to(parents.dtype).contiguous(), d_activations.to(children.dtype))
 
 
 def _attention_routing_backward_reference(
-        grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations):
-    """What the kernel's backward pass computes, in plain tensor ops (votes materialised)."""
-    votes = capsule_votes(children, weight)
+        grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations, kernel_size, stride):
+    """What the kernel's backward pass computes, in plain tensor ops (windows copied, votes materialised)."""
+    windows = window_children(children, kernel_size, stride)
+    votes = capsule_votes(windows, weight)
     scale = (votes.shape[-1] * votes.shape[-2]) ** -0.5
     coefficients = (torch.einsum('gijrt,gjrt->gij', votes, parents) * scale).softmax(-1)
-    act = torch.ones_like(coefficients[..., 0]) if activations is None else activations
+    act = torch.ones_like(coefficients[..., 0]) if activations is None else window_children(activations, kernel_size, stride)
     d_mass = torch.einsum('gjrt,gijrt->gij', grad_poses, votes)
     d_coefficients = d_mass * act[..., None] + (0 if grad_coefficients is None else grad_coefficients)
     d_logits = coefficients * (d_coefficients - (coefficients * d_coefficients).sum(-1, keepdim=True))
     pull = (d_logits + (0 if grad_agreement is None else grad_agreement)) * scale
     d_votes = (torch.einsum('gij,gjrt->gijrt', coefficients * act[..., None], grad_poses)
                + torch.einsum('gij,gjrt->gijrt', pull, parents))
-    d_children = torch.einsum('gijrt,ijct->girc', d_votes, weight)
-    d_weight = torch.einsum('girc,gijrt->ijct', children, d_votes)
+    d_windows = torch.einsum('gijrt,ijct->girc', d_votes, weight)
+    d_children = _add_windows_back(d_windows, children.shape, kernel_size, stride)
+    d_weight = torch.einsum('girc,gijrt->ijct', windows, d_votes)
     d_parents = torch.einsum('gij,gijrt->gjrt', pull, votes)
-    d_activations = children.new_empty(0) if activations is None else (d_mass * coefficients).sum(-1)
+    d_activations = children.new_empty(0) if activations is None else _add_windows_back(
+        (d_mass * coefficients).sum(-1), activations.shape, kernel_size, stride)
     # contiguous, as the op's fake kernel (empty_like of contiguous inputs) tells torch.compile
     return tuple(t.contiguous() for t in (d_children, d_weight, d_parents, d_activations))
 
 
+def _add_windows_back(windows: Tensor, grid_shape: torch.Size, kernel_size: int, stride: int) -> Tensor:
+    """The adjoint of ``window_children``: each window's values added back where they came from."""
+    B, H, W, N = grid_shape[:4]
+    k, s = kernel_size, stride
+    Ho, Wo = (H - k) // s + 1, (W - k) // s + 1
+    windows = windows.reshape(B, Ho, Wo, k, k, *grid_shape[3:])
+    grid = windows.new_zeros(grid_shape)
+    for ky in range(k):
+        for kx in range(k):
+            grid[:, ky:ky + s * (Ho - 1) + 1:s, kx:kx + s * (Wo - 1) + 1:s] += windows[:, :, :, ky, kx]
+    return grid
+
+
 @_attention_routing_backward_op.register_fake
-def _(grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations):
+def _(grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations, kernel_size, stride):
     like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     d_activations = children.new_empty(0) if activations is None else like(activations)
     return like(children), like(weight), like(parents), d_activations
 
 
 def _setup_context(ctx, inputs, output):
-    children, weight, parents, activations, _ = inputs
+    children, weight, parents, activations, kernel_size, stride, _ = inputs
     ctx.save_for_backward(children, weight, parents, activations)  # the votes are formed again, not kept
+    ctx.window = kernel_size, stride
     ctx.set_materialize_grads(False)
 
 
@@ -342,8 +382,8 @@ def _backward(ctx, grad_poses, grad_coefficients, grad_agreement):
     unused = lambda grad: grad is None or grad.numel() == 0  # noqa: E731
     d_children, d_weight, d_parents, d_activations = _attention_routing_backward_op(
         grad_poses, None if unused(grad_coefficients) else grad_coefficients,
-        None if unused(grad_agreement) else grad_agreement, children, weight, parents, activations)
-    return d_children, d_weight, d_parents, None if activations is None else d_activations, None
+        None if unused(grad_agreement) else grad_agreement, children, weight, parents, activations, *ctx.window)
+    return d_children, d_weight, d_parents, None if activations is None else d_activations, None, None, None
 
 
 _attention_routing_op.register_autograd(_backward, setup_context=_setup_context)
@@ -353,9 +393,9 @@ _attention_routing_op.register_autograd(_backward, setup_context=_setup_context)
 # forward: vote 2RCT, agreement 2RT, weighted sum 2RT; backward: the vote formed again, its two
 # gradients (children, weight) 2RCT each, and 5 R T-sized products (agreement, mass, pull, dv, d parents)
 @register_flop_formula(torch.ops.timm_capsules.attention_routing)
-def _forward_flops(children_shape, weight_shape, *args, **kwargs) -> int:
+def _forward_flops(children_shape, weight_shape, parents_shape, *args, **kwargs) -> int:
     I, J, C, T = weight_shape
-    G, _, R, _ = children_shape
+    G, _, R, _ = parents_shape
     return 2 * G * I * J * R * T * (C + 2)
 
 
@@ -363,5 +403,5 @@ def _forward_flops(children_shape, weight_shape, *args, **kwargs) -> int:
 def _backward_flops(grad_poses_shape, grad_coefficients_shape, grad_agreement_shape, children_shape, weight_shape,
                     *args, **kwargs) -> int:
     I, J, C, T = weight_shape
-    G, _, R, _ = children_shape
+    G, _, R, _ = grad_poses_shape
     return 2 * G * I * J * R * T * (3 * C + 5)

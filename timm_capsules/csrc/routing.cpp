@@ -7,12 +7,19 @@
 // it for the backward pass. Here the votes of one child (parents x d values) live in a small buffer
 // that stays in L1, and the backward pass recomputes them: memory is the inputs and outputs only.
 //
-// Layouts (all contiguous; K = J * T, i.e. parent type j and pose column t flattened):
-//   children (G, I, R, C)   weight (I, C, K)   parents (G, R, K)   activations (G, I), optional
-//   poses (G, R, K)         coefficients (G, I, J)                 agreement (G, I, J)
-// With K innermost, every hot loop runs over K contiguous values and vectorises. Coefficients and
-// agreement are written only when asked for (they are as large as the votes / d); the backward pass
-// recomputes them with the votes, so nothing but the inputs is kept for it.
+// The children are read from their grid: group g = (b, ho, wo) is the k x k window at (ho s, wo s) and
+// its child i = (ky, kx, n) the capsule of type n at (ho s + ky, wo s + kx), so a convolutional layer's
+// windows (9x its grid for k = 3) are never copied out, and their gradient is added back into the grid.
+// A fully connected layer is one 1 x 1 window per image (H = W = k = 1, N = I).
+//
+// Layouts (all contiguous; K = T * J, i.e. pose column t and parent type j flattened, j innermost, so that
+// sums over a parent's columns and a parent's share spread over them are whole-vector operations):
+//   children (B, H, W, N, R, C)   weight (I, C, K), I = k k N   activations (B, H, W, N), optional
+//   parents (G, R, K), G = B Ho Wo   poses (G, R, K)   coefficients (G, I, J)   agreement (G, I, J)
+// With K innermost, every hot loop runs over K contiguous values and vectorises, with the pose rows and
+// columns inside it, so each weight column is loaded once for all rows. Coefficients and agreement are
+// written only when asked for (they are as large as the votes / d); the backward pass recomputes them
+// with the votes, so nothing but the inputs is kept for it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -26,16 +33,37 @@
 namespace {
 
 struct Sizes {
-  int64_t G, I, R, C, J, T, K;
+  int64_t B, H, W, N, k, stride, Ho, Wo, G, I, R, C, J, T, K;
 };
 
-Sizes sizes_of(const at::Tensor& children, const at::Tensor& weight, int64_t parent_cols) {
-  TORCH_CHECK(children.dim() == 4 && weight.dim() == 3, "children (G, I, R, C) and weight (I, C, K) expected");
-  Sizes s{children.size(0), children.size(1), children.size(2), children.size(3), 0, parent_cols, weight.size(2)};
-  TORCH_CHECK(weight.size(0) == s.I && weight.size(1) == s.C, "weight does not match the children");
-  TORCH_CHECK(s.K % s.T == 0, "weight's last axis must be parents x pose columns");
+Sizes sizes_of(const at::Tensor& children, const at::Tensor& weight, int64_t kernel_size, int64_t stride,
+               int64_t parent_cols) {
+  TORCH_CHECK(children.dim() == 6 && weight.dim() == 3, "children (B, H, W, N, R, C) and weight (I, C, K) expected");
+  Sizes s{};
+  s.B = children.size(0), s.H = children.size(1), s.W = children.size(2), s.N = children.size(3);
+  s.R = children.size(4), s.C = children.size(5), s.k = kernel_size, s.stride = stride;
+  TORCH_CHECK(s.k >= 1 && s.stride >= 1 && s.H >= s.k && s.W >= s.k, "the windows do not fit the child grid");
+  s.Ho = (s.H - s.k) / s.stride + 1, s.Wo = (s.W - s.k) / s.stride + 1, s.G = s.B * s.Ho * s.Wo;
+  s.I = s.k * s.k * s.N, s.T = parent_cols, s.K = weight.size(2);
+  TORCH_CHECK(weight.size(0) == s.I && weight.size(1) == s.C, "weight does not match the children's windows");
+  TORCH_CHECK(s.K % s.T == 0, "weight's last axis must be pose columns x parents");
   s.J = s.K / s.T;
   return s;
+}
+
+// where child i of a window is, in capsules from the window's corner: (ky W + kx) N + n
+std::vector<int64_t> window_offsets(const Sizes& s) {
+  std::vector<int64_t> offsets(s.I);
+  for (int64_t ky = 0; ky < s.k; ++ky)
+    for (int64_t kx = 0; kx < s.k; ++kx)
+      for (int64_t n = 0; n < s.N; ++n) offsets[(ky * s.k + kx) * s.N + n] = (ky * s.W + kx) * s.N + n;
+  return offsets;
+}
+
+// the capsule at group g's window corner
+inline int64_t window_corner(const Sizes& s, int64_t g) {
+  const int64_t b = g / (s.Ho * s.Wo), ho = g / s.Wo % s.Ho, wo = g % s.Wo;
+  return ((b * s.H + ho * s.stride) * s.W + wo * s.stride) * s.N;
 }
 
 // Kernels take the pose shape as a template argument N when it is N x N for children and parents (the
@@ -49,45 +77,40 @@ struct Dims {
   int64_t T() const { return N ? N : T_; }
 };
 
-// v (R, K) = u (R, C) @ w (C, K), and prod (K) = sum_r v[r] * p[r]: the votes and, per entry, their
-// agreement with the parents, in one sweep that keeps each vote in registers
-template <typename scalar_t, int N>
-inline void votes_and_agreement(const scalar_t* u, const scalar_t* w, const scalar_t* p, scalar_t* v, scalar_t* prod,
-                                const Dims<N>& d) {
-  for (int64_t r = 0; r < d.R(); ++r) {
-    scalar_t* vr = v + r * d.K;
-    const scalar_t* ur = u + r * d.C();
-    const scalar_t* pr = p + r * d.K;
+// v (R, K) = u (R, C) @ w (C, K), and per entry k its products with the parents, sum_r v[r] p[r], and
+// (backward pass) with the poses' gradient, sum_r v[r] dP[r]: one sweep over k that loads each weight
+// column once for all rows
+// (The buffers never overlap, and saying so with __restrict__ lets the compiler keep u in registers and
+// interleave the rows; without it each store to v orders every later load.)
+template <typename scalar_t, int N, bool WithGrad = false>
+inline void votes_and_agreement(const scalar_t* __restrict__ u, const scalar_t* __restrict__ w,
+                                const scalar_t* __restrict__ p, scalar_t* __restrict__ v, scalar_t* __restrict__ prod,
+                                const Dims<N>& d, const scalar_t* __restrict__ dP = nullptr,
+                                scalar_t* __restrict__ d_prod = nullptr) {
 #pragma omp simd
-    for (int64_t k = 0; k < d.K; ++k) {
-      scalar_t sum = 0;
-      for (int64_t c = 0; c < d.C(); ++c) sum += ur[c] * w[c * d.K + k];
-      vr[k] = sum;
-      prod[k] = (r ? prod[k] : scalar_t(0)) + sum * pr[k];
+  for (int64_t k = 0; k < d.K; ++k) {
+    scalar_t with_parents = 0, with_grad = 0;
+    for (int64_t r = 0; r < d.R(); ++r) {
+      scalar_t vote = 0;
+      for (int64_t c = 0; c < d.C(); ++c) vote += u[r * d.C() + c] * w[c * d.K + k];
+      v[r * d.K + k] = vote;
+      with_parents += vote * p[r * d.K + k];
+      if constexpr (WithGrad) with_grad += vote * dP[r * d.K + k];
     }
+    prod[k] = with_parents;
+    if constexpr (WithGrad) d_prod[k] = with_grad;
   }
 }
 
-// out[j] = sum_t prod[j T + t] * scale
+// out[j] = sum_t prod[t J + j] * scale
 template <typename scalar_t, int N>
 inline void per_parent_sum(const scalar_t* prod, scalar_t scale, scalar_t* out, const Dims<N>& d) {
+#pragma omp simd
   for (int64_t j = 0; j < d.J; ++j) {
     scalar_t sum = 0;
-    for (int64_t t = 0; t < d.T(); ++t) sum += prod[j * d.T() + t];
+    for (int64_t t = 0; t < d.T(); ++t) sum += prod[t * d.J + j];
     out[j] = sum * scale;
   }
-}
-
-// out[j] = sum_{r, t} x[r, j T + t] y[r, j T + t]; prod is a K-long scratch buffer
-template <typename scalar_t, int N>
-inline void per_parent_dot(const scalar_t* x, const scalar_t* y, scalar_t* prod, scalar_t* out, const Dims<N>& d) {
-  for (int64_t r = 0; r < d.R(); ++r) {
-    const scalar_t* xr = x + r * d.K;
-    const scalar_t* yr = y + r * d.K;
-#pragma omp simd
-    for (int64_t k = 0; k < d.K; ++k) prod[k] = (r ? prod[k] : scalar_t(0)) + xr[k] * yr[k];
-  }
-  per_parent_sum(prod, scalar_t(1), out, d);
 }
 
 // e^x for x <= 0 (a logit minus the maximum) in a form the compiler vectorises, which std::exp is not:
@@ -127,67 +150,114 @@ inline void softmax(const scalar_t* logits, scalar_t* out, int64_t J) {
   for (int64_t j = 0; j < J; ++j) out[j] *= inverse;
 }
 
-// out[j T + t] = per_parent[j] * factor
+// out[t J + j] = per_parent[j] * factor
 template <typename scalar_t, int N>
 inline void spread(const scalar_t* per_parent, scalar_t factor, scalar_t* out, const Dims<N>& d) {
-  for (int64_t j = 0; j < d.J; ++j)
-    for (int64_t t = 0; t < d.T(); ++t) out[j * d.T() + t] = per_parent[j] * factor;
+  for (int64_t t = 0; t < d.T(); ++t) {
+#pragma omp simd
+    for (int64_t j = 0; j < d.J; ++j) out[t * d.J + j] = per_parent[j] * factor;
+  }
+}
+
+// out (R, K) += mass (K) * v (R, K)
+template <typename scalar_t, int N>
+inline void add_weighted_votes(const scalar_t* __restrict__ mass, const scalar_t* __restrict__ v,
+                               scalar_t* __restrict__ out, const Dims<N>& d) {
+#pragma omp simd
+  for (int64_t k = 0; k < d.K; ++k)
+    for (int64_t r = 0; r < d.R(); ++r) out[r * d.K + k] += mass[k] * v[r * d.K + k];
+}
+
+// the votes' gradient dv = mass dP + pull p, and what it gives: d parents += pull v, dW (C, K) += u^T dv
+template <typename scalar_t, int N>
+inline void vote_gradients(const scalar_t* __restrict__ mass, const scalar_t* __restrict__ pull,
+                           const scalar_t* __restrict__ dP, const scalar_t* __restrict__ p,
+                           const scalar_t* __restrict__ v, const scalar_t* __restrict__ u, scalar_t* __restrict__ dv,
+                           scalar_t* __restrict__ dp, scalar_t* __restrict__ dw, const Dims<N>& d) {
+#pragma omp simd
+  for (int64_t k = 0; k < d.K; ++k) {
+    for (int64_t r = 0; r < d.R(); ++r) {
+      const int64_t o = r * d.K + k;
+      dv[o] = mass[k] * dP[o] + pull[k] * p[o];
+      dp[o] += pull[k] * v[o];
+    }
+    for (int64_t c = 0; c < d.C(); ++c) {
+      scalar_t sum = dw[c * d.K + k];
+      for (int64_t r = 0; r < d.R(); ++r) sum += u[r * d.C() + c] * dv[r * d.K + k];
+      dw[c * d.K + k] = sum;
+    }
+  }
+}
+
+// du (R, C) += dv (R, K) @ w (C, K)^T
+template <typename scalar_t, int N>
+inline void add_dv_wt(const scalar_t* __restrict__ dv, const scalar_t* __restrict__ w, scalar_t* __restrict__ du,
+                      const Dims<N>& d) {
+  for (int64_t r = 0; r < d.R(); ++r)
+    for (int64_t c = 0; c < d.C(); ++c) {
+      scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < d.K; ++k) sum += dv[r * d.K + k] * w[c * d.K + k];
+      du[r * d.C() + c] += sum;
+    }
 }
 
 template <typename scalar_t, int N>
 void forward_kernel(const scalar_t* u, const scalar_t* w, const scalar_t* p, const scalar_t* activations,
                     scalar_t scale, const Sizes& s, scalar_t* out, scalar_t* coef, scalar_t* agree) {
   const Dims<N> d(s);
+  const std::vector<int64_t> offsets = window_offsets(s);
   at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> v(d.R() * d.K), prod(d.K), mass(d.K), logits(d.J), r(d.J);
     for (int64_t g = begin; g < end; ++g) {
+      const int64_t corner = window_corner(s, g);
       const scalar_t* pg = p + g * d.R() * d.K;
       scalar_t* og = out + g * d.R() * d.K;
       std::fill(og, og + d.R() * d.K, scalar_t(0));
       for (int64_t i = 0; i < s.I; ++i) {
-        const int64_t gi = g * s.I + i;
-        votes_and_agreement(u + gi * d.R() * d.C(), w + i * d.C() * d.K, pg, v.data(), prod.data(), d);
+        const int64_t child = corner + offsets[i], gi = g * s.I + i;
+        votes_and_agreement(u + child * d.R() * d.C(), w + i * d.C() * d.K, pg, v.data(), prod.data(), d);
         per_parent_sum(prod.data(), scale, logits.data(), d);
         softmax(logits.data(), r.data(), d.J);
         if (agree) std::copy(logits.begin(), logits.end(), agree + gi * d.J);
         if (coef) std::copy(r.begin(), r.end(), coef + gi * d.J);
-        spread(r.data(), activations ? activations[gi] : scalar_t(1), mass.data(), d);
-        for (int64_t row = 0; row < d.R(); ++row) {
-          const scalar_t* vr = v.data() + row * d.K;
-          scalar_t* orow = og + row * d.K;
-#pragma omp simd
-          for (int64_t k = 0; k < d.K; ++k) orow[k] += mass[k] * vr[k];
-        }
+        spread(r.data(), activations ? activations[child] : scalar_t(1), mass.data(), d);
+        add_weighted_votes(mass.data(), v.data(), og, d);
       }
     }
   });
 }
 
+// Threads split the images, so that the windows of one image, which overlap, add their gradients into
+// the children's grid from one thread.
 template <typename scalar_t, int N>
 void backward_kernel(const scalar_t* dP, const scalar_t* grad_coef, const scalar_t* grad_agree, const scalar_t* u,
                      const scalar_t* w, const scalar_t* p, const scalar_t* activations, scalar_t scale, const Sizes& s,
                      scalar_t* du, scalar_t* dw_all, scalar_t* dp, scalar_t* grad_activations) {
   const Dims<N> d(s);
-  at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
+  const std::vector<int64_t> offsets = window_offsets(s);
+  const int64_t windows_per_image = s.Ho * s.Wo;
+  at::parallel_for(0, s.B, 1, [&](int64_t image_begin, int64_t image_end) {
     // each thread sums its own weight gradient; they are added up afterwards
     scalar_t* dw = dw_all + at::get_thread_num() * s.I * d.C() * d.K;
-    std::vector<scalar_t> v(d.R() * d.K), dv(d.R() * d.K), prod(d.K), mass(d.K), pull(d.K);
+    std::vector<scalar_t> v(d.R() * d.K), dv(d.R() * d.K), prod(d.K), d_prod(d.K), mass(d.K), pull(d.K);
     std::vector<scalar_t> d_mass(d.J), d_coef(d.J), d_logit(d.J), logits(d.J), r(d.J);
-    for (int64_t g = begin; g < end; ++g) {
+    for (int64_t g = image_begin * windows_per_image; g < image_end * windows_per_image; ++g) {
+      const int64_t corner = window_corner(s, g);
       const scalar_t* pg = p + g * d.R() * d.K;
       const scalar_t* dPg = dP + g * d.R() * d.K;
       scalar_t* dpg = dp + g * d.R() * d.K;
       std::fill(dpg, dpg + d.R() * d.K, scalar_t(0));
       for (int64_t i = 0; i < s.I; ++i) {
-        const int64_t gi = g * s.I + i;
-        const scalar_t* ui = u + gi * d.R() * d.C();
+        const int64_t child = corner + offsets[i], gi = g * s.I + i;
+        const scalar_t* ui = u + child * d.R() * d.C();
         const scalar_t* wi = w + i * d.C() * d.K;
-        const scalar_t act = activations ? activations[gi] : scalar_t(1);
-        votes_and_agreement(ui, wi, pg, v.data(), prod.data(), d);
+        const scalar_t act = activations ? activations[child] : scalar_t(1);
+        // P_j = sum_i r_ij act_i v_ij: the gradient of the mass r_ij act_i is <dP_j, v_ij>
+        votes_and_agreement<scalar_t, N, true>(ui, wi, pg, v.data(), prod.data(), d, dPg, d_prod.data());
         per_parent_sum(prod.data(), scale, logits.data(), d);
         softmax(logits.data(), r.data(), d.J);
-        // P_j = sum_i r_ij act_i v_ij: gradient of the mass r_ij act_i is <dP_j, v_ij>
-        per_parent_dot(dPg, v.data(), prod.data(), d_mass.data(), d);
+        per_parent_sum(d_prod.data(), scalar_t(1), d_mass.data(), d);
         scalar_t weighted = 0;
         for (int64_t j = 0; j < d.J; ++j) {
           d_coef[j] = d_mass[j] * act + (grad_coef ? grad_coef[gi * d.J + j] : scalar_t(0));
@@ -196,41 +266,15 @@ void backward_kernel(const scalar_t* dP, const scalar_t* grad_coef, const scalar
         if (grad_activations) {
           scalar_t d_act = 0;
           for (int64_t j = 0; j < d.J; ++j) d_act += d_mass[j] * r[j];
-          grad_activations[gi] = d_act;
+          grad_activations[child] += d_act;
         }
         // softmax backward, then a_ij = scale <p_j, v_ij>
         for (int64_t j = 0; j < d.J; ++j)
           d_logit[j] = (r[j] * (d_coef[j] - weighted) + (grad_agree ? grad_agree[gi * d.J + j] : scalar_t(0))) * scale;
         spread(r.data(), act, mass.data(), d);
         spread(d_logit.data(), scalar_t(1), pull.data(), d);
-        // dv = mass dP + pull p;  d parents += pull v;  v = u W: du (R, C) = dv W^T, dW (C, K) += u^T dv
-        scalar_t* dui = du + gi * d.R() * d.C();
-        scalar_t* dwi = dw + i * d.C() * d.K;
-        for (int64_t row = 0; row < d.R(); ++row) {
-          const int64_t o = row * d.K;
-          scalar_t* dvr = dv.data() + o;
-#pragma omp simd
-          for (int64_t k = 0; k < d.K; ++k) {
-            dvr[k] = mass[k] * dPg[o + k] + pull[k] * pg[o + k];
-            dpg[o + k] += pull[k] * v[o + k];
-          }
-          for (int64_t c = 0; c < d.C(); ++c) {
-            const scalar_t* wc = wi + c * d.K;
-            scalar_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t k = 0; k < d.K; ++k) sum += dvr[k] * wc[k];
-            dui[row * d.C() + c] = sum;
-          }
-        }
-        for (int64_t c = 0; c < d.C(); ++c) {
-          scalar_t* dwc = dwi + c * d.K;
-#pragma omp simd
-          for (int64_t k = 0; k < d.K; ++k) {
-            scalar_t sum = dwc[k];
-            for (int64_t row = 0; row < d.R(); ++row) sum += ui[row * d.C() + c] * dv[row * d.K + k];
-            dwc[k] = sum;
-          }
-        }
+        vote_gradients(mass.data(), pull.data(), dPg, pg, v.data(), ui, dv.data(), dpg, dw + i * d.C() * d.K, d);
+        add_dv_wt(dv.data(), wi, du + child * d.R() * d.C(), d);
       }
     }
   });
@@ -254,10 +298,10 @@ void check_inputs(const at::Tensor& children, const at::Tensor& weight, const at
     TORCH_CHECK(t->scalar_type() == children.scalar_type(), "the fused routing kernel needs one dtype");
   }
   TORCH_CHECK(parents.size(0) == s.G && parents.size(1) == s.R && parents.size(2) == s.K,
-              "parents (G, R, K) do not match the children and weight");
+              "parents (G, R, K) do not match the children's windows and the weight");
   if (activations) {
     TORCH_CHECK(activations->is_contiguous() && activations->scalar_type() == children.scalar_type() &&
-                activations->numel() == s.G * s.I, "activations (G, I) do not match the children");
+                activations->numel() == s.B * s.H * s.W * s.N, "activations (B, H, W, N) do not match the children");
   }
 }
 
@@ -265,9 +309,9 @@ void check_inputs(const at::Tensor& children, const at::Tensor& weight, const at
 
 // with_routing: also return coefficients and agreement (G, I, J); else they are empty
 std::vector<at::Tensor> routing_forward(const at::Tensor& children, const at::Tensor& weight, const at::Tensor& parents,
-                                        const std::optional<at::Tensor>& activations, int64_t parent_cols, double scale,
-                                        bool with_routing) {
-  const Sizes s = sizes_of(children, weight, parent_cols);
+                                        const std::optional<at::Tensor>& activations, int64_t kernel_size,
+                                        int64_t stride, int64_t parent_cols, double scale, bool with_routing) {
+  const Sizes s = sizes_of(children, weight, kernel_size, stride, parent_cols);
   check_inputs(children, weight, parents, activations, s);
   auto poses = at::empty({s.G, s.R, s.K}, children.options());
   auto routing_shape = with_routing ? std::vector<int64_t>{s.G, s.I, s.J} : std::vector<int64_t>{0};
@@ -289,17 +333,17 @@ std::vector<at::Tensor> routing_forward(const at::Tensor& children, const at::Te
 std::vector<at::Tensor> routing_backward(const at::Tensor& grad_poses, const std::optional<at::Tensor>& grad_coefficients,
                                          const std::optional<at::Tensor>& grad_agreement, const at::Tensor& children,
                                          const at::Tensor& weight, const at::Tensor& parents,
-                                         const std::optional<at::Tensor>& activations, int64_t parent_cols,
-                                         double scale) {
-  const Sizes s = sizes_of(children, weight, parent_cols);
+                                         const std::optional<at::Tensor>& activations, int64_t kernel_size,
+                                         int64_t stride, int64_t parent_cols, double scale) {
+  const Sizes s = sizes_of(children, weight, kernel_size, stride, parent_cols);
   check_inputs(children, weight, parents, activations, s);
   TORCH_CHECK(grad_poses.is_contiguous(), "contiguous gradients expected");
   for (const auto* t : {&grad_coefficients, &grad_agreement})
     TORCH_CHECK(!*t || ((*t)->is_contiguous() && (*t)->numel() == s.G * s.I * s.J), "gradient of (G, I, J) expected");
-  auto grad_children = at::empty_like(children);
+  auto grad_children = at::zeros_like(children);  // windows add into it
   auto grad_parents = at::empty_like(parents);
   auto grad_weight_per_thread = at::zeros({at::get_num_threads(), s.I, s.C, s.K}, weight.options());
-  auto grad_activations = activations ? at::empty_like(*activations) : at::empty({0}, children.options());
+  auto grad_activations = activations ? at::zeros_like(*activations) : at::empty({0}, children.options());
   AT_DISPATCH_FLOATING_TYPES(children.scalar_type(), "routing_backward", [&] {
     with_pose_shape(s, [&](auto four) {
       constexpr int N = decltype(four)::value;
@@ -316,6 +360,6 @@ std::vector<at::Tensor> routing_backward(const at::Tensor& grad_poses, const std
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &routing_forward, "fused attention routing pass (CPU)");
+  m.def("forward", &routing_forward, "fused attention routing pass over a child grid's windows (CPU)");
   m.def("backward", &routing_backward, "its backward pass, votes recomputed (CPU)");
 }
