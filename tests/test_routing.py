@@ -343,6 +343,7 @@ ROUTING_SHAPES = [  # groups, children, parents, rows, cols, parent cols
     (6, 18, 5, 4, 4, 4),  # 4x4 matrix poses, a conv window
     (3, 11, 4, 1, 8, 5),  # vector poses changing dimension
     (2, 30, 10, 3, 3, 3),  # 3x3 matrix poses, more parents
+    (3, 9, 32, 4, 4, 4),  # the paper's 32 parent types: 4 x 32 pose columns, the kernel's 16-lane paths
 ]
 
 
@@ -384,11 +385,11 @@ def copied_windows(grid, kernel_size, stride):
 
 
 @pytest.mark.parametrize('activations', [False, True])
-@pytest.mark.parametrize('window', [(3, 1), (3, 2), (2, 2)])
-def test_fused_routing_over_grid_windows_equals_copied_windows(window, activations, kernel):
+@pytest.mark.parametrize('window, parents', [((3, 1), 5), ((3, 2), 32), ((2, 2), 16)])
+def test_fused_routing_over_grid_windows_equals_copied_windows(window, parents, activations, kernel):
     """The kernel reads a conv layer's windows from the grid and adds their gradients back into it; the
     reference copies every window out first. Outputs and gradients, in float32, to 1e-5."""
-    inputs = grid_inputs(2, 7, 6, 3, *window, parents=5, activations=activations)
+    inputs = grid_inputs(2, 7, 6, 3, *window, parents=parents, activations=activations)
     grid, weight, parents, acts = inputs + [None] * (4 - len(inputs))
     expected = attention_routing(capsule_votes(copied_windows(grid, *window), weight), parents,
                                  None if acts is None else copied_windows(acts, *window))
