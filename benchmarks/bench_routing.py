@@ -5,6 +5,7 @@ kernel's arithmetic rate beside a plain matmul's, all measured in this run.
     python benchmarks/bench_routing.py                 # all threads
     python benchmarks/bench_routing.py --threads 1 --cpu-time   # one core, CPU time: least disturbed
     python benchmarks/bench_routing.py --json benchmarks/results/routing_kernel_cpu.json
+    python benchmarks/bench_routing.py --smoke         # batch 2, one call each: checks the harness runs
 
 The rate counts what ``torch.utils.flop_counter`` counts for the op (``routing._forward_flops`` /
 ``_backward_flops``); ``of_matmul`` is that rate over a 2048^2 float32 matmul's.
@@ -13,6 +14,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -57,6 +59,7 @@ def layer_inputs(batch, size, types, kernel_size, stride, parents):
 
 
 def measure(name, batch, size, types, kernel_size, stride, parents, repeats):
+    """One layer's pass, fused and plain: forward alone (no grad) and forward + backward, median times."""
     grid, weight, parent_poses = layer_inputs(batch, size, types, kernel_size, stride, parents)
     window = (kernel_size, stride)
 
@@ -92,7 +95,7 @@ def matmul_gflops(repeats=5):
     return 2 * 2048 ** 3 / timed(lambda: a @ b, repeats) / 1e9
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--threads', type=int, help='torch threads (default: all)')
     parser.add_argument('--repeats', type=int, default=5, help='timed calls per measurement (median)')
@@ -100,13 +103,15 @@ def main():
                         help='time by CPU time of this process, not wall time: with --threads 1, a comparison '
                              'that other work on the machine disturbs less')
     parser.add_argument('--json', dest='json_path', help='also write the results to this file')
-    args = parser.parse_args()
+    parser.add_argument('--smoke', action='store_true', help='batch 2, one timed call each (seconds)')
+    args = parser.parse_args(argv)
     global CLOCK
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = matmul_gflops()
-    results = [measure(*layer, args.repeats) for layer in LAYERS]
+    layers = [(name, 2, *rest) for name, _, *rest in LAYERS] if args.smoke else LAYERS
+    results = [measure(*layer, 1 if args.smoke else args.repeats) for layer in layers]
     for r in results:
         r['forward_of_matmul'] = r['fused_forward_gflops'] / peak
         r['step_of_matmul'] = r['fused_step_gflops'] / peak
@@ -117,12 +122,15 @@ def main():
         print(f"{r['layer']:28s} {r['fused_forward_ms']:8.1f} {r['plain_forward_ms']:8.1f} {r['fused_step_ms']:11.1f} "
               f"{r['plain_step_ms']:8.1f} {r['fused_forward_gflops']:12.1f} {r['fused_step_gflops']:8.1f} "
               f"{100 * r['step_of_matmul']:8.0f}%")
+    command = 'benchmarks/bench_routing.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:]))
     record = dict(machine=dict(device_name=f'{platform.machine()} CPU', threads=torch.get_num_threads(),
-                               torch=torch.__version__, matmul_gflops=peak, clock=CLOCK.__name__), results=results)
+                               torch=torch.__version__, matmul_gflops=peak, clock=CLOCK.__name__, command=command),
+                  results=results)
     print(json.dumps(record))
     if args.json_path:
         with open(args.json_path, 'w') as f:
             json.dump(record, f, indent=2)
+    return record
 
 
 if __name__ == '__main__':

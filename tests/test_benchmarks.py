@@ -53,6 +53,17 @@ def test_em_benchmark_smoke(capsys):
     assert '"em_over_ida"' in capsys.readouterr().out  # one JSON object on stdout
 
 
+def test_routing_kernel_benchmark_smoke(capsys):
+    """The kernel alone, fused against plain ops, on every capsule layer of the paper's CIFAR stack; rendered."""
+    record = load('bench_routing').main(['--smoke', '--threads', '1'])
+    assert [r['layer'] for r in record['results']] == [layer[0] for layer in load('bench_routing').LAYERS]
+    for row in record['results']:
+        assert row['batch'] == 2 and row['fused_step_ms'] > 0 and row['plain_step_ms'] > 0
+        assert row['step_gflop'] > row['forward_gflop'] > 0  # the FLOP counter sees the fused op's backward too
+    assert record['machine']['threads'] == 1 and '"results"' in capsys.readouterr().out
+    assert '| conv 16x16 -> 7x7 (k3 s2) |' in load('report').render_record('smoke.json', record)
+
+
 def test_report_renders_every_committed_result():
     """The README's performance block is rendered from every file in benchmarks/results, EM's throughput included."""
     results = sorted((BENCHMARKS / 'results').glob('*.json'))
