@@ -782,6 +782,14 @@ def test_a_verified_build_loads_without_compiling_or_cpp_extension(build_copy):
     assert 'compiling' not in done.stderr and 'No CUDA runtime' not in done.stderr
 
 
+def test_a_build_is_verified_against_its_source_and_the_shared_header(kernel):
+    """A build stands for its .cpp and csrc/vector_math.h together: a changed header alone rebuilds it."""
+    folder, name = routing._kernel_build_folder()
+    identity = (folder / f'{name}.sha256').read_text().split('\n')[0].split()
+    header = routing.KERNEL_SOURCE.parent / 'vector_math.h'
+    assert identity[:2] == [routing._sha256(routing.KERNEL_SOURCE), routing._sha256(header)]
+
+
 @pytest.mark.slow
 def test_a_truncated_build_is_rebuilt_not_loaded(build_copy):
     """A truncated library would crash the process (SIGBUS) when loaded: its checksum no longer matches,

@@ -142,7 +142,9 @@ def load_extension(source: Path, kind: str):
     False, with a warning, when it cannot be built. ``kind`` names the build folder and the library."""
     folder, name = _kernel_build_folder(kind)
     library, stamp = folder / f'{name}.so', folder / f'{name}.sha256'
-    expected = f"{_sha256(source)} {library.name} {' '.join(KERNEL_CFLAGS)}"
+    # the headers the sources share (csrc/*.h) are part of every build
+    sources = [source, *sorted(source.parent.glob('*.h'))]
+    expected = f"{' '.join(_sha256(path) for path in sources)} {library.name} {' '.join(KERNEL_CFLAGS)}"
     try:
         verified = stamp.read_text().split('\n')[:2] == [expected, _sha256(library)]
     except OSError:
@@ -190,7 +192,10 @@ def _build_kernel(name: str, folder: Path, library: Path, stamp: Path, expected:
           file=sys.stderr, flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
-    library.unlink(missing_ok=True)  # a damaged library must be linked again, not trusted by ninja's timestamps
+    # a damaged library must be linked again, and objects compiled again (a changed header), not trusted by
+    # ninja's timestamps
+    for stale in (library, *folder.glob('*.o')):
+        stale.unlink(missing_ok=True)
     done = threading.Event()
 
     def sign_of_life():

@@ -14,6 +14,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "vector_math.h"
+
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -24,6 +26,8 @@
 
 namespace {
 
+using namespace timm_capsules;
+
 struct Config {
   int64_t G, I, R, C, T, J, D;
   std::vector<double> lambdas;  // one inverse temperature per iteration
@@ -31,41 +35,6 @@ struct Config {
   double eps;
   int64_t iterations() const { return static_cast<int64_t>(lambdas.size()); }
 };
-
-// e^x for x <= 0 in a form the compiler vectorises (std::exp is not): routing.cpp's polynomial (Cephes,
-// relative error < 2e-7), with n = round(x / ln2) by the 1.5 * 2^23 trick instead of std::floor, which GCC
-// leaves scalar without -ffast-math
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  const float e_r = q * r * r + r + 1.0f;
-  return e_r * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-}
-
-inline double exp_nonpositive(double x) { return std::exp(x); }
-
-// softmax over the J parents, in place of routing.cpp's (a separate function: its exp loop vectorises)
-template <typename scalar_t>
-inline void softmax(const scalar_t* logits, scalar_t* out, int64_t J) {
-  scalar_t max = logits[0];
-  for (int64_t j = 1; j < J; ++j) max = std::max(max, logits[j]);
-  scalar_t total = 0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t j = 0; j < J; ++j) {
-    out[j] = exp_nonpositive(logits[j] - max);
-    total += out[j];
-  }
-  const scalar_t inverse = scalar_t(1) / total;
-#pragma omp simd
-  for (int64_t j = 0; j < J; ++j) out[j] *= inverse;
-}
 
 template <typename scalar_t>
 inline scalar_t sigmoid(scalar_t x) { return scalar_t(1) / (scalar_t(1) + std::exp(-x)); }
@@ -125,8 +94,7 @@ struct Group {
           }
         }
       }
-#pragma omp simd reduction(max : largest)
-      for (int64_t e = 0; e < D * J; ++e) largest = std::max(largest, std::abs(vi[e]));
+      largest = std::max(largest, max_abs_of(vi, D * J));
     }
     scale = std::max(largest, static_cast<scalar_t>(FLT_MIN));  // the reference's clamp (float32's tiny)
     log_scale = std::log(scale);
@@ -430,22 +398,15 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
           for (int64_t d = 0; d < D; ++d) G_::template quadratic_form<JN>(vi + d * J, p1 + d * J, p2 + d * J, r, J);
           const scalar_t a = ag[i];
           if (t == 0) {
-            scalar_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < J; ++j) sum += r[j];
-            dag[i] += sum / scalar_t(J);
+            dag[i] += sum_of(r, J) / scalar_t(J);
             continue;
           }
           const scalar_t* Ri = group.assign.data() + (t * I + i) * J;
           const scalar_t* gR = last && grad_assign ? grad_assign + (g * I + i) * J : nullptr;
-          scalar_t d_act = 0, dot = 0;
-#pragma omp simd reduction(+ : d_act, dot)
-          for (int64_t j = 0; j < J; ++j) {
-            d_act += r[j] * Ri[j];
-            dRi[j] = r[j] * a + (gR ? gR[j] : scalar_t(0));
-            dot += Ri[j] * dRi[j];
-          }
-          dag[i] += d_act;
+#pragma omp simd
+          for (int64_t j = 0; j < J; ++j) dRi[j] = r[j] * a + (gR ? gR[j] : scalar_t(0));
+          const scalar_t dot = dot_of(Ri, dRi, J);
+          dag[i] += dot_of(r, Ri, J);
           scalar_t* dLi = dL.data() + ((t - 1) * I + i) * J;
           scalar_t* ls = dls.data();
           scalar_t* cc = dc.data();
@@ -543,13 +504,7 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
               for (int64_t j = 0; j < J; ++j) ac[j] += dv[j] * wc[j];
             }
           }
-          for (int64_t c = 0; c < C; ++c) {
-            scalar_t sum = 0;
-            const scalar_t* ac = acc + c * J;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < J; ++j) sum += ac[j];
-            dui[r * C + c] = sum;
-          }
+          for (int64_t c = 0; c < C; ++c) dui[r * C + c] = sum_of(acc + c * J, J);
         }
         for (int64_t c = 0; c < C; ++c) {
           for (int64_t t = 0; t < T; ++t) {
