@@ -34,7 +34,7 @@ def render_record(name, result):
             '| plain fwd+bwd ms | fused GFLOP/s fwd | fwd+bwd | of matmul |',
             '|---|---:|---:|---:|---:|---:|---:|---:|',
         ]
-        lines += [f"| {r['layer']} | {r['fused_forward_ms']:.1f} | {r['plain_forward_ms']:.1f} "
+        lines += [f"| {r['layer']}, batch {r['batch']} | {r['fused_forward_ms']:.1f} | {r['plain_forward_ms']:.1f} "
                   f"| {r['fused_step_ms']:.1f} | {r['plain_step_ms']:.1f} | {r['fused_forward_gflops']:.1f} "
                   f"| {r['fused_step_gflops']:.1f} | {100 * r['step_of_matmul']:.0f}% |" for r in result['results']]
         return '\n'.join(lines + [''])
