@@ -13,12 +13,13 @@ printed (and written with ``--json``).
     python benchmarks/bench_em.py --json benchmarks/results/em_throughput_cpu.json
 """
 import argparse
-import json
 import platform
 import statistics
 import subprocess
 import time
 from pathlib import Path
+
+from harness import emit  # benchmarks/ is the script's directory
 
 MODELS = {'em': 'em_capsnet_simple_cifar10', 'ida': 'capsnet_simple_cifar10'}
 
@@ -88,12 +89,7 @@ def main(argv=None):
         batch_size=args.batch_size, img_size=args.img_size, in_chans=1, steps=args.steps,
         torch=torch.__version__, cpu=_cpu_name(), threads=torch.get_num_threads(), commit=_commit(),
     )
-    print(json.dumps(result))
-    if args.json_path:
-        with open(args.json_path, 'w') as f:
-            json.dump(result, f, indent=2)
-            f.write('\n')
-    return result
+    return emit(result, args.json_path)
 
 
 if __name__ == '__main__':

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from harness import emit, matmul_gflops  # benchmarks/ is the script's directory
+
 DEFAULT_MODELS = ['capsnet_resnet_cifar10', 'capsnet_simple_cifar10', 'resnet18_cifar10']
 
 
@@ -135,22 +137,6 @@ def _peak_memory(device):
 def _current_rss_bytes():
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
-def matmul_gflops(device, size=2048, repeats=5):
-    import torch
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    a @ b
-    best = float('inf')
-    for _ in range(repeats):
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
 
 
 def run_in_fresh_process(case, args):
@@ -276,11 +262,7 @@ def main(argv=None):
     result = dict(machine=machine, results=summary)
     print_table(summary, machine, args.reference)
     print_profiles(summary)
-    print(json.dumps(result))
-    if args.json_path:
-        with open(args.json_path, 'w') as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.json_path)
 
 
 if __name__ == '__main__':

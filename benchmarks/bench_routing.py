@@ -11,7 +11,6 @@ The rate counts what ``torch.utils.flop_counter`` counts for the op (``routing._
 ``_backward_flops``); ``of_matmul`` is that rate over a 2048^2 float32 matmul's.
 """
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -20,6 +19,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness import emit, matmul_gflops  # benchmarks/ is the script's directory
 from timm_capsules.routing import attention_routing, capsule_votes, fused_attention_routing, window_children
 
 # (name, batch, grid height = width, child types, kernel size, stride, parent types): the paper's CIFAR stack
@@ -90,11 +90,6 @@ def measure(name, batch, size, types, kernel_size, stride, parents, repeats):
     return result
 
 
-def matmul_gflops(repeats=5):
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    return 2 * 2048 ** 3 / timed(lambda: a @ b, repeats) / 1e9
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--threads', type=int, help='torch threads (default: all)')
@@ -126,11 +121,7 @@ def main(argv=None):
     record = dict(machine=dict(device_name=f'{platform.machine()} CPU', threads=torch.get_num_threads(),
                                torch=torch.__version__, matmul_gflops=peak, clock=CLOCK.__name__, command=command),
                   results=results)
-    print(json.dumps(record))
-    if args.json_path:
-        with open(args.json_path, 'w') as f:
-            json.dump(record, f, indent=2)
-    return record
+    return emit(record, args.json_path)
 
 
 if __name__ == '__main__':

@@ -1,11 +1,13 @@
 """The benchmark harnesses run in a seconds-long smoke mode, so they cannot rot. No timing is asserted."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+sys.path.insert(0, str(BENCHMARKS))  # as when a script runs: its directory first (harness.py)
 
 
 def load(name):
