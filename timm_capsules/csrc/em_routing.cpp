@@ -76,25 +76,49 @@ struct Group {
   void form_votes(const scalar_t* u, const scalar_t* w, const scalar_t* offset) {
     const int64_t R = n_or(N, k.R), C = n_or(N, k.C), T = n_or(N, k.T), J = n_or(JN, J_), D = n_or(N * N, D_);
     scalar_t largest = 0;
-    for (int64_t i = 0; i < I; ++i) {
-      const scalar_t* ui = u + i * R * C;
-      const scalar_t* wi = w + i * C * T * J;
-      scalar_t* vi = v.data() + i * D * J;
-      for (int64_t r = 0; r < R; ++r) {
-        for (int64_t t = 0; t < T; ++t) {
-          scalar_t* out = vi + (r * T + t) * J;
-          const scalar_t add = offset ? offset[i * D + r * T + t] : scalar_t(0);
-#pragma omp simd
-          for (int64_t j = 0; j < J; ++j) out[j] = add;
-          for (int64_t c = 0; c < C; ++c) {
-            const scalar_t f = ui[r * C + c];
-            const scalar_t* wc = wi + (c * T + t) * J;
-#pragma omp simd
-            for (int64_t j = 0; j < J; ++j) out[j] += f * wc[j];
+    if constexpr (N > 0 && JN > 0) {  // per column t, W's rows for it stay in registers for all pose rows r
+      using RowJ = Row<scalar_t, JN>;
+      RowJ largest_row = RowJ::filled(0);
+      for (int64_t i = 0; i < I; ++i) {
+        const scalar_t* ui = u + i * N * N;
+        const scalar_t* wi = w + i * N * N * JN;
+        scalar_t* vi = v.data() + i * D * JN;
+        for (int t = 0; t < N; ++t) {
+          RowJ wt[N];
+#pragma GCC unroll 4
+          for (int c = 0; c < N; ++c) wt[c] = RowJ::load(wi + (c * N + t) * JN);
+#pragma GCC unroll 4
+          for (int r = 0; r < N; ++r) {
+            RowJ out = RowJ::filled(offset ? offset[i * D + r * N + t] : scalar_t(0));
+#pragma GCC unroll 4
+            for (int c = 0; c < N; ++c) out += wt[c] * ui[r * N + c];
+            out.store(vi + (r * N + t) * JN);
+            largest_row = max_abs(largest_row, out);
           }
         }
       }
-      largest = std::max(largest, max_abs_of(vi, D * J));
+      largest = largest_row.max_lane();
+    } else {
+      for (int64_t i = 0; i < I; ++i) {
+        const scalar_t* ui = u + i * R * C;
+        const scalar_t* wi = w + i * C * T * J;
+        scalar_t* vi = v.data() + i * D * J;
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t t = 0; t < T; ++t) {
+            scalar_t* out = vi + (r * T + t) * J;
+            const scalar_t add = offset ? offset[i * D + r * T + t] : scalar_t(0);
+#pragma omp simd
+            for (int64_t j = 0; j < J; ++j) out[j] = add;
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t f = ui[r * C + c];
+              const scalar_t* wc = wi + (c * T + t) * J;
+#pragma omp simd
+              for (int64_t j = 0; j < J; ++j) out[j] += f * wc[j];
+            }
+          }
+        }
+        largest = std::max(largest, max_abs_of(vi, D * J));
+      }
     }
     scale = std::max(largest, static_cast<scalar_t>(FLT_MIN));  // the reference's clamp (float32's tiny)
     log_scale = std::log(scale);
@@ -109,16 +133,8 @@ struct Group {
   void e_step(int64_t t, int64_t i, scalar_t* out) {
     const int64_t J = n_or(JN, J_), D = n_or(N * N, D_);
     const Step<scalar_t>& s = steps[t - 1];
-    const scalar_t* vi = v.data() + i * D * J;
     scalar_t* l = logits.data();
-    if constexpr (JN > 0) {  // the sums stay in registers
-      scalar_t acc[JN] = {};
-      for (int64_t d = 0; d < D; ++d) quadratic_form<JN>(vi + d * J, s.x1.data() + d * J, s.x2.data() + d * J, acc);
-      std::copy(acc, acc + JN, l);
-    } else {
-      std::fill(l, l + J, scalar_t(0));
-      for (int64_t d = 0; d < D; ++d) quadratic_form<0>(vi + d * J, s.x1.data() + d * J, s.x2.data() + d * J, l, J);
-    }
+    quadratic_forms(v.data() + i * D * J, s.x1.data(), s.x2.data(), nullptr, l, D, J);
     const scalar_t* log_sig = s.log_sig.data();
     const scalar_t* c = s.c.data();
 #pragma omp simd
@@ -126,13 +142,88 @@ struct Group {
     softmax(l, out, J);
   }
 
-  // acc[j] += v[j] (a[j] + b[j] v[j]): one pose entry's share of <[a, b], [v, v^2]>
-  template <int64_t JB>
-  static inline void quadratic_form(const scalar_t* __restrict v, const scalar_t* __restrict a,
-                                    const scalar_t* __restrict b, scalar_t* __restrict acc, int64_t J = JB) {
-    const int64_t n = JB ? JB : J;
+  // out (J) = init + sum_d v_d (a_d + b_d v_d) for one child's votes v (D, J), i.e. <[a, b], [v, v^2]> per
+  // parent (init: zeros when null). The E-step's logits (a, b = x1, x2) and the backward's dr (dP1, dP2).
+  static TC_INLINE void quadratic_forms(const scalar_t* __restrict vi, const scalar_t* __restrict a,
+                              const scalar_t* __restrict b, const scalar_t* init, scalar_t* __restrict out,
+                              int64_t D, int64_t J) {
+    if constexpr (JN > 0) {  // two sums in registers, so that each waits on every other addition only
+      using RowJ = Row<scalar_t, JN>;
+      RowJ even = init ? RowJ::load(init) : RowJ::filled(0), odd = RowJ::filled(0);
+      int64_t d = 0;
+      for (; d + 1 < D; d += 2) {
+        const RowJ v0 = RowJ::load(vi + d * JN), v1 = RowJ::load(vi + (d + 1) * JN);
+        even += v0 * (RowJ::load(a + d * JN) + RowJ::load(b + d * JN) * v0);
+        odd += v1 * (RowJ::load(a + (d + 1) * JN) + RowJ::load(b + (d + 1) * JN) * v1);
+      }
+      if (d < D) {
+        const RowJ v0 = RowJ::load(vi + d * JN);
+        even += v0 * (RowJ::load(a + d * JN) + RowJ::load(b + d * JN) * v0);
+      }
+      (even + odd).store(out);
+    } else {
+      for (int64_t j = 0; j < J; ++j) out[j] = init ? init[j] : scalar_t(0);
+      for (int64_t d = 0; d < D; ++d) {
+        const scalar_t* vd = vi + d * J;
+        const scalar_t* ad = a + d * J;
+        const scalar_t* bd = b + d * J;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] += v[j] * (a[j] + b[j] * v[j]);
+        for (int64_t j = 0; j < J; ++j) out[j] += vd[j] * (ad[j] + bd[j] * vd[j]);
+      }
+    }
+  }
+
+  // s1 (D, J) = sum_i w_ij v_ij, s2 = sum_i w_ij v_ij^2 over the children: w (I, J), v (I, D, J). The M-step's
+  // sums (w = r) and the backward's dx (w = dL).
+  static void moment_sums(const scalar_t* __restrict w, const scalar_t* __restrict v, scalar_t* __restrict s1,
+                          scalar_t* __restrict s2, int64_t I, int64_t D, int64_t J) {
+    if constexpr (JN > 0) {  // four pose entries at a time over all children: 16 sums in registers, w loaded once
+      int64_t d = 0;
+      for (; d + 4 <= D; d += 4) moment_block<4>(w, v, s1, s2, I, D, d);
+      for (; d < D; ++d) moment_block<1>(w, v, s1, s2, I, D, d);
+    } else {
+      std::fill(s1, s1 + D * J, scalar_t(0));
+      std::fill(s2, s2 + D * J, scalar_t(0));
+      for (int64_t d = 0; d < D; ++d) {
+        scalar_t* q1 = s1 + d * J;
+        scalar_t* q2 = s2 + d * J;
+        for (int64_t i = 0; i < I; ++i) {
+          const scalar_t* wi = w + i * J;
+          const scalar_t* vd = v + (i * D + d) * J;
+#pragma omp simd
+          for (int64_t j = 0; j < J; ++j) {
+            const scalar_t wv = wi[j] * vd[j];
+            q1[j] += wv;
+            q2[j] += wv * vd[j];
+          }
+        }
+      }
+    }
+  }
+
+  template <int Block>
+  static TC_INLINE void moment_block(const scalar_t* __restrict w, const scalar_t* __restrict v, scalar_t* __restrict s1,
+                           scalar_t* __restrict s2, int64_t I, int64_t D, int64_t d0) {
+    using RowJ = Row<scalar_t, JN>;
+    RowJ m1[Block], m2[Block];
+#pragma GCC unroll 4
+    for (int b = 0; b < Block; ++b) m1[b] = m2[b] = RowJ::filled(0);
+    for (int64_t i = 0; i < I; ++i) {
+      const RowJ wi = RowJ::load(w + i * JN);
+      const scalar_t* vi = v + (i * D + d0) * JN;
+#pragma GCC unroll 4
+      for (int b = 0; b < Block; ++b) {
+        const RowJ x = RowJ::load(vi + b * JN);
+        const RowJ wx = wi * x;
+        m1[b] += wx;
+        m2[b] += wx * x;
+      }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < Block; ++b) {
+      m1[b].store(s1 + (d0 + b) * JN);
+      m2[b].store(s2 + (d0 + b) * JN);
+    }
   }
 
   // Iterations on the formed votes. keep: R^t of every iteration stays in `assign` (for the backward);
@@ -166,35 +257,8 @@ struct Group {
           m[j] += ri[j];
         }
       }
-      // the M-step's sums, one pose entry at a time over all children: the sums stay in registers
-      for (int64_t d = 0; d < D; ++d) {
-        scalar_t* q1 = p1.data() + d * J;
-        scalar_t* q2 = p2.data() + d * J;
-        if constexpr (JN > 0) {
-          scalar_t s1[JN] = {}, s2[JN] = {};
-          for (int64_t i = 0; i < I; ++i) moments<JN>(routed.data() + i * J, v.data() + (i * D + d) * J, s1, s2);
-          std::copy(s1, s1 + JN, q1);
-          std::copy(s2, s2 + JN, q2);
-        } else {
-          std::fill(q1, q1 + J, scalar_t(0));
-          std::fill(q2, q2 + J, scalar_t(0));
-          for (int64_t i = 0; i < I; ++i) moments<0>(routed.data() + i * J, v.data() + (i * D + d) * J, q1, q2, J);
-        }
-      }
+      moment_sums(routed.data(), v.data(), p1.data(), p2.data(), I, D, J);
       m_step(t, beta_u, beta_a);
-    }
-  }
-
-  // s1[j] += r[j] v[j], s2[j] += r[j] v[j]^2
-  template <int64_t JB>
-  static inline void moments(const scalar_t* __restrict r, const scalar_t* __restrict v, scalar_t* __restrict s1,
-                             scalar_t* __restrict s2, int64_t J = JB) {
-    const int64_t n = JB ? JB : J;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t rv = r[j] * v[j];
-      s1[j] += rv;
-      s2[j] += rv * v[j];
     }
   }
 
@@ -257,6 +321,21 @@ struct Group {
   }
 };
 
+// dw (C, K) += u (R, C)^T dv (R, K): one sweep over k, each dv column loaded once for all C rows
+template <typename scalar_t, int N>
+inline void add_ut_dv(const scalar_t* __restrict u, const scalar_t* __restrict dv, scalar_t* __restrict dw,
+                      int64_t R_, int64_t C_, int64_t K) {
+  const int64_t R = N ? N : R_, C = N ? N : C_;
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t sum = dw[c * K + k];
+      for (int64_t r = 0; r < R; ++r) sum += u[r * C + c] * dv[r * K + k];
+      dw[c * K + k] = sum;
+    }
+  }
+}
+
 template <typename scalar_t, int N, int JN>
 void forward_kernel(const Config& k, const scalar_t* u, const scalar_t* w, const scalar_t* offset,
                     const scalar_t* a_in, const scalar_t* beta_u, const scalar_t* beta_a, scalar_t* poses,
@@ -296,8 +375,7 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
     const scalar_t eps = static_cast<scalar_t>(k.eps);
     std::vector<scalar_t> dP1(iterations * D * J), dP2(iterations * D * J), dL(iterations * I * J);
     std::vector<scalar_t> dmu(D * J), dvar(D * J), dx1(D * J), dx2(D * J), dc(J), dls(J), dlogit(J), dm(J);
-    std::vector<scalar_t> dr(J), dR(J), g1(D * J), g2(D * J), dcost(J), routed_t(iterations * J),
-        du_rows(C * J);
+    std::vector<scalar_t> dr(J), dR(J), g1(D * J), g2(D * J), dcost(J), routed_t(iterations * J);
     for (int64_t g = begin; g < end; ++g) {
       const scalar_t* ug = u + g * I * R * C;
       const scalar_t* ag = a_in + g * I;
@@ -385,17 +463,12 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
           }
         }
         // per child: dr_ij = <dP_j, [v_ij, v_ij^2]> + dm_j; r_ij = R_ij a_i; R^t = softmax(L^(t-1)).
-        // Fixed-size local arrays (JN parents) stay in registers; otherwise the heap buffers are used.
         std::fill(dls.begin(), dls.end(), scalar_t(0));
         std::fill(dc.begin(), dc.end(), scalar_t(0));
         for (int64_t i = 0; i < I; ++i) {
-          const scalar_t* vi = v + i * D * J;
-          scalar_t r_local[JN ? JN : 1], dR_local[JN ? JN : 1];
-          scalar_t* r = JN ? r_local : dr.data();
-          scalar_t* dRi = JN ? dR_local : dR.data();
-#pragma omp simd
-          for (int64_t j = 0; j < J; ++j) r[j] = dm[j];
-          for (int64_t d = 0; d < D; ++d) G_::template quadratic_form<JN>(vi + d * J, p1 + d * J, p2 + d * J, r, J);
+          scalar_t* r = dr.data();
+          scalar_t* dRi = dR.data();
+          G_::quadratic_forms(v + i * D * J, p1, p2, dm.data(), r, D, J);
           const scalar_t a = ag[i];
           if (t == 0) {
             dag[i] += sum_of(r, J) / scalar_t(J);
@@ -417,26 +490,8 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
             cc[j] -= dLi[j];
           }
         }
-        // L_ij = log sigmoid(logit_j) + <x_j, [v_ij, v_ij^2]> - c_j: dx = sum_i dL_ij [v_ij, v_ij^2], one pose
-        // entry at a time over all children
-        for (int64_t d = 0; t > 0 && d < D; ++d) {
-          scalar_t s1_local[JN ? JN : 1] = {}, s2_local[JN ? JN : 1] = {};
-          scalar_t* s1 = JN ? s1_local : dx1.data() + d * J;
-          scalar_t* s2 = JN ? s2_local : dx2.data() + d * J;
-          if (!JN) {
-            std::fill(s1, s1 + J, scalar_t(0));
-            std::fill(s2, s2 + J, scalar_t(0));
-          }
-          for (int64_t i = 0; i < I; ++i)
-            G_::template moments<JN>(dL.data() + ((t - 1) * I + i) * J, v + (i * D + d) * J, s1, s2, J);
-          scalar_t* q1 = dx1.data() + d * J;
-          scalar_t* q2 = dx2.data() + d * J;
-#pragma omp simd
-          for (int64_t j = 0; j < J; ++j) {
-            q1[j] = s1[j];
-            q2[j] = s2[j];
-          }
-        }
+        // L_ij = log sigmoid(logit_j) + <x_j, [v_ij, v_ij^2]> - c_j: dx = sum_i dL_ij [v_ij, v_ij^2]
+        if (t > 0) G_::moment_sums(dL.data() + (t - 1) * I * J, v, dx1.data(), dx2.data(), I, D, J);
       }
       // the votes' gradients: d[v, v^2]_ij = sum_t r^t_ij dP^t_j + sum_t dL^t_ij x^t_j, then
       // dv = d[v] + 2 v d[v^2], dV = dv / s (s is a constant), and V = u W (+ offset)
@@ -450,77 +505,49 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
 #pragma omp simd
           for (int64_t j = 0; j < J; ++j) rt[j] = (t == 0 ? scalar_t(1) / scalar_t(J) : Rt[j]) * a;
         }
+        scalar_t* dv = g1.data();  // (D, J) = (R, T J): the pose product below runs over K = T J
         for (int64_t d = 0; d < D; ++d) {
-          scalar_t h1_local[JN ? JN : 1] = {}, h2_local[JN ? JN : 1] = {};
-          scalar_t* h1 = JN ? h1_local : g1.data() + d * J;
-          scalar_t* h2 = JN ? h2_local : g2.data() + d * J;
-          if (!JN) {
+          if constexpr (JN > 0) {  // the sums in registers
+            using RowJ = Row<scalar_t, JN>;
+            RowJ h1 = RowJ::filled(0), h2 = RowJ::filled(0);
+            for (int64_t t = 0; t < iterations; ++t) {
+              const RowJ rr = RowJ::load(routed_t.data() + t * JN);
+              h1 += rr * RowJ::load(dP1.data() + (t * D + d) * JN);
+              h2 += rr * RowJ::load(dP2.data() + (t * D + d) * JN);
+            }
+            for (int64_t t = 0; t + 1 < iterations; ++t) {
+              const RowJ dLi = RowJ::load(dL.data() + (t * I + i) * JN);
+              h1 += dLi * RowJ::load(group.steps[t].x1.data() + d * JN);
+              h2 += dLi * RowJ::load(group.steps[t].x2.data() + d * JN);
+            }
+            const RowJ vd = RowJ::load(vi + d * JN);
+            ((h1 + vd * h2 * scalar_t(2)) * inv_scale).store(dv + d * JN);
+          } else {
+            scalar_t* h1 = dv + d * J;
+            scalar_t* h2 = g2.data() + d * J;
             std::fill(h1, h1 + J, scalar_t(0));
             std::fill(h2, h2 + J, scalar_t(0));
-          }
-          for (int64_t t = 0; t < iterations; ++t) {
-            const Step<scalar_t>& s = group.steps[t];
-            const scalar_t* rr = routed_t.data() + t * J;
-            const scalar_t* q1 = dP1.data() + (t * D + d) * J;
-            const scalar_t* q2 = dP2.data() + (t * D + d) * J;
-            if (t < iterations - 1) {
-              const scalar_t* dLi = dL.data() + (t * I + i) * J;
-              const scalar_t* y1 = s.x1.data() + d * J;
-              const scalar_t* y2 = s.x2.data() + d * J;
-#pragma omp simd
+            for (int64_t t = 0; t < iterations; ++t) {
+              const scalar_t* rr = routed_t.data() + t * J;
+              const scalar_t* q1 = dP1.data() + (t * D + d) * J;
+              const scalar_t* q2 = dP2.data() + (t * D + d) * J;
+              const scalar_t* dLi = t + 1 < iterations ? dL.data() + (t * I + i) * J : nullptr;
+              const scalar_t* y1 = group.steps[t].x1.data() + d * J;
+              const scalar_t* y2 = group.steps[t].x2.data() + d * J;
               for (int64_t j = 0; j < J; ++j) {
-                h1[j] += rr[j] * q1[j] + dLi[j] * y1[j];
-                h2[j] += rr[j] * q2[j] + dLi[j] * y2[j];
-              }
-            } else {
-#pragma omp simd
-              for (int64_t j = 0; j < J; ++j) {
-                h1[j] += rr[j] * q1[j];
-                h2[j] += rr[j] * q2[j];
+                h1[j] += rr[j] * q1[j] + (dLi ? dLi[j] * y1[j] : scalar_t(0));
+                h2[j] += rr[j] * q2[j] + (dLi ? dLi[j] * y2[j] : scalar_t(0));
               }
             }
+            const scalar_t* vd = vi + d * J;
+            for (int64_t j = 0; j < J; ++j) h1[j] = (h1[j] + 2 * vd[j] * h2[j]) * inv_scale;
           }
-          const scalar_t* vd = vi + d * J;
-          scalar_t* out = g1.data() + d * J;
-#pragma omp simd
-          for (int64_t j = 0; j < J; ++j) out[j] = (h1[j] + 2 * vd[j] * h2[j]) * inv_scale;
         }
-        // du_i (R, C) = sum_{t, j} dV[r T + t, j] W[c, t, j];  dW (C, T, J) += sum_r u[r, c] dV[r T + t, j]
-        const scalar_t* ui = ug + i * R * C;
-        const scalar_t* wi = w + i * C * T * J;
+        // du_i (R, C) = dV (R, K) W_i (C, K)^T;  dW_i (C, K) += u_i^T dV
         scalar_t* dui = du + (g * I + i) * R * C;
-        scalar_t* dwi = dw + i * C * T * J;
-        for (int64_t r = 0; r < R; ++r) {  // per column c a vector over parents, summed across lanes once
-          constexpr int64_t local = N && JN ? N * JN : 1;
-          scalar_t acc_local[local] = {};
-          scalar_t* acc = N && JN ? acc_local : du_rows.data();
-          if (!(N && JN)) std::fill(acc, acc + C * J, scalar_t(0));
-          for (int64_t t = 0; t < T; ++t) {
-            const scalar_t* dv = g1.data() + (r * T + t) * J;
-            for (int64_t c = 0; c < C; ++c) {
-              const scalar_t* wc = wi + (c * T + t) * J;
-              scalar_t* ac = acc + c * J;
-#pragma omp simd
-              for (int64_t j = 0; j < J; ++j) ac[j] += dv[j] * wc[j];
-            }
-          }
-          for (int64_t c = 0; c < C; ++c) dui[r * C + c] = sum_of(acc + c * J, J);
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          for (int64_t t = 0; t < T; ++t) {
-            scalar_t* out = dwi + (c * T + t) * J;
-            scalar_t o_local[JN ? JN : 1];
-            scalar_t* o = JN ? o_local : out;
-            if (JN) std::copy(out, out + J, o);
-            for (int64_t r = 0; r < R; ++r) {
-              const scalar_t f = ui[r * C + c];
-              const scalar_t* dv = g1.data() + (r * T + t) * J;
-#pragma omp simd
-              for (int64_t j = 0; j < J; ++j) o[j] += f * dv[j];
-            }
-            if (JN) std::copy(o, o + J, out);
-          }
-        }
+        std::fill(dui, dui + R * C, scalar_t(0));
+        add_dv_wt<scalar_t, N>(dv, w + i * C * T * J, dui, R, C, T * J);
+        add_ut_dv<scalar_t, N>(ug + i * R * C, dv, dw + i * C * T * J, R, C, T * J);
       }
     }
   });

@@ -156,75 +156,6 @@ inline void vote_gradients(const scalar_t* __restrict__ mass, const scalar_t* __
   }
 }
 
-// du (R, C) += dv (R, K) @ w (C, K)^T: R C dot products over K, each summed in lanes, then folded
-template <typename scalar_t, int N>
-inline void add_dv_wt(const scalar_t* __restrict__ dv, const scalar_t* __restrict__ w, scalar_t* __restrict__ du,
-                      const Dims<N>& d) {
-  for (int64_t r = 0; r < d.R(); ++r)
-    for (int64_t c = 0; c < d.C(); ++c) {
-      const scalar_t* x = dv + r * d.K;
-      const scalar_t* y = w + c * d.K;
-      if (d.K % kLanes == 0) {
-        scalar_t lanes[kLanes] = {};
-        for (int64_t k = 0; k < d.K; k += kLanes) {
-#pragma omp simd
-          for (int l = 0; l < kLanes; ++l) lanes[l] += x[k + l] * y[k + l];
-        }
-        fold<kLanes / 2>(lanes, [](scalar_t a, scalar_t b) { return a + b; });
-        du[r * d.C() + c] += lanes[0];
-      } else {
-        scalar_t sum = 0;
-        for (int64_t k = 0; k < d.K; ++k) sum += x[k] * y[k];
-        du[r * d.C() + c] += sum;
-      }
-    }
-}
-
-// The same for 4x4 float poses and K a multiple of 16: the 16 dot products are summed in 16 vectors, and a
-// transpose-and-add tree folds them into one vector of 16 sums in 15 additions (instead of 16 trees of 4).
-using float16 = float __attribute__((vector_size(64)));
-
-inline float16 load16(const float* x) {
-  float16 v;
-  __builtin_memcpy(&v, x, sizeof v);
-  return v;
-}
-
-template <>
-inline void add_dv_wt<float, 4>(const float* __restrict__ dv, const float* __restrict__ w, float* __restrict__ du,
-                                const Dims<4>& d) {
-  if (d.K % 16 != 0) {
-    for (int64_t r = 0; r < 4; ++r)
-      for (int64_t c = 0; c < 4; ++c) {
-        float sum = 0;
-        for (int64_t k = 0; k < d.K; ++k) sum += dv[r * d.K + k] * w[c * d.K + k];
-        du[r * 4 + c] += sum;
-      }
-    return;
-  }
-  float16 a[16] = {};  // a[r * 4 + c]: lanes of the dot product (r, c)
-  for (int64_t k = 0; k < d.K; k += 16) {
-    const float16 x[4] = {load16(dv + k), load16(dv + d.K + k), load16(dv + 2 * d.K + k), load16(dv + 3 * d.K + k)};
-    const float16 y[4] = {load16(w + k), load16(w + d.K + k), load16(w + 2 * d.K + k), load16(w + 3 * d.K + k)};
-    for (int r = 0; r < 4; ++r)
-      for (int c = 0; c < 4; ++c) a[r * 4 + c] += x[r] * y[c];
-  }
-  // after each stage, vector m holds 8, 4, 2, then 1 partial sums of each of the dot products it covers
-  float16 b[8], c[4], e[2];
-  for (int m = 0; m < 8; ++m)  // lanes: m (8) | m + 8 (8)
-    b[m] = __builtin_shufflevector(a[m], a[m + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a[m], a[m + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int m = 0; m < 4; ++m)  // lanes: m (4) | m + 4 | m + 8 | m + 12
-    c[m] = __builtin_shufflevector(b[m], b[m + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-           __builtin_shufflevector(b[m], b[m + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int m = 0; m < 2; ++m)  // lanes: m (2) | m + 2 | m + 4 | ... | m + 14
-    e[m] = __builtin_shufflevector(c[m], c[m + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-           __builtin_shufflevector(c[m], c[m + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-  const float16 sums = __builtin_shufflevector(e[0], e[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-                       __builtin_shufflevector(e[0], e[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-  for (int rc = 0; rc < 16; ++rc) du[rc] += sums[rc];
-}
-
 template <typename scalar_t, int N>
 void forward_kernel(const scalar_t* u, const scalar_t* w, const scalar_t* p, const scalar_t* activations,
                     scalar_t scale, const Sizes& s, scalar_t* out, scalar_t* coef, scalar_t* agree) {
@@ -297,7 +228,7 @@ void backward_kernel(const scalar_t* dP, const scalar_t* grad_coef, const scalar
         spread(r.data(), act, mass.data(), d);
         spread(d_logit.data(), scalar_t(1), pull.data(), d);
         vote_gradients(mass.data(), pull.data(), dPg, pg, v.data(), ui, dv.data(), dpg, dw + i * d.C() * d.K, d);
-        add_dv_wt(dv.data(), wi, du + child * d.R() * d.C(), d);
+        add_dv_wt<scalar_t, N>(dv.data(), wi, du + child * d.R() * d.C(), d.R(), d.C(), d.K);
       }
     }
   });

@@ -1,5 +1,6 @@
 // Vector math shared by the fused CPU kernels (routing.cpp, em_routing.cpp): an exp that vectorises, sums
-// and maxima across a vector without serial chains, and a softmax built from them.
+// and maxima across a vector without serial chains, a softmax built from them, rows of values held in vector
+// registers, and the pose product both backward passes share (du = dv W^T).
 #pragma once
 
 #include <algorithm>
@@ -100,6 +101,98 @@ inline scalar_t max_of(const scalar_t* x, int64_t n) {
   return *std::max_element(x, x + n);
 }
 
+// One 64-byte vector (16 floats, 8 doubles), GCC's vector extension: arithmetic on it is one instruction.
+// (Spelled per type: GCC drops the attribute from an alias of a dependent type.) `unaligned` reads and
+// writes one anywhere in a row of scalars.
+template <typename T>
+struct Vector64;
+template <>
+struct Vector64<float> {
+  using type = float __attribute__((vector_size(64)));
+  using unaligned = float __attribute__((vector_size(64), aligned(4), may_alias));
+};
+template <>
+struct Vector64<double> {
+  using type = double __attribute__((vector_size(64)));
+  using unaligned = double __attribute__((vector_size(64), aligned(8), may_alias));
+};
+template <typename T>
+using vec64 = typename Vector64<T>::type;
+
+#define TC_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+TC_INLINE vec64<T> load_vec(const T* x) {
+  return *reinterpret_cast<const typename Vector64<T>::unaligned*>(x);
+}
+
+template <typename T>
+TC_INLINE void store_vec(T* x, vec64<T> v) {
+  *reinterpret_cast<typename Vector64<T>::unaligned*>(x) = v;
+}
+
+// A row of Width values (a multiple of a vector) in vector registers. A local scalar_t acc[Width] summed over
+// in a nested loop is spilled to the stack by GCC, and every addition then waits on a store and a reload;
+// a Row's loops over its vectors unroll at compile time, so it stays in registers.
+template <typename T, int Width>
+struct Row {
+  static constexpr int kVectors = Width * static_cast<int>(sizeof(T)) / 64;
+  static_assert(kVectors > 0 && Width * sizeof(T) % 64 == 0, "a Row is whole vectors");
+  vec64<T> x[kVectors];
+
+  static TC_INLINE Row filled(T value) {
+    Row row;
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) row.x[k] = vec64<T>{} + value;
+    return row;
+  }
+  static TC_INLINE Row load(const T* p) {
+    Row row;
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) row.x[k] = load_vec(p + k * (64 / sizeof(T)));
+    return row;
+  }
+  TC_INLINE void store(T* p) const {
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) store_vec(p + k * (64 / sizeof(T)), x[k]);
+  }
+  TC_INLINE Row& operator+=(const Row& o) {
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) x[k] += o.x[k];
+    return *this;
+  }
+  friend TC_INLINE Row operator+(Row a, const Row& b) { return a += b; }
+  friend TC_INLINE Row operator-(Row a, const Row& b) {
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) a.x[k] -= b.x[k];
+    return a;
+  }
+  friend TC_INLINE Row operator*(Row a, const Row& b) {
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) a.x[k] *= b.x[k];
+    return a;
+  }
+  friend TC_INLINE Row operator*(Row a, T b) {
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) a.x[k] *= b;
+    return a;
+  }
+  // elementwise max(m, |x|)
+  friend TC_INLINE Row max_abs(Row m, const Row& x) {
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) {
+      const vec64<T> a = x.x[k] < 0 ? -x.x[k] : x.x[k];
+      m.x[k] = a > m.x[k] ? a : m.x[k];
+    }
+    return m;
+  }
+  T max_lane() const {
+    T lanes[Width];
+    store(lanes);
+    return max_of(lanes, Width);
+  }
+};
+
 // softmax over the J parents
 template <typename scalar_t>
 inline void softmax(const scalar_t* logits, scalar_t* out, int64_t J) {
@@ -109,6 +202,70 @@ inline void softmax(const scalar_t* logits, scalar_t* out, int64_t J) {
   const scalar_t inverse = scalar_t(1) / sum_of(out, J);
 #pragma omp simd
   for (int64_t j = 0; j < J; ++j) out[j] *= inverse;
+}
+
+// du (R, C) += dv (R, K) @ w (C, K)^T: R C dot products over K, each summed in lanes, then folded
+template <typename scalar_t, int N>
+inline void add_dv_wt(const scalar_t* __restrict__ dv, const scalar_t* __restrict__ w, scalar_t* __restrict__ du,
+                      int64_t R, int64_t C, int64_t K) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* x = dv + r * K;
+      const scalar_t* y = w + c * K;
+      if (K % kLanes == 0) {
+        scalar_t lanes[kLanes] = {};
+        for (int64_t k = 0; k < K; k += kLanes) {
+#pragma omp simd
+          for (int l = 0; l < kLanes; ++l) lanes[l] += x[k + l] * y[k + l];
+        }
+        fold<kLanes / 2>(lanes, [](scalar_t a, scalar_t b) { return a + b; });
+        du[r * C + c] += lanes[0];
+      } else {
+        scalar_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += x[k] * y[k];
+        du[r * C + c] += sum;
+      }
+    }
+}
+
+// The same for 4x4 float poses and K a multiple of 16: the 16 dot products are summed in 16 vectors, and a
+// transpose-and-add tree folds them into one vector of 16 sums in 15 additions (instead of 16 trees of 4).
+template <>
+inline void add_dv_wt<float, 4>(const float* __restrict__ dv, const float* __restrict__ w, float* __restrict__ du,
+                                int64_t, int64_t, int64_t K) {
+  if (K % 16 != 0) {
+    for (int64_t r = 0; r < 4; ++r)
+      for (int64_t c = 0; c < 4; ++c) {
+        float sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += dv[r * K + k] * w[c * K + k];
+        du[r * 4 + c] += sum;
+      }
+    return;
+  }
+  vec64<float> a[16] = {};  // a[r * 4 + c]: lanes of the dot product (r, c)
+  for (int64_t k = 0; k < K; k += 16) {
+    const vec64<float> x[4] = {load_vec(dv + k), load_vec(dv + K + k), load_vec(dv + 2 * K + k),
+                               load_vec(dv + 3 * K + k)};
+    const vec64<float> y[4] = {load_vec(w + k), load_vec(w + K + k), load_vec(w + 2 * K + k),
+                               load_vec(w + 3 * K + k)};
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < 4; ++c) a[r * 4 + c] += x[r] * y[c];
+  }
+  // after each stage, vector m holds 8, 4, 2, then 1 partial sums of each of the dot products it covers
+  vec64<float> b[8], c[4], e[2];
+  for (int m = 0; m < 8; ++m)  // lanes: m (8) | m + 8 (8)
+    b[m] = __builtin_shufflevector(a[m], a[m + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[m], a[m + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int m = 0; m < 4; ++m)  // lanes: m (4) | m + 4 | m + 8 | m + 12
+    c[m] = __builtin_shufflevector(b[m], b[m + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[m], b[m + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int m = 0; m < 2; ++m)  // lanes: m (2) | m + 2 | m + 4 | ... | m + 14
+    e[m] = __builtin_shufflevector(c[m], c[m + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(c[m], c[m + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const vec64<float> sums =
+      __builtin_shufflevector(e[0], e[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+      __builtin_shufflevector(e[0], e[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  for (int rc = 0; rc < 16; ++rc) du[rc] += sums[rc];
 }
 
 }  // namespace timm_capsules
