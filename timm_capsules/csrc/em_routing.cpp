@@ -133,13 +133,20 @@ struct Group {
   void e_step(int64_t t, int64_t i, scalar_t* out) {
     const int64_t J = n_or(JN, J_), D = n_or(N * N, D_);
     const Step<scalar_t>& s = steps[t - 1];
-    scalar_t* l = logits.data();
-    quadratic_forms(v.data() + i * D * J, s.x1.data(), s.x2.data(), nullptr, l, D, J);
-    const scalar_t* log_sig = s.log_sig.data();
-    const scalar_t* c = s.c.data();
+    const scalar_t* vi = v.data() + i * D * J;
+    if constexpr (JN > 0 && std::is_same_v<scalar_t, float>) {  // logits and softmax in registers
+      using RowJ = Row<scalar_t, JN>;
+      const RowJ log_prior = RowJ::load(s.log_sig.data()) - RowJ::load(s.c.data());
+      softmax(quadratic_row(vi, s.x1.data(), s.x2.data(), log_prior, D)).store(out);
+    } else {
+      scalar_t* l = logits.data();
+      quadratic_forms(vi, s.x1.data(), s.x2.data(), nullptr, l, D, J);
+      const scalar_t* log_sig = s.log_sig.data();
+      const scalar_t* c = s.c.data();
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) l[j] = log_sig[j] + (l[j] - c[j]);
-    softmax(l, out, J);
+      for (int64_t j = 0; j < J; ++j) l[j] = log_sig[j] + (l[j] - c[j]);
+      softmax(l, out, J);
+    }
   }
 
   // out (J) = init + sum_d v_d (a_d + b_d v_d) for one child's votes v (D, J), i.e. <[a, b], [v, v^2]> per
@@ -147,20 +154,9 @@ struct Group {
   static TC_INLINE void quadratic_forms(const scalar_t* __restrict vi, const scalar_t* __restrict a,
                               const scalar_t* __restrict b, const scalar_t* init, scalar_t* __restrict out,
                               int64_t D, int64_t J) {
-    if constexpr (JN > 0) {  // two sums in registers, so that each waits on every other addition only
+    if constexpr (JN > 0) {
       using RowJ = Row<scalar_t, JN>;
-      RowJ even = init ? RowJ::load(init) : RowJ::filled(0), odd = RowJ::filled(0);
-      int64_t d = 0;
-      for (; d + 1 < D; d += 2) {
-        const RowJ v0 = RowJ::load(vi + d * JN), v1 = RowJ::load(vi + (d + 1) * JN);
-        even += v0 * (RowJ::load(a + d * JN) + RowJ::load(b + d * JN) * v0);
-        odd += v1 * (RowJ::load(a + (d + 1) * JN) + RowJ::load(b + (d + 1) * JN) * v1);
-      }
-      if (d < D) {
-        const RowJ v0 = RowJ::load(vi + d * JN);
-        even += v0 * (RowJ::load(a + d * JN) + RowJ::load(b + d * JN) * v0);
-      }
-      (even + odd).store(out);
+      quadratic_row(vi, a, b, init ? RowJ::load(init) : RowJ::filled(0), D).store(out);
     } else {
       for (int64_t j = 0; j < J; ++j) out[j] = init ? init[j] : scalar_t(0);
       for (int64_t d = 0; d < D; ++d) {
@@ -170,6 +166,81 @@ struct Group {
 #pragma omp simd
         for (int64_t j = 0; j < J; ++j) out[j] += vd[j] * (ad[j] + bd[j] * vd[j]);
       }
+    }
+  }
+
+  // quadratic_forms in registers (JN > 0): two sums, so that each waits on every other addition only
+  static TC_INLINE Row<scalar_t, JN ? JN : 64> quadratic_row(const scalar_t* __restrict vi,
+                                                            const scalar_t* __restrict a,
+                                                            const scalar_t* __restrict b,
+                                                            Row<scalar_t, JN ? JN : 64> even, int64_t D) {
+    using RowJ = Row<scalar_t, JN ? JN : 64>;
+    constexpr int64_t J = JN;
+    RowJ odd = RowJ::filled(0);
+    int64_t d = 0;
+    for (; d + 1 < D; d += 2) {
+      const RowJ v0 = RowJ::load(vi + d * J), v1 = RowJ::load(vi + (d + 1) * J);
+      even += v0 * (RowJ::load(a + d * J) + RowJ::load(b + d * J) * v0);
+      odd += v1 * (RowJ::load(a + (d + 1) * J) + RowJ::load(b + (d + 1) * J) * v1);
+    }
+    if (d < D) {
+      const RowJ v0 = RowJ::load(vi + d * J);
+      even += v0 * (RowJ::load(a + d * J) + RowJ::load(b + d * J) * v0);
+    }
+    return even + odd;
+  }
+
+  // For Children consecutive children: dv (D, J) = (h1 + 2 v h2) s^-1 with [h1, h2]_d = sum over terms of
+  // coefficient (terms, J) times [F1, F2] (terms, D, J) (the backward's vote gradients).
+  template <int Children>
+  static TC_INLINE void vote_gradients(const scalar_t* __restrict coef, const scalar_t* __restrict F1,
+                                       const scalar_t* __restrict F2, int64_t terms, const scalar_t* __restrict v,
+                                       scalar_t inv_scale, scalar_t* __restrict dv, int64_t D, int64_t J) {
+    if constexpr (N > 0 && JN > 0 && N * N % 2 == 0) {  // 2 children x 2 pose entries x [h1, h2] in registers
+      using RowJ = Row<scalar_t, JN>;
+      for (int64_t d = 0; d < N * N; d += 2) {
+        RowJ h1[Children][2], h2[Children][2];
+#pragma GCC unroll 2
+        for (int c = 0; c < Children; ++c)
+#pragma GCC unroll 2
+          for (int e = 0; e < 2; ++e) h1[c][e] = h2[c][e] = RowJ::filled(0);
+        for (int64_t term = 0; term < terms; ++term) {
+          RowJ x[Children];
+#pragma GCC unroll 2
+          for (int c = 0; c < Children; ++c) x[c] = RowJ::load(coef + (c * terms + term) * JN);
+#pragma GCC unroll 2
+          for (int e = 0; e < 2; ++e) {
+            const RowJ f1 = RowJ::load(F1 + (term * N * N + d + e) * JN);
+            const RowJ f2 = RowJ::load(F2 + (term * N * N + d + e) * JN);
+#pragma GCC unroll 2
+            for (int c = 0; c < Children; ++c) {
+              h1[c][e] += x[c] * f1;
+              h2[c][e] += x[c] * f2;
+            }
+          }
+        }
+#pragma GCC unroll 2
+        for (int c = 0; c < Children; ++c)
+#pragma GCC unroll 2
+          for (int e = 0; e < 2; ++e) {
+            const int64_t o = (c * N * N + d + e) * JN;
+            const RowJ vd = RowJ::load(v + o);
+            ((h1[c][e] + vd * h2[c][e] * scalar_t(2)) * inv_scale).store(dv + o);
+          }
+      }
+    } else {
+      for (int c = 0; c < Children; ++c)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < J; ++j) {
+            scalar_t h1 = 0, h2 = 0;
+            for (int64_t term = 0; term < terms; ++term) {
+              const scalar_t x = coef[(c * terms + term) * J + j];
+              h1 += x * F1[(term * D + d) * J + j];
+              h2 += x * F2[(term * D + d) * J + j];
+            }
+            const int64_t o = (c * D + d) * J + j;
+            dv[o] = (h1 + 2 * v[o] * h2) * inv_scale;
+          }
     }
   }
 
@@ -246,15 +317,26 @@ struct Group {
       }
       if (last && assignments_out && keep) std::copy(rows, rows + I * J, assignments_out);
       scalar_t* m = s.mass.data();
-      std::fill(m, m + J, scalar_t(0));
-      for (int64_t i = 0; i < I; ++i) {
-        const scalar_t a = a_in[i];
-        scalar_t* ri = routed.data() + i * J;
-        const scalar_t* Ri = rows + i * J;
+      if constexpr (JN > 0) {
+        using RowJ = Row<scalar_t, JN>;
+        RowJ mass = RowJ::filled(0);
+        for (int64_t i = 0; i < I; ++i) {
+          const RowJ ri = RowJ::load(rows + i * JN) * a_in[i];
+          ri.store(routed.data() + i * JN);
+          mass += ri;
+        }
+        mass.store(m);
+      } else {
+        std::fill(m, m + J, scalar_t(0));
+        for (int64_t i = 0; i < I; ++i) {
+          const scalar_t a = a_in[i];
+          scalar_t* ri = routed.data() + i * J;
+          const scalar_t* Ri = rows + i * J;
 #pragma omp simd
-        for (int64_t j = 0; j < J; ++j) {
-          ri[j] = Ri[j] * a;
-          m[j] += ri[j];
+          for (int64_t j = 0; j < J; ++j) {
+            ri[j] = Ri[j] * a;
+            m[j] += ri[j];
+          }
         }
       }
       moment_sums(routed.data(), v.data(), p1.data(), p2.data(), I, D, J);
@@ -373,9 +455,11 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
     scalar_t* d_beta_a = d_beta_u + J;
     G_ group(k);
     const scalar_t eps = static_cast<scalar_t>(k.eps);
-    std::vector<scalar_t> dP1(iterations * D * J), dP2(iterations * D * J), dL(iterations * I * J);
+    // the vote gradients' factors per pose entry (terms, D, J): dP^t, then x^t for t < iterations - 1
+    const int64_t terms = 2 * iterations - 1;
+    std::vector<scalar_t> dP1(terms * D * J), dP2(terms * D * J), dL(iterations * I * J);
     std::vector<scalar_t> dmu(D * J), dvar(D * J), dx1(D * J), dx2(D * J), dc(J), dls(J), dlogit(J), dm(J);
-    std::vector<scalar_t> dr(J), dR(J), g1(D * J), g2(D * J), dcost(J), routed_t(iterations * J);
+    std::vector<scalar_t> dr(J), dR(J), dcost(J), coefficients(2 * terms * J), dv(2 * D * J);
     for (int64_t g = begin; g < end; ++g) {
       const scalar_t* ug = u + g * I * R * C;
       const scalar_t* ag = a_in + g * I;
@@ -493,61 +577,41 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
         // L_ij = log sigmoid(logit_j) + <x_j, [v_ij, v_ij^2]> - c_j: dx = sum_i dL_ij [v_ij, v_ij^2]
         if (t > 0) G_::moment_sums(dL.data() + (t - 1) * I * J, v, dx1.data(), dx2.data(), I, D, J);
       }
-      // the votes' gradients: d[v, v^2]_ij = sum_t r^t_ij dP^t_j + sum_t dL^t_ij x^t_j, then
-      // dv = d[v] + 2 v d[v^2], dV = dv / s (s is a constant), and V = u W (+ offset)
+      // the votes' gradients: d[v, v^2]_ij = sum_t r^t_ij dP^t_j + sum_t dL^t_ij x^t_j, a sum over terms of a
+      // coefficient per child times a factor per pose entry; then dv = d[v] + 2 v d[v^2], dV = dv / s (s is a
+      // constant), and V = u W (+ offset). Two children at a time share the factors' loads.
+      for (int64_t t = 0; t + 1 < iterations; ++t) {
+        std::copy_n(group.steps[t].x1.data(), D * J, dP1.data() + (iterations + t) * D * J);
+        std::copy_n(group.steps[t].x2.data(), D * J, dP2.data() + (iterations + t) * D * J);
+      }
       const scalar_t inv_scale = scalar_t(1) / group.scale;
-      for (int64_t i = 0; i < I; ++i) {
-        const scalar_t* vi = v + i * D * J;
-        const scalar_t a = ag[i];
-        for (int64_t t = 0; t < iterations; ++t) {
-          scalar_t* rt = routed_t.data() + t * J;
-          const scalar_t* Rt = group.assign.data() + (t * I + i) * J;
-#pragma omp simd
-          for (int64_t j = 0; j < J; ++j) rt[j] = (t == 0 ? scalar_t(1) / scalar_t(J) : Rt[j]) * a;
-        }
-        scalar_t* dv = g1.data();  // (D, J) = (R, T J): the pose product below runs over K = T J
-        for (int64_t d = 0; d < D; ++d) {
-          if constexpr (JN > 0) {  // the sums in registers
-            using RowJ = Row<scalar_t, JN>;
-            RowJ h1 = RowJ::filled(0), h2 = RowJ::filled(0);
-            for (int64_t t = 0; t < iterations; ++t) {
-              const RowJ rr = RowJ::load(routed_t.data() + t * JN);
-              h1 += rr * RowJ::load(dP1.data() + (t * D + d) * JN);
-              h2 += rr * RowJ::load(dP2.data() + (t * D + d) * JN);
-            }
-            for (int64_t t = 0; t + 1 < iterations; ++t) {
-              const RowJ dLi = RowJ::load(dL.data() + (t * I + i) * JN);
-              h1 += dLi * RowJ::load(group.steps[t].x1.data() + d * JN);
-              h2 += dLi * RowJ::load(group.steps[t].x2.data() + d * JN);
-            }
-            const RowJ vd = RowJ::load(vi + d * JN);
-            ((h1 + vd * h2 * scalar_t(2)) * inv_scale).store(dv + d * JN);
-          } else {
-            scalar_t* h1 = dv + d * J;
-            scalar_t* h2 = g2.data() + d * J;
-            std::fill(h1, h1 + J, scalar_t(0));
-            std::fill(h2, h2 + J, scalar_t(0));
-            for (int64_t t = 0; t < iterations; ++t) {
-              const scalar_t* rr = routed_t.data() + t * J;
-              const scalar_t* q1 = dP1.data() + (t * D + d) * J;
-              const scalar_t* q2 = dP2.data() + (t * D + d) * J;
-              const scalar_t* dLi = t + 1 < iterations ? dL.data() + (t * I + i) * J : nullptr;
-              const scalar_t* y1 = group.steps[t].x1.data() + d * J;
-              const scalar_t* y2 = group.steps[t].x2.data() + d * J;
-              for (int64_t j = 0; j < J; ++j) {
-                h1[j] += rr[j] * q1[j] + (dLi ? dLi[j] * y1[j] : scalar_t(0));
-                h2[j] += rr[j] * q2[j] + (dLi ? dLi[j] * y2[j] : scalar_t(0));
-              }
-            }
-            const scalar_t* vd = vi + d * J;
-            for (int64_t j = 0; j < J; ++j) h1[j] = (h1[j] + 2 * vd[j] * h2[j]) * inv_scale;
+      for (int64_t i0 = 0; i0 < I; i0 += 2) {
+        const int64_t children = std::min<int64_t>(2, I - i0);
+        for (int64_t c = 0; c < children; ++c) {  // coefficients (terms, J): r^t = R^t a, then dL^t
+          const int64_t i = i0 + c;
+          scalar_t* coef = coefficients.data() + c * terms * J;
+          for (int64_t t = 0; t < iterations; ++t) {
+            const scalar_t* Rt = group.assign.data() + (t * I + i) * J;
+            for (int64_t j = 0; j < J; ++j) coef[t * J + j] = (t == 0 ? scalar_t(1) / scalar_t(J) : Rt[j]) * ag[i];
           }
+          for (int64_t t = 0; t + 1 < iterations; ++t)
+            std::copy_n(dL.data() + (t * I + i) * J, J, coef + (iterations + t) * J);
         }
-        // du_i (R, C) = dV (R, K) W_i (C, K)^T;  dW_i (C, K) += u_i^T dV
-        scalar_t* dui = du + (g * I + i) * R * C;
-        std::fill(dui, dui + R * C, scalar_t(0));
-        add_dv_wt<scalar_t, N>(dv, w + i * C * T * J, dui, R, C, T * J);
-        add_ut_dv<scalar_t, N>(ug + i * R * C, dv, dw + i * C * T * J, R, C, T * J);
+        if (children == 2) {
+          G_::template vote_gradients<2>(coefficients.data(), dP1.data(), dP2.data(), terms, v + i0 * D * J,
+                                         inv_scale, dv.data(), D, J);
+        } else {
+          G_::template vote_gradients<1>(coefficients.data(), dP1.data(), dP2.data(), terms, v + i0 * D * J,
+                                         inv_scale, dv.data(), D, J);
+        }
+        // du_i (R, C) = dV (R, K) W_i (C, K)^T;  dW_i (C, K) += u_i^T dV, with K = T J
+        for (int64_t c = 0; c < children; ++c) {
+          const int64_t i = i0 + c;
+          scalar_t* dui = du + (g * I + i) * R * C;
+          std::fill(dui, dui + R * C, scalar_t(0));
+          add_dv_wt<scalar_t, N>(dv.data() + c * D * J, w + i * C * T * J, dui, R, C, T * J);
+          add_ut_dv<scalar_t, N>(ug + i * R * C, dv.data() + c * D * J, dw + i * C * T * J, R, C, T * J);
+        }
       }
     }
   });

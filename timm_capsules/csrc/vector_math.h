@@ -193,6 +193,52 @@ struct Row {
   }
 };
 
+// e^x for vectors of floats, x <= 0: exp_nonpositive's arithmetic lane by lane
+TC_INLINE vec64<float> exp_nonpositive(vec64<float> x) {
+  using ints = int32_t __attribute__((vector_size(64)));
+  x = x > -87.0f ? x : vec64<float>{} - 87.0f;
+  const vec64<float> n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vec64<float> r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  vec64<float> q = vec64<float>{} + 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  const vec64<float> e_r = q * r * r + r + 1.0f;
+  return e_r * reinterpret_cast<vec64<float>>((__builtin_convertvector(n, ints) + 127) << 23);
+}
+
+// op over the 16 lanes of v, in every lane (a butterfly: no lane waits on a store)
+template <typename Op>
+TC_INLINE vec64<float> all_lanes(vec64<float> v, const Op& op) {
+  v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  return op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+}
+
+// softmax over a row of float logits, in registers
+template <int Width>
+TC_INLINE Row<float, Width> softmax(Row<float, Width> logits) {
+  using R = Row<float, Width>;
+  const auto larger = [](vec64<float> a, vec64<float> b) { return a > b ? a : b; };
+  vec64<float> max = logits.x[0];
+#pragma GCC unroll 8
+  for (int k = 1; k < R::kVectors; ++k) max = larger(max, logits.x[k]);
+  max = all_lanes(max, larger);
+  vec64<float> sum = {};
+#pragma GCC unroll 8
+  for (int k = 0; k < R::kVectors; ++k) {
+    logits.x[k] = exp_nonpositive(logits.x[k] - max);
+    sum += logits.x[k];
+  }
+  const vec64<float> inverse = 1.0f / all_lanes(sum, [](vec64<float> a, vec64<float> b) { return a + b; });
+#pragma GCC unroll 8
+  for (int k = 0; k < R::kVectors; ++k) logits.x[k] *= inverse;
+  return logits;
+}
+
 // softmax over the J parents
 template <typename scalar_t>
 inline void softmax(const scalar_t* logits, scalar_t* out, int64_t J) {
