@@ -187,14 +187,17 @@ def _em_inputs(dtype, G, I, J, side=4, offset=False, seed=4):
     return children, weight, torch.rand(I, side, side, dtype=dtype) if offset else None, a_in, beta_u, beta_a
 
 
-def _em_kernel_and_reference(inputs, temperatures, normalize_cost, probes_seed=5):
+def _em_kernel_and_reference(inputs, temperatures, normalize_cost, probes_seed=5, window=None):
     """Outputs and the gradients of every input for the same random output gradients, from the kernel's op
-    and from autograd through the plain ops."""
+    and from autograd through the plain ops. Groups (G, I, ...) are 1 x 1 windows; with ``window``, the
+    children and their activations are a grid (B, H, W, N, ...)."""
     import timm_capsules.routing_baselines as rb
-    children, weight, offset, *rest = inputs
-    leaves = [children, weight, *rest]
-    got = torch.ops.timm_capsules.em_routing(children, weight, offset, *rest, temperatures, normalize_cost, 1e-6)
-    ref = rb._em_reference(children, weight, offset, *rest, temperatures, normalize_cost, 1e-6)
+    children, weight, offset, a_in, beta_u, beta_a = inputs
+    leaves = [children, weight, a_in, beta_u, beta_a]
+    grid, grid_a = (children, a_in) if window else (children[:, None, None], a_in[:, None, None])
+    args = (grid, weight, offset, grid_a, beta_u, beta_a, *(window or (1, 1)), temperatures, normalize_cost, 1e-6)
+    got = torch.ops.timm_capsules.em_routing(*args)
+    ref = rb._em_reference(*args)
     torch.manual_seed(probes_seed)
     used = [k for k, r in enumerate(ref) if r.requires_grad]  # one iteration: the assignments are constant
     probes = [torch.randn_like(ref[k]) for k in used]
@@ -214,6 +217,35 @@ def test_em_kernel_and_its_backward_match_autograd(em_kernel, J, iterations, nor
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
+def _em_grid_inputs(window, J, N=3, seed=6):
+    torch.manual_seed(seed)
+    grad = dict(dtype=torch.float64, requires_grad=True)
+    k = window[0]
+    return (torch.randn(2, 7, 6, N, 4, 4, **grad), torch.randn(k * k * N, J, 4, 4, **grad), None,
+            torch.rand(2, 7, 6, N, **grad), torch.randn(J, **grad), torch.randn(J, **grad))
+
+
+@pytest.mark.parametrize('window', [(3, 2), (3, 1), (2, 1)])  # overlapping windows, strided or not
+@pytest.mark.parametrize('J', [5, 32])
+def test_em_kernel_over_grid_windows_equals_copied_windows(em_kernel, window, J):
+    """The kernel reads a conv layer's windows from the child grid and adds their gradients back into it; the
+    reference copies every window out (``window_children``) and differentiates through the copy."""
+    inputs = _em_grid_inputs(window, J)
+    for got, ref in zip(*_em_kernel_and_reference(inputs, [1 / 3, 2 / 3, 1.], True, window=window)):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_em_kernel_over_grid_windows_keeps_only_the_grid(em_kernel):
+    """The windows (9/4 of the grid here) are neither copied for the kernel nor kept for its backward pass."""
+    from timm_capsules.routing import window_children
+    grid, weight, _, a_grid, beta_u, beta_a = _em_grid_inputs((3, 2), 32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        em_routing_from_poses(grid, weight, a_grid, beta_u, beta_a, window=(3, 2))
+    assert sorted(saved) == sorted(t.numel() for t in (grid, weight, a_grid, beta_u, beta_a))
+    assert window_children(grid, 3, 2).numel() not in saved
+
+
 def test_em_kernel_with_other_pose_sizes_and_gradcheck(em_kernel):
     inputs = _em_inputs(torch.float64, 2, 5, 3, side=2, offset=True)  # 2x2 poses: no compiled-size path
     for got, ref in zip(*_em_kernel_and_reference(inputs, [0.5, 1.], True)):
@@ -221,8 +253,8 @@ def test_em_kernel_with_other_pose_sizes_and_gradcheck(em_kernel):
     children, weight, offset, a_in, beta_u, beta_a = inputs
 
     def routed(children, weight, a_in, beta_u, beta_a):
-        return torch.ops.timm_capsules.em_routing(children, weight, offset, a_in, beta_u, beta_a, [0.5, 1.], True,
-                                                  1e-6)
+        return torch.ops.timm_capsules.em_routing(children[:, None, None], weight, offset, a_in[:, None, None],
+                                                  beta_u, beta_a, 1, 1, [0.5, 1.], True, 1e-6)
     assert torch.autograd.gradcheck(routed, (children, weight, a_in, beta_u, beta_a))
 
 

@@ -47,10 +47,10 @@ class EMConvCapsules(ConvCapsules):
         _em_parameters(self, out_caps, device, dtype)
 
     def forward(self, children: Capsules) -> Tuple[Capsules, Tensor]:
-        child_poses, child_activations, (B, H, W) = self._children(children)
+        grid, grid_activations, window, (B, H, W) = self._child_grid(children)  # the kernel reads the windows
         poses, activations, assignments = em_routing_from_poses(
-            child_poses, self.weight, child_activations, self.beta_u, self.beta_a, self.inverse_temperatures,
-            True, 1e-6, None)  # every argument spelled out: TorchScript of an fx graph drops defaults
+            grid, self.weight, grid_activations, self.beta_u, self.beta_a, self.inverse_temperatures,
+            True, 1e-6, None, window)  # every argument spelled out: TorchScript of an fx graph drops defaults
         poses = poses.reshape(B, H, W, self.out_caps, self.out_dim)
         return Capsules(poses, activations.reshape(B, H, W, self.out_caps)), assignments
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from timm.layers import register_notrace_function
 
-from .routing import capsule_votes, load_extension, use_fused_routing
+from .routing import capsule_votes, load_extension, use_fused_routing, window_children
 
 __all__ = ['squash', 'dynamic_routing', 'em_routing', 'em_routing_from_poses', 'inverse_temperature_schedule']
 
@@ -179,11 +179,14 @@ def em_routing_from_poses(
         normalize_cost: bool = True,
         eps: float = 1e-6,
         offset: Optional[Tensor] = None,
+        window: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``em_routing`` of the votes ``capsule_votes(children, weight) (+ offset)``, flattened to (g, i, j, d).
 
     children (g, i, r, c), weight (i, j, c, t), offset (i, r, t) or None: a constant added to child i's votes
-    (coordinate addition), which gets no gradient.
+    (coordinate addition), which gets no gradient. With ``window=(kernel_size, stride)``, ``children`` is a
+    child grid (B, H, W, N, r, c) (activations (B, H, W, N)) and the groups are its windows,
+    ``routing.window_children(children, *window)``, which the kernel reads from the grid instead of a copy.
 
     On the CPU (eager or torch.compile) this is one kernel (``csrc/em_routing.cpp``): each group's votes are
     formed in a per-thread buffer, routed there, and formed again in the backward pass, which runs the
@@ -193,7 +196,11 @@ def em_routing_from_poses(
     the votes are materialised and routed by ``em_routing``.
     """
     temperatures = [float(t) for t in inverse_temperatures]
+    if window is None:  # every group is one 1 x 1 window of its own
+        children, child_activations, window = children[:, None, None], child_activations[:, None, None], (1, 1)
     if not _use_em_kernel(children):
+        children = window_children(children, *window)
+        child_activations = window_children(child_activations, *window)
         votes = capsule_votes(children, weight)
         if offset is not None:
             votes = votes + offset[:, None].to(votes.dtype)  # (i, 1, r, t) onto (g, i, j, r, t)
@@ -206,7 +213,7 @@ def em_routing_from_poses(
         cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
         outputs = torch.ops.timm_capsules.em_routing(
             cast(children), cast(weight), cast(offset), cast(child_activations), cast(beta_u), cast(beta_a),
-            temperatures, normalize_cost, eps)
+            *window, temperatures, normalize_cost, eps)
     return tuple(t.to(children.dtype) for t in outputs)
 
 
@@ -227,8 +234,11 @@ def _kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a):
             beta_a.contiguous())
 
 
-def _em_reference(children, weight, offset, child_activations, beta_u, beta_a, temperatures, normalize_cost, eps):
-    votes = capsule_votes(children, weight)
+def _em_reference(children, weight, offset, child_activations, beta_u, beta_a, kernel_size, stride, temperatures,
+                  normalize_cost, eps):
+    """The op in plain tensor ops: the windows copied out, the votes materialised."""
+    votes = capsule_votes(window_children(children, kernel_size, stride), weight)
+    child_activations = window_children(child_activations, kernel_size, stride)
     if offset is not None:
         votes = votes + offset[:, None]
     return _em_routing_fp32(votes.flatten(-2), child_activations, beta_u, beta_a, temperatures, normalize_cost,
@@ -238,24 +248,27 @@ def _em_reference(children, weight, offset, child_activations, beta_u, beta_a, t
 @torch.library.custom_op('timm_capsules::em_routing', mutates_args=())
 def _em_routing_op(
         children: Tensor, weight: Tensor, offset: Optional[Tensor], child_activations: Tensor, beta_u: Tensor,
-        beta_a: Tensor, inverse_temperatures: List[float], normalize_cost: bool, eps: float,
+        beta_a: Tensor, kernel_size: int, stride: int, inverse_temperatures: List[float], normalize_cost: bool,
+        eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     kernel = em_routing_kernel()
     if kernel is None:  # only under torch.compile without a build: the fake kernel promised contiguous outputs
         with torch.no_grad():
-            outputs = _em_reference(children, weight, offset, child_activations, beta_u, beta_a,
-                                    inverse_temperatures, normalize_cost, eps)
+            outputs = _em_reference(children, weight, offset, child_activations, beta_u, beta_a, kernel_size,
+                                    stride, inverse_temperatures, normalize_cost, eps)
         return tuple(t.contiguous() for t in outputs)
     poses, activations, assignments = kernel.forward(
-        *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a), inverse_temperatures,
-        normalize_cost, eps)
+        *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a), kernel_size, stride,
+        inverse_temperatures, normalize_cost, eps)
     return poses, activations, assignments
 
 
 @_em_routing_op.register_fake
-def _(children, weight, offset, child_activations, beta_u, beta_a, inverse_temperatures, normalize_cost, eps):
-    G, I, R, _ = children.shape
-    J, T = weight.shape[1], weight.shape[3]
+def _(children, weight, offset, child_activations, beta_u, beta_a, kernel_size, stride, inverse_temperatures,
+      normalize_cost, eps):
+    B, H, W, N, R, _ = children.shape
+    G = B * ((H - kernel_size) // stride + 1) * ((W - kernel_size) // stride + 1)
+    I, J, T = kernel_size * kernel_size * N, weight.shape[1], weight.shape[3]
     return children.new_empty(G, J, R * T), children.new_empty(G, J), children.new_empty(G, I, J)
 
 
@@ -263,14 +276,15 @@ def _(children, weight, offset, child_activations, beta_u, beta_a, inverse_tempe
 def _em_routing_backward_op(
         grad_poses: Optional[Tensor], grad_activations: Optional[Tensor], grad_assignments: Optional[Tensor],
         children: Tensor, weight: Tensor, offset: Optional[Tensor], child_activations: Tensor, beta_u: Tensor,
-        beta_a: Tensor, inverse_temperatures: List[float], normalize_cost: bool, eps: float,
+        beta_a: Tensor, kernel_size: int, stride: int, inverse_temperatures: List[float], normalize_cost: bool,
+        eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for children, weight, child activations, beta_u and beta_a."""
     kernel = em_routing_kernel()
     if kernel is None:  # torch.func's vjp: autograd's own dispatch is switched off inside a custom op
         def reference(*leaves):
-            return _em_reference(leaves[0], leaves[1], offset, *leaves[2:], inverse_temperatures, normalize_cost,
-                                 eps)
+            return _em_reference(leaves[0], leaves[1], offset, *leaves[2:], kernel_size, stride,
+                                 inverse_temperatures, normalize_cost, eps)
         outputs, vjp = torch.func.vjp(reference, children, weight, child_activations, beta_u, beta_a)
         grads = [torch.zeros_like(o) if g is None else g for o, g in
                  zip(outputs, (grad_poses, grad_activations, grad_assignments))]
@@ -278,23 +292,23 @@ def _em_routing_backward_op(
     flat = lambda t: None if t is None else t.contiguous()  # noqa: E731
     d_children, d_weight, d_activations, d_beta_u, d_beta_a = kernel.backward(
         flat(grad_poses), flat(grad_activations), flat(grad_assignments),
-        *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a), inverse_temperatures,
-        normalize_cost, eps)
+        *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a), kernel_size, stride,
+        inverse_temperatures, normalize_cost, eps)
     d_weight = d_weight.permute(0, 3, 1, 2).contiguous()  # (i, c, t, j) -> (i, j, c, t)
     return d_children, d_weight, d_activations, d_beta_u, d_beta_a
 
 
 @_em_routing_backward_op.register_fake
 def _(grad_poses, grad_activations, grad_assignments, children, weight, offset, child_activations, beta_u, beta_a,
-      inverse_temperatures, normalize_cost, eps):
+      kernel_size, stride, inverse_temperatures, normalize_cost, eps):
     like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     return like(children), like(weight), like(child_activations), like(beta_u), like(beta_a)
 
 
 def _em_setup_context(ctx, inputs, output):
-    *tensors, inverse_temperatures, normalize_cost, eps = inputs
-    ctx.save_for_backward(*tensors)  # the votes are formed again, not kept
-    ctx.config = (inverse_temperatures, normalize_cost, eps)
+    *tensors, kernel_size, stride, inverse_temperatures, normalize_cost, eps = inputs
+    ctx.save_for_backward(*tensors)  # the grid only: the windows are read from it, the votes formed again
+    ctx.config = (kernel_size, stride, inverse_temperatures, normalize_cost, eps)
     ctx.set_materialize_grads(False)
 
 
@@ -303,7 +317,7 @@ def _em_backward(ctx, grad_poses, grad_activations, grad_assignments):
     d_children, d_weight, d_activations, d_beta_u, d_beta_a = _em_routing_backward_op(
         grad_poses, grad_activations, grad_assignments, children, weight, offset, child_activations, beta_u, beta_a,
         *ctx.config)
-    return d_children, d_weight, None, d_activations, d_beta_u, d_beta_a, None, None, None
+    return d_children, d_weight, None, d_activations, d_beta_u, d_beta_a, None, None, None, None, None
 
 
 _em_routing_op.register_autograd(_em_backward, setup_context=_em_setup_context)

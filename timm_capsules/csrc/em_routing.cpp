@@ -7,7 +7,8 @@
 // The arithmetic is that of ``routing_baselines._em_routing_fp32`` (the reference), with the same guards.
 //
 // Layouts (row-major; "x" = kernel-internal):
-//   children u (G, I, R, C)   weight (I, C, T, J)   offset (I, D), optional   child activations (G, I)
+//   children u (B, H, W, N, R, C), read as windows (windows.h): group g's child i at u[child_at[i]]
+//   weight (I, C, T, J)   offset (I, D), optional   child activations (B, H, W, N)
 //   x votes v (I, D, J) per group, D = R T, d = r T + t; x statistics (D, J)
 //   poses (G, J, D)   activations (G, J)   assignments (G, I, J)
 // With the parents J innermost, every hot loop runs over J contiguous values and vectorises.
@@ -15,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include "vector_math.h"
+#include "windows.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -29,6 +31,7 @@ namespace {
 using namespace timm_capsules;
 
 struct Config {
+  Windows windows;  // the groups: windows of the child grid
   int64_t G, I, R, C, T, J, D;
   std::vector<double> lambdas;  // one inverse temperature per iteration
   bool normalize_cost;
@@ -68,11 +71,23 @@ struct Group {
 
   explicit Group(const Config& config)
       : k(config), I(config.I), J_(config.J), D_(config.D), v(I * D_ * J_), p1(D_ * J_), p2(D_ * J_), logits(J_),
-        routed(I * J_), assign(config.iterations() * I * J_), steps(config.iterations(), Step<scalar_t>(D_, J_)) {}
+        routed(I * J_), assign(config.iterations() * I * J_), steps(config.iterations(), Step<scalar_t>(D_, J_)),
+        child_at(I), child_activations(I) {}
 
   static constexpr int64_t n_or(int64_t fixed, int64_t value) { return fixed ? fixed : value; }
 
   // v_ij = u_i W_ij (+ offset_i), then divided by the group's largest magnitude s
+  // Where the group's children are (capsule indexes in the grid u) and their activations
+  std::vector<int64_t> child_at;
+  std::vector<scalar_t> child_activations;
+  void locate(int64_t g, const std::vector<int64_t>& offsets, const scalar_t* a_grid) {
+    const int64_t corner = k.windows.corner(g);
+    for (int64_t i = 0; i < I; ++i) {
+      child_at[i] = corner + offsets[i];
+      child_activations[i] = a_grid[child_at[i]];
+    }
+  }
+
   void form_votes(const scalar_t* u, const scalar_t* w, const scalar_t* offset) {
     const int64_t R = n_or(N, k.R), C = n_or(N, k.C), T = n_or(N, k.T), J = n_or(JN, J_), D = n_or(N * N, D_);
     scalar_t largest = 0;
@@ -80,7 +95,7 @@ struct Group {
       using RowJ = Row<scalar_t, JN>;
       RowJ largest_row = RowJ::filled(0);
       for (int64_t i = 0; i < I; ++i) {
-        const scalar_t* ui = u + i * N * N;
+        const scalar_t* ui = u + child_at[i] * N * N;
         const scalar_t* wi = w + i * N * N * JN;
         scalar_t* vi = v.data() + i * D * JN;
         for (int t = 0; t < N; ++t) {
@@ -100,7 +115,7 @@ struct Group {
       largest = largest_row.max_lane();
     } else {
       for (int64_t i = 0; i < I; ++i) {
-        const scalar_t* ui = u + i * R * C;
+        const scalar_t* ui = u + child_at[i] * R * C;
         const scalar_t* wi = w + i * C * T * J;
         scalar_t* vi = v.data() + i * D * J;
         for (int64_t r = 0; r < R; ++r) {
@@ -422,12 +437,14 @@ template <typename scalar_t, int N, int JN>
 void forward_kernel(const Config& k, const scalar_t* u, const scalar_t* w, const scalar_t* offset,
                     const scalar_t* a_in, const scalar_t* beta_u, const scalar_t* beta_a, scalar_t* poses,
                     scalar_t* activations, scalar_t* assignments) {
+  const std::vector<int64_t> offsets = k.windows.offsets();
   at::parallel_for(0, k.G, 1, [&](int64_t begin, int64_t end) {
     Group<scalar_t, N, JN> group(k);
     const Step<scalar_t>& last = group.steps.back();
     for (int64_t g = begin; g < end; ++g) {
-      group.form_votes(u + g * k.I * k.R * k.C, w, offset);
-      group.iterate(a_in + g * k.I, beta_u, beta_a, false, assignments + g * k.I * k.J);
+      group.locate(g, offsets, a_in);
+      group.form_votes(u, w, offset);
+      group.iterate(group.child_activations.data(), beta_u, beta_a, false, assignments + g * k.I * k.J);
       for (int64_t j = 0; j < k.J; ++j) {
         activations[g * k.J + j] = sigmoid(last.logit[j]);
         for (int64_t d = 0; d < k.D; ++d) poses[(g * k.J + j) * k.D + d] = last.mu[d * k.J + j] * group.scale;
@@ -439,6 +456,8 @@ void forward_kernel(const Config& k, const scalar_t* u, const scalar_t* w, const
 // The iterations run backwards. Per iteration t the vote-sized steps are P_j = sum_i r_ij [v, v^2]
 // (M-step) and the E-step's <x_j, [v_ij, v_ij^2]>; their vote gradients are linear in [v, v^2], so the
 // gradient of each vote is assembled at the end from small factors (dP per (t, j), dL per (t, i, j)).
+// Threads split the images, so that the windows of one image, which overlap, add their gradients into the
+// children's grid from one thread.
 template <typename scalar_t, int N, int JN>
 void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t* grad_act,
                      const scalar_t* grad_assign, const scalar_t* u, const scalar_t* w, const scalar_t* offset,
@@ -447,7 +466,9 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
   using G_ = Group<scalar_t, N, JN>;
   const int64_t I = k.I, J = G_::n_or(JN, k.J), D = G_::n_or(N * N, k.D), R = G_::n_or(N, k.R),
                 C = G_::n_or(N, k.C), T = G_::n_or(N, k.T), iterations = k.iterations();
-  at::parallel_for(0, k.G, 1, [&](int64_t begin, int64_t end) {
+  const std::vector<int64_t> offsets = k.windows.offsets();
+  const int64_t windows_per_image = k.windows.windows_per_image();
+  at::parallel_for(0, k.windows.B, 1, [&](int64_t image_begin, int64_t image_end) {
     // each thread sums its own weight and beta gradients; they are added up afterwards
     const int64_t thread = at::get_thread_num();
     scalar_t* dw = dw_all + thread * I * C * T * J;
@@ -459,14 +480,15 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
     const int64_t terms = 2 * iterations - 1;
     std::vector<scalar_t> dP1(terms * D * J), dP2(terms * D * J), dL(iterations * I * J);
     std::vector<scalar_t> dmu(D * J), dvar(D * J), dx1(D * J), dx2(D * J), dc(J), dls(J), dlogit(J), dm(J);
-    std::vector<scalar_t> dr(J), dR(J), dcost(J), coefficients(2 * terms * J), dv(2 * D * J);
-    for (int64_t g = begin; g < end; ++g) {
-      const scalar_t* ug = u + g * I * R * C;
-      const scalar_t* ag = a_in + g * I;
-      group.form_votes(ug, w, offset);
+    std::vector<scalar_t> dr(J), dR(J), dcost(J), coefficients(2 * terms * J), dv(2 * D * J), d_act(I);
+    for (int64_t g = image_begin * windows_per_image; g < image_end * windows_per_image; ++g) {
+      group.locate(g, offsets, a_in);
+      const int64_t* child_at = group.child_at.data();
+      const scalar_t* ag = group.child_activations.data();
+      group.form_votes(u, w, offset);
       group.iterate(ag, beta_u, beta_a, true, nullptr);
       const scalar_t* v = group.v.data();
-      scalar_t* dag = da + g * I;
+      scalar_t* dag = d_act.data();
       std::fill(dag, dag + I, scalar_t(0));
       // gradients for the E-step parameters of iteration t (x1, x2, c, log sigmoid(logit)): none after the last
       std::fill(dx1.begin(), dx1.end(), scalar_t(0));
@@ -607,24 +629,25 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
         // du_i (R, C) = dV (R, K) W_i (C, K)^T;  dW_i (C, K) += u_i^T dV, with K = T J
         for (int64_t c = 0; c < children; ++c) {
           const int64_t i = i0 + c;
-          scalar_t* dui = du + (g * I + i) * R * C;
-          std::fill(dui, dui + R * C, scalar_t(0));
-          add_dv_wt<scalar_t, N>(dv.data() + c * D * J, w + i * C * T * J, dui, R, C, T * J);
-          add_ut_dv<scalar_t, N>(ug + i * R * C, dv.data() + c * D * J, dw + i * C * T * J, R, C, T * J);
+          add_dv_wt<scalar_t, N>(dv.data() + c * D * J, w + i * C * T * J, du + child_at[i] * R * C, R, C, T * J);
+          add_ut_dv<scalar_t, N>(u + child_at[i] * R * C, dv.data() + c * D * J, dw + i * C * T * J, R, C, T * J);
         }
       }
+      for (int64_t i = 0; i < I; ++i) da[child_at[i]] += dag[i];
     }
   });
 }
 
 Config config_of(const at::Tensor& children, const at::Tensor& weight, const std::optional<at::Tensor>& offset,
-                 const at::Tensor& a_in, const at::Tensor& beta_u, const at::Tensor& beta_a,
-                 const std::vector<double>& lambdas, bool normalize_cost, double eps) {
-  TORCH_CHECK(children.dim() == 4 && weight.dim() == 4, "children (G, I, R, C) and weight (I, C, T, J) expected");
-  Config k{children.size(0), children.size(1), children.size(2), children.size(3), weight.size(2), weight.size(3),
-           children.size(2) * weight.size(2), lambdas, normalize_cost, eps};
+                 const at::Tensor& a_in, const at::Tensor& beta_u, const at::Tensor& beta_a, int64_t kernel_size,
+                 int64_t stride, const std::vector<double>& lambdas, bool normalize_cost, double eps) {
+  TORCH_CHECK(children.dim() == 6 && weight.dim() == 4,
+              "children (B, H, W, N, R, C) and weight (I, C, T, J) expected");
+  const Windows windows(children, kernel_size, stride);
+  Config k{windows, windows.G, windows.I, children.size(4), children.size(5), weight.size(2), weight.size(3),
+           children.size(4) * weight.size(2), lambdas, normalize_cost, eps};
   TORCH_CHECK(k.iterations() >= 1, "EM routing needs at least one iteration");
-  TORCH_CHECK(weight.size(0) == k.I && weight.size(1) == k.C, "weight does not match the children");
+  TORCH_CHECK(weight.size(0) == k.I && weight.size(1) == k.C, "weight does not match the children's windows");
   std::vector<const at::Tensor*> all{&children, &weight, &a_in, &beta_u, &beta_a};
   if (offset) all.push_back(&*offset);
   for (const at::Tensor* t : all) {
@@ -632,7 +655,7 @@ Config config_of(const at::Tensor& children, const at::Tensor& weight, const std
     TORCH_CHECK(t->is_contiguous(), "the EM routing kernel needs contiguous inputs");
     TORCH_CHECK(t->scalar_type() == children.scalar_type(), "the EM routing kernel needs one dtype");
   }
-  TORCH_CHECK(a_in.numel() == k.G * k.I, "child activations (G, I) do not match the children");
+  TORCH_CHECK(a_in.numel() == children.numel() / (k.R * k.C), "child activations (B, H, W, N) do not match the grid");
   TORCH_CHECK(beta_u.numel() == k.J && beta_a.numel() == k.J, "beta_u and beta_a (J) expected");
   TORCH_CHECK(!offset || offset->numel() == k.I * k.D, "offset (I, D) expected");
   return k;
@@ -654,9 +677,10 @@ void with_shape(const Config& k, const F& f) {
 
 std::vector<at::Tensor> em_forward(const at::Tensor& children, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& offset, const at::Tensor& a_in,
-                                   const at::Tensor& beta_u, const at::Tensor& beta_a, std::vector<double> lambdas,
-                                   bool normalize_cost, double eps) {
-  const Config k = config_of(children, weight, offset, a_in, beta_u, beta_a, lambdas, normalize_cost, eps);
+                                   const at::Tensor& beta_u, const at::Tensor& beta_a, int64_t kernel_size,
+                                   int64_t stride, std::vector<double> lambdas, bool normalize_cost, double eps) {
+  const Config k = config_of(children, weight, offset, a_in, beta_u, beta_a, kernel_size, stride, lambdas,
+                             normalize_cost, eps);
   auto poses = at::empty({k.G, k.J, k.D}, children.options());
   auto activations = at::empty({k.G, k.J}, children.options());
   auto assignments = at::empty({k.G, k.I, k.J}, children.options());
@@ -677,15 +701,17 @@ std::vector<at::Tensor> em_backward(const std::optional<at::Tensor>& grad_poses,
                                     const std::optional<at::Tensor>& grad_assignments, const at::Tensor& children,
                                     const at::Tensor& weight, const std::optional<at::Tensor>& offset,
                                     const at::Tensor& a_in, const at::Tensor& beta_u, const at::Tensor& beta_a,
-                                    std::vector<double> lambdas, bool normalize_cost, double eps) {
-  const Config k = config_of(children, weight, offset, a_in, beta_u, beta_a, lambdas, normalize_cost, eps);
+                                    int64_t kernel_size, int64_t stride, std::vector<double> lambdas,
+                                    bool normalize_cost, double eps) {
+  const Config k = config_of(children, weight, offset, a_in, beta_u, beta_a, kernel_size, stride, lambdas,
+                             normalize_cost, eps);
   const std::vector<std::pair<const std::optional<at::Tensor>*, int64_t>> grads{
       {&grad_poses, k.G * k.J * k.D}, {&grad_activations, k.G * k.J}, {&grad_assignments, k.G * k.I * k.J}};
   for (const auto& [t, n] : grads)
     TORCH_CHECK(!*t || ((*t)->is_contiguous() && (*t)->numel() == n &&
                         (*t)->scalar_type() == children.scalar_type()), "gradient of an unexpected shape");
-  auto grad_children = at::empty_like(children);
-  auto grad_a = at::empty_like(a_in);
+  auto grad_children = at::zeros_like(children);  // the windows' gradients are added into the grid
+  auto grad_a = at::zeros_like(a_in);
   const int64_t threads = at::get_num_threads();
   auto grad_weight = at::zeros({threads, k.I, k.C, k.T, k.J}, weight.options());
   auto grad_beta = at::zeros({threads, 2, k.J}, weight.options());

@@ -7,10 +7,8 @@
 // it for the backward pass. Here the votes of one child (parents x d values) live in a small buffer
 // that stays in L1, and the backward pass recomputes them: memory is the inputs and outputs only.
 //
-// The children are read from their grid: group g = (b, ho, wo) is the k x k window at (ho s, wo s) and
-// its child i = (ky, kx, n) the capsule of type n at (ho s + ky, wo s + kx), so a convolutional layer's
-// windows (9x its grid for k = 3) are never copied out, and their gradient is added back into the grid.
-// A fully connected layer is one 1 x 1 window per image (H = W = k = 1, N = I).
+// The children are read from their grid (windows.h): a convolutional layer's windows are never copied out,
+// and their gradient is added back into the grid. A fully connected layer is one 1 x 1 window per image.
 //
 // Layouts (all contiguous; K = T * J, i.e. pose column t and parent type j flattened, j innermost, so that
 // sums over a parent's columns and a parent's share spread over them are whole-vector operations):
@@ -24,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include "vector_math.h"
+#include "windows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -36,38 +35,20 @@ namespace {
 
 using namespace timm_capsules;
 
-struct Sizes {
-  int64_t B, H, W, N, k, stride, Ho, Wo, G, I, R, C, J, T, K;
+struct Sizes : Windows {
+  int64_t R, C, J, T, K;
 };
 
 Sizes sizes_of(const at::Tensor& children, const at::Tensor& weight, int64_t kernel_size, int64_t stride,
                int64_t parent_cols) {
   TORCH_CHECK(children.dim() == 6 && weight.dim() == 3, "children (B, H, W, N, R, C) and weight (I, C, K) expected");
   Sizes s{};
-  s.B = children.size(0), s.H = children.size(1), s.W = children.size(2), s.N = children.size(3);
-  s.R = children.size(4), s.C = children.size(5), s.k = kernel_size, s.stride = stride;
-  TORCH_CHECK(s.k >= 1 && s.stride >= 1 && s.H >= s.k && s.W >= s.k, "the windows do not fit the child grid");
-  s.Ho = (s.H - s.k) / s.stride + 1, s.Wo = (s.W - s.k) / s.stride + 1, s.G = s.B * s.Ho * s.Wo;
-  s.I = s.k * s.k * s.N, s.T = parent_cols, s.K = weight.size(2);
+  static_cast<Windows&>(s) = Windows(children, kernel_size, stride);
+  s.R = children.size(4), s.C = children.size(5), s.T = parent_cols, s.K = weight.size(2);
   TORCH_CHECK(weight.size(0) == s.I && weight.size(1) == s.C, "weight does not match the children's windows");
   TORCH_CHECK(s.K % s.T == 0, "weight's last axis must be pose columns x parents");
   s.J = s.K / s.T;
   return s;
-}
-
-// where child i of a window is, in capsules from the window's corner: (ky W + kx) N + n
-std::vector<int64_t> window_offsets(const Sizes& s) {
-  std::vector<int64_t> offsets(s.I);
-  for (int64_t ky = 0; ky < s.k; ++ky)
-    for (int64_t kx = 0; kx < s.k; ++kx)
-      for (int64_t n = 0; n < s.N; ++n) offsets[(ky * s.k + kx) * s.N + n] = (ky * s.W + kx) * s.N + n;
-  return offsets;
-}
-
-// the capsule at group g's window corner
-inline int64_t window_corner(const Sizes& s, int64_t g) {
-  const int64_t b = g / (s.Ho * s.Wo), ho = g / s.Wo % s.Ho, wo = g % s.Wo;
-  return ((b * s.H + ho * s.stride) * s.W + wo * s.stride) * s.N;
 }
 
 // Kernels take the pose shape as a template argument N when it is N x N for children and parents (the
@@ -160,11 +141,11 @@ template <typename scalar_t, int N>
 void forward_kernel(const scalar_t* u, const scalar_t* w, const scalar_t* p, const scalar_t* activations,
                     scalar_t scale, const Sizes& s, scalar_t* out, scalar_t* coef, scalar_t* agree) {
   const Dims<N> d(s);
-  const std::vector<int64_t> offsets = window_offsets(s);
+  const std::vector<int64_t> offsets = s.offsets();
   at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> v(d.R() * d.K), prod(d.K), mass(d.K), logits(d.J), r(d.J);
     for (int64_t g = begin; g < end; ++g) {
-      const int64_t corner = window_corner(s, g);
+      const int64_t corner = s.corner(g);
       const scalar_t* pg = p + g * d.R() * d.K;
       scalar_t* og = out + g * d.R() * d.K;
       std::fill(og, og + d.R() * d.K, scalar_t(0));
@@ -189,7 +170,7 @@ void backward_kernel(const scalar_t* dP, const scalar_t* grad_coef, const scalar
                      const scalar_t* w, const scalar_t* p, const scalar_t* activations, scalar_t scale, const Sizes& s,
                      scalar_t* du, scalar_t* dw_all, scalar_t* dp, scalar_t* grad_activations) {
   const Dims<N> d(s);
-  const std::vector<int64_t> offsets = window_offsets(s);
+  const std::vector<int64_t> offsets = s.offsets();
   const int64_t windows_per_image = s.Ho * s.Wo;
   at::parallel_for(0, s.B, 1, [&](int64_t image_begin, int64_t image_end) {
     // each thread sums its own weight gradient; they are added up afterwards
@@ -197,7 +178,7 @@ void backward_kernel(const scalar_t* dP, const scalar_t* grad_coef, const scalar
     std::vector<scalar_t> v(d.R() * d.K), dv(d.R() * d.K), prod(d.K), d_prod(d.K), mass(d.K), pull(d.K);
     std::vector<scalar_t> d_mass(d.J), d_coef(d.J), d_logit(d.J), logits(d.J), r(d.J);
     for (int64_t g = image_begin * windows_per_image; g < image_end * windows_per_image; ++g) {
-      const int64_t corner = window_corner(s, g);
+      const int64_t corner = s.corner(g);
       const scalar_t* pg = p + g * d.R() * d.K;
       const scalar_t* dPg = dP + g * d.R() * d.K;
       scalar_t* dpg = dp + g * d.R() * d.K;
