@@ -67,6 +67,8 @@ struct Group {
   std::vector<scalar_t> routed;      // (I, J): r_ij = R_ij a_i, and R itself before that when it is not kept
   std::vector<scalar_t> assign;      // (T, I, J): R^t, kept for t >= 1 when replaying for the backward
   std::vector<Step<scalar_t>> steps;
+  std::vector<int64_t> child_at;            // (I): where the group's children are, capsule indexes in the grid
+  std::vector<scalar_t> child_activations;  // (I): their activations
   scalar_t scale = 1, log_scale = 0;
 
   explicit Group(const Config& config)
@@ -76,10 +78,7 @@ struct Group {
 
   static constexpr int64_t n_or(int64_t fixed, int64_t value) { return fixed ? fixed : value; }
 
-  // v_ij = u_i W_ij (+ offset_i), then divided by the group's largest magnitude s
-  // Where the group's children are (capsule indexes in the grid u) and their activations
-  std::vector<int64_t> child_at;
-  std::vector<scalar_t> child_activations;
+  // group g's children and their activations, from the window offsets and the activation grid
   void locate(int64_t g, const std::vector<int64_t>& offsets, const scalar_t* a_grid) {
     const int64_t corner = k.windows.corner(g);
     for (int64_t i = 0; i < I; ++i) {
@@ -88,6 +87,7 @@ struct Group {
     }
   }
 
+  // v_ij = u_i W_ij (+ offset_i), then divided by the group's largest magnitude s
   void form_votes(const scalar_t* u, const scalar_t* w, const scalar_t* offset) {
     const int64_t R = n_or(N, k.R), C = n_or(N, k.C), T = n_or(N, k.T), J = n_or(JN, J_), D = n_or(N * N, D_);
     scalar_t largest = 0;
@@ -144,6 +144,23 @@ struct Group {
     for (int64_t e = 0; e < n; ++e) vv[e] *= inverse;
   }
 
+  // The E-step of iteration t - 1 for every child: R (I, J); two children at a time share the loads of x
+  void e_steps(int64_t t, scalar_t* out) {
+    int64_t i = 0;
+    if constexpr (JN > 0 && std::is_same_v<scalar_t, float>) {
+      using RowJ = Row<scalar_t, JN>;
+      const Step<scalar_t>& s = steps[t - 1];
+      const RowJ log_prior = RowJ::load(s.log_sig.data()) - RowJ::load(s.c.data());
+      for (; i + 1 < I; i += 2) {
+        RowJ logits[2] = {log_prior, log_prior};
+        quadratic_rows<2>(v.data() + i * D_ * JN, s.x1.data(), s.x2.data(), logits, D_);
+        softmax(logits[0]).store(out + i * JN);
+        softmax(logits[1]).store(out + (i + 1) * JN);
+      }
+    }
+    for (; i < I; ++i) e_step(t, i, out + i * J_);
+  }
+
   // The E-step of iteration t - 1 for child i: R_i (J) = softmax_j(log a_j + log N(v_ij; mu_j, var_j))
   void e_step(int64_t t, int64_t i, scalar_t* out) {
     const int64_t J = n_or(JN, J_), D = n_or(N * N, D_);
@@ -180,6 +197,22 @@ struct Group {
         const scalar_t* bd = b + d * J;
 #pragma omp simd
         for (int64_t j = 0; j < J; ++j) out[j] += vd[j] * (ad[j] + bd[j] * vd[j]);
+      }
+    }
+  }
+
+  // quadratic_forms for Children consecutive children in registers (JN > 0): acc[c] += <[a, b], [v_c, v_c^2]>
+  template <int Children>
+  static TC_INLINE void quadratic_rows(const scalar_t* __restrict vi, const scalar_t* __restrict a,
+                                       const scalar_t* __restrict b, Row<scalar_t, JN ? JN : 64> (&acc)[Children],
+                                       int64_t D) {
+    using RowJ = Row<scalar_t, JN ? JN : 64>;
+    for (int64_t d = 0; d < D; ++d) {
+      const RowJ ad = RowJ::load(a + d * JN), bd = RowJ::load(b + d * JN);
+#pragma GCC unroll 2
+      for (int c = 0; c < Children; ++c) {
+        const RowJ x = RowJ::load(vi + (c * D + d) * JN);
+        acc[c] += x * (ad + bd * x);
       }
     }
   }
@@ -323,12 +356,10 @@ struct Group {
       const bool last = t == iterations - 1;
       // the E-step for every child, then r_ij = R_ij a_i
       scalar_t* rows = keep ? assign.data() + t * I * J : (last && assignments_out ? assignments_out : routed.data());
-      for (int64_t i = 0; i < I; ++i) {
-        if (t == 0) {
-          std::fill(rows + i * J, rows + (i + 1) * J, scalar_t(1) / scalar_t(J));
-        } else {
-          e_step(t, i, rows + i * J);
-        }
+      if (t == 0) {
+        std::fill(rows, rows + I * J, scalar_t(1) / scalar_t(J));
+      } else {
+        e_steps(t, rows);
       }
       if (last && assignments_out && keep) std::copy(rows, rows + I * J, assignments_out);
       scalar_t* m = s.mass.data();
@@ -480,7 +511,7 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
     const int64_t terms = 2 * iterations - 1;
     std::vector<scalar_t> dP1(terms * D * J), dP2(terms * D * J), dL(iterations * I * J);
     std::vector<scalar_t> dmu(D * J), dvar(D * J), dx1(D * J), dx2(D * J), dc(J), dls(J), dlogit(J), dm(J);
-    std::vector<scalar_t> dr(J), dR(J), dcost(J), coefficients(2 * terms * J), dv(2 * D * J), d_act(I);
+    std::vector<scalar_t> dr(2 * J), dR(J), dcost(J), coefficients(2 * terms * J), dv(2 * D * J), d_act(I);
     for (int64_t g = image_begin * windows_per_image; g < image_end * windows_per_image; ++g) {
       group.locate(g, offsets, a_in);
       const int64_t* child_at = group.child_at.data();
@@ -572,9 +603,21 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
         std::fill(dls.begin(), dls.end(), scalar_t(0));
         std::fill(dc.begin(), dc.end(), scalar_t(0));
         for (int64_t i = 0; i < I; ++i) {
-          scalar_t* r = dr.data();
+          scalar_t* r = dr.data() + (i % 2) * J;
           scalar_t* dRi = dR.data();
-          G_::quadratic_forms(v + i * D * J, p1, p2, dm.data(), r, D, J);
+          if constexpr (JN > 0) {  // two children at a time share the loads of dP
+            using RowJ = Row<scalar_t, JN>;
+            if (i % 2 == 0 && i + 1 < I) {
+              RowJ pair[2] = {RowJ::load(dm.data()), RowJ::load(dm.data())};
+              G_::template quadratic_rows<2>(v + i * D * JN, p1, p2, pair, D);
+              pair[0].store(r);
+              pair[1].store(r + JN);
+            } else if (i % 2 == 0) {
+              G_::quadratic_forms(v + i * D * J, p1, p2, dm.data(), r, D, J);
+            }
+          } else {
+            G_::quadratic_forms(v + i * D * J, p1, p2, dm.data(), r, D, J);
+          }
           const scalar_t a = ag[i];
           if (t == 0) {
             dag[i] += sum_of(r, J) / scalar_t(J);
