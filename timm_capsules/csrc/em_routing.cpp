@@ -1,7 +1,8 @@
 // EM routing (Hinton et al., 2018) on the CPU as one kernel per (group of children, parents): the votes of a
 // group are formed into a per-thread buffer (I x D x J values, in L2) and never written to memory; each
-// iteration then reads that buffer twice: the E-step child by child, and the M-step's sums pose entry by
-// pose entry over all children, so that the sums stay in registers. The backward pass forms the group's
+// iteration then reads that buffer twice: the E-step two children at a time, and the M-step's sums four pose
+// entries at a time over all children. With 32 parents (the conv layers) the sums live in vector registers
+// (``Row``, vector_math.h), which GCC does not manage for local arrays. The backward pass forms the group's
 // votes and replays its iterations again, then runs them backwards by hand, so that nothing but the inputs
 // and outputs is kept between the passes.
 // The arithmetic is that of ``routing_baselines._em_routing_fp32`` (the reference), with the same guards.
