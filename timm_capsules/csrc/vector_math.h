@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace timm_capsules {
 
@@ -239,9 +240,13 @@ TC_INLINE Row<float, Width> softmax(Row<float, Width> logits) {
   return logits;
 }
 
-// softmax over the J parents
+// softmax over the J parents; in registers for the common float widths (the conv layers' 16 and 32 parents)
 template <typename scalar_t>
 inline void softmax(const scalar_t* logits, scalar_t* out, int64_t J) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (J == 32) return softmax(Row<float, 32>::load(logits)).store(out);
+    if (J == 16) return softmax(Row<float, 16>::load(logits)).store(out);
+  }
   const scalar_t max = max_of(logits, J);
 #pragma omp simd
   for (int64_t j = 0; j < J; ++j) out[j] = exp_nonpositive(logits[j] - max);
