@@ -16,8 +16,8 @@ Routing logits, coefficients and EM statistics are computed in float32, so that 
 under bf16/fp16 autocast; results are returned in the votes' dtype.
 
 ``em_routing_from_poses`` (what the EM capsule layers call) runs EM routing on the CPU in one C++ kernel
-(``csrc/em_routing.cpp``) that never stores the votes; the plain tensor ops of ``em_routing`` are its
-reference and its fallback.
+(``csrc/em_routing.cpp``) that never stores the votes and reads a convolutional layer's windows from the child
+grid; the plain tensor ops of ``em_routing`` (on ``routing.window_children``) are its reference and its fallback.
 """
 import contextlib
 from pathlib import Path
