@@ -99,7 +99,7 @@ class EMClassCapsules(nn.Module):
             offset = self.coordinates[:, :, None].expand(-1, -1, self.in_caps, -1).reshape(-1, side, side)
         routed = em_routing_from_poses(
             poses.reshape(B, H * W * N, side, side), weight, activations.reshape(B, H * W * N),
-            self.beta_u, self.beta_a, self.inverse_temperatures, True, 1e-6, offset)
+            self.beta_u, self.beta_a, self.inverse_temperatures, True, 1e-6, offset, None)  # all spelled out, as above
         return routed[1]  # the class activations (routed[0] holds the class poses)
 
 
