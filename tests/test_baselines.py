@@ -196,7 +196,7 @@ def _em_kernel_and_reference(inputs, temperatures, normalize_cost, probes_seed=5
     leaves = [children, weight, a_in, beta_u, beta_a]
     grid, grid_a = (children, a_in) if window else (children[:, None, None], a_in[:, None, None])
     args = (grid, weight, offset, grid_a, beta_u, beta_a, *(window or (1, 1)), temperatures, normalize_cost, 1e-6)
-    got = torch.ops.timm_capsules.em_routing(*args)
+    got = torch.ops.timm_capsules.em_routing(*args, True)
     ref = rb._em_reference(*args)
     torch.manual_seed(probes_seed)
     used = [k for k, r in enumerate(ref) if r.requires_grad]  # one iteration: the assignments are constant
@@ -246,6 +246,25 @@ def test_em_kernel_over_grid_windows_keeps_only_the_grid(em_kernel):
     assert window_children(grid, 3, 2).numel() not in saved
 
 
+@pytest.mark.parametrize('fused', [True, False])
+def test_em_routing_without_assignments_gives_the_same_poses_and_gradients(em_kernel, fused, monkeypatch):
+    """A conv layer that does not use the last assignments does not get them (they are as large as the votes
+    / d): the third output is empty, the rest and every gradient are unchanged; the same without the kernel."""
+    if not fused:
+        monkeypatch.setenv('TIMM_CAPSULES_FUSED_ROUTING', '0')
+    grid, weight, _, a_grid, beta_u, beta_a = _em_grid_inputs((3, 2), 32)
+    leaves = (grid, weight, a_grid, beta_u, beta_a)
+    full = em_routing_from_poses(grid, weight, a_grid, beta_u, beta_a, window=(3, 2))
+    lean = em_routing_from_poses(grid, weight, a_grid, beta_u, beta_a, window=(3, 2), with_assignments=False)
+    assert full[2].shape == (2 * 3 * 2, 27, 32) and lean[2].numel() == 0
+    for a, b in zip(full[:2], lean[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    probes = [torch.randn_like(t) for t in full[:2]]
+    loss = lambda outputs: sum((o * p).sum() for o, p in zip(outputs, probes))  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss(full[:2]), leaves), torch.autograd.grad(loss(lean[:2]), leaves)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_em_kernel_with_other_pose_sizes_and_gradcheck(em_kernel):
     inputs = _em_inputs(torch.float64, 2, 5, 3, side=2, offset=True)  # 2x2 poses: no compiled-size path
     for got, ref in zip(*_em_kernel_and_reference(inputs, [0.5, 1.], True)):
@@ -254,7 +273,7 @@ def test_em_kernel_with_other_pose_sizes_and_gradcheck(em_kernel):
 
     def routed(children, weight, a_in, beta_u, beta_a):
         return torch.ops.timm_capsules.em_routing(children[:, None, None], weight, offset, a_in[:, None, None],
-                                                  beta_u, beta_a, 1, 1, [0.5, 1.], True, 1e-6)
+                                                  beta_u, beta_a, 1, 1, [0.5, 1.], True, 1e-6, True)
     assert torch.autograd.gradcheck(routed, (children, weight, a_in, beta_u, beta_a))
 
 

@@ -46,13 +46,13 @@ class EMConvCapsules(ConvCapsules):
         self.inverse_temperatures = [float(t) for t in inverse_temperatures]
         _em_parameters(self, out_caps, device, dtype)
 
-    def forward(self, children: Capsules) -> Tuple[Capsules, Tensor]:
+    def forward(self, children: Capsules) -> Capsules:
         grid, grid_activations, window, (B, H, W) = self._child_grid(children)  # the kernel reads the windows
-        poses, activations, assignments = em_routing_from_poses(
+        poses, activations, _ = em_routing_from_poses(
             grid, self.weight, grid_activations, self.beta_u, self.beta_a, self.inverse_temperatures,
-            True, 1e-6, None, window)  # every argument spelled out: TorchScript of an fx graph drops defaults
+            True, 1e-6, None, window, False)  # every argument spelled out: TorchScript of an fx graph drops defaults
         poses = poses.reshape(B, H, W, self.out_caps, self.out_dim)
-        return Capsules(poses, activations.reshape(B, H, W, self.out_caps)), assignments
+        return Capsules(poses, activations.reshape(B, H, W, self.out_caps))
 
 
 class EMClassCapsules(nn.Module):
@@ -99,7 +99,7 @@ class EMClassCapsules(nn.Module):
             offset = self.coordinates[:, :, None].expand(-1, -1, self.in_caps, -1).reshape(-1, side, side)
         routed = em_routing_from_poses(
             poses.reshape(B, H * W * N, side, side), weight, activations.reshape(B, H * W * N),
-            self.beta_u, self.beta_a, self.inverse_temperatures, True, 1e-6, offset, None)  # all spelled out, as above
+            self.beta_u, self.beta_a, self.inverse_temperatures, True, 1e-6, offset, None, False)  # all spelled out
         return routed[1]  # the class activations (routed[0] holds the class poses)
 
 
@@ -198,10 +198,7 @@ class EMCapsNet(LayerwiseCapsuleModel):
         set_batchnorm_args(self, bn_momentum, bn_eps)
 
     def _capsule_steps(self) -> List[Callable]:
-        steps = [self.primary]
-        for layer in self.capsule_layers:
-            steps.append(lambda capsules, layer=layer: layer(capsules)[0])
-        return steps
+        return [self.primary, *self.capsule_layers]
 
     def _classify(self, capsules: Capsules) -> Tensor:
         return self.head(capsules)

@@ -180,6 +180,7 @@ def em_routing_from_poses(
         eps: float = 1e-6,
         offset: Optional[Tensor] = None,
         window: Optional[Tuple[int, int]] = None,
+        with_assignments: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``em_routing`` of the votes ``capsule_votes(children, weight) (+ offset)``, flattened to (g, i, j, d).
 
@@ -187,6 +188,7 @@ def em_routing_from_poses(
     (coordinate addition), which gets no gradient. With ``window=(kernel_size, stride)``, ``children`` is a
     child grid (B, H, W, N, r, c) (activations (B, H, W, N)) and the groups are its windows,
     ``routing.window_children(children, *window)``, which the kernel reads from the grid instead of a copy.
+    ``with_assignments=False``: the assignments (as large as the votes / d) are not returned (an empty tensor).
 
     On the CPU (eager or torch.compile) this is one kernel (``csrc/em_routing.cpp``): each group's votes are
     formed in a per-thread buffer, routed there, and formed again in the backward pass, which runs the
@@ -204,7 +206,9 @@ def em_routing_from_poses(
         votes = capsule_votes(children, weight)
         if offset is not None:
             votes = votes + offset[:, None].to(votes.dtype)  # (i, 1, r, t) onto (g, i, j, r, t)
-        return em_routing(votes.flatten(-2), child_activations, beta_u, beta_a, temperatures, normalize_cost, eps)
+        poses, activations, assignments = em_routing(
+            votes.flatten(-2), child_activations, beta_u, beta_a, temperatures, normalize_cost, eps)
+        return poses, activations, assignments if with_assignments else assignments.new_empty(0)
     device_type = children.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
@@ -213,7 +217,7 @@ def em_routing_from_poses(
         cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
         outputs = torch.ops.timm_capsules.em_routing(
             cast(children), cast(weight), cast(offset), cast(child_activations), cast(beta_u), cast(beta_a),
-            *window, temperatures, normalize_cost, eps)
+            *window, temperatures, normalize_cost, eps, with_assignments)
     return tuple(t.to(children.dtype) for t in outputs)
 
 
@@ -249,27 +253,30 @@ def _em_reference(children, weight, offset, child_activations, beta_u, beta_a, k
 def _em_routing_op(
         children: Tensor, weight: Tensor, offset: Optional[Tensor], child_activations: Tensor, beta_u: Tensor,
         beta_a: Tensor, kernel_size: int, stride: int, inverse_temperatures: List[float], normalize_cost: bool,
-        eps: float,
+        eps: float, with_assignments: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     kernel = em_routing_kernel()
     if kernel is None:  # only under torch.compile without a build: the fake kernel promised contiguous outputs
         with torch.no_grad():
-            outputs = _em_reference(children, weight, offset, child_activations, beta_u, beta_a, kernel_size,
-                                    stride, inverse_temperatures, normalize_cost, eps)
-        return tuple(t.contiguous() for t in outputs)
+            poses, activations, assignments = _em_reference(
+                children, weight, offset, child_activations, beta_u, beta_a, kernel_size, stride,
+                inverse_temperatures, normalize_cost, eps)
+        return (poses.contiguous(), activations.contiguous(),
+                assignments.contiguous() if with_assignments else assignments.new_empty(0))
     poses, activations, assignments = kernel.forward(
         *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a), kernel_size, stride,
-        inverse_temperatures, normalize_cost, eps)
+        inverse_temperatures, normalize_cost, eps, with_assignments)
     return poses, activations, assignments
 
 
 @_em_routing_op.register_fake
 def _(children, weight, offset, child_activations, beta_u, beta_a, kernel_size, stride, inverse_temperatures,
-      normalize_cost, eps):
+      normalize_cost, eps, with_assignments):
     B, H, W, N, R, _ = children.shape
     G = B * ((H - kernel_size) // stride + 1) * ((W - kernel_size) // stride + 1)
     I, J, T = kernel_size * kernel_size * N, weight.shape[1], weight.shape[3]
-    return children.new_empty(G, J, R * T), children.new_empty(G, J), children.new_empty(G, I, J)
+    assignments = children.new_empty(G, I, J) if with_assignments else children.new_empty(0)
+    return children.new_empty(G, J, R * T), children.new_empty(G, J), assignments
 
 
 @torch.library.custom_op('timm_capsules::em_routing_backward', mutates_args=())
@@ -306,18 +313,20 @@ def _(grad_poses, grad_activations, grad_assignments, children, weight, offset, 
 
 
 def _em_setup_context(ctx, inputs, output):
-    *tensors, kernel_size, stride, inverse_temperatures, normalize_cost, eps = inputs
+    *tensors, kernel_size, stride, inverse_temperatures, normalize_cost, eps, _ = inputs
     ctx.save_for_backward(*tensors)  # the grid only: the windows are read from it, the votes formed again
     ctx.config = (kernel_size, stride, inverse_temperatures, normalize_cost, eps)
     ctx.set_materialize_grads(False)
 
 
 def _em_backward(ctx, grad_poses, grad_activations, grad_assignments):
+    if grad_assignments is not None and grad_assignments.numel() == 0:  # not returned: nothing to pass back
+        grad_assignments = None
     children, weight, offset, child_activations, beta_u, beta_a = ctx.saved_tensors
     d_children, d_weight, d_activations, d_beta_u, d_beta_a = _em_routing_backward_op(
         grad_poses, grad_activations, grad_assignments, children, weight, offset, child_activations, beta_u, beta_a,
         *ctx.config)
-    return d_children, d_weight, None, d_activations, d_beta_u, d_beta_a, None, None, None, None, None
+    return d_children, d_weight, None, d_activations, d_beta_u, d_beta_a, None, None, None, None, None, None
 
 
 _em_routing_op.register_autograd(_em_backward, setup_context=_em_setup_context)

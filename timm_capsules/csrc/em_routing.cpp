@@ -11,7 +11,7 @@
 //   children u (B, H, W, N, R, C), read as windows (windows.h): group g's child i at u[child_at[i]]
 //   weight (I, C, T, J)   offset (I, D), optional   child activations (B, H, W, N)
 //   x votes v (I, D, J) per group, D = R T, d = r T + t; x statistics (D, J)
-//   poses (G, J, D)   activations (G, J)   assignments (G, I, J)
+//   poses (G, J, D)   activations (G, J)   assignments (G, I, J), written only when asked for
 // With the parents J innermost, every hot loop runs over J contiguous values and vectorises.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -476,7 +476,8 @@ void forward_kernel(const Config& k, const scalar_t* u, const scalar_t* w, const
     for (int64_t g = begin; g < end; ++g) {
       group.locate(g, offsets, a_in);
       group.form_votes(u, w, offset);
-      group.iterate(group.child_activations.data(), beta_u, beta_a, false, assignments + g * k.I * k.J);
+      group.iterate(group.child_activations.data(), beta_u, beta_a, false,
+                    assignments ? assignments + g * k.I * k.J : nullptr);
       for (int64_t j = 0; j < k.J; ++j) {
         activations[g * k.J + j] = sigmoid(last.logit[j]);
         for (int64_t d = 0; d < k.D; ++d) poses[(g * k.J + j) * k.D + d] = last.mu[d * k.J + j] * group.scale;
@@ -722,18 +723,22 @@ void with_shape(const Config& k, const F& f) {
 std::vector<at::Tensor> em_forward(const at::Tensor& children, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& offset, const at::Tensor& a_in,
                                    const at::Tensor& beta_u, const at::Tensor& beta_a, int64_t kernel_size,
-                                   int64_t stride, std::vector<double> lambdas, bool normalize_cost, double eps) {
+                                   int64_t stride, std::vector<double> lambdas, bool normalize_cost, double eps,
+                                   bool with_assignments) {
   const Config k = config_of(children, weight, offset, a_in, beta_u, beta_a, kernel_size, stride, lambdas,
                              normalize_cost, eps);
   auto poses = at::empty({k.G, k.J, k.D}, children.options());
   auto activations = at::empty({k.G, k.J}, children.options());
-  auto assignments = at::empty({k.G, k.I, k.J}, children.options());
+  // the last assignments are as large as the votes / D: a conv layer that does not use them does not get them
+  auto assignments = at::empty(with_assignments ? std::vector<int64_t>{k.G, k.I, k.J} : std::vector<int64_t>{0},
+                               children.options());
   AT_DISPATCH_FLOATING_TYPES(children.scalar_type(), "em_forward", [&] {
     with_shape(k, [&](auto n, auto jn) {
     forward_kernel<scalar_t, decltype(n)::value, decltype(jn)::value>(k, children.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                              offset ? offset->data_ptr<scalar_t>() : nullptr, a_in.data_ptr<scalar_t>(),
                              beta_u.data_ptr<scalar_t>(), beta_a.data_ptr<scalar_t>(), poses.data_ptr<scalar_t>(),
-                             activations.data_ptr<scalar_t>(), assignments.data_ptr<scalar_t>());
+                             activations.data_ptr<scalar_t>(),
+                             with_assignments ? assignments.data_ptr<scalar_t>() : nullptr);
     });
   });
   return {poses, activations, assignments};
