@@ -307,10 +307,14 @@ def test_chunked_routing_equals_unchunked_forward_and_gradients():
         torch.testing.assert_close(chunked.forward_routing(x).logits, reference(x))
 
 
+@pytest.mark.parametrize('keep_copy', [False, True])
 @pytest.mark.parametrize('activations', [False, True])
-def test_conv_uniform_pass_as_convolution_equals_window_path_fp32(activations):
+def test_conv_uniform_pass_as_convolution_equals_window_path_fp32(activations, keep_copy, monkeypatch):
     """The fast uniform pass (one strided conv) equals uniform routing over explicit windows, in fp32,
-    for outputs and gradients."""
+    for outputs and gradients: with the conv's input copy kept (plain ops) and made again in the backward
+    pass (one image per chunk here, so the chunks are exercised)."""
+    monkeypatch.setattr(routing, '_BACKWARD_CHUNK_ELEMENTS', 9 * 9 * 3 * 16)
+    monkeypatch.setattr(layers, '_plain_ops_only', lambda: keep_copy)
     torch.manual_seed(8)
     layer = ConvCapsules(3, 4, 16, kernel_size=3, stride=2).float()
     poses = torch.randn(2, 9, 9, 3, 16, dtype=torch.float32, requires_grad=True)
@@ -325,6 +329,43 @@ def test_conv_uniform_pass_as_convolution_equals_window_path_fp32(activations):
     for g_fast, g_slow in zip(torch.autograd.grad((fast * probe).sum(), inputs),
                               torch.autograd.grad((slow * probe).sum(), inputs)):
         torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_uniform_window_routing(monkeypatch):
+    monkeypatch.setattr(routing, '_BACKWARD_CHUNK_ELEMENTS', 1)  # an image per chunk
+    torch.manual_seed(2)
+    grid = torch.randn(3, 5, 4, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2 * 2 * 2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda g, w: routing.uniform_window_routing(g, w, 2, 1), [grid, weight])
+
+
+def test_conv_uniform_pass_keeps_only_the_grid(monkeypatch):
+    """The layer's uniform pass makes its rows-as-batch copy again in the backward pass: autograd keeps the
+    child grid itself (here the primary poses), no copy of it; traced for export, the plain conv keeps its copy."""
+    layer = ConvCapsules(8, 5, 16, kernel_size=3, stride=2)
+    poses = torch.randn(4, 9, 9, 8, 16, requires_grad=True)
+    for plain in (False, True):
+        monkeypatch.setattr(layers, '_plain_ops_only', lambda: plain)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            layer._uniform(Capsules(poses))
+        grid_sized = [t.untyped_storage().data_ptr() for t in saved if t.numel() == poses.numel()]
+        assert len(grid_sized) == 1
+        assert (grid_sized[0] == poses.untyped_storage().data_ptr()) != plain
+
+
+def test_uniform_window_routing_under_bf16_autocast_matches_the_plain_conv():
+    torch.manual_seed(4)
+    grid = torch.randn(3, 7, 7, 4, 4, 4, requires_grad=True)
+    weight = torch.randn(3 * 3 * 4, 6, 4, 4, requires_grad=True)
+    results = []
+    for keep_copy in (True, False):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = routing.uniform_window_routing(grid, weight, 3, 1, keep_copy=keep_copy)
+        results.append((out, *torch.autograd.grad(out.float().square().sum(), [grid, weight])))
+    for plain, ours in zip(*results):
+        assert ours.dtype == plain.dtype
+        torch.testing.assert_close(ours, plain)
 
 
 # ---- the fused CPU kernel against the plain tensor ops ------------------------------------------------

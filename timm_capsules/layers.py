@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .routing import (
     DEFAULT_MAX_VOTES, attention_routing, capsule_votes, chunked_attention_routing, fused_attention_routing,
-    uniform_routing, use_fused_routing, window_children)
+    uniform_routing, uniform_window_routing, use_fused_routing, window_children)
 
 __all__ = [
     'Capsules', 'PrimaryCapsules', 'RoutedCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw',
@@ -282,21 +282,14 @@ class ConvCapsules(RoutedCapsules):
         return conv_output_size(height, self.kernel_size, self.stride), conv_output_size(width, self.kernel_size, self.stride)
 
     def _uniform(self, children: Capsules) -> Tuple[Tensor, Tuple[int, int, int]]:
-        # With r = 1/#parents the pose update is an ordinary strided convolution whose input channels
-        # are (child type, pose column) and output channels (parent type, pose column), with pose rows
-        # folded into the batch: no windows are copied out and no votes are formed.
         poses, activations = children
         self._check_grid(poses)
         B, H, W, N, _ = poses.shape
-        k, R, C, J, T = self.kernel_size, self.child_rows, self.child_cols, self.out_caps, self.parent_cols
         if activations is not None:
             poses = poses * activations[..., None]
-        x = poses.reshape(B, H, W, N, R, C).permute(0, 4, 3, 5, 1, 2).reshape(B * R, N * C, H, W)
-        weight = self.weight.reshape(k, k, N, J, C, T).permute(3, 5, 2, 4, 0, 1).reshape(J * T, N * C, k, k)
-        x = F.conv2d(x, weight, stride=self.stride) / J  # (B * R, J * T, Ho, Wo)
-        Ho, Wo = x.shape[-2], x.shape[-1]
-        x = x.reshape(B, R, J, T, Ho, Wo).permute(0, 4, 5, 2, 1, 3)  # (B, Ho, Wo, J, R, T)
-        return x.reshape(B * Ho * Wo, J, R, T), (B, Ho, Wo)
+        grid = poses.reshape(B, H, W, N, self.child_rows, self.child_cols)
+        poses = uniform_window_routing(grid, self.weight, self.kernel_size, self.stride, keep_copy=_plain_ops_only())
+        return poses, (B, *self.output_grid(H, W))
 
     def _check_grid(self, poses: Tensor):
         H, W = poses.shape[1], poses.shape[2]

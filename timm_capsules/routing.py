@@ -1,7 +1,8 @@
 """Inverted dot-product attention routing (Tsai et al., ICLR 2020, Procedure 1) as tensor functions.
 
 The plain tensor-op functions (``capsule_votes``, ``uniform_routing``, ``attention_routing``,
-``chunked_attention_routing``) are the reference; ``fused_attention_routing`` runs an attention pass in
+``chunked_attention_routing``) are the reference (``uniform_window_routing`` is ``uniform_routing`` as one
+convolution over a grid); ``fused_attention_routing`` runs an attention pass in
 one CPU kernel (``csrc/routing.cpp``) that never stores the votes, and is tested against them.
 
 Every function works on *groups* of children routed to the same set of parents: one group is one
@@ -55,6 +56,76 @@ def uniform_routing(children: Tensor, weight: Tensor, child_activations: Optiona
     if child_activations is not None:
         children = children * child_activations[..., None, None]
     return torch.einsum('girc,ijct->gjrt', children, weight) / weight.shape[1]
+
+
+def _rows_as_batch(grid: Tensor) -> Tensor:
+    """(B, H, W, N, R, C) -> (B R, N C, H, W), stored channels-last: pose rows as images, (type, column) as
+    channels. Channels-last is the cheaper copy to make (runs of C values move together) and the layout
+    oneDNN's CPU convolutions run fastest on."""
+    B, H, W, N, R, C = grid.shape
+    return grid.permute(0, 4, 1, 2, 3, 5).reshape(B * R, H, W, N * C).permute(0, 3, 1, 2)
+
+
+class _RowsAsBatchConv(torch.autograd.Function):
+    """conv2d(_rows_as_batch(grid), weight) that keeps the grid, not the copy, for its backward pass: the copy
+    is as large as the grid, which the attention passes that follow keep anyway, so it is made again there
+    (67 MB at batch 128 for the paper's CIFAR layer 1). The backward pass runs a chunk of images at a time, so
+    that the copy and its gradient exist for one chunk, not the batch: this pass runs first in the backward,
+    when everything the backbone keeps is still held."""
+
+    @staticmethod
+    def forward(ctx, grid: Tensor, weight: Tensor, stride: int) -> Tensor:
+        ctx.save_for_backward(grid, weight)
+        ctx.stride = stride
+        return torch.nn.functional.conv2d(_rows_as_batch(grid), weight, stride=stride)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grid, weight = ctx.saved_tensors
+        B, H, W, N, R, C = grid.shape
+        # under autocast the forward convolved copies cast to the gradient's dtype; autograd casts the
+        # gradients back to the inputs' dtypes
+        weight = weight.to(grad.dtype)
+        grad_grid = torch.empty_like(grid) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        chunk = max(1, _BACKWARD_CHUNK_ELEMENTS // grid[0].numel())
+        for start in range(0, B, chunk):
+            rows = _rows_as_batch(grid[start:start + chunk]).to(grad.dtype)
+            grad_rows, grad_weight_part, _ = torch.ops.aten.convolution_backward(
+                grad[start * R:(start + chunk) * R], rows, weight, None, [ctx.stride] * 2, [0, 0], [1, 1], False,
+                [0, 0], 1, [grad_grid is not None, grad_weight is not None, False])
+            if grad_grid is not None:  # (b R, N C, h, w) -> (b, h, w, N, R, C)
+                grad_grid[start:start + chunk] = (
+                    grad_rows.permute(0, 2, 3, 1).reshape(-1, R, H, W, N, C).permute(0, 2, 3, 4, 1, 5))
+            if grad_weight is not None:
+                grad_weight += grad_weight_part
+        return grad_grid, grad_weight, None
+
+
+_BACKWARD_CHUNK_ELEMENTS = 2 ** 22  # of the grid per chunk of images (16 MB of fp32)
+
+
+def uniform_window_routing(grid: Tensor, weight: Tensor, kernel_size: int, stride: int,
+                           keep_copy: bool = False) -> Tensor:
+    """``uniform_routing`` over a grid's k x k windows (stride s), as a convolutional capsule layer cuts them,
+    without cutting them: with r = 1/#parents the pose update is one strided convolution whose input channels
+    are (child type, pose column) and output channels (parent type, pose column), pose rows folded into the
+    batch. No windows are copied out and no votes are formed.
+
+    grid (B, H, W, N, R, C), weight (k k N, J, C, T) -> un-normalised parent poses (B Ho Wo, J, R, T).
+    ``keep_copy``: keep the rows-as-batch copy of the grid for the backward pass, as a plain conv2d does (for
+    tracers and exporters, which record plain ops), instead of making it again there.
+    """
+    B, H, W, N, R, C = grid.shape
+    k, (_, J, _, T) = kernel_size, weight.shape
+    weight = weight.reshape(k, k, N, J, C, T).permute(3, 5, 2, 4, 0, 1).reshape(J * T, N * C, k, k)
+    if keep_copy:
+        poses = torch.nn.functional.conv2d(_rows_as_batch(grid), weight, stride=stride)
+    else:
+        poses = _RowsAsBatchConv.apply(grid, weight, stride)  # (B R, J T, Ho, Wo)
+    Ho, Wo = poses.shape[-2:]
+    poses = poses.reshape(B, R, J, T, Ho, Wo).permute(0, 4, 5, 2, 1, 3)  # (B, Ho, Wo, J, R, T)
+    return poses.reshape(B * Ho * Wo, J, R, T) / J
 
 
 def attention_routing(

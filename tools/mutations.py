@@ -337,4 +337,16 @@ MUTATIONS = [
          old='dag[i] += dot_of(r, Ri, J);',
          new='dag[i] += dot_of(r, r, J);',
          tests=[f'{BASELINES}::test_em_kernel_and_its_backward_match_autograd']),
+    # ---- the uniform pass as one convolution over the grid ----------------------------------------------
+    dict(name='uniform_chunk_misaligned', file='timm_capsules/routing.py',
+         what="the uniform pass's chunked backward pairs a chunk of images with the wrong rows of the gradient",
+         old='grad[start * R:(start + chunk) * R], rows,',
+         new='grad[start:start + chunk * R], rows,',
+         tests=[f'{ROUTING}::test_conv_uniform_pass_as_convolution_equals_window_path_fp32',
+                f'{ROUTING}::test_gradcheck_uniform_window_routing']),
+    dict(name='uniform_copy_kept', file='timm_capsules/layers.py',
+         what="the uniform pass keeps its rows-as-batch copy of the grid for the backward pass",
+         old='keep_copy=_plain_ops_only())',
+         new='keep_copy=True)',
+         tests=[f'{ROUTING}::test_conv_uniform_pass_keeps_only_the_grid']),
 ]
