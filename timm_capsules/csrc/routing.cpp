@@ -137,9 +137,183 @@ inline void vote_gradients(const scalar_t* __restrict__ mass, const scalar_t* __
   }
 }
 
+// The paper's shapes in float: 4x4 poses and J = 16 or 32 parent types, so K = 4 J = 64 or 128 entries, all
+// known at compile time. A child's votes are formed 16 entries at a time with each weight vector loaded once
+// for the four pose rows, their agreement is summed straight into the parents' logits (registers), and the
+// parents' sums (forward) or the parents' gradient (backward) are updated for two children at once, which then
+// share the loads and stores of the group's rows. This roughly halves the loads and stores per child, the
+// generic loops' limit.
+template <int J>
+struct FixedShape {
+  static constexpr int K = 4 * J, KV = K / 16, JV = J / 16;
+  using RowJ = Row<float, J>;
+  using vec = vec64<float>;
+
+  // v (4, K) = u (4, 4) @ w (4, K), stored; returns the logits scale <p_j, v_j> and, WithGrad, <dP_j, v_j>
+  template <bool WithGrad>
+  static TC_INLINE void votes(const float* __restrict__ u, const float* __restrict__ w, const float* __restrict__ p,
+                              const float* __restrict__ dP, float* __restrict__ v, RowJ& logits, RowJ& d_mass) {
+    vec ub[16];
+#pragma GCC unroll 16
+    for (int x = 0; x < 16; ++x) ub[x] = vec{} + u[x];
+    logits = RowJ::filled(0.f);
+    if constexpr (WithGrad) d_mass = RowJ::filled(0.f);
+#pragma GCC unroll 8
+    for (int kv = 0; kv < KV; ++kv) {
+      const int k = kv * 16;
+      const vec w0 = load_vec(w + k), w1 = load_vec(w + K + k), w2 = load_vec(w + 2 * K + k),
+                w3 = load_vec(w + 3 * K + k);
+      vec agree = {}, d_agree = {};
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const vec vote = ub[r * 4] * w0 + ub[r * 4 + 1] * w1 + ub[r * 4 + 2] * w2 + ub[r * 4 + 3] * w3;
+        store_vec(v + r * K + k, vote);
+        agree += vote * load_vec(p + r * K + k);
+        if constexpr (WithGrad) d_agree += vote * load_vec(dP + r * K + k);
+      }
+      logits.x[kv % JV] += agree;  // k = t J + j: vector kv holds parents (kv % JV) * 16 ...
+      if constexpr (WithGrad) d_mass.x[kv % JV] += d_agree;
+    }
+  }
+
+  // out (4, K) += sum over M children of mass_m (spread over the pose columns) * v_m
+  template <int M>
+  static TC_INLINE void add_weighted_votes(const RowJ* mass, const float* const* v, float* __restrict__ out) {
+#pragma GCC unroll 8
+    for (int kv = 0; kv < KV; ++kv)
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const int o = r * K + kv * 16;
+        vec sum = load_vec(out + o);
+#pragma GCC unroll 2
+        for (int m = 0; m < M; ++m) sum += mass[m].x[kv % JV] * load_vec(v[m] + o);
+        store_vec(out + o, sum);
+      }
+  }
+
+  // for M children: dv_m = mass_m dP + pull_m p (stored), dp += sum_m pull_m v_m, dw_m (4, K) += u_m^T dv_m
+  template <int M>
+  static TC_INLINE void vote_gradients(const RowJ* mass, const RowJ* pull, const float* __restrict__ dP,
+                                       const float* __restrict__ p, const float* const* v, const float* const* u,
+                                       float* const* dv, float* __restrict__ dp, float* const* dw) {
+#pragma GCC unroll 8
+    for (int kv = 0; kv < KV; ++kv) {
+      const int k = kv * 16;
+      vec dPr[4], pr[4], dpr[4];
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        dPr[r] = load_vec(dP + r * K + k), pr[r] = load_vec(p + r * K + k), dpr[r] = load_vec(dp + r * K + k);
+      }
+#pragma GCC unroll 2
+      for (int m = 0; m < M; ++m) {
+        const vec mass_k = mass[m].x[kv % JV], pull_k = pull[m].x[kv % JV];
+        vec dvr[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          dvr[r] = mass_k * dPr[r] + pull_k * pr[r];
+          store_vec(dv[m] + r * K + k, dvr[r]);
+          dpr[r] += pull_k * load_vec(v[m] + r * K + k);
+        }
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          vec sum = load_vec(dw[m] + c * K + k);
+#pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) sum += u[m][r * 4 + c] * dvr[r];
+          store_vec(dw[m] + c * K + k, sum);
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) store_vec(dp + r * K + k, dpr[r]);
+    }
+  }
+
+  static void forward(const float* u, const float* w, const float* p, const float* activations, float scale,
+                      const Sizes& s, float* out, float* coef, float* agree) {
+    const std::vector<int64_t> offsets = s.offsets();
+    at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) float votes_of[2][4 * K];
+      const float* v[2] = {votes_of[0], votes_of[1]};
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t corner = s.corner(g);
+        const float* pg = p + g * 4 * K;
+        float* og = out + g * 4 * K;
+        std::fill(og, og + 4 * K, 0.f);
+        for (int64_t i = 0; i < s.I; i += 2) {
+          const int pair = s.I - i >= 2 ? 2 : 1;
+          RowJ mass[2], unused;
+          for (int m = 0; m < pair; ++m) {
+            const int64_t child = corner + offsets[i + m], gi = g * s.I + i + m;
+            RowJ logits;
+            votes<false>(u + child * 16, w + (i + m) * 4 * K, pg, nullptr, votes_of[m], logits, unused);
+            logits = logits * scale;
+            const RowJ r = softmax(logits);
+            if (agree) logits.store(agree + gi * J);
+            if (coef) r.store(coef + gi * J);
+            mass[m] = activations ? r * activations[child] : r;
+          }
+          if (pair == 2) add_weighted_votes<2>(mass, v, og);
+          else add_weighted_votes<1>(mass, v, og);
+        }
+      }
+    });
+  }
+
+  static void backward(const float* dP, const float* grad_coef, const float* grad_agree, const float* u,
+                       const float* w, const float* p, const float* activations, float scale, const Sizes& s,
+                       float* du, float* dw_all, float* dp, float* grad_activations) {
+    const std::vector<int64_t> offsets = s.offsets();
+    const int64_t windows_per_image = s.Ho * s.Wo;
+    at::parallel_for(0, s.B, 1, [&](int64_t image_begin, int64_t image_end) {
+      float* dw_thread = dw_all + at::get_thread_num() * s.I * 4 * K;
+      alignas(64) float votes_of[2][4 * K], dv_of[2][4 * K];
+      const float* v[2] = {votes_of[0], votes_of[1]};
+      float* dv[2] = {dv_of[0], dv_of[1]};
+      for (int64_t g = image_begin * windows_per_image; g < image_end * windows_per_image; ++g) {
+        const int64_t corner = s.corner(g);
+        const float* pg = p + g * 4 * K;
+        const float* dPg = dP + g * 4 * K;
+        float* dpg = dp + g * 4 * K;
+        std::fill(dpg, dpg + 4 * K, 0.f);
+        for (int64_t i = 0; i < s.I; i += 2) {
+          const int pair = s.I - i >= 2 ? 2 : 1;
+          RowJ mass[2], pull[2];
+          const float* ui[2];
+          float* dwi[2];
+          int64_t child[2];
+          for (int m = 0; m < pair; ++m) {
+            child[m] = corner + offsets[i + m];
+            const int64_t gi = g * s.I + i + m;
+            ui[m] = u + child[m] * 16, dwi[m] = dw_thread + (i + m) * 4 * K;
+            const float act = activations ? activations[child[m]] : 1.f;
+            RowJ logits, d_mass;
+            votes<true>(ui[m], w + (i + m) * 4 * K, pg, dPg, votes_of[m], logits, d_mass);
+            const RowJ r = softmax(logits * scale);
+            // P_j = sum_i r_ij act_i v_ij: the mass r_ij act_i has gradient <dP_j, v_ij>
+            RowJ d_coef = d_mass * act;
+            if (grad_coef) d_coef += RowJ::load(grad_coef + gi * J);
+            if (grad_activations) grad_activations[child[m]] += sum_lanes(d_mass * r);
+            // softmax backward, then a_ij = scale <p_j, v_ij>
+            RowJ d_logit = r * (d_coef - RowJ::filled(sum_lanes(r * d_coef)));
+            if (grad_agree) d_logit += RowJ::load(grad_agree + gi * J);
+            mass[m] = r * act, pull[m] = d_logit * scale;
+          }
+          if (pair == 2) vote_gradients<2>(mass, pull, dPg, pg, v, ui, dv, dpg, dwi);
+          else vote_gradients<1>(mass, pull, dPg, pg, v, ui, dv, dpg, dwi);
+          for (int m = 0; m < pair; ++m)
+            add_dv_wt<float, 4>(dv[m], w + (i + m) * 4 * K, du + child[m] * 16, 4, 4, K);
+        }
+      }
+    });
+  }
+};
+
 template <typename scalar_t, int N>
 void forward_kernel(const scalar_t* u, const scalar_t* w, const scalar_t* p, const scalar_t* activations,
                     scalar_t scale, const Sizes& s, scalar_t* out, scalar_t* coef, scalar_t* agree) {
+  if constexpr (std::is_same_v<scalar_t, float> && N == 4) {
+    if (s.J == 32) return FixedShape<32>::forward(u, w, p, activations, scale, s, out, coef, agree);
+    if (s.J == 16) return FixedShape<16>::forward(u, w, p, activations, scale, s, out, coef, agree);
+  }
   const Dims<N> d(s);
   const std::vector<int64_t> offsets = s.offsets();
   at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
@@ -169,6 +343,12 @@ template <typename scalar_t, int N>
 void backward_kernel(const scalar_t* dP, const scalar_t* grad_coef, const scalar_t* grad_agree, const scalar_t* u,
                      const scalar_t* w, const scalar_t* p, const scalar_t* activations, scalar_t scale, const Sizes& s,
                      scalar_t* du, scalar_t* dw_all, scalar_t* dp, scalar_t* grad_activations) {
+  if constexpr (std::is_same_v<scalar_t, float> && N == 4) {
+    if (s.J == 32 || s.J == 16) {
+      const auto backward = s.J == 32 ? FixedShape<32>::backward : FixedShape<16>::backward;
+      return backward(dP, grad_coef, grad_agree, u, w, p, activations, scale, s, du, dw_all, dp, grad_activations);
+    }
+  }
   const Dims<N> d(s);
   const std::vector<int64_t> offsets = s.offsets();
   const int64_t windows_per_image = s.Ho * s.Wo;

@@ -219,6 +219,15 @@ TC_INLINE vec64<float> all_lanes(vec64<float> v, const Op& op) {
   return op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
 }
 
+// the sum of a row of floats
+template <int Width>
+TC_INLINE float sum_lanes(const Row<float, Width>& row) {
+  vec64<float> sum = row.x[0];
+#pragma GCC unroll 8
+  for (int k = 1; k < Row<float, Width>::kVectors; ++k) sum += row.x[k];
+  return all_lanes(sum, [](vec64<float> a, vec64<float> b) { return a + b; })[0];
+}
+
 // softmax over a row of float logits, in registers
 template <int Width>
 TC_INLINE Row<float, Width> softmax(Row<float, Width> logits) {
