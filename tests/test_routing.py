@@ -339,6 +339,20 @@ def test_gradcheck_uniform_window_routing(monkeypatch):
     assert torch.autograd.gradcheck(lambda g, w: routing.uniform_window_routing(g, w, 2, 1), [grid, weight])
 
 
+@pytest.mark.parametrize('dtype, cols', [(torch.float32, 4), (torch.float32, 2), (torch.float32, 3),
+                                         (torch.bfloat16, 4), (torch.float64, 2)])
+def test_copy_permuted_moves_pose_rows_as_wide_elements_and_equals_permute(dtype, cols):
+    """Rows of 8 or 16 bytes move as one element of a wide dtype; others value by value; the same result, also
+    for a slice at an odd offset, and into an out tensor."""
+    x = torch.randn(3, 5, 6, 2, cols).to(dtype)
+    for source in (x, x[1:], x.reshape(-1)[1:1 + 2 * 5 * 6 * 2 * cols].view(2, 5, 6, 2, cols)):
+        expected = source.permute(0, 3, 1, 2, 4).contiguous()
+        got = routing._copy_permuted(source, (0, 3, 1, 2, 4))
+        assert got.is_contiguous() and torch.equal(got, expected)
+        out = torch.empty_like(expected)
+        assert routing._copy_permuted(source, (0, 3, 1, 2, 4), out=out) is out and torch.equal(out, expected)
+
+
 def test_conv_uniform_pass_keeps_only_the_grid(monkeypatch):
     """The layer's uniform pass makes its rows-as-batch copy again in the backward pass: autograd keeps the
     child grid itself (here the primary poses), no copy of it; traced for export, the plain conv keeps its copy."""
