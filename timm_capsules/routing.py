@@ -65,17 +65,16 @@ _WIDE_DTYPES = {8: torch.float64, 16: torch.complex128}
 def _copy_permuted(x: Tensor, dims: Tuple[int, ...], out: Optional[Tensor] = None) -> Tensor:
     """x.permute(dims) copied to a contiguous tensor (or into ``out``), for dims that keep the last axis last:
     that axis moves as one element of a dtype as wide as it where there is one (a 4-column float pose row is 16
-    bytes), which copies 2-4x faster than moving its values one by one. (A dtype view is not differentiable:
-    a copy that autograd records moves values one by one.)"""
+    bytes), which copies 2-4x faster than moving its values one by one. (A dtype view is not differentiable,
+    so a copy that autograd records moves values one by one, as does a compiled one: the compiler writes its
+    own copy.)"""
     wide = _WIDE_DTYPES.get(x.shape[-1] * x.element_size())
-    if wide is None or (x.requires_grad and torch.is_grad_enabled()) or x.stride(-1) != 1 or x.storage_offset() * x.element_size() % wide.itemsize != 0 or any(
-            stride * x.element_size() % wide.itemsize != 0 for stride in x.stride()[:-1]):
-        moved = x.permute(dims)
-    else:
-        moved = x.view(wide).permute(dims).view(x.dtype)
-    if out is None:
-        return moved.contiguous()
-    return out.copy_(moved)
+    plain = wide is None or torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
+    if not plain:  # the view must see whole wide elements
+        offsets = (x.storage_offset(), *x.stride()[:-1])
+        plain = x.stride(-1) != 1 or any(o * x.element_size() % wide.itemsize for o in offsets)
+    moved = x.permute(dims) if plain else x.view(wide).permute(dims).view(x.dtype)
+    return moved.contiguous() if out is None else out.copy_(moved)
 
 
 def _rows_as_batch(grid: Tensor) -> Tensor:

@@ -178,7 +178,7 @@ struct FixedShape {
 
   // out (4, K) += sum over M children of mass_m (spread over the pose columns) * v_m
   template <int M>
-  static TC_INLINE void add_weighted_votes(const RowJ* mass, const float* const* v, float* __restrict__ out) {
+  static TC_INLINE void add_weighted_votes(const RowJ* mass, float* const* v, float* __restrict__ out) {
 #pragma GCC unroll 8
     for (int kv = 0; kv < KV; ++kv)
 #pragma GCC unroll 4
@@ -194,7 +194,7 @@ struct FixedShape {
   // for M children: dv_m = mass_m dP + pull_m p (stored), dp += sum_m pull_m v_m, dw_m (4, K) += u_m^T dv_m
   template <int M>
   static TC_INLINE void vote_gradients(const RowJ* mass, const RowJ* pull, const float* __restrict__ dP,
-                                       const float* __restrict__ p, const float* const* v, const float* const* u,
+                                       const float* __restrict__ p, float* const* v, const float* const* u,
                                        float* const* dv, float* __restrict__ dp, float* const* dw) {
 #pragma GCC unroll 8
     for (int kv = 0; kv < KV; ++kv) {
@@ -227,35 +227,81 @@ struct FixedShape {
     }
   }
 
+  // M children (1, or a pair) of group g, from child i: votes, softmax, the group's sums; M known at compile
+  // time so that the two children's softmax chains, which are independent, follow one another
+  template <int M>
+  static TC_INLINE void forward_children(const float* u, const float* w, const float* pg, const float* activations,
+                                         float scale, const int64_t* child, int64_t i, int64_t gi, float* const* v,
+                                         float* og, float* coef, float* agree) {
+    RowJ logits[M], mass[M], unused;
+#pragma GCC unroll 2
+    for (int m = 0; m < M; ++m) votes<false>(u + child[m] * 16, w + (i + m) * 4 * K, pg, nullptr, v[m], logits[m], unused);
+#pragma GCC unroll 2
+    for (int m = 0; m < M; ++m) {
+      logits[m] = logits[m] * scale;
+      const RowJ r = softmax(logits[m]);
+      if (agree) logits[m].store(agree + (gi + m) * J);
+      if (coef) r.store(coef + (gi + m) * J);
+      mass[m] = activations ? r * activations[child[m]] : r;
+    }
+    add_weighted_votes<M>(mass, v, og);
+  }
+
   static void forward(const float* u, const float* w, const float* p, const float* activations, float scale,
                       const Sizes& s, float* out, float* coef, float* agree) {
     const std::vector<int64_t> offsets = s.offsets();
     at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
       alignas(64) float votes_of[2][4 * K];
-      const float* v[2] = {votes_of[0], votes_of[1]};
+      float* v[2] = {votes_of[0], votes_of[1]};
       for (int64_t g = begin; g < end; ++g) {
         const int64_t corner = s.corner(g);
         const float* pg = p + g * 4 * K;
         float* og = out + g * 4 * K;
         std::fill(og, og + 4 * K, 0.f);
-        for (int64_t i = 0; i < s.I; i += 2) {
-          const int pair = s.I - i >= 2 ? 2 : 1;
-          RowJ mass[2], unused;
-          for (int m = 0; m < pair; ++m) {
-            const int64_t child = corner + offsets[i + m], gi = g * s.I + i + m;
-            RowJ logits;
-            votes<false>(u + child * 16, w + (i + m) * 4 * K, pg, nullptr, votes_of[m], logits, unused);
-            logits = logits * scale;
-            const RowJ r = softmax(logits);
-            if (agree) logits.store(agree + gi * J);
-            if (coef) r.store(coef + gi * J);
-            mass[m] = activations ? r * activations[child] : r;
-          }
-          if (pair == 2) add_weighted_votes<2>(mass, v, og);
-          else add_weighted_votes<1>(mass, v, og);
+        int64_t i = 0;
+        for (; i + 2 <= s.I; i += 2) {
+          const int64_t child[2] = {corner + offsets[i], corner + offsets[i + 1]};
+          forward_children<2>(u, w, pg, activations, scale, child, i, g * s.I + i, v, og, coef, agree);
+        }
+        if (i < s.I) {
+          const int64_t child[1] = {corner + offsets[i]};
+          forward_children<1>(u, w, pg, activations, scale, child, i, g * s.I + i, v, og, coef, agree);
         }
       }
     });
+  }
+
+  // M children of group g, from child i: votes again, the softmax's backward, the gradients of the votes
+  template <int M>
+  static TC_INLINE void backward_children(const float* dPg, const float* grad_coef, const float* grad_agree,
+                                          const float* u, const float* w, const float* pg,
+                                          const float* activations, float scale, const int64_t* child, int64_t i,
+                                          int64_t gi, float* const* v, float* const* dv, float* du, float* dw,
+                                          float* dpg, float* grad_activations) {
+    RowJ logits[M], d_mass[M], mass[M], pull[M];
+    const float* ui[M];
+    float* dwi[M];
+#pragma GCC unroll 2
+    for (int m = 0; m < M; ++m) {
+      ui[m] = u + child[m] * 16, dwi[m] = dw + (i + m) * 4 * K;
+      votes<true>(ui[m], w + (i + m) * 4 * K, pg, dPg, v[m], logits[m], d_mass[m]);
+    }
+#pragma GCC unroll 2
+    for (int m = 0; m < M; ++m) {
+      const float act = activations ? activations[child[m]] : 1.f;
+      const RowJ r = softmax(logits[m] * scale);
+      // P_j = sum_i r_ij act_i v_ij: the mass r_ij act_i has gradient <dP_j, v_ij>
+      RowJ d_coef = d_mass[m] * act;
+      if (grad_coef) d_coef += RowJ::load(grad_coef + (gi + m) * J);
+      if (grad_activations) grad_activations[child[m]] += sum_lanes(d_mass[m] * r);
+      // softmax backward, then a_ij = scale <p_j, v_ij>
+      RowJ d_logit = r * (d_coef - RowJ::filled(sum_lanes(r * d_coef)));
+      if (grad_agree) d_logit += RowJ::load(grad_agree + (gi + m) * J);
+      mass[m] = r * act, pull[m] = d_logit * scale;
+    }
+    vote_gradients<M>(mass, pull, dPg, pg, v, ui, dv, dpg, dwi);
+#pragma GCC unroll 2
+    for (int m = 0; m < M; ++m) add_dv_wt<float, 4>(dv[m], w + (i + m) * 4 * K, du + child[m] * 16, 4, 4, K);
   }
 
   static void backward(const float* dP, const float* grad_coef, const float* grad_agree, const float* u,
@@ -264,9 +310,9 @@ struct FixedShape {
     const std::vector<int64_t> offsets = s.offsets();
     const int64_t windows_per_image = s.Ho * s.Wo;
     at::parallel_for(0, s.B, 1, [&](int64_t image_begin, int64_t image_end) {
-      float* dw_thread = dw_all + at::get_thread_num() * s.I * 4 * K;
+      float* dw = dw_all + at::get_thread_num() * s.I * 4 * K;
       alignas(64) float votes_of[2][4 * K], dv_of[2][4 * K];
-      const float* v[2] = {votes_of[0], votes_of[1]};
+      float* v[2] = {votes_of[0], votes_of[1]};
       float* dv[2] = {dv_of[0], dv_of[1]};
       for (int64_t g = image_begin * windows_per_image; g < image_end * windows_per_image; ++g) {
         const int64_t corner = s.corner(g);
@@ -274,33 +320,16 @@ struct FixedShape {
         const float* dPg = dP + g * 4 * K;
         float* dpg = dp + g * 4 * K;
         std::fill(dpg, dpg + 4 * K, 0.f);
-        for (int64_t i = 0; i < s.I; i += 2) {
-          const int pair = s.I - i >= 2 ? 2 : 1;
-          RowJ mass[2], pull[2];
-          const float* ui[2];
-          float* dwi[2];
-          int64_t child[2];
-          for (int m = 0; m < pair; ++m) {
-            child[m] = corner + offsets[i + m];
-            const int64_t gi = g * s.I + i + m;
-            ui[m] = u + child[m] * 16, dwi[m] = dw_thread + (i + m) * 4 * K;
-            const float act = activations ? activations[child[m]] : 1.f;
-            RowJ logits, d_mass;
-            votes<true>(ui[m], w + (i + m) * 4 * K, pg, dPg, votes_of[m], logits, d_mass);
-            const RowJ r = softmax(logits * scale);
-            // P_j = sum_i r_ij act_i v_ij: the mass r_ij act_i has gradient <dP_j, v_ij>
-            RowJ d_coef = d_mass * act;
-            if (grad_coef) d_coef += RowJ::load(grad_coef + gi * J);
-            if (grad_activations) grad_activations[child[m]] += sum_lanes(d_mass * r);
-            // softmax backward, then a_ij = scale <p_j, v_ij>
-            RowJ d_logit = r * (d_coef - RowJ::filled(sum_lanes(r * d_coef)));
-            if (grad_agree) d_logit += RowJ::load(grad_agree + gi * J);
-            mass[m] = r * act, pull[m] = d_logit * scale;
-          }
-          if (pair == 2) vote_gradients<2>(mass, pull, dPg, pg, v, ui, dv, dpg, dwi);
-          else vote_gradients<1>(mass, pull, dPg, pg, v, ui, dv, dpg, dwi);
-          for (int m = 0; m < pair; ++m)
-            add_dv_wt<float, 4>(dv[m], w + (i + m) * 4 * K, du + child[m] * 16, 4, 4, K);
+        int64_t i = 0;
+        for (; i + 2 <= s.I; i += 2) {
+          const int64_t child[2] = {corner + offsets[i], corner + offsets[i + 1]};
+          backward_children<2>(dPg, grad_coef, grad_agree, u, w, pg, activations, scale, child, i, g * s.I + i, v,
+                               dv, du, dw, dpg, grad_activations);
+        }
+        if (i < s.I) {
+          const int64_t child[1] = {corner + offsets[i]};
+          backward_children<1>(dPg, grad_coef, grad_agree, u, w, pg, activations, scale, child, i, g * s.I + i, v,
+                               dv, du, dw, dpg, grad_activations);
         }
       }
     });
