@@ -62,6 +62,13 @@ def uniform_routing(children: Tensor, weight: Tensor, child_activations: Optiona
 _WIDE_DTYPES = {8: torch.float64, 16: torch.complex128}
 
 
+def _views_as(x: Tensor, dtype: Optional[torch.dtype]) -> bool:
+    """Whether x can be viewed as ``dtype`` elements as wide as its last axis, each spanning that axis."""
+    if dtype is None or x.stride(-1) != 1 or x.shape[-1] * x.element_size() != dtype.itemsize:
+        return False
+    return not any(o * x.element_size() % dtype.itemsize for o in (x.storage_offset(), *x.stride()[:-1]))
+
+
 def _copy_permuted(x: Tensor, dims: Tuple[int, ...], out: Optional[Tensor] = None) -> Tensor:
     """x.permute(dims) copied to a contiguous tensor (or into ``out``), for dims that keep the last axis last:
     that axis moves as one element of a dtype as wide as it where there is one (a 4-column float pose row is 16
@@ -69,12 +76,15 @@ def _copy_permuted(x: Tensor, dims: Tuple[int, ...], out: Optional[Tensor] = Non
     so a copy that autograd records moves values one by one, as does a compiled one: the compiler writes its
     own copy.)"""
     wide = _WIDE_DTYPES.get(x.shape[-1] * x.element_size())
-    plain = wide is None or torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
-    if not plain:  # the view must see whole wide elements
-        offsets = (x.storage_offset(), *x.stride()[:-1])
-        plain = x.stride(-1) != 1 or any(o * x.element_size() % wide.itemsize for o in offsets)
-    moved = x.permute(dims) if plain else x.view(wide).permute(dims).view(x.dtype)
-    return moved.contiguous() if out is None else out.copy_(moved)
+    if (torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()) or not _views_as(x, wide)
+            or (out is not None and not _views_as(out, wide))):
+        moved = x.permute(dims)
+        return moved.contiguous() if out is None else out.copy_(moved)
+    moved = x.view(wide).permute(dims)
+    if out is None:
+        return moved.contiguous().view(x.dtype)
+    out.view(wide).copy_(moved)
+    return out
 
 
 def _rows_as_batch(grid: Tensor) -> Tensor:
