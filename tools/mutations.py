@@ -365,4 +365,9 @@ MUTATIONS = [
          old='logits.x[kv % JV] += agree;',
          new='logits.x[kv / JV % JV] += agree;',
          tests=[f'{ROUTING}::test_fused_routing_over_grid_windows_equals_copied_windows']),
+    dict(name='image_gradient_rezeroed', file='timm_capsules/csrc/routing.cpp',
+         what="the fixed-shape backward zeroes an image's grid gradient at every window, dropping the earlier ones'",
+         old='if (g % windows_per_image == 0) zero_image_of(du, g / windows_per_image, s, 16);',
+         new='if (g % 1 == 0) zero_image_of(du, g / windows_per_image, s, 16);',
+         tests=[f'{ROUTING}::test_fused_routing_over_grid_windows_equals_copied_windows']),
 ]
