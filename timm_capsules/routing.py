@@ -87,12 +87,14 @@ def _copy_permuted(x: Tensor, dims: Tuple[int, ...], out: Optional[Tensor] = Non
     return out
 
 
-def _rows_as_batch(grid: Tensor) -> Tensor:
+def _rows_as_batch(grid: Tensor, plain: bool = False) -> Tensor:
     """(B, H, W, N, R, C) -> (B R, N C, H, W), stored channels-last: pose rows as images, (type, column) as
     channels. Channels-last is the cheaper copy to make (rows of C values move together) and the layout
-    oneDNN's CPU convolutions run fastest on."""
+    oneDNN's CPU convolutions run fastest on. ``plain``: in tensor ops a tracer can record."""
     B, H, W, N, R, C = grid.shape
-    return _copy_permuted(grid, (0, 4, 1, 2, 3, 5)).reshape(B * R, H, W, N * C).permute(0, 3, 1, 2)
+    dims = (0, 4, 1, 2, 3, 5)
+    rows = grid.permute(dims) if plain else _copy_permuted(grid, dims)
+    return rows.reshape(B * R, H, W, N * C).permute(0, 3, 1, 2)
 
 
 class _RowsAsBatchConv(torch.autograd.Function):
@@ -149,7 +151,7 @@ def uniform_window_routing(grid: Tensor, weight: Tensor, kernel_size: int, strid
     k, (_, J, _, T) = kernel_size, weight.shape
     weight = weight.reshape(k, k, N, J, C, T).permute(3, 5, 2, 4, 0, 1).reshape(J * T, N * C, k, k)
     if keep_copy:
-        poses = torch.nn.functional.conv2d(_rows_as_batch(grid), weight, stride=stride)
+        poses = torch.nn.functional.conv2d(_rows_as_batch(grid, plain=True), weight, stride=stride)
     else:
         poses = _RowsAsBatchConv.apply(grid, weight, stride)  # (B R, J T, Ho, Wo)
     Ho, Wo = poses.shape[-2:]
