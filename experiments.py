@@ -561,17 +561,17 @@ def report_main(argv: Sequence[str], train_args: Sequence[str] = ()) -> int:
     parser.add_argument('--record-hub', action='store_true',
                         help="fill the hub configs' measured results from matching runs (paper scale)")
     args = parser.parse_args(argv)
+    readme = None if args.write is None else args.write.read_text()
+    if readme is not None and (BEGIN not in readme or END not in readme):  # before any plot is written
+        raise SystemExit(f'{args.write} has no {BEGIN} ... {END} block to replace')
     text = render_report(args.scale, args.records, args.plots, (args.write or ROOT / 'README.md').resolve().parent,
                          train_args=train_args)
     if args.record_hub:
         tags = record_hub_results(args.records, args.scale, train_args)
         print(f"hub configs updated: {', '.join(tags) if tags else 'none (no run trained a hub model as registered)'}")
-    if args.write is None:
+    if readme is None:
         print(text)
         return 0
-    readme = args.write.read_text()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f'{args.write} has no {BEGIN} ... {END} block to replace')
     head, rest = readme.split(BEGIN, 1)
     args.write.write_text(head + BEGIN + '\n' + text + END + rest.split(END, 1)[1])
     print(f'wrote the {args.scale} results into {args.write}')
