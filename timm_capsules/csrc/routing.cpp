@@ -236,6 +236,21 @@ struct FixedShape {
     }
   }
 
+  // f(pair, child, i) for a group's children from i, two at a time (pair = 2), then the last one alone (pair =
+  // 1) when their number is odd; pair is a compile-time constant, child their capsule indexes in the grid
+  template <typename F>
+  static TC_INLINE void in_pairs(int64_t corner, const std::vector<int64_t>& offsets, int64_t I, const F& f) {
+    int64_t i = 0;
+    for (; i + 2 <= I; i += 2) {
+      const int64_t child[2] = {corner + offsets[i], corner + offsets[i + 1]};
+      f(std::integral_constant<int, 2>{}, child, i);
+    }
+    if (i < I) {
+      const int64_t child[1] = {corner + offsets[i]};
+      f(std::integral_constant<int, 1>{}, child, i);
+    }
+  }
+
   // M children (1, or a pair) of group g, from child i: votes, softmax, the group's sums; M known at compile
   // time so that the two children's softmax chains, which are independent, follow one another
   template <int M>
@@ -267,15 +282,9 @@ struct FixedShape {
         const float* pg = p + g * 4 * K;
         float* og = out + g * 4 * K;
         std::fill(og, og + 4 * K, 0.f);
-        int64_t i = 0;
-        for (; i + 2 <= s.I; i += 2) {
-          const int64_t child[2] = {corner + offsets[i], corner + offsets[i + 1]};
-          forward_children<2>(u, w, pg, activations, scale, child, i, g * s.I + i, v, og, coef, agree);
-        }
-        if (i < s.I) {
-          const int64_t child[1] = {corner + offsets[i]};
-          forward_children<1>(u, w, pg, activations, scale, child, i, g * s.I + i, v, og, coef, agree);
-        }
+        in_pairs(corner, offsets, s.I, [&](auto pair, const int64_t* child, int64_t i) {
+          forward_children<decltype(pair)::value>(u, w, pg, activations, scale, child, i, g * s.I + i, v, og, coef, agree);
+        });
       }
     });
   }
@@ -330,17 +339,10 @@ struct FixedShape {
         const float* dPg = dP + g * 4 * K;
         float* dpg = dp + g * 4 * K;
         std::fill(dpg, dpg + 4 * K, 0.f);
-        int64_t i = 0;
-        for (; i + 2 <= s.I; i += 2) {
-          const int64_t child[2] = {corner + offsets[i], corner + offsets[i + 1]};
-          backward_children<2>(dPg, grad_coef, grad_agree, u, w, pg, activations, scale, child, i, g * s.I + i, v,
-                               dv, du, dw, dpg, grad_activations);
-        }
-        if (i < s.I) {
-          const int64_t child[1] = {corner + offsets[i]};
-          backward_children<1>(dPg, grad_coef, grad_agree, u, w, pg, activations, scale, child, i, g * s.I + i, v,
-                               dv, du, dw, dpg, grad_activations);
-        }
+        in_pairs(corner, offsets, s.I, [&](auto pair, const int64_t* child, int64_t i) {
+          backward_children<decltype(pair)::value>(dPg, grad_coef, grad_agree, u, w, pg, activations, scale, child, i,
+                                                   g * s.I + i, v, dv, du, dw, dpg, grad_activations);
+        });
       }
     });
   }
