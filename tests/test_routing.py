@@ -399,6 +399,8 @@ ROUTING_SHAPES = [  # groups, children, parents, rows, cols, parent cols
     (3, 11, 4, 1, 8, 5),  # vector poses changing dimension
     (2, 30, 10, 3, 3, 3),  # 3x3 matrix poses, more parents
     (3, 9, 32, 4, 4, 4),  # the paper's 32 parent types: 4 x 32 pose columns, the kernel's 16-lane paths
+    (4, 13, 10, 4, 4, 4),  # a class layer's 10 parents: padded to the 16-parent path, the padding masked out
+    (3, 7, 20, 4, 4, 4),  # 4x4 poses in the generic loops (more than 16 parents, not 32)
 ]
 
 
