@@ -107,7 +107,7 @@ def naive_capsnet_logits(model, x):
 
 def tiny_capsnet(matrix_pose=True, iterations=2, routing='concurrent', capsule_layers=None, **kwargs):
     torch.manual_seed(0)
-    pose_dim = 4 if matrix_pose else 3
+    pose_dim = kwargs.pop('pose_dim', 4 if matrix_pose else 3)
     return CapsNet(
         num_classes=3, in_chans=1, img_size=10, backbone='simple', backbone_args=dict(out_chs=6),
         primary_caps=3, pose_dim=pose_dim, matrix_pose=matrix_pose, iterations=iterations, routing=routing,
@@ -544,7 +544,8 @@ def test_without_a_compiler_fused_routing_warns_and_falls_back_to_tensor_ops(mon
 
 
 @pytest.mark.parametrize('options', [dict(iterations=3), dict(iterations=4, activations=True),
-                                     dict(iterations=3, routing='sequential', matrix_pose=False)])
+                                     dict(iterations=3, routing='sequential', matrix_pose=False),
+                                     dict(iterations=3, pose_dim=16)])  # 4x4: the kernel's pose norm too
 def test_fused_capsnet_equals_tensor_op_capsnet_fp32(options, kernel):
     """Whole models in float32: outputs to 1e-5, every parameter's gradient to 1e-5 of its largest entry
     (through LayerNorm and several passes, summation order alone moves fp32 gradients by a few 1e-6)."""
@@ -562,7 +563,7 @@ def test_fused_capsnet_equals_tensor_op_capsnet_fp32(options, kernel):
 
 @pytest.mark.slow
 def test_compiled_training_step_through_the_fused_kernel_matches_eager(kernel):
-    model = tiny_capsnet(iterations=3).float().train()
+    model = tiny_capsnet(iterations=3, pose_dim=16).float().train()  # 4x4 poses: the kernel's pose norm too
     x = torch.randn(2, 1, 10, 10, dtype=torch.float32)
     expected = model(x)
     expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
@@ -617,6 +618,59 @@ def test_primary_capsules_are_a_conv_then_a_layer_norm_per_pose():
     torch.testing.assert_close(poses.mean(-1), torch.zeros(poses.shape[:-1]), rtol=0, atol=1e-12)
     var = var.squeeze(-1)
     torch.testing.assert_close(poses.var(-1, unbiased=False), var / (var + layer.norm.eps))
+
+
+POSE_NORM_SHAPES = [
+    (2, 9, 9, 32, 16),  # 4x4 poses, more of them than one thread's share: the vector path
+    (5, 3, 16),
+    (4, 7, 9),  # 3x3 poses: plain loops
+]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape', POSE_NORM_SHAPES)
+def test_pose_norm_equals_layer_norm_computed_in_float64(shape, dtype, kernel):
+    """The kernel's LayerNorm over each pose against F.layer_norm in float64: the output and the gradients of
+    the input, the gain and the bias (each a sum over every pose), to 1e-5 in float32 and 1e-10 in float64."""
+    torch.manual_seed(11)
+    x = torch.randn(*shape) * 3 + 1
+    weight, bias, probe = torch.randn(shape[-1]), torch.randn(shape[-1]), torch.randn(shape)
+
+    def run(norm, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+        out = norm(*inputs)
+        return [out, *torch.autograd.grad(out, inputs, probe.to(dtype))]
+    expected = run(lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-5), torch.float64)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+    for got, want in zip(run(lambda x, w, b: layers.pose_norm(x, w, b, 1e-5), dtype), expected):
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+
+
+def test_gradcheck_pose_norm(kernel):
+    inputs = [torch.randn(3, 5, 16, requires_grad=True), torch.randn(16, requires_grad=True),
+              torch.randn(16, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda x, w, b: layers.pose_norm(x, w, b, 1e-5), inputs)
+
+
+def test_pose_norm_runs_in_the_kernel_for_4x4_poses_on_the_cpu_unless_fused_routing_is_off(kernel):
+    """PoseNorm takes the kernel for 16-entry poses while the model routes with it, torch's layer_norm
+    otherwise (set_fused_routing(False) turns both off); the two agree."""
+    torch.manual_seed(12)
+    norm = layers.PoseNorm(16)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    fused = norm(x)
+    assert 'pose_norm' in type(fused.grad_fn).__name__
+    norm.fused_routing = False
+    plain = norm(x)
+    assert type(plain.grad_fn).__name__ == 'NativeLayerNormBackward0'
+    torch.testing.assert_close(fused, plain)
+    assert type(layers.PoseNorm(9)(torch.randn(2, 9, requires_grad=True)).grad_fn).__name__ == 'NativeLayerNormBackward0'
+    model = tiny_capsnet(pose_dim=16)
+    norms = [m for m in model.modules() if isinstance(m, layers.PoseNorm)]
+    assert len(norms) == 4 and all(m.fused_routing for m in norms)
+    model.set_fused_routing(False)
+    assert not any(m.fused_routing for m in norms)
 
 
 @pytest.mark.parametrize('fused', [False, True])
@@ -777,6 +831,7 @@ def test_environment_switch_turns_fused_routing_off(monkeypatch, kernel):
     model = tiny_capsnet(iterations=3)
     assert not any(getattr(m, 'fused_routing', False) for m in model.modules())
     monkeypatch.setattr(layers, 'fused_attention_routing', no_kernel)
+    monkeypatch.setattr(layers, 'pose_norm', no_kernel)
     x = torch.randn(2, 1, 10, 10)
     with torch.no_grad():
         torch.testing.assert_close(model(x), naive_capsnet_logits(model, x), rtol=1e-5, atol=1e-5)

@@ -30,7 +30,8 @@ from .base import (
     set_batchnorm_args)
 from .data.constants import CIFAR10_LABELS, CIFAR100_LABELS, DIGIT_LABELS, MULTIMNIST_MEAN, MULTIMNIST_STD
 from .loading import MAX_ITERATIONS  # a hostile config.json must not ask for more, so loading checks it too
-from .layers import Capsules, ConvCapsules, FCCapsules, PrimaryCapsules, RoutedCapsules, capsules_to_nchw, conv_output_size
+from .layers import (
+    Capsules, ConvCapsules, FCCapsules, PoseNorm, PrimaryCapsules, RoutedCapsules, capsules_to_nchw, conv_output_size)
 from .routing import DEFAULT_MAX_VOTES, use_fused_routing
 
 __all__ = ['CapsNet', 'RoutingTrace', 'RoutingGeometry', 'last_useful_iteration', 'MAX_ITERATIONS']
@@ -245,8 +246,8 @@ class CapsNet(CapsuleModel):
     def _set_routing_option(self, name: str, value: Any):
         self.head_layer_kwargs[name] = value  # class capsules made later by reset_classifier get it too
         for module in self.modules():
-            if isinstance(module, RoutedCapsules):
-                setattr(module, name, value)
+            if isinstance(module, RoutedCapsules) or (name == 'fused_routing' and isinstance(module, PoseNorm)):
+                setattr(module, name, value)  # the pose norms run in the kernel's extension too
 
     # ---- construction helpers -------------------------------------------------------------------
 

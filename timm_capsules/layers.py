@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .routing import (
     DEFAULT_MAX_VOTES, attention_routing, capsule_votes, chunked_attention_routing, fused_attention_routing,
-    uniform_routing, uniform_window_routing, use_fused_routing, window_children)
+    routing_kernel, uniform_routing, uniform_window_routing, use_fused_routing, window_children)
 
 __all__ = [
     'Capsules', 'PrimaryCapsules', 'RoutedCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw',
@@ -66,16 +66,69 @@ def pose_shape(pose_dim: int, matrix_pose: bool) -> Tuple[int, int]:
 
 class PoseNorm(nn.LayerNorm):
     """LayerNorm over the d pose entries, gain and bias shared by every capsule of a layer, computed
-    in at least float32 so that bf16/fp16 training keeps a stable normalisation."""
+    in at least float32 so that bf16/fp16 training keeps a stable normalisation.
+
+    On the CPU, 16-entry poses (the paper's 4x4) are normalised in the fused routing kernel's extension
+    (``pose_norm``; ``fused_routing=None`` follows ``TIMM_CAPSULES_FUSED_ROUTING``): torch's layer_norm pays a
+    fixed cost per row that rows of 16 values do not amortise."""
+
+    def __init__(self, pose_dim: int, eps: float = 1e-5, fused_routing: Optional[bool] = None, device=None,
+                 dtype=None):
+        super().__init__(pose_dim, eps=eps, device=device, dtype=dtype)
+        self.fused_routing = use_fused_routing() if fused_routing is None else fused_routing
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
         weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        # tracers and exporters record plain ops (see _plain_ops_only), and must not look at the sizes
+        if (not _plain_ops_only() and self.fused_routing and x.device.type == 'cpu' and x.shape[-1] == 16
+                and routing_kernel() is not None):
+            return pose_norm(x.to(dtype), weight, bias, self.eps).to(x.dtype)
         return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
-def _capsule_norm(pose_dim: int, layer_norm: bool, device=None, dtype=None) -> nn.Module:
-    return PoseNorm(pose_dim, eps=1e-5, device=device, dtype=dtype) if layer_norm else nn.Identity()
+@torch.library.custom_op('timm_capsules::pose_norm', mutates_args=())
+def pose_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``F.layer_norm(x, x.shape[-1:], weight, bias, eps)`` in the package's CPU kernel (``csrc/routing.cpp``)."""
+    return routing_kernel().pose_norm_forward(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
+
+
+@pose_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op('timm_capsules::pose_norm_backward', mutates_args=())
+def _pose_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    grad_x, grad_weight, grad_bias = routing_kernel().pose_norm_backward(
+        grad.contiguous(), x.contiguous(), weight.contiguous(), eps)
+    return grad_x, grad_weight, grad_bias
+
+
+@_pose_norm_backward.register_fake
+def _(grad, x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _pose_norm_setup_context(ctx, inputs, output):
+    x, weight, _, eps = inputs
+    ctx.save_for_backward(x, weight)  # the statistics are recomputed, not kept
+    ctx.eps = eps
+
+
+def _pose_norm_grad(ctx, grad):
+    x, weight = ctx.saved_tensors
+    return *_pose_norm_backward(grad, x, weight, ctx.eps), None
+
+
+pose_norm.register_autograd(_pose_norm_grad, setup_context=_pose_norm_setup_context)
+
+
+def _capsule_norm(pose_dim: int, layer_norm: bool, fused_routing: Optional[bool] = None, device=None,
+                  dtype=None) -> nn.Module:
+    if not layer_norm:
+        return nn.Identity()
+    return PoseNorm(pose_dim, eps=1e-5, fused_routing=fused_routing, device=device, dtype=dtype)
 
 
 class PrimaryCapsules(nn.Module):
@@ -100,7 +153,7 @@ class PrimaryCapsules(nn.Module):
         out_chs = num_caps * pose_dim + (num_caps if activations else 0)
         self.conv = nn.Conv2d(
             in_chs, out_chs, kernel_size, stride, padding, bias=False, device=device, dtype=dtype)
-        self.norm = _capsule_norm(pose_dim, layer_norm, device, dtype)
+        self.norm = _capsule_norm(pose_dim, layer_norm, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Capsules:
         # channels-last in, so channels-last out: the capsules' (B, H, W, C) layout is then a view, not a
@@ -147,7 +200,7 @@ class RoutedCapsules(nn.Module):
         self.out_caps, self.out_dim = out_caps, out_dim
         self.weight = nn.Parameter(torch.empty(
             children_per_group, out_caps, self.child_cols, self.parent_cols, device=device, dtype=dtype))
-        self.norm = _capsule_norm(out_dim, layer_norm, device, dtype)
+        self.norm = _capsule_norm(out_dim, layer_norm, fused_routing, device, dtype)
         if activations:
             # EM-style activations (the paper's ablation C): a parent is active when the children
             # routed to it agree with it; beta_a / beta_u play the roles they have in EM routing.
