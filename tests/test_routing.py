@@ -666,6 +666,14 @@ def test_pose_norm_runs_in_the_kernel_for_4x4_poses_on_the_cpu_unless_fused_rout
     assert type(plain.grad_fn).__name__ == 'NativeLayerNormBackward0'
     torch.testing.assert_close(fused, plain)
     assert type(layers.PoseNorm(9)(torch.randn(2, 9, requires_grad=True)).grad_fn).__name__ == 'NativeLayerNormBackward0'
+    norm = norm.float()  # bf16 poses are normalised in float32 by either path, and come back in bf16
+    poses = torch.randn(4, 5, 16, dtype=torch.bfloat16)
+    outputs = []
+    for fused_routing in (True, False):
+        norm.fused_routing = fused_routing
+        outputs.append(norm(poses))
+    assert outputs[0].dtype == torch.bfloat16
+    torch.testing.assert_close(outputs[0], outputs[1])
     model = tiny_capsnet(pose_dim=16)
     norms = [m for m in model.modules() if isinstance(m, layers.PoseNorm)]
     assert len(norms) == 4 and all(m.fused_routing for m in norms)

@@ -9,6 +9,7 @@
 //
 // The children are read from their grid (windows.h): a convolutional layer's windows are never copied out,
 // and their gradient is added back into the grid. A fully connected layer is one 1 x 1 window per image.
+// (The file ends with the layers' other per-pose op, LayerNorm over each pose's entries, for PoseNorm.)
 //
 // Layouts (all contiguous; K = T * J, i.e. pose column t and parent type j flattened, j innermost, so that
 // sums over a parent's columns and a parent's share spread over them are whole-vector operations):
