@@ -161,9 +161,11 @@ class PrimaryCapsules(nn.Module):
         x = self.conv(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # (B, H, W, C)
         B, H, W, _ = x.shape
         n, d = self.num_caps, self.pose_dim
-        poses = self.norm(x[..., :n * d].reshape(B, H, W, n, d))
-        activations = x[..., n * d:].sigmoid() if self.has_activations else None
-        return Capsules(poses, activations)
+        activations = None
+        if self.has_activations:  # split, not two slices: each slice's gradient would be a zero-filled copy of x
+            x, activations = x.split([n * d, n], dim=-1)
+            activations = activations.sigmoid()
+        return Capsules(self.norm(x.reshape(B, H, W, n, d)), activations)
 
 
 class RoutedCapsules(nn.Module):
