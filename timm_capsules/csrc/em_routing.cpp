@@ -515,6 +515,10 @@ void backward_kernel(const Config& k, const scalar_t* grad_poses, const scalar_t
     std::vector<scalar_t> dmu(D * J), dvar(D * J), dx1(D * J), dx2(D * J), dc(J), dls(J), dlogit(J), dm(J);
     std::vector<scalar_t> dr(2 * J), dR(J), dcost(J), coefficients(2 * terms * J), dv(2 * D * J), d_act(I);
     for (int64_t g = image_begin * windows_per_image; g < image_end * windows_per_image; ++g) {
+      if (g % windows_per_image == 0) {
+        k.windows.zero_image(du, g / windows_per_image, R * C);
+        k.windows.zero_image(da, g / windows_per_image, 1);
+      }
       group.locate(g, offsets, a_in);
       const int64_t* child_at = group.child_at.data();
       const scalar_t* ag = group.child_activations.data();
@@ -759,8 +763,9 @@ std::vector<at::Tensor> em_backward(const std::optional<at::Tensor>& grad_poses,
   for (const auto& [t, n] : grads)
     TORCH_CHECK(!*t || ((*t)->is_contiguous() && (*t)->numel() == n &&
                         (*t)->scalar_type() == children.scalar_type()), "gradient of an unexpected shape");
-  auto grad_children = at::zeros_like(children);  // the windows' gradients are added into the grid
-  auto grad_a = at::zeros_like(a_in);
+  // zeroed image by image (Windows::zero_image), then the windows' gradients are added into the grid
+  auto grad_children = at::empty_like(children);
+  auto grad_a = at::empty_like(a_in);
   const int64_t threads = at::get_num_threads();
   auto grad_weight = at::zeros({threads, k.I, k.C, k.T, k.J}, weight.options());
   auto grad_beta = at::zeros({threads, 2, k.J}, weight.options());

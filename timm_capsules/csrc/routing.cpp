@@ -139,15 +139,6 @@ inline void vote_gradients(const scalar_t* __restrict__ mass, const scalar_t* __
   }
 }
 
-// An image's share of the children's gradient starts at zero when its first window is reached: its windows add
-// into it, from the thread that owns the image, while it is in that core's cache (rather than a pass over the
-// whole gradient beforehand). pose_size = R C.
-template <typename scalar_t>
-inline void zero_image_of(scalar_t* du, int64_t image, const Windows& s, int64_t pose_size) {
-  const int64_t size = s.H * s.W * s.N * pose_size;
-  std::fill(du + image * size, du + (image + 1) * size, scalar_t(0));
-}
-
 // The paper's shapes in float: 4x4 poses and J = 16 or 32 parent types, so K = 4 J = 64 or 128 entries, all
 // known at compile time. A child's votes are formed 16 entries at a time with each weight vector loaded once
 // for the four pose rows, their agreement is summed straight into the parents' logits (registers), and the
@@ -348,7 +339,7 @@ struct FixedShape {
       float* v[2] = {votes_of[0], votes_of[1]};
       float* dv[2] = {dv_of[0], dv_of[1]};
       for (int64_t g = image_begin * windows_per_image; g < image_end * windows_per_image; ++g) {
-        if (g % windows_per_image == 0) zero_image_of(du, g / windows_per_image, s, 16);
+        if (g % windows_per_image == 0) s.zero_image(du, g / windows_per_image, 16);
         const int64_t corner = s.corner(g);
         const float* pg = p + g * 4 * K;
         const float* dPg = dP + g * 4 * K;
@@ -414,7 +405,7 @@ void backward_kernel(const scalar_t* dP, const scalar_t* grad_coef, const scalar
     std::vector<scalar_t> v(d.R() * d.K), dv(d.R() * d.K), prod(d.K), d_prod(d.K), mass(d.K), pull(d.K);
     std::vector<scalar_t> d_mass(d.J), d_coef(d.J), d_logit(d.J), logits(d.J), r(d.J);
     for (int64_t g = image_begin * windows_per_image; g < image_end * windows_per_image; ++g) {
-      if (g % windows_per_image == 0) zero_image_of(du, g / windows_per_image, s, d.R() * d.C());
+      if (g % windows_per_image == 0) s.zero_image(du, g / windows_per_image, d.R() * d.C());
       const int64_t corner = s.corner(g);
       const scalar_t* pg = p + g * d.R() * d.K;
       const scalar_t* dPg = dP + g * d.R() * d.K;
@@ -522,7 +513,7 @@ std::vector<at::Tensor> backward_pass(const at::Tensor& grad_poses, const std::o
                                       const std::optional<at::Tensor>& grad_agreement, const at::Tensor& children,
                                       const at::Tensor& weight, const at::Tensor& parents,
                                       const std::optional<at::Tensor>& activations, const Sizes& s, double scale) {
-  auto grad_children = at::empty_like(children);  // zeroed image by image, then the windows add into it
+  auto grad_children = at::empty_like(children);  // zeroed image by image (Windows::zero_image), windows add in
   auto grad_parents = at::empty_like(parents);
   auto grad_weight_per_thread = at::zeros({at::get_num_threads(), s.I, s.C, s.K}, weight.options());
   auto grad_activations = activations ? at::zeros_like(*activations) : at::empty({0}, children.options());

@@ -6,6 +6,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -38,6 +39,15 @@ struct Windows {
   }
 
   int64_t windows_per_image() const { return Ho * Wo; }
+
+  // Zeroes image b's share of a (B, H, W, N, values) grid. A backward pass whose threads own whole images zeroes
+  // an image's gradient when it reaches that image's first window: from the thread that adds into it, while it
+  // is in that core's cache, rather than in a pass over the whole gradient beforehand.
+  template <typename T>
+  void zero_image(T* grid, int64_t image, int64_t values) const {
+    const int64_t size = H * W * N * values;
+    std::fill(grid + image * size, grid + (image + 1) * size, T(0));
+  }
 };
 
 }  // namespace timm_capsules
