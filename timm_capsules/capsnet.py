@@ -336,13 +336,12 @@ class CapsNet(CapsuleModel):
 
     def _from_nchw(self, x: Tensor) -> List[Capsules]:
         B, _, H, W = x.shape
-        x = x.permute(0, 2, 3, 1)
         n, d = self.head_hidden_size // (self.pose_dim + self.has_activations), self.pose_dim
         snapshots = []
-        for index in range(self.snapshots):
-            chunk = x[..., index * self.head_hidden_size:(index + 1) * self.head_hidden_size]
-            activations = chunk[..., n * d:] if self.has_activations else None
-            snapshots.append(Capsules(chunk[..., :n * d].reshape(B, H, W, n, d), activations))
+        # split, not slices: the backward pass of slices fills a zero gradient as large as x for every slice
+        for chunk in x.permute(0, 2, 3, 1).split(self.head_hidden_size, dim=-1):
+            poses, activations = chunk.split([n * d, n], dim=-1) if self.has_activations else (chunk, None)
+            snapshots.append(Capsules(poses.reshape(B, H, W, n, d), activations))
         return snapshots
 
     # ---- forward ------------------------------------------------------------------------------
