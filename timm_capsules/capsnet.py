@@ -337,10 +337,15 @@ class CapsNet(CapsuleModel):
     def _from_nchw(self, x: Tensor) -> List[Capsules]:
         B, _, H, W = x.shape
         n, d = self.head_hidden_size // (self.pose_dim + self.has_activations), self.pose_dim
+        # split, not slices: the backward pass of a slice fills a zero gradient as large as x. (Indexed, not
+        # iterated or unpacked: fx traces a split as one value of unknown length.)
+        chunks = x.permute(0, 2, 3, 1).split(self.head_hidden_size, dim=-1)
         snapshots = []
-        # split, not slices: the backward pass of slices fills a zero gradient as large as x for every slice
-        for chunk in x.permute(0, 2, 3, 1).split(self.head_hidden_size, dim=-1):
-            poses, activations = chunk.split([n * d, n], dim=-1) if self.has_activations else (chunk, None)
+        for index in range(self.snapshots):
+            poses, activations = chunks[index], None
+            if self.has_activations:
+                parts = poses.split([n * d, n], dim=-1)
+                poses, activations = parts[0], parts[1]
             snapshots.append(Capsules(poses.reshape(B, H, W, n, d), activations))
         return snapshots
 
