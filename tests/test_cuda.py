@@ -50,14 +50,15 @@ def cpu_and_gpu(name, **kwargs):
 
 
 def assert_same_step(cpu, gpu, x):
-    """Outputs, and every parameter's gradient, to 1e-4 (relative to the gradient's largest entry)."""
+    """Outputs to 1e-4, every parameter's gradient to 1e-3 of its largest entry: on the CPU alone, float32 lands up to
+    6e-5 of it from float64 (EM routing's variances; 2e-6 to 4e-6 for the other models)."""
     out_cpu, out_gpu = cpu(x), gpu(x.to(DEVICE))
     assert out_gpu.device.type == DEVICE
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-4)
     grads_cpu = torch.autograd.grad(out_cpu.square().sum(), list(cpu.parameters()))
     grads_gpu = torch.autograd.grad(out_gpu.square().sum(), list(gpu.parameters()))
     for (name, _), g, e in zip(cpu.named_parameters(), grads_gpu, grads_cpu):
-        torch.testing.assert_close(g.cpu(), e, rtol=1e-3, atol=1e-4 * e.abs().max().item(), msg=name)
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-3, atol=1e-3 * e.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize('name, kwargs', [
