@@ -6,6 +6,10 @@
 // memory (groups x children x parents x d values, up to ~1 GB for the paper's CIFAR models) and keep
 // it for the backward pass. Here the votes of one child (parents x d values) live in a small buffer
 // that stays in L1, and the backward pass recomputes them: memory is the inputs and outputs only.
+// Each pass forms its votes again, also where the children stay the same over a layer's passes (the first
+// layer's, in concurrent routing): keeping a window's votes for the next pass was measured (2026-11-30) and
+// gained nothing at t = 5, because the votes of a CIFAR layer-1 window (590 KB) and the weights (590 KB) do
+// not both fit in one core's L2 (1 MB there), and a pass over kept votes was no faster than forming them.
 //
 // The children are read from their grid (windows.h): a convolutional layer's windows are never copied out,
 // and their gradient is added back into the grid. A fully connected layer is one 1 x 1 window per image.
