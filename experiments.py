@@ -17,7 +17,7 @@ Scales. ``paper``: the paper's recipes as they are (``timm_capsules.presets``: C
 DiverseMultiMNIST, 350 epochs). ``cpu``: a reduced protocol for a 2-core machine with no network, described
 in ``CPU_PROTOCOL`` and printed beside every result: real Fashion-MNIST (Debian's ``dataset-fashion-mnist``)
 in place of CIFAR with a fixed image budget, DiverseMultiMNIST and Affine MNIST from the built-in MNIST
-sample, small capsule and CNN models where the paper's would not fit, 2 seeds.
+sample, small capsule and CNN models where the paper's would not fit; 2 seeds by default (the README's tables: 3).
 """
 import argparse
 import hashlib
