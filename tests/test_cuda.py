@@ -19,6 +19,8 @@ import torch
 import timm
 import timm_capsules  # noqa: F401
 
+from compiled import assert_compiled_matches_eager
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU on this machine')
 
 DEVICE = 'cuda'
@@ -106,13 +108,7 @@ def test_bf16_autocast_training_step():
 
 def test_compiled_training_step_matches_eager():
     _, gpu = cpu_and_gpu('capsnet_resnet_cifar10', iterations=3)
-    x = torch.randn(4, 3, 32, 32, device=DEVICE)
-    expected = gpu(x)
-    expected_grads = torch.autograd.grad(expected.square().sum(), list(gpu.parameters()))
-    out = torch.compile(gpu, fullgraph=True)(x)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    for g, e in zip(torch.autograd.grad(out.square().sum(), list(gpu.parameters())), expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4 * e.abs().max().item())
+    assert_compiled_matches_eager(gpu, torch.randn(4, 3, 32, 32, device=DEVICE), tol=1e-4, grad_rtol=1e-3)
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from timm_capsules import layers, routing
 from timm_capsules.routing import attention_routing, capsule_votes, fused_attention_routing, uniform_routing
 
 from ci import unavailable
+from compiled import assert_compiled_matches_eager
 
 
 @pytest.fixture
@@ -564,14 +565,7 @@ def test_fused_capsnet_equals_tensor_op_capsnet_fp32(options, kernel):
 @pytest.mark.slow
 def test_compiled_training_step_through_the_fused_kernel_matches_eager(kernel):
     model = tiny_capsnet(iterations=3, pose_dim=16).float().train()  # 4x4 poses: the kernel's pose norm too
-    x = torch.randn(2, 1, 10, 10, dtype=torch.float32)
-    expected = model(x)
-    expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(x)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    for g, e in zip(torch.autograd.grad(out.square().sum(), list(model.parameters())), expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+    assert_compiled_matches_eager(model, torch.randn(2, 1, 10, 10, dtype=torch.float32), tol=1e-5)
 
 
 def test_flop_counter_counts_the_fused_forward_like_the_tensor_ops(kernel):
@@ -864,13 +858,7 @@ def test_compiled_training_without_the_kernel_uses_the_fallback_and_matches_eage
     assert routing.routing_kernel() is None
     torch._dynamo.reset()
     model = tiny_capsnet(iterations=3, activations=True).float().train()
-    x = torch.randn(2, 1, 10, 10, dtype=torch.float32)
-    expected = model(x)
-    expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
-    out = torch.compile(model, fullgraph=True)(x)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    for g, e in zip(torch.autograd.grad(out.square().sum(), list(model.parameters())), expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+    assert_compiled_matches_eager(model, torch.randn(2, 1, 10, 10, dtype=torch.float32), tol=1e-5)
     torch._dynamo.reset()
 
 
