@@ -12,6 +12,7 @@ matmul, timed in the same run, gives the machine's achievable GFLOP/s for refere
     python benchmarks/bench_models.py --batch-sizes 32 128 --iterations 1 2 3 4 5 --dtypes fp32 bf16
     python benchmarks/bench_models.py --smoke              # seconds; what CI runs so the harness cannot rot
     python benchmarks/bench_models.py --iterations 3 --profile   # and where each step's time goes, by operator
+    python benchmarks/bench_models.py --channels-last      # every model and input channels-last (timm train.py's flag)
     python benchmarks/bench_models.py --reference resnet50 --models resnet50:num_classes=10 \
         capsnet_resnet_cifar10:backbone=resnet50,img_size=224   # a capsule head on a timm backbone at 224x224
     python benchmarks/bench_models.py --json results.json  # machine-readable results (always printed too)
@@ -45,7 +46,7 @@ def parse_model(spec):
 
 
 def measure_case(label, model_name, batch_size, iterations, dtype, device, steps, compile_model, model_kwargs,
-                 profile=False):
+                 profile=False, channels_last=False):
     """One case, in this (fresh) process. Returns a dict of measurements."""
     import torch
     import timm
@@ -61,6 +62,9 @@ def measure_case(label, model_name, batch_size, iterations, dtype, device, steps
     input_size = (model.in_chans, *model.img_size) if hasattr(model, 'img_size') else model.pretrained_cfg['input_size']
     x = torch.randn(batch_size, *input_size, device=device)
     y = torch.randint(0, model.num_classes, (batch_size,), device=device)
+    if channels_last:  # as timm's train.py --channels-last: the model's 4-d weights and the input
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step_model = torch.compile(model) if compile_model else model
     amp = dict(device_type=device, dtype=torch.bfloat16, enabled=dtype == 'bf16')
@@ -115,7 +119,7 @@ def measure_case(label, model_name, batch_size, iterations, dtype, device, steps
         top_ops = [dict(op=e.key, self_cpu_ms=round(e.self_cpu_time_total / 1000, 1), calls=e.count) for e in events]
     return dict(
         model=label, batch_size=batch_size, iterations=iterations if model_name.startswith('capsnet') else None,
-        dtype=dtype, device=device, compiled=compile_model,
+        dtype=dtype, device=device, compiled=compile_model, channels_last=channels_last,
         params=sum(p.numel() for p in model.parameters()),
         step_s=step_s, step_s_min=min(times), step_s_max=max(times),
         inference_images_per_s=batch_size / inference_s,
@@ -141,7 +145,8 @@ def _current_rss_bytes():
 
 def run_in_fresh_process(case, args):
     command = [sys.executable, __file__, '--worker', json.dumps(case), '--device', args.device,
-               '--steps', str(args.steps)] + (['--compile'] if args.compile else []) + (['--profile'] if args.profile else [])
+               '--steps', str(args.steps)] + [flag for flag, on in (('--compile', args.compile), ('--profile', args.profile),
+                                                                    ('--channels-last', args.channels_last)) if on]
     result = subprocess.run(command, capture_output=True, text=True, timeout=args.case_timeout)
     if result.returncode != 0:
         error = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'failed'
@@ -227,6 +232,8 @@ def main(argv=None):
     parser.add_argument('--rounds', type=int, default=2, help='fresh processes per case, models alternating')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
     parser.add_argument('--profile', action='store_true', help="add each case's top operators (torch.profiler)")
+    parser.add_argument('--channels-last', action='store_true',
+                        help="every model's 4-d weights and the input channels-last, as timm's train.py --channels-last")
     parser.add_argument('--model-kwargs', default='{}', help='JSON kwargs for every model, e.g. {"img_size": 64}')
     parser.add_argument('--case-timeout', type=int, default=1800)
     parser.add_argument('--smoke', action='store_true', help='tiny (batch 2, t=2, one step, one round): checks the harness runs')
@@ -237,7 +244,7 @@ def main(argv=None):
     if args.worker:
         case = json.loads(args.worker)
         print(json.dumps(measure_case(**case, device=args.device, steps=args.steps, compile_model=args.compile,
-                                      profile=args.profile)))
+                                      profile=args.profile, channels_last=args.channels_last)))
         return None
     if args.smoke:
         args.models = [m for m in args.models if m != 'capsnet_resnet_cifar10'] or args.models

@@ -42,6 +42,23 @@ def test_model_benchmark_smoke_bf16():
     assert row['dtype'] == 'bf16' and row['step_s'] > 0 and row['train_gflop'] > 0
 
 
+@pytest.mark.slow
+def test_model_benchmark_smoke_channels_last():
+    """--channels-last converts every model and the input, as timm's train.py flag does, and says so per row."""
+    result = load('bench_models').main(['--smoke', '--channels-last', '--models', 'capsnet_simple_cifar10',
+                                        'resnet18_cifar10'])
+    rows = {row['model']: row for row in result['results']}
+    assert set(rows) == {'capsnet_simple_cifar10', 'resnet18_cifar10'}
+    for row in rows.values():
+        assert 'error' not in row, row
+        assert row['channels_last'] is True and row['step_s'] > 0
+    assert rows['capsnet_simple_cifar10']['step_time_vs_reference'] > 0
+    report = load('report')
+    assert 'every model and input channels-last' in report.render_record('smoke.json', result)
+    contiguous = dict(result, results=[dict(row, channels_last=False) for row in result['results']])
+    assert 'channels-last' not in report.render_record('smoke.json', contiguous)
+
+
 def test_data_benchmark_smoke():
     results = load('bench_data').main(['--images', '2048', '--build', '128'])
     assert results['stream_batch128_images_per_s'] > 0

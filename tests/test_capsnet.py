@@ -225,6 +225,24 @@ def test_timm_script_keywords_are_accepted_and_honoured(name):
         assert pooled(x).shape == (2, pooled.num_features)
 
 
+@pytest.mark.parametrize('name', FAMILIES)
+def test_channels_last_weights_and_input_change_nothing(name):
+    """train.py --channels-last (and the speed harness's flag) converts every 4-d weight, the capsule layers'
+    included, and the input: the logits and every gradient stay those of the contiguous model."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()  # eval: BatchNorm's batch statistics would amplify rounding
+    x = torch.randn(2, *model.pretrained_cfg['input_size'])
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
+    model = model.to(memory_format=torch.channels_last)
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())  # the conversion happened
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5 * expected_grad.abs().max().item())
+
+
 @pytest.mark.parametrize('name', ['capsnet_resnet_cifar10', 'dynamic_capsnet_resnet_cifar10', 'resnet18_cifar10'])
 def test_drop_path_rate_gives_residual_backbones_stochastic_depth(name):
     from timm.layers import DropPath
