@@ -4,7 +4,6 @@ import timm
 import torch
 
 import timm_capsules  # noqa: F401
-from timm_capsules.capsnet import CapsNet
 from timm_capsules.data.constants import CIFAR100_LABELS
 
 PAPER_PARAMS = {

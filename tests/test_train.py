@@ -989,7 +989,7 @@ def test_a_signal_stops_training_with_a_checkpoint(run, tmp_path, signame, proce
     steps = int(match.group(1))
     # the script's own status, or the launcher's: killed by the signal (one process), failed (two)
     assert code == {0: 128 + getattr(signal, signame), 1: -signal.SIGTERM, 2: 1}[processes]
-    assert stderr.count(f"stopping after this step, with a checkpoint") == max(processes, 1)
+    assert stderr.count("stopping after this step, with a checkpoint") == max(processes, 1)
     newest = sorted((out / "checkpoints").iterdir())[-1]
     assert match.group(2) == str(newest) and newest.name == f"step_{steps:08d}"
     assert json.loads((newest / "training_state.json").read_text())["completed_steps"] == steps
