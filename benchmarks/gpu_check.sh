@@ -6,14 +6,15 @@
 #   benchmarks/gpu_check.sh eager             # the tests, then eager mode, fp32 and bf16 (about 4 minutes)
 #   benchmarks/gpu_check.sh compiled fp32     # torch.compile, one dtype per call (5-8 minutes, mostly compiling)
 #   benchmarks/gpu_check.sh compiled bf16
+#   benchmarks/gpu_check.sh triton            # the Triton routing kernels (opt-in): their test, then eager fp32, bf16
 #
 # Nothing is installed: the package runs from this tree (PYTHONPATH). The training-script test needs `datasets`,
 # which it skips without; carry its wheels to run it (see the device tool's notes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}-${2:-}" in
-    eager-|compiled-fp32|compiled-bf16) ;;
-    *) echo "usage: $0 eager | compiled fp32|bf16" >&2; exit 2 ;;
+    eager-|compiled-fp32|compiled-bf16|triton-) ;;
+    *) echo "usage: $0 eager | compiled fp32|bf16 | triton" >&2; exit 2 ;;
 esac
 command -v nvidia-smi >/dev/null || { echo "$0: no NVIDIA GPU on this machine (nvidia-smi not found)" >&2; exit 1; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -33,4 +34,11 @@ case "$1" in
     compiled)
         python3 benchmarks/bench_models.py "${cases[@]}" --dtypes "$2" --compile --case-timeout 170 \
             --json "$out/cuda_b128_compiled_$2.json" 2>&1 | tee "$out/bench_compiled_$2.log" ;;
+    triton)  # the capsule layers' passes in routing_triton.py's kernels instead of plain tensor ops
+        export TIMM_CAPSULES_TRITON_ROUTING=1
+        tests=0
+        python3 -m pytest --noconftest -q -rs tests/test_cuda.py -k triton 2>&1 | tee "$out/test_triton.log" || tests=$?
+        python3 benchmarks/bench_models.py "${cases[@]}" --dtypes fp32 bf16 --case-timeout 150 \
+            --json "$out/cuda_b128_triton.json" 2>&1 | tee "$out/bench_triton.log"
+        exit "$tests" ;;
 esac

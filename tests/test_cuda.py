@@ -1,6 +1,6 @@
-"""The models on a CUDA GPU: the CPU's numbers, bf16 autocast, torch.compile, memory bounded by ``max_votes``, and
-the training script. On a GPU the capsule layers route in plain tensor ops (the fused kernels are CPU code), so these
-tests compare the GPU against the CPU's plain-op reference.
+"""The models on a CUDA GPU: the CPU's numbers, bf16 autocast, torch.compile, memory bounded by ``max_votes``, the
+Triton routing kernels, and the training script. On a GPU the capsule layers route in plain tensor ops by default (the
+Triton kernels are opt-in until measured), so these tests compare the GPU against the CPU's plain-op reference.
 
 CI has no GPU: there, and on any machine without one, every test here skips. ``benchmarks/gpu_check.sh`` runs them
 (without the suite's conftest, which builds the CPU kernels), with the GPU benchmarks, on a machine that has one.
@@ -73,6 +73,29 @@ def assert_same_step(cpu, gpu, x):
 def test_gpu_step_matches_the_cpu(name, kwargs):
     cpu, gpu = cpu_and_gpu(name, **kwargs)
     assert_same_step(cpu, gpu, torch.randn(4, *cpu.pretrained_cfg['input_size']))
+
+
+def test_triton_routing_matches_the_cpu(monkeypatch):
+    """TIMM_CAPSULES_TRITON_ROUTING=1: the capsule layers route through the Triton kernels (routing_triton.py),
+    which never store votes, and the step still equals the CPU's plain-op reference."""
+    from timm_capsules import routing_triton
+    from timm_capsules.layers import RoutedCapsules
+    monkeypatch.setenv('TIMM_CAPSULES_TRITON_ROUTING', '1')
+    calls = {'forward': 0, 'backward': 0}
+    for kind in calls:
+        original = getattr(routing_triton, f'routing_{kind}')
+
+        def counted(*args, kind=kind, original=original, **kwargs):
+            calls[kind] += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(routing_triton, f'routing_{kind}', counted)
+    cpu, gpu = cpu_and_gpu('capsnet_resnet_cifar10', iterations=4)
+    for layer in gpu.modules():
+        if isinstance(layer, RoutedCapsules):
+            layer.fused_routing = True  # the fixture routes the CPU reference in plain ops, and the copy with it
+    assert_same_step(cpu, gpu, torch.randn(4, 3, 32, 32))
+    # t = 4: the conv layers route 1 and 2 passes that reach the logits, the class layer 3
+    assert calls['forward'] == calls['backward'] == 6, calls
 
 
 def test_chunked_routing_bounds_gpu_memory():

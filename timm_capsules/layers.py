@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from .routing import (
     DEFAULT_MAX_VOTES, attention_routing, capsule_votes, chunked_attention_routing, fused_attention_routing,
-    routing_kernel, uniform_routing, uniform_window_routing, use_fused_routing, window_children)
+    routing_kernel, supports_triton, triton_routing_enabled, uniform_routing, uniform_window_routing, use_fused_routing,
+    window_children)
 
 __all__ = [
     'Capsules', 'PrimaryCapsules', 'RoutedCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw',
@@ -237,7 +238,11 @@ class RoutedCapsules(nn.Module):
         return uniform_routing(child_poses, self.weight, child_activations), grid
 
     def _fused(self, poses: Tensor) -> bool:
-        return self.fused_routing and not _plain_ops_only() and poses.device.type == 'cpu'
+        if not self.fused_routing or _plain_ops_only():
+            return False
+        if poses.device.type == 'cuda':  # the Triton kernels: opt-in until they are measured on a GPU
+            return triton_routing_enabled() and supports_triton(self.child_rows, self.weight.shape)
+        return poses.device.type == 'cpu'
 
     def _too_many_votes(self, child_poses: Tensor) -> bool:
         if self.max_votes is None or _plain_ops_only():

@@ -20,6 +20,7 @@ Axis names used in the einsums:
     t  parent pose columns
 """
 import hashlib
+import importlib.util
 import os
 import platform
 import sys
@@ -213,6 +214,25 @@ def chunked_attention_routing(
 
 
 # ---- the fused CPU kernel ---------------------------------------------------------------------------
+
+def triton_routing_enabled() -> bool:
+    """``TIMM_CAPSULES_TRITON_ROUTING=1`` (CUDA tensors route through ``routing_triton``'s kernels; off by
+    default until they are measured on a GPU) and Triton installed (CPU-only torch builds come without it)."""
+    return os.environ.get('TIMM_CAPSULES_TRITON_ROUTING', '0') == '1' and importlib.util.find_spec('triton') is not None
+
+
+# a child's votes for every parent, and their products, are held by one Triton program: J x R x C x T values at most
+TRITON_MAX_PRODUCT_VALUES = 4096
+
+
+def supports_triton(rows: int, weight_shape: Tuple[int, ...]) -> bool:
+    """Whether a layer whose child poses have ``rows`` rows and whose weight is (I, J, C, T) fits the Triton
+    kernels: pose rows, columns and parent columns powers of 2 (Triton's block sizes; the paper's 4x4 poses), and
+    a child's products for every parent in registers."""
+    _, J, C, T = weight_shape
+    powers = all(n & (n - 1) == 0 for n in (rows, C, T))
+    return powers and (1 << max(0, J - 1).bit_length()) * rows * C * T <= TRITON_MAX_PRODUCT_VALUES
+
 
 def use_fused_routing() -> bool:
     """Whether capsule layers route on the CPU with the fused kernel (``csrc/routing.cpp``) by default.
@@ -494,6 +514,21 @@ def _backward(ctx, grad_poses, grad_coefficients, grad_agreement):
 
 
 _attention_routing_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# On a CUDA device the op runs the Triton kernels (routing_triton.py), which the layers only ask for with
+# TIMM_CAPSULES_TRITON_ROUTING=1 and shapes the kernels support (``routing_triton.supports``).
+@_attention_routing_op.register_kernel('cuda')
+def _(children, weight, parents, activations, kernel_size, stride, with_routing):
+    from .routing_triton import routing_forward
+    return routing_forward(children, weight, parents, activations, kernel_size, stride, with_routing)
+
+
+@_attention_routing_backward_op.register_kernel('cuda')
+def _(grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations, kernel_size, stride):
+    from .routing_triton import routing_backward
+    return routing_backward(grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations,
+                            kernel_size, stride)
 
 
 # what torch.utils.flop_counter counts for the kernel (one multiply-add = 2 FLOPs): per child-parent pair,

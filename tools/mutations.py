@@ -10,6 +10,7 @@ PARSE = 'tests/test_parse_tree.py'
 AFFINE = 'tests/test_affine_mnist.py'
 TRAIN = 'tests/test_train.py'
 EXPERIMENTS = 'tests/test_experiments.py'
+TRITON = 'tests/test_routing_triton.py'
 
 MUTATIONS = [
     # ---- the routing core (issue #18's table) -------------------------------------------------------
@@ -409,4 +410,25 @@ MUTATIONS = [
          old='if (g % windows_per_image == 0) {',
          new='if (true) {',
          tests=[f'{BASELINES}::test_em_kernel_over_grid_windows_equals_copied_windows']),
+    # ---- the GPU's Triton kernels (run in Triton's interpreter) ---------------------------------------------
+    dict(name='triton_window_column_stride', file='timm_capsules/routing_triton.py',
+         what="the Triton kernels step over a window's columns by the stride twice (wrong children for stride 2)",
+         old='corner = ((g // (Ho * Wo) * H + g // Wo % Ho * stride) * W + g % Wo * stride) * N',
+         new='corner = ((g // (Ho * Wo) * H + g // Wo % Ho * stride) * W + g % Wo * stride * stride) * N',
+         tests=[TRITON]),
+    dict(name='triton_activation_not_in_vote_gradient', file='timm_capsules/routing_triton.py',
+         what="the Triton backward leaves the child's activation out of its votes' gradient",
+         old='dv = (coefficients * act)[:, None, None] * dP + pull[:, None, None] * p',
+         new='dv = coefficients[:, None, None] * dP + pull[:, None, None] * p',
+         tests=[TRITON]),
+    dict(name='triton_weight_gradient_one_block', file='timm_capsules/routing_triton.py',
+         what="the Triton weight gradient sums only the first block of windows",
+         old='_backward_weight_kernel[(sizes[\'I\'], triton.cdiv(G, windows))](',
+         new='_backward_weight_kernel[(sizes[\'I\'], 1)](',
+         tests=[TRITON]),
+    dict(name='triton_always_on', file='timm_capsules/routing.py',
+         what="CUDA tensors route through the Triton kernels without being asked to",
+         old="return os.environ.get('TIMM_CAPSULES_TRITON_ROUTING', '0') == '1' and",
+         new="return True or os.environ.get('TIMM_CAPSULES_TRITON_ROUTING', '0') == '1' and",
+         tests=[f'{TRITON}::test_layers_ask_for_the_triton_kernels_only_when_enabled']),
 ]
