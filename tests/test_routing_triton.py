@@ -75,6 +75,46 @@ def test_triton_kernels_match_the_plain_ops(interpreted, case):
     assert max(errors.values()) < 1e-5, errors
 
 
+# every variant the host functions launch for the paper's 4x4 poses: 32 parents (conv layers), 16 (class layer)
+VARIANTS = {
+    '_forward_kernel': [dict(HAS_ACT=False, WITH_ROUTING=False), dict(HAS_ACT=True, WITH_ROUTING=True)],
+    '_backward_window_kernel': [dict(HAS_ACT=False, HAS_GC=False, HAS_GA=False), dict(HAS_ACT=True, HAS_GC=True, HAS_GA=True)],
+    '_backward_weight_kernel': [dict(WINDOWS=64, HAS_ACT=False, HAS_GC=False, HAS_GA=False),
+                                dict(WINDOWS=64, HAS_ACT=True, HAS_GC=True, HAS_GA=True)],
+}
+
+
+@pytest.mark.parametrize('parents', [32, 16])
+@pytest.mark.parametrize('kernel', VARIANTS)
+def test_triton_kernels_compile_for_hopper_without_spills(kernel, parents, tmp_path):
+    """No GPU needed to compile: each kernel lowers to PTX for sm_90 (H100/H200), and ptxas places it in registers
+    with nothing spilled to local memory (a spill would put every child's votes through memory)."""
+    triton = pytest.importorskip('triton')
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from timm_capsules import routing_triton
+    ptxas = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'ptxas'
+    if not ptxas.exists():
+        pytest.skip(f'no ptxas in this Triton install ({ptxas})')
+    fn = getattr(routing_triton, kernel)
+    for flags in VARIANTS[kernel]:
+        constexprs = dict(flags, BLOCK_J=parents, R=4, C=4, T=4)
+        absent = {'activations': flags['HAS_ACT'], 'd_activations': flags['HAS_ACT'],
+                  'grad_coef': flags.get('HAS_GC', True), 'grad_agree': flags.get('HAS_GA', True)}
+        constexprs.update({name: None for name, present in absent.items() if not present and name in fn.arg_names})
+        integers = {'H', 'W', 'N', 'Ho', 'Wo', 'G', 'I', 'J', 'KS', 'stride'}
+        signature = {name: 'constexpr' if name in constexprs else 'i32' if name in integers
+                     else 'fp32' if name == 'scale' else '*fp32' for name in fn.arg_names}
+        source = ASTSource(fn=fn, signature=signature,
+                           constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()})
+        compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32))
+        ptx = tmp_path / f'{kernel}.ptx'
+        ptx.write_text(compiled.asm['ptx'])
+        report = subprocess.run([str(ptxas), '-v', '--gpu-name', 'sm_90a', str(ptx), '-o', os.devnull],
+                                capture_output=True, text=True, check=True)
+        assert '0 bytes spill stores' in report.stderr + report.stdout, (flags, report.stderr)
+
+
 def test_the_op_runs_the_triton_kernels_on_cuda():
     for op in ('attention_routing', 'attention_routing_backward'):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f'timm_capsules::{op}', 'CUDA'), op

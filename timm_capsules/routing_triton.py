@@ -4,7 +4,8 @@ Opt-in: ``TIMM_CAPSULES_TRITON_ROUTING=1`` routes CUDA tensors through these ker
 (``routing.triton_routing_enabled``, for the shapes ``routing.supports_triton`` accepts).
 It stays off by default until it is measured on a GPU (``benchmarks/gpu_check.sh triton``): no session of this
 project has had one. What is tested without a GPU: the kernels' arithmetic, in Triton's interpreter
-(``TRITON_INTERPRET=1``, CPU tensors), against the plain-op reference, outputs and every gradient.
+(``TRITON_INTERPRET=1``, CPU tensors), against the plain-op reference, outputs and every gradient; and their
+compilation for sm_90, with no register spills (``tests/test_routing_triton.py``).
 
 One attention pass over a child grid's k x k windows (stride s), as ``routing.fused_attention_routing``:
 for window g, child i and parent j, vote v = u_i W_ij, agreement a = <p_j, v> / sqrt(d), r = softmax_j(a),
@@ -51,9 +52,11 @@ def _route_child(children, weight, activations, grad_coef, grad_agree, p, dP, g,
     logits = tl.where(in_use, agreement, float('-inf'))
     shares = tl.exp(logits - tl.max(logits, 0))
     coefficients = shares / tl.sum(shares, 0)
+    mass = coefficients  # r_ij act_i, a tensor either way (a jit function returns tensors)
     act = 1.
     if HAS_ACT:
         act = tl.load(activations + child)
+        mass = coefficients * act
     # backward: P_j = sum_i r_ij act_i v_ij gives r_ij act_i the gradient <dP_j, v_ij>
     d_mass = tl.sum(tl.sum(v * dP, axis=2), axis=1)
     d_coef = d_mass * act
@@ -63,8 +66,8 @@ def _route_child(children, weight, activations, grad_coef, grad_agree, p, dP, g,
     if HAS_GA:
         d_logit += tl.load(grad_agree + (g * I + i) * J + j, mask=in_use, other=0.)
     pull = d_logit * scale
-    dv = (coefficients * act)[:, None, None] * dP + pull[:, None, None] * p  # (J, R, T)
-    return child, u, w, v, agreement, coefficients, act, d_mass, pull, dv
+    dv = mass[:, None, None] * dP + pull[:, None, None] * p  # (J, R, T)
+    return child, u, w, v, agreement, coefficients, mass, d_mass, pull, dv
 
 @triton.jit
 def _window(parents, grad_poses, g, H, W, N, Ho, Wo, J, stride, BLOCK_J: tl.constexpr, R: tl.constexpr,
@@ -90,10 +93,10 @@ def _forward_kernel(children, weight, parents, activations, poses, coefficients_
     j = tl.arange(0, BLOCK_J)
     out = tl.zeros([BLOCK_J, R, T], tl.float32)
     for i in range(I):
-        child, u, w, v, agreement, coefficients, act, d_mass, pull, dv = _route_child(
+        child, u, w, v, agreement, coefficients, mass, d_mass, pull, dv = _route_child(
             children, weight, activations, None, None, p, dP, g, i, corner, scale, W, N, I, J, KS,
             HAS_ACT, False, False, BLOCK_J, R, C, T)
-        out += (coefficients * act)[:, None, None] * v
+        out += mass[:, None, None] * v
         if WITH_ROUTING:
             tl.store(coefficients_out + (g * I + i) * J + j, coefficients, mask=j < J)
             tl.store(agreement_out + (g * I + i) * J + j, agreement, mask=j < J)
@@ -110,7 +113,7 @@ def _backward_window_kernel(grad_poses, grad_coef, grad_agree, children, weight,
     r = tl.arange(0, R)
     c = tl.arange(0, C)
     for i in range(I):
-        child, u, w, v, agreement, coefficients, act, d_mass, pull, dv = _route_child(
+        child, u, w, v, agreement, coefficients, mass, d_mass, pull, dv = _route_child(
             children, weight, activations, grad_coef, grad_agree, p, dP, g, i, corner, scale, W, N, I, J, KS,
             HAS_ACT, HAS_GC, HAS_GA, BLOCK_J, R, C, T)
         d_p += pull[:, None, None] * v
@@ -133,7 +136,7 @@ def _backward_weight_kernel(grad_poses, grad_coef, grad_agree, children, weight,
         if g < G:
             corner, offsets, in_use, p, dP = _window(
                 parents, grad_poses, g, H, W, N, Ho, Wo, J, stride, BLOCK_J, R, T)
-            child, u, w, v, agreement, coefficients, act, d_mass, pull, dv = _route_child(
+            child, u, w, v, agreement, coefficients, mass, d_mass, pull, dv = _route_child(
                 children, weight, activations, grad_coef, grad_agree, p, dP, g, i, corner, scale, W, N, I, J,
                 KS, HAS_ACT, HAS_GC, HAS_GA, BLOCK_J, R, C, T)
             d_w += tl.sum(u[None, :, :, None] * dv[:, :, None, :], axis=1)  # (J, C, T): u^T dv

@@ -418,7 +418,7 @@ MUTATIONS = [
          tests=[TRITON]),
     dict(name='triton_activation_not_in_vote_gradient', file='timm_capsules/routing_triton.py',
          what="the Triton backward leaves the child's activation out of its votes' gradient",
-         old='dv = (coefficients * act)[:, None, None] * dP + pull[:, None, None] * p',
+         old='dv = mass[:, None, None] * dP + pull[:, None, None] * p',
          new='dv = coefficients[:, None, None] * dP + pull[:, None, None] * p',
          tests=[TRITON]),
     dict(name='triton_weight_gradient_one_block', file='timm_capsules/routing_triton.py',
