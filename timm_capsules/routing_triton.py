@@ -69,6 +69,7 @@ def _route_child(children, weight, activations, grad_coef, grad_agree, p, dP, g,
     dv = mass[:, None, None] * dP + pull[:, None, None] * p  # (J, R, T)
     return child, u, w, v, agreement, coefficients, mass, d_mass, pull, dv
 
+
 @triton.jit
 def _window(parents, grad_poses, g, H, W, N, Ho, Wo, J, stride, BLOCK_J: tl.constexpr, R: tl.constexpr,
             T: tl.constexpr):
@@ -83,6 +84,7 @@ def _window(parents, grad_poses, g, H, W, N, Ho, Wo, J, stride, BLOCK_J: tl.cons
     if grad_poses is not None:
         dP = tl.load(grad_poses + offsets, mask=in_use, other=0.)
     return corner, offsets, in_use, p, dP
+
 
 @triton.jit
 def _forward_kernel(children, weight, parents, activations, poses, coefficients_out, agreement_out, scale,
@@ -101,6 +103,7 @@ def _forward_kernel(children, weight, parents, activations, poses, coefficients_
             tl.store(coefficients_out + (g * I + i) * J + j, coefficients, mask=j < J)
             tl.store(agreement_out + (g * I + i) * J + j, agreement, mask=j < J)
     tl.store(poses + offsets, out, mask=in_use)
+
 
 @triton.jit
 def _backward_window_kernel(grad_poses, grad_coef, grad_agree, children, weight, parents, activations,
@@ -123,6 +126,7 @@ def _backward_window_kernel(grad_poses, grad_coef, grad_agree, children, weight,
             tl.atomic_add(d_activations + child, tl.sum(d_mass * coefficients, 0))
     tl.store(d_parents + offsets, d_p, mask=in_use)
 
+
 @triton.jit
 def _backward_weight_kernel(grad_poses, grad_coef, grad_agree, children, weight, parents, activations,
                             d_weight, scale, H, W, N, Ho, Wo, G, I, J, KS, stride, WINDOWS: tl.constexpr,
@@ -143,7 +147,6 @@ def _backward_weight_kernel(grad_poses, grad_coef, grad_agree, children, weight,
     offsets = i * J * C * T + j[:, None, None] * C * T + tl.arange(0, C)[None, :, None] * T \
         + tl.arange(0, T)[None, None, :]
     tl.atomic_add(d_weight + offsets, d_w, mask=(j < J)[:, None, None])
-
 
 
 def _sizes(children: Tensor, weight: Tensor, kernel_size: int, stride: int):
