@@ -1,11 +1,13 @@
-"""The fused CPU routing kernel alone: one attention pass (forward, and forward + backward) of each capsule
-layer of ``capsnet_resnet_cifar10`` at batch 32, against the same pass in plain tensor ops, with the
-kernel's arithmetic rate beside a plain matmul's, all measured in this run.
+"""The fused routing kernel alone (the CPU's C++ kernel; with ``--device cuda`` the op's Triton kernels): one
+attention pass (forward, and forward + backward) of each capsule layer of ``capsnet_resnet_cifar10`` at batch 32,
+against the same pass in plain tensor ops, with the kernel's arithmetic rate beside a plain matmul's, all
+measured in this run.
 
     python benchmarks/bench_routing.py                 # all threads
     python benchmarks/bench_routing.py --threads 1 --cpu-time   # one core, CPU time: least disturbed
     python benchmarks/bench_routing.py --json benchmarks/results/routing_kernel_cpu.json
     python benchmarks/bench_routing.py --smoke         # batch 2, one call each: checks the harness runs
+    python benchmarks/bench_routing.py --device cuda --batch-size 128   # the GPU's fused pass (routing_triton.py)
 
 The rate counts what ``torch.utils.flop_counter`` counts for the op (``routing._forward_flops`` /
 ``_backward_flops``); ``of_matmul`` is that rate over a 2048^2 float32 matmul's.
@@ -31,14 +33,22 @@ LAYERS = [
 
 
 CLOCK = time.perf_counter
+DEVICE = 'cpu'
+
+
+def _sync():
+    if DEVICE == 'cuda':  # kernels run asynchronously: a call ends when the GPU is done
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats):
     fn()  # warm-up (and the kernel's first build or load)
     times = []
     for _ in range(repeats):
+        _sync()
         start = CLOCK()
         fn()
+        _sync()
         times.append(CLOCK() - start)
     return statistics.median(times)
 
@@ -52,9 +62,9 @@ def flops_of(fn):
 def layer_inputs(batch, size, types, kernel_size, stride, parents):
     torch.manual_seed(0)
     out = (size - kernel_size) // stride + 1
-    grid = torch.randn(batch, size, size, types, 4, 4, requires_grad=True)
-    weight = torch.randn(kernel_size * kernel_size * types, parents, 4, 4, requires_grad=True)
-    parent_poses = torch.randn(batch * out * out, parents, 4, 4, requires_grad=True)
+    grid = torch.randn(batch, size, size, types, 4, 4, device=DEVICE, requires_grad=True)
+    weight = torch.randn(kernel_size * kernel_size * types, parents, 4, 4, device=DEVICE, requires_grad=True)
+    parent_poses = torch.randn(batch * out * out, parents, 4, 4, device=DEVICE, requires_grad=True)
     return grid, weight, parent_poses
 
 
@@ -99,18 +109,24 @@ def main(argv=None):
                              'that other work on the machine disturbs less')
     parser.add_argument('--json', dest='json_path', help='also write the results to this file')
     parser.add_argument('--smoke', action='store_true', help='batch 2, one timed call each (seconds)')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'],
+                        help="cuda: the fused pass is the op's Triton kernels (routing_triton.py)")
+    parser.add_argument('--batch-size', type=int, help='instead of the batch of 32 (the paper setting)')
     args = parser.parse_args(argv)
-    global CLOCK
+    global CLOCK, DEVICE
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
+    DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak = matmul_gflops()
-    layers = [(name, 2, *rest) for name, _, *rest in LAYERS] if args.smoke else LAYERS
+    peak = matmul_gflops(DEVICE)
+    batch = 2 if args.smoke else args.batch_size
+    layers = [(name, batch or default, *rest) for name, default, *rest in LAYERS]
     results = [measure(*layer, 1 if args.smoke else args.repeats) for layer in layers]
     for r in results:
         r['forward_of_matmul'] = r['fused_forward_gflops'] / peak
         r['step_of_matmul'] = r['fused_step_gflops'] / peak
-    print(f'{platform.machine()} CPU, {torch.get_num_threads()} threads | matmul {peak:.0f} GFLOP/s | torch {torch.__version__}')
+    device_name = torch.cuda.get_device_name() if DEVICE == 'cuda' else f'{platform.machine()} CPU'
+    print(f'{device_name}, {torch.get_num_threads()} threads | matmul {peak:.0f} GFLOP/s | torch {torch.__version__}')
     print(f"{'layer':28s} {'fwd ms':>8s} {'plain':>8s} {'fwd+bwd ms':>11s} {'plain':>8s} {'GFLOP/s fwd':>12s} "
           f"{'fwd+bwd':>8s} {'% matmul':>9s}")
     for r in results:
@@ -118,7 +134,7 @@ def main(argv=None):
               f"{r['plain_step_ms']:8.1f} {r['fused_forward_gflops']:12.1f} {r['fused_step_gflops']:8.1f} "
               f"{100 * r['step_of_matmul']:8.0f}%")
     command = 'benchmarks/bench_routing.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:]))
-    record = dict(machine=dict(device_name=f'{platform.machine()} CPU', threads=torch.get_num_threads(),
+    record = dict(machine=dict(device_name=device_name, threads=torch.get_num_threads(),
                                torch=torch.__version__, matmul_gflops=peak, clock=CLOCK.__name__, command=command),
                   results=results)
     return emit(record, args.json_path)

@@ -6,7 +6,8 @@
 #   benchmarks/gpu_check.sh eager             # the tests, then eager mode, fp32 and bf16 (about 4 minutes)
 #   benchmarks/gpu_check.sh compiled fp32     # torch.compile, one dtype per call (5-8 minutes, mostly compiling)
 #   benchmarks/gpu_check.sh compiled bf16
-#   benchmarks/gpu_check.sh triton            # the Triton routing kernels (opt-in): their test, then eager fp32, bf16
+#   benchmarks/gpu_check.sh triton            # the Triton routing kernels (opt-in): their test, each layer's pass
+#                                             # alone against plain ops, then the models in eager fp32 and bf16
 #
 # Nothing is installed: the package runs from this tree (PYTHONPATH). The training-script test needs `datasets`,
 # which it skips without; carry its wheels to run it (see the device tool's notes).
@@ -38,6 +39,9 @@ case "$1" in
         export TIMM_CAPSULES_TRITON_ROUTING=1
         tests=0
         python3 -m pytest --noconftest -q -rs tests/test_cuda.py -k triton 2>&1 | tee "$out/test_triton.log" || tests=$?
+        # each capsule layer's pass alone, Triton against plain ops, at batch 128
+        python3 benchmarks/bench_routing.py --device cuda --batch-size 128 --json "$out/routing_kernel_cuda.json" \
+            2>&1 | tee "$out/bench_routing_cuda.log"
         python3 benchmarks/bench_models.py "${cases[@]}" --dtypes fp32 bf16 --case-timeout 150 \
             --json "$out/cuda_b128_triton.json" 2>&1 | tee "$out/bench_triton.log"
         exit "$tests" ;;

@@ -1,6 +1,7 @@
 """The Triton routing kernels (the GPU's fused pass, ``routing_triton.py``) without a GPU: their arithmetic in
 Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) against the plain-op reference, outputs and every
-gradient; and when the layers ask for them. On a GPU, ``tests/test_cuda.py`` runs them inside a model.
+gradient, alone and inside a CapsNet's training step (the op's CPU kernel swapped for them); their compilation
+for Hopper; and when the layers ask for them. On a GPU, ``tests/test_cuda.py`` runs them inside a model.
 
 The interpreter is chosen when Triton decorates a kernel, so the kernels run in a child process that starts with
 it set (``python tests/test_routing_triton.py`` prints that process's findings as JSON).
@@ -56,7 +57,45 @@ def run_cases() -> dict:
                           'd_activations'], zip(got, want)))
         errors[name] = {key: ((pairs[key][0] - pairs[key][1]).abs().max() / pairs[key][1].abs().max()).item()
                         for key in names}
+    errors['a CapsNet step'] = capsnet_step_errors(routing_forward, routing_backward)
     return errors
+
+
+def capsnet_step_errors(routing_forward, routing_backward) -> dict:
+    """A small CapsNet (4x4 poses; a stride-2 and a stride-1 conv capsule layer, then 10 class capsules; t = 4)
+    whose capsule layers ask for the fused op, with the op's CPU kernel swapped for the Triton kernels, as the GPU
+    runs them: the layers' layouts, the op's autograd and the padded class layer, end to end. Against the same
+    model in plain tensor ops: the logits and every parameter's gradient."""
+    import copy
+    import timm
+    from timm_capsules import routing
+    from timm_capsules.layers import RoutedCapsules
+    calls = {'forward': 0, 'backward': 0}
+
+    def counted(kind, kernel):
+        def run(*args):
+            calls[kind] += 1
+            return kernel(*args)
+        return run
+    routing._attention_routing_op.register_kernel('cpu')(counted('forward', routing_forward))
+    routing._attention_routing_backward_op.register_kernel('cpu')(counted('backward', routing_backward))
+    torch.manual_seed(0)
+    plain = timm.create_model('capsnet_simple_cifar10', img_size=16, backbone_args=dict(out_chs=8), primary_caps=4,
+                              capsule_layers=[('conv', 4, 3, 2), ('conv', 4, 3, 1)], iterations=4).eval()
+    fused = copy.deepcopy(plain)
+    for model, enable in ((plain, False), (fused, True)):
+        for layer in model.modules():
+            if isinstance(layer, RoutedCapsules):
+                layer.fused_routing = enable  # the pose norms stay plain: only the routing is under test
+    x = torch.randn(2, 3, 16, 16)
+    errors = {}
+    outputs = [model(x) for model in (plain, fused)]
+    errors['logits'] = ((outputs[1] - outputs[0]).abs().max() / outputs[0].abs().max()).item()
+    grads = [torch.autograd.grad(out.square().sum(), list(model.parameters()))
+             for out, model in zip(outputs, (plain, fused))]
+    for (name, _), want, got in zip(plain.named_parameters(), *grads):
+        errors[name] = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+    return dict(errors=errors, calls=calls)
 
 
 @pytest.fixture(scope='module')
@@ -73,6 +112,17 @@ def test_triton_kernels_match_the_plain_ops(interpreted, case):
     errors = interpreted[case]
     assert 'poses' in errors and 'd_weight' in errors and 'd_children' in errors
     assert max(errors.values()) < 1e-5, errors
+
+
+def test_a_capsnet_step_through_the_triton_kernels_matches_the_plain_ops(interpreted):
+    step = interpreted['a CapsNet step']
+    # t = 4: the conv capsule layers route 1 and 2 passes that reach the logits, the class capsules 3
+    assert step['calls'] == {'forward': 6, 'backward': 6}
+    errors = step['errors']
+    routed = [name for name in errors if name in ('capsule_layers.0.weight', 'capsule_layers.1.weight',
+                                                   'head.capsules.weight')]
+    assert len(routed) == 3 and 'logits' in errors  # every routed layer's weight has a gradient to compare
+    assert max(errors.values()) < 1e-4, errors
 
 
 # every variant the host functions launch for the paper's 4x4 poses: 32 parents (conv layers), 16 (class layer)
