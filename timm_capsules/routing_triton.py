@@ -17,7 +17,9 @@ new parent pose P_j = sum_i r_ij act_i v_ij. No vote is ever written to memory:
   the weight's gradient W_i over its windows, so that no two programs add into the same weight often.
 
 Layouts as the op's: children (B, H, W, N, R, C), weight (I, J, C, T), parents and poses (G, J, R, T),
-coefficients and agreement (G, I, J), activations (B, H, W, N). Arithmetic in float32.
+coefficients and agreement (G, I, J), activations (B, H, W, N). Arithmetic in float32. The children's, their
+activations' and the weight's gradients are summed with atomic adds, in no fixed order: on a GPU their last bits
+may differ between runs (the CPU kernel's do not).
 """
 from typing import Optional, Tuple
 
