@@ -12,6 +12,12 @@ TRAIN = 'tests/test_train.py'
 EXPERIMENTS = 'tests/test_experiments.py'
 TRITON = 'tests/test_routing_triton.py'
 
+
+def _in_triton_kernels(name, what, old, new):
+    """A bug in the GPU's Triton kernels: their arithmetic is checked in Triton's CPU interpreter."""
+    return dict(name=name, file='timm_capsules/routing_triton.py', what=what, old=old, new=new, tests=[TRITON])
+
+
 MUTATIONS = [
     # ---- the routing core (issue #18's table) -------------------------------------------------------
     dict(name='primary_norm_skipped', file='timm_capsules/layers.py',
@@ -405,27 +411,28 @@ MUTATIONS = [
          what="set_fused_routing(False) leaves the pose norms in the kernel",
          old="if isinstance(module, RoutedCapsules) or (name == 'fused_routing' and isinstance(module, PoseNorm)):",
          new='if isinstance(module, RoutedCapsules):',
-         tests=[f'{ROUTING}::test_pose_norm_runs_in_the_kernel_for_4x4_poses_on_the_cpu_unless_fused_routing_is_off']),    dict(name='em_image_gradient_rezeroed', file='timm_capsules/csrc/em_routing.cpp',
+         tests=[f'{ROUTING}::test_pose_norm_runs_in_the_kernel_for_4x4_poses_on_the_cpu_unless_fused_routing_is_off']),
+    dict(name='em_image_gradient_rezeroed', file='timm_capsules/csrc/em_routing.cpp',
          what="the EM backward zeroes an image's grid and activation gradients at every window, dropping the earlier ones'",
          old='if (g % windows_per_image == 0) {',
          new='if (true) {',
          tests=[f'{BASELINES}::test_em_kernel_over_grid_windows_equals_copied_windows']),
     # ---- the GPU's Triton kernels (run in Triton's interpreter) ---------------------------------------------
-    dict(name='triton_window_column_stride', file='timm_capsules/routing_triton.py',
-         what="the Triton kernels step over a window's columns by the stride twice (wrong children for stride 2)",
-         old='corner = ((g // (Ho * Wo) * H + g // Wo % Ho * stride) * W + g % Wo * stride) * N',
-         new='corner = ((g // (Ho * Wo) * H + g // Wo % Ho * stride) * W + g % Wo * stride * stride) * N',
-         tests=[TRITON]),
-    dict(name='triton_activation_not_in_vote_gradient', file='timm_capsules/routing_triton.py',
-         what="the Triton backward leaves the child's activation out of its votes' gradient",
-         old='dv = mass[:, None, None] * dP + pull[:, None, None] * p',
-         new='dv = coefficients[:, None, None] * dP + pull[:, None, None] * p',
-         tests=[TRITON]),
-    dict(name='triton_weight_gradient_one_block', file='timm_capsules/routing_triton.py',
-         what="the Triton weight gradient sums only the first block of windows",
-         old='_backward_weight_kernel[(sizes[\'I\'], triton.cdiv(G, windows))](',
-         new='_backward_weight_kernel[(sizes[\'I\'], 1)](',
-         tests=[TRITON]),
+    _in_triton_kernels(
+        'triton_window_column_stride',
+        "the Triton kernels step over a window's columns by the stride twice (wrong children for stride 2)",
+        old='corner = ((g // (Ho * Wo) * H + g // Wo % Ho * stride) * W + g % Wo * stride) * N',
+        new='corner = ((g // (Ho * Wo) * H + g // Wo % Ho * stride) * W + g % Wo * stride * stride) * N'),
+    _in_triton_kernels(
+        'triton_activation_not_in_vote_gradient',
+        "the Triton backward leaves the child's activation out of its votes' gradient",
+        old='dv = mass[:, None, None] * dP + pull[:, None, None] * p',
+        new='dv = coefficients[:, None, None] * dP + pull[:, None, None] * p'),
+    _in_triton_kernels(
+        'triton_weight_gradient_one_block',
+        'the Triton weight gradient sums only the first block of windows',
+        old="_backward_weight_kernel[(sizes['I'], triton.cdiv(G, windows))](",
+        new="_backward_weight_kernel[(sizes['I'], 1)]("),
     dict(name='triton_always_on', file='timm_capsules/routing.py',
          what="CUDA tensors route through the Triton kernels without being asked to",
          old="return os.environ.get('TIMM_CAPSULES_TRITON_ROUTING', '0') == '1' and",
