@@ -242,12 +242,13 @@ def use_fused_routing() -> bool:
 
 _kernel = None  # the compiled extension once loaded; False when it cannot be built here
 KERNEL_SOURCE = Path(__file__).parent / 'csrc' / 'routing.cpp'
-# -march=native picks the instructions (AVX-512 where the CPU has it); -mtune=generic keeps the compiler's
-# tuning for current Intel and AMD cores alike instead of -march=native's nearest CPU that the compiler
-# knows, which for a CPU newer than the compiler is an older core's model: GCC 12 tunes a Zen 4 as a Zen 3
-# (a core without AVX-512), and both kernels ran 3-9% slower so (measured 2026-12-01, routing forward and
-# backward, and an EM training step)
-KERNEL_CFLAGS = ['-O3', '-march=native', '-mtune=generic', '-fopenmp']
+# -march=native picks the instructions (AVX-512 where the CPU has it). On x86-64, -mtune=generic keeps the
+# compiler's tuning for current Intel and AMD cores alike instead of -march=native's nearest CPU that the
+# compiler knows, which for a CPU newer than the compiler is an older core's model: GCC 12 tunes a Zen 4 as a
+# Zen 3 (a core without AVX-512), and both kernels ran 3-9% slower so (measured 2026-12-01, routing forward
+# and backward, and an EM training step)
+KERNEL_CFLAGS = ['-O3', '-march=native', *(['-mtune=generic'] if platform.machine() == 'x86_64' else []),
+                 '-fopenmp']
 
 
 def routing_kernel():
