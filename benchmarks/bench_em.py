@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import emit  # benchmarks/ is the script's directory
+from harness import emit, settings  # benchmarks/ is the script's directory
 
 MODELS = {'em': 'em_capsnet_simple_cifar10', 'ida': 'capsnet_simple_cifar10'}
 
@@ -87,7 +87,7 @@ def main(argv=None):
         em_images_per_s=rate['em'], ida_images_per_s=rate['ida'], em_over_ida=rate['em'] / rate['ida'],
         em_step_s=[round(t, 4) for t in times['em']], ida_step_s=[round(t, 4) for t in times['ida']],
         batch_size=args.batch_size, img_size=args.img_size, in_chans=1, steps=args.steps,
-        torch=torch.__version__, cpu=_cpu_name(), threads=torch.get_num_threads(), commit=_commit(),
+        torch=torch.__version__, cpu=_cpu_name(), threads=torch.get_num_threads(), commit=_commit(), **settings(),
     )
     return emit(result, args.json_path)
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from harness import emit, matmul_gflops  # benchmarks/ is the script's directory
+from harness import emit, matmul_gflops, settings  # benchmarks/ is the script's directory
 
 DEFAULT_MODELS = ['capsnet_resnet_cifar10', 'capsnet_simple_cifar10', 'resnet18_cifar10']
 
@@ -265,7 +265,7 @@ def main(argv=None):
     device_name = (torch.cuda.get_device_name() if args.device == 'cuda'
                    else f'{platform.machine()} CPU, {os.cpu_count()} cores')
     machine = dict(device_name=device_name, torch=torch.__version__,
-                   matmul_gflops=matmul_gflops(args.device), command=' '.join(sys.argv))
+                   matmul_gflops=matmul_gflops(args.device), command=' '.join(sys.argv), **settings())
     result = dict(machine=machine, results=summary)
     print_table(summary, machine, args.reference)
     print_profiles(summary)

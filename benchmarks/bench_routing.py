@@ -21,7 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness import emit, matmul_gflops  # benchmarks/ is the script's directory
+from harness import emit, matmul_gflops, settings  # benchmarks/ is the script's directory
 from timm_capsules.routing import attention_routing, capsule_votes, fused_attention_routing, window_children
 
 # (name, batch, grid height = width, child types, kernel size, stride, parent types): the paper's CIFAR stack
@@ -135,7 +135,8 @@ def main(argv=None):
               f"{100 * r['step_of_matmul']:8.0f}%")
     command = 'benchmarks/bench_routing.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:]))
     record = dict(machine=dict(device_name=device_name, threads=torch.get_num_threads(),
-                               torch=torch.__version__, matmul_gflops=peak, clock=CLOCK.__name__, command=command),
+                               torch=torch.__version__, matmul_gflops=peak, clock=CLOCK.__name__, command=command,
+                               **settings()),
                   results=results)
     return emit(record, args.json_path)
 

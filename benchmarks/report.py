@@ -15,11 +15,17 @@ def render(paths):
     return '\n'.join(render_record(Path(path).name, json.loads(Path(path).read_text())) for path in paths).strip()
 
 
+def _environment(settings):
+    """The environment variables a run was measured with (harness.SETTINGS_VARIABLES), for its heading."""
+    return ''.join(f', `{name}={value}`' for name, value in settings.get('environment', {}).items())
+
+
 def render_record(name, result):
     """The README lines of one result file: bench_em.py, bench_routing.py or bench_models.py."""
     if 'em_over_ida' in result:  # bench_em.py: EM vs IDA CapsNet training throughput
         return '\n'.join([
-            f"**`{name}`** — {result['cpu']}, torch {result['torch']}, {result['threads']} threads: "
+            f"**`{name}`** — {result['cpu']}, torch {result['torch']}, {result['threads']} threads"
+            f"{_environment(result)}: "
             f"`{result['em_model']}` trains at {result['em_images_per_s']:.1f} img/s, `{result['ida_model']}` "
             f"at {result['ida_images_per_s']:.1f} img/s: **{result['em_over_ida']:.2f}×** (batch "
             f"{result['batch_size']}, {result['in_chans']}×{result['img_size']}×{result['img_size']}, "
@@ -28,7 +34,8 @@ def render_record(name, result):
     if result['results'] and 'layer' in result['results'][0]:  # bench_routing.py: the kernel alone
         lines = [
             f"**`{name}`** — {machine['device_name']}, {machine['threads']} threads, torch {machine['torch']}, "
-            f"plain 2048² matmul {machine['matmul_gflops']:.0f} GFLOP/s; `python {machine['command']}`",
+            f"plain 2048² matmul {machine['matmul_gflops']:.0f} GFLOP/s{_environment(machine)}; "
+            f"`python {machine['command']}`",
             '',
             '| capsule layer (one attention pass) | fused fwd ms | plain fwd ms | fused fwd+bwd ms '
             '| plain fwd+bwd ms | fused GFLOP/s fwd | fwd+bwd | of matmul |',
@@ -41,7 +48,7 @@ def render_record(name, result):
     layout = ', every model and input channels-last' if any(r.get('channels_last') for r in result['results']) else ''
     lines = [
         f"**`{name}`** — {machine['device_name']}, torch {machine['torch']}, plain 2048² matmul "
-        f"{machine['matmul_gflops']:.0f} GFLOP/s{layout}; `python {machine['command']}`",
+        f"{machine['matmul_gflops']:.0f} GFLOP/s{layout}{_environment(machine)}; `python {machine['command']}`",
         '',
         '| model | batch | iterations | dtype | train step s, median (min–max) | × ref | inference img/s '
         '| train peak MB | × ref | inference peak MB | GFLOP / step | GFLOP/s |',

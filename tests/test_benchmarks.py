@@ -69,12 +69,22 @@ def test_em_benchmark_smoke(capsys):
     result = load('bench_em').main(['--smoke'])
     assert result['em_images_per_s'] > 0 and result['ida_images_per_s'] > 0 and result['em_over_ida'] > 0
     assert result['batch_size'] == 2 and result['threads'] >= 1
+    assert '-march=native' in result['kernel_cflags'] and isinstance(result['environment'], dict)
     assert '"em_over_ida"' in capsys.readouterr().out  # one JSON object on stdout
 
 
-def test_routing_kernel_benchmark_smoke(capsys):
-    """The kernel alone, fused against plain ops, on every capsule layer of the paper's CIFAR stack; rendered."""
+def test_routing_kernel_benchmark_smoke(capsys, monkeypatch):
+    """The kernel alone, fused against plain ops, on every capsule layer of the paper's CIFAR stack; rendered,
+    with the kernel's build flags and the allocator setting it ran under recorded."""
+    tunables = 'glibc.malloc.trim_threshold=268435456'  # read by glibc at a process's start: no effect here
+    monkeypatch.setenv('GLIBC_TUNABLES', tunables)
+    monkeypatch.delenv('LD_PRELOAD', raising=False)
     record = load('bench_routing').main(['--smoke', '--threads', '1'])
+    from timm_capsules.routing import KERNEL_CFLAGS
+    assert record['machine']['kernel_cflags'] == ' '.join(KERNEL_CFLAGS)
+    assert record['machine']['environment']['GLIBC_TUNABLES'] == tunables
+    assert 'LD_PRELOAD' not in record['machine']['environment']
+    assert f'`GLIBC_TUNABLES={tunables}`' in load('report').render_record('smoke.json', record)
     assert [r['layer'] for r in record['results']] == [layer[0] for layer in load('bench_routing').LAYERS]
     for row in record['results']:
         assert row['batch'] == 2 and row['fused_step_ms'] > 0 and row['plain_step_ms'] > 0
