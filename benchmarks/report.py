@@ -46,9 +46,11 @@ def render_record(name, result):
                   f"| {r['fused_step_gflops']:.1f} | {100 * r['step_of_matmul']:.0f}% |" for r in result['results']]
         return '\n'.join(lines + [''])
     layout = ', every model and input channels-last' if any(r.get('channels_last') for r in result['results']) else ''
+    compiled = ', every model `torch.compile`d' if any(r.get('compiled') for r in result['results']) else ''
     lines = [
         f"**`{name}`** — {machine['device_name']}, torch {machine['torch']}, plain 2048² matmul "
-        f"{machine['matmul_gflops']:.0f} GFLOP/s{layout}{_environment(machine)}; `python {machine['command']}`",
+        f"{machine['matmul_gflops']:.0f} GFLOP/s{layout}{compiled}{_environment(machine)}; "
+        f"`python {machine['command']}`",
         '',
         '| model | batch | iterations | dtype | train step s, median (min–max) | × ref | inference img/s '
         '| train peak MB | × ref | inference peak MB | GFLOP / step | GFLOP/s |',

@@ -31,6 +31,11 @@ def test_model_benchmark_smoke(capsys):
     assert rows['capsnet_simple_cifar10:iterations=2']['params'] == 561_297
     assert result['machine']['matmul_gflops'] > 0
     assert '"results"' in capsys.readouterr().out  # machine-readable JSON on stdout
+    # the rendered table says how the models ran: eager here, compiled when the rows say so
+    report = load('report')
+    assert 'torch.compile' not in report.render_record('smoke.json', result)
+    compiled = dict(result, results=[dict(row, compiled=True) for row in result['results']])
+    assert 'every model `torch.compile`d' in report.render_record('smoke.json', compiled)
 
 
 @pytest.mark.slow
