@@ -20,11 +20,15 @@ def _environment(settings):
     return ''.join(f', `{name}={value}`' for name, value in settings.get('environment', {}).items())
 
 
+def _threads(count):
+    return f"{count} thread{'' if count == 1 else 's'}"
+
+
 def render_record(name, result):
     """The README lines of one result file: bench_em.py, bench_routing.py or bench_models.py."""
     if 'em_over_ida' in result:  # bench_em.py: EM vs IDA CapsNet training throughput
         return '\n'.join([
-            f"**`{name}`** — {result['cpu']}, torch {result['torch']}, {result['threads']} threads"
+            f"**`{name}`** — {result['cpu']}, torch {result['torch']}, {_threads(result['threads'])}"
             f"{_environment(result)}: "
             f"`{result['em_model']}` trains at {result['em_images_per_s']:.1f} img/s, `{result['ida_model']}` "
             f"at {result['ida_images_per_s']:.1f} img/s: **{result['em_over_ida']:.2f}×** (batch "
@@ -33,7 +37,7 @@ def render_record(name, result):
     machine = result['machine']
     if result['results'] and 'layer' in result['results'][0]:  # bench_routing.py: the kernel alone
         lines = [
-            f"**`{name}`** — {machine['device_name']}, {machine['threads']} threads, torch {machine['torch']}, "
+            f"**`{name}`** — {machine['device_name']}, {_threads(machine['threads'])}, torch {machine['torch']}, "
             f"plain 2048² matmul {machine['matmul_gflops']:.0f} GFLOP/s{_environment(machine)}; "
             f"`python {machine['command']}`",
             '',

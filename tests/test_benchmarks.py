@@ -95,7 +95,8 @@ def test_routing_kernel_benchmark_smoke(capsys, monkeypatch):
         assert row['batch'] == 2 and row['fused_step_ms'] > 0 and row['plain_step_ms'] > 0
         assert row['step_gflop'] > row['forward_gflop'] > 0  # the FLOP counter sees the fused op's backward too
     assert record['machine']['threads'] == 1 and '"results"' in capsys.readouterr().out
-    assert '| conv 16x16 -> 7x7 (k3 s2), batch 2 |' in load('report').render_record('smoke.json', record)
+    rendered = load('report').render_record('smoke.json', record)
+    assert '| conv 16x16 -> 7x7 (k3 s2), batch 2 |' in rendered and ', 1 thread, ' in rendered
 
 
 def test_report_renders_every_committed_result():
