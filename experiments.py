@@ -59,18 +59,23 @@ GPU_LR = {'IDA': 2e-3, 'DR': 1e-3, 'EM': 2e-3, 'CNN': 2e-3, 'ResNet-18': 2e-3}
 GPU_PROTOCOL = {
     'fashion_mnist': f'Fashion-MNIST (real, 60k/10k, 28x28 grey; in place of CIFAR): all 60,000 training images, '
                      f'{GPU_EPOCHS} epochs, batch 128, bf16 autocast, light augmentation (pad 4 + random crop + '
-                     f'horizontal flip), Adam with cosine decay and no warm-up: lr {GPU_LR["DR"]:g} for DR (the paper\'s '
-                     f'Adam rate for it), {GPU_LR["IDA"]:g} for IDA, EM and the CNNs (the CPU protocol\'s, which '
-                     f'trained all of them; '
+                     f'horizontal flip), Adam with cosine decay and no warm-up: lr {GPU_LR["DR"]:g} for DR '
+                     f'(the paper\'s Adam rate for it), {GPU_LR["IDA"]:g} for IDA, EM and the CNNs (the CPU '
+                     f'protocol\'s, which trained all of them; '
                      f'the paper\'s SGD 0.1 schedule is made for 350 epochs); top-1 on all 10,000 test images; '
                      f'models built with in_chans=1, img_size=28',
 }
-# What the GPU budget was sized with (not measured on a GPU before the first run; the records say what it took):
-# sustained bf16 throughput of these small models (about 6% of an H200's dense peak: kernels of a few MFLOP,
-# plain-op routing bound by memory), the augmented-sample rate of one DataLoader worker (measured on this
-# project's 2-core CPU: 460 us per sample), the workers per shard (train_accelerate's CUDA default), the shards
-# that share the GPU (16 cores / 4), and a fixed cost per run (model, data, worker start, evaluations' start).
-GPU_ASSUMPTIONS = dict(tflops=50.0, images_per_s_per_worker=2000.0, workers=4, shards=4, overhead_s=8.0)
+# What the GPU budget is sized with. First stated, before any GPU had run the studies: 50 TFLOP/s sustained over the
+# shards for every FLOP, 2,000 augmented images/s per DataLoader worker (this project's 2-core CPU: 460 us a sample),
+# 8 s a run: the 40 runs at 4.4 min over 4 shards. The first H200 call (results/gpu/, 2026-12-04; 4 shards side by
+# side, 4 workers each on the machine's 16 cores) measured otherwise: data-bound runs (IDA t = 1, 2; DR) fed 3,300
+# images/s a shard, 830 a worker, and the routing passes that need votes (the FLOPs a model has beyond its t = 1
+# count), in plain tensor ops, are bound by the GPU's memory traffic: IDA t = 3 and t = 5 ran them at 0.57 and 0.66
+# TFLOP/s over the shards, while the rest runs at the dense rate of ResNet-18's bf16 step in the speed harness
+# (benchmarks/results/cuda_b128_eager.json: 426 GFLOP in 12 ms, 35 TFLOP/s). The figures below are those
+# measurements, so the estimates and the time limit say what a call can finish.
+GPU_ASSUMPTIONS = dict(dense_tflops=35.0, routing_tflops=0.6, images_per_s_per_worker=830.0, workers=4, shards=4,
+                       overhead_s=4.0)
 
 
 class Run(NamedTuple):
@@ -346,18 +351,18 @@ PROTOCOLS = {'cpu': CPU_PROTOCOL, 'gpu': GPU_PROTOCOL}
 _GFLOP_CACHE: Dict[str, float] = {}
 
 
-def train_gflop_per_image(train_args: Sequence[str]) -> float:
+def train_gflop_per_image(train_args: Sequence[str], **override) -> float:
     """Training GFLOP per 28x28 image (forward and backward, torch's FLOP counter) of a run's model, counted on the
     meta device: nothing is allocated, and routing runs in plain tensor ops (the fused kernels are the CPU's), as on
     a GPU."""
-    key = json.dumps(list(train_args))
+    key = json.dumps([list(train_args), override], sort_keys=True)
     if key not in _GFLOP_CACHE:
         import timm
         import torch
         from torch.utils.flop_counter import FlopCounterMode
         import train_accelerate
         args = train_accelerate.parse_args(list(train_args))
-        model = timm.create_model(args.model, device='meta', **dict(args.model_kwargs, num_classes=10))
+        model = timm.create_model(args.model, device='meta', **dict(args.model_kwargs, num_classes=10, **override))
         images = torch.zeros(2, args.model_kwargs.get('in_chans', 3), 28, 28, device='meta')
         with FlopCounterMode(display=False) as counter:
             model(images).float().sum().backward()
@@ -368,12 +373,16 @@ def train_gflop_per_image(train_args: Sequence[str]) -> float:
 def gpu_estimate(run: Run, test_images: int = 10000) -> float:
     """Seconds one run takes on its shard under GPU_ASSUMPTIONS: the slower of its data (training images and one
     evaluation per epoch through the shard's DataLoader workers) and its GPU work (training FLOPs, evaluation at a
-    third of them, at the shard's share of the throughput), plus the fixed cost per run."""
+    third of them: the routing passes' share, those beyond the model's t = 1 count, at the routing rate, the rest at
+    the dense rate, each the shard's share of the GPU), plus the fixed cost per run."""
     a = GPU_ASSUMPTIONS
     epochs = max(1, run.image_budget // 60000)
+    images = run.image_budget + epochs * test_images / 3  # in training-step equivalents
     data_s = (run.image_budget + epochs * test_images) / (a['images_per_s_per_worker'] * a['workers'])
-    flops = train_gflop_per_image(run.train_args) * 1e9 * (run.image_budget + epochs * test_images / 3)
-    gpu_s = flops / (a['tflops'] * 1e12 / a['shards'])
+    total = train_gflop_per_image(run.train_args)
+    dense = train_gflop_per_image(run.train_args, iterations=1) if 'iterations' in run.row else total
+    seconds_per_image = (dense / a['dense_tflops'] + (total - dense) / a['routing_tflops']) / 1e3  # GFLOP / TFLOP/s
+    gpu_s = images * seconds_per_image * a['shards']
     return max(data_s, gpu_s) + a['overhead_s']
 
 
@@ -437,8 +446,10 @@ BEGIN, END = '<!-- experiments:begin -->', '<!-- experiments:end -->'
 
 
 def markers(scale: str):
-    """The README block a scale's report replaces: each scale has its own, so a GPU report never mixes with the CPU's."""
-    return (BEGIN, END) if scale == 'cpu' else (f'<!-- experiments-{scale}:begin -->', f'<!-- experiments-{scale}:end -->')
+    """The README block a scale's report replaces: each scale has its own, so a GPU report never mixes with the
+    CPU's."""
+    return (BEGIN, END) if scale == 'cpu' else (f'<!-- experiments-{scale}:begin -->',
+                                                f'<!-- experiments-{scale}:end -->')
 CLAIMS = {
     'table1': 'IDA matches or beats the CNNs with far fewer parameters, and beats DR and EM (Table 1)',
     'iterations': "IDA's accuracy stays flat or rises with the routing iterations t, while DR and EM degrade "
@@ -627,13 +638,20 @@ def render_report(scale: str, records_dir: Path, plots_dir: Path, link_base: Pat
     if records:
         machines = sorted({r['machine'] for r in records.values()})
         lines.append(f"Machine: {'; '.join(machines)}. Wall time of all runs: "
-                     f"{sum(r['wall_time_s'] for r in records.values()) / 3600:.1f} h (on a machine shared with other "
-                     f'work: not a speed figure; see Performance).')
-        estimated = [r['estimated_s'] for r in records.values() if 'estimated_s' in r]
-        if estimated:
-            lines.append(f'Sized beforehand at {sum(estimated) / 60:.1f} min of run time for these runs '
-                         f'(`gpu_estimate`: {GPU_ASSUMPTIONS}); they took '
-                         f"{sum(r['wall_time_s'] for r in records.values()) / 60:.1f} min.")
+                     f"{sum(r['wall_time_s'] for r in records.values()) / 3600:.1f} h ("
+                     + ('on a machine shared with other work' if scale != 'gpu' else 'shards side by side on one GPU')
+                     + ': not a speed figure; see Performance).')
+        if scale == 'gpu':  # the budget's estimates beside what the runs took
+            done = [run for run in runs if run.run_id in records]
+            left = [run for run in runs if run.run_id not in records and run.seed < 2]
+            lines.append(
+                f"Run time of these runs: estimated {sum(r.get('estimated_s', 0) for r in records.values()) / 60:.1f} "
+                f'min when they were started (each record\'s `estimated_s`), taken '
+                f"{sum(r['wall_time_s'] for r in records.values()) / 60:.1f} min; today's `GPU_ASSUMPTIONS` "
+                f'(measured on them) estimate {sum(map(gpu_estimate, done)) / 60:.1f} min for them and '
+                f'{sum(map(gpu_estimate, left)) / 60:.1f} min for the {len(left)} runs of 2 seeds left '
+                f"({sum(map(gpu_estimate, left)) / 60 / GPU_ASSUMPTIONS['shards']:.1f} min over "
+                f"{GPU_ASSUMPTIONS['shards']} shards).")
     for study in STUDIES:
         if not any(study in run.studies for run in runs):  # the gpu scale runs three of the studies
             continue
