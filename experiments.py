@@ -678,8 +678,10 @@ def record_hub_results(records_dir: Path, scale: str = 'paper', train_args: Sequ
     records = load_records(records_dir, scale, runs)
     written = []
     for cfg in hub.list_hub_configs():
+        # the runs' dataset name: the config's eval_id, else its tag's suffix ('capsnet_resnet_cifar10.cifar10')
+        dataset = cfg['dataset'].get('eval_id', cfg['tag'].partition('.')[2])
         matching = [r for r in records.values()
-                    if r['model'] == cfg['model'] and r['dataset'] == cfg['dataset']['eval_id']
+                    if r['model'] == cfg['model'] and r['dataset'] == dataset
                     and set(r['model_kwargs']) <= {'num_classes', 'iterations'}
                     and r['model_kwargs'].get('iterations', cfg['architecture']['routing_iterations'])
                     == cfg['architecture']['routing_iterations']]
