@@ -1,0 +1,150 @@
+"""Hostile and careless input: configs whose sizes would exhaust memory, and what a user can get wrong
+before, during and after a run. Each case gives one error line naming the input, and loses nothing."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import timm
+from timm.models import save_for_hf
+
+import timm_capsules  # noqa: F401
+from timm_capsules import hub, loading
+from timm_capsules.loading import ConfigError
+
+from hub_cache import offline_hub_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained capsnet_simple_cifar10 saved as timm saves it (config.json + model.safetensors)."""
+    folder = tmp_path_factory.mktemp('checkpoint') / 'capsnet'
+    save_for_hf(timm.create_model('capsnet_simple_cifar10'), folder, safe_serialization=True)
+    return folder
+
+
+def _with_args(checkpoint: Path, folder: Path, **model_args) -> Path:
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config['model_args'].update(model_args)
+    if 'num_classes' in model_args:
+        config['num_classes'] = config['pretrained_cfg']['num_classes'] = model_args['num_classes']
+        config['pretrained_cfg'].pop('label_names')
+    (folder / 'config.json').write_text(json.dumps(config))
+    return folder
+
+
+# ---- the memory budget -----------------------------------------------------------------------------------
+
+# the issue's oversized configs (each asked for 2 GB to 1.8 TB), and two that pass every per-argument bound but
+# not the budget; case: (model_args, what the one-line error says)
+OVERSIZED = {
+    'img_size 10**6': (dict(img_size=10 ** 6), r'input_size entries must be at most 65536'),
+    'img_size 4096': (dict(img_size=4096), r'GiB of parameters.*over the memory budget of 8 GiB .*img_size=4096'),
+    'capsule layer of 100,000': (dict(capsule_layers=[['conv', 100000, 3, 2], ['conv', 32, 3, 1]]),
+                                 r'model_args.capsule_layers must be at most 65536, got 100000'),
+    'capsule layer of 10**7': (dict(capsule_layers=[['fc', 10 ** 7]]),
+                               r'model_args.capsule_layers must be at most 65536, got 10000000'),
+    'out_chs 10**6': (dict(backbone_args=dict(out_chs=10 ** 6)),
+                      r'model_args.backbone_args.out_chs must be at most 65536, got 1000000'),
+    'pose_dim 10**6': (dict(pose_dim=10 ** 6), r'model_args.pose_dim must be at most 65536, got 1000000'),
+    'primary_caps 10**6': (dict(primary_caps=10 ** 6), r'model_args.primary_caps must be at most 65536, got 1000000'),
+    'num_classes 10**8': (dict(num_classes=10 ** 8), r'num_classes must be at most 65536, got 100000000'),
+    'capsule_layers 100,000 long': (dict(capsule_layers=[['fc', 10]] * 100000),
+                                    r'model_args.capsule_layers must hold at most 256 entries, got 100000'),
+    'capsule layer of 50,000 (budget)': (
+        dict(capsule_layers=[['conv', 50000, 3, 2]]),
+        r'GiB of activations for one image, over the memory budget .*capsule_layers=\[\["conv", 50000, 3, 2\]\]'),
+    'primary_caps 60,000 (budget)': (dict(primary_caps=60000), r'over the memory budget .*primary_caps=60000'),
+}
+
+
+def test_oversized_configs_are_refused_in_a_second_without_allocating(checkpoint, tmp_path):
+    """Each case in a fresh process: refused with one line naming config.json and the argument, in under a
+    second each, while the process's peak memory grows by less than 200 MB (building any of them takes GBs)."""
+    folders = {case: str(_with_args(checkpoint, tmp_path / f'case{i}', **args))
+               for i, (case, (args, _)) in enumerate(sorted(OVERSIZED.items()))}
+    script = textwrap.dedent('''
+        import json, resource, sys, time
+        import timm, timm_capsules
+        from timm_capsules.loading import ConfigError
+        timm.create_model('local-dir:' + sys.argv[2], pretrained=True)  # warm up: a valid one loads
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        results = {}
+        for case, folder in json.loads(sys.argv[1]).items():
+            start = time.perf_counter()
+            try:
+                timm.create_model('local-dir:' + folder, pretrained=True)
+                results[case] = ['built', time.perf_counter() - start]
+            except Exception as error:
+                results[case] = [f'{type(error).__name__}: {error}', time.perf_counter() - start]
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        print(json.dumps(dict(results=results, grown_mb=grown)))
+    ''')
+    done = subprocess.run([sys.executable, '-c', script, json.dumps(folders), str(checkpoint)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, (message, seconds) in report['results'].items():
+        path = Path(folders[case]) / 'config.json'
+        assert message.startswith(f'ConfigError: {path}: '), (case, message)
+        assert '\n' not in message, (case, message)
+        import re
+        assert re.search(OVERSIZED[case][1], message), (case, message)
+        assert seconds < 1.0, (case, seconds)
+    assert report['grown_mb'] < 200, report
+
+
+@pytest.mark.parametrize('case', ['img_size 4096', 'pose_dim 10**6'])
+def test_oversized_configs_are_refused_by_hub_check_and_hf_hub(checkpoint, tmp_path, case):
+    args, message = OVERSIZED[case]
+    folder = _with_args(checkpoint, tmp_path / 'repo', **args)
+    with pytest.raises(ConfigError, match=f'^{folder / "config.json"}: .*{message}'):
+        hub.check_checkpoint(folder)
+    snapshot = hub.install_in_cache(folder, 'someone/huge', tmp_path / 'cache')
+    with offline_hub_cache(tmp_path / 'cache'):
+        with pytest.raises(ConfigError, match=f'config.json of hf-hub:someone/huge: .*{message}'):
+            timm.create_model('hf-hub:someone/huge', pretrained=True)
+    assert snapshot.is_dir()
+
+
+def test_parse_tree_checkpoint_refuses_an_oversized_config(checkpoint, tmp_path):
+    folder = _with_args(checkpoint, tmp_path / 'repo', img_size=4096)
+    image = tmp_path / 'x.png'
+    from PIL import Image
+    Image.new('RGB', (32, 32)).save(image)
+    done = subprocess.run(
+        [sys.executable, '-m', 'timm_capsules.parse_tree', str(image), '--checkpoint', str(folder),
+         '--out', str(tmp_path / 'out')], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode != 0
+    assert 'over the memory budget' in done.stderr and str(folder / 'config.json') in done.stderr
+    assert 'Traceback' not in done.stderr, done.stderr[-2000:]
+
+
+def test_memory_budget_is_set_by_the_environment(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv(loading.MEMORY_LIMIT_ENV, '0.001')  # 1 MiB: the paper's model (2 MiB) is over it
+    with pytest.raises(ConfigError, match=r'over the memory budget of 0.001 GiB \(set TIMM_CAPSULES_MEMORY_LIMIT_GB'):
+        timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
+    timm.create_model('capsnet_simple_cifar10')  # only configs read from files are held to it
+    monkeypatch.setenv(loading.MEMORY_LIMIT_ENV, 'lots')
+    with pytest.raises(ConfigError, match="TIMM_CAPSULES_MEMORY_LIMIT_GB='lots': expected a positive number"):
+        timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
+    monkeypatch.setenv(loading.MEMORY_LIMIT_ENV, '1')
+    timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
+
+
+def test_memory_estimate_matches_the_built_model():
+    from timm_capsules.capsnet import CapsNet
+    model = timm.create_model('capsnet_simple_cifar10')
+    weights, activations = loading.estimate_model_memory(
+        CapsNet, dict(backbone_args=dict(out_chs=256), capsule_layers=[['conv', 32, 3, 2], ['conv', 32, 3, 1]]))
+    assert weights == sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    assert 0 < activations < 2 ** 30
