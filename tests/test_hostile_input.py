@@ -148,3 +148,72 @@ def test_memory_estimate_matches_the_built_model():
         CapsNet, dict(backbone_args=dict(out_chs=256), capsule_layers=[['conv', 32, 3, 2], ['conv', 32, 3, 1]]))
     assert weights == sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
     assert 0 < activations < 2 ** 30
+
+
+# ---- the report never destroys ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def experiments(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # experiments.py imports train_accelerate.py from beside it
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    import experiments
+    return experiments
+
+
+def _readme(tmp_path: Path, experiments) -> Path:
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'intro\n{experiments.BEGIN}\nthe results\n{experiments.END}\noutro\n')
+    return readme
+
+
+@pytest.mark.parametrize('records', ['missing', 'empty', 'only damaged'])
+def test_report_write_refuses_without_records(experiments, tmp_path, records):
+    readme = _readme(tmp_path, experiments)
+    folder = tmp_path / 'records'
+    if records != 'missing':
+        (folder / 'cpu').mkdir(parents=True)
+    if records == 'only damaged':
+        run = experiments.plan('cpu', experiments.STUDIES, [0])[0]
+        experiments.record_path(folder, 'cpu', run).write_text('{"run_id": "')
+    why = 'no such records folder' if records == 'missing' else 'no sound run record of this scale'
+    with pytest.raises(SystemExit, match=f'^{folder / "cpu"}: {why}; {readme} left as it is$'):
+        experiments.main(['report', '--records', str(folder), '--plots', str(tmp_path / 'plots'),
+                          '--write', str(readme)])
+    assert readme.read_text() == f'intro\n{experiments.BEGIN}\nthe results\n{experiments.END}\noutro\n'
+
+
+DAMAGED = {  # case: (record text from a sound record, what the warning says)
+    'truncated': (lambda r: json.dumps(r)[:40], 'not readable JSON'),
+    'NaN metric': (lambda r: json.dumps(dict(r, metrics=dict(r['metrics'], top1=float('nan')))),
+                   "metrics that are not finite numbers: {'top1': nan}"),
+    'string metric': (lambda r: json.dumps(dict(r, metrics=dict(r['metrics'], top1='0.9'))),
+                      "metrics that are not finite numbers: {'top1': '0.9'}"),
+    'no metrics': (lambda r: json.dumps({k: v for k, v in r.items() if k != 'metrics'}),
+                   '"metrics" must be a dict, got None'),
+    'a list': (lambda r: '[1, 2]', 'not a JSON object'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(DAMAGED))
+def test_damaged_record_is_named_skipped_and_not_done(experiments, tmp_path, capsys, case):
+    sys.path.insert(0, str(ROOT / 'tests'))
+    from test_experiments import fake_record
+    runs = [run for run in experiments.plan('cpu', experiments.STUDIES, [0]) if 'table1' in run.studies][:2]
+    folder = tmp_path / 'records'
+    paths = [experiments.record_path(folder, 'cpu', run) for run in runs]
+    paths[0].parent.mkdir(parents=True)
+    for run, path in zip(runs, paths):
+        path.write_text(json.dumps(fake_record(experiments, run, 'cpu', 0.8)))
+    text, message = DAMAGED[case]
+    paths[1].write_text(text(fake_record(experiments, runs[1], 'cpu', 0.7)))
+    readme = _readme(tmp_path, experiments)
+    assert experiments.main(['report', '--records', str(folder), '--plots', str(tmp_path / 'plots'),
+                             '--write', str(readme)]) == 0
+    err = capsys.readouterr().err
+    assert f'warning: {paths[1]}: damaged run record, skipped (its run counts as not done): {message}' in err
+    assert 'from the 1 run records' in readme.read_text()
+    experiments.main(['table1', '--records', str(folder), '--seeds', '1', '--list'])
+    out = capsys.readouterr()
+    assert f'[done] {runs[0].run_id} ' in out.out and f'[todo] {runs[1].run_id} ' in out.out
+    assert f'warning: {paths[1]}: damaged run record ({message}' in out.err
