@@ -1,6 +1,8 @@
 """Hostile and careless input: configs whose sizes would exhaust memory, and what a user can get wrong
 before, during and after a run. Each case gives one error line naming the input, and loses nothing."""
+import errno
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -96,7 +98,6 @@ def test_oversized_configs_are_refused_in_a_second_without_allocating(checkpoint
         path = Path(folders[case]) / 'config.json'
         assert message.startswith(f'ConfigError: {path}: '), (case, message)
         assert '\n' not in message, (case, message)
-        import re
         assert re.search(OVERSIZED[case][1], message), (case, message)
         assert seconds < 1.0, (case, seconds)
     assert report['grown_mb'] < 200, report
@@ -217,3 +218,171 @@ def test_damaged_record_is_named_skipped_and_not_done(experiments, tmp_path, cap
     out = capsys.readouterr()
     assert f'[done] {runs[0].run_id} ' in out.out and f'[todo] {runs[1].run_id} ' in out.out
     assert f'warning: {paths[1]}: damaged run record ({message}' in out.err
+
+
+# ---- the output folder: checked before training, locked for the run, write failures named ------------------
+
+from test_train import ENV, SCRIPT, TINY  # noqa: E402  (the tiny capsule net on the built-in MNIST sample)
+
+
+@pytest.fixture(scope='module')
+def train():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('train_accelerate', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run(train):
+    """Runs main(argv) in-process and resets accelerate's process-wide state afterwards."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def _run(argv):
+        try:
+            return train.main([str(a) for a in argv])
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+    return _run
+
+
+def _refused(run, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        run(argv)
+    message = str(stop.value.code)
+    assert message.startswith('train_accelerate.py: error: ') and '\n' not in message, message
+    assert 'parameters) on' not in capsys.readouterr().out  # stopped before training
+    return message
+
+
+def test_output_dir_that_is_a_file_or_cannot_be_made_stops_before_training(run, tmp_path, capsys):
+    file = tmp_path / 'results.txt'
+    file.write_text('keep me')
+    message = _refused(run, TINY + ['--output-dir', file], capsys)
+    assert message.endswith(f'--output-dir {file}: is a file, not a folder')
+    message = _refused(run, TINY + ['--output-dir', file / 'run'], capsys)
+    assert message.endswith(f'--output-dir {file / "run"}: cannot create it (Not a directory: {file / "run"})')
+    assert file.read_text() == 'keep me'
+
+
+def test_symlinked_checkpoint_is_refused_before_training(run, tmp_path, capsys):
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (elsewhere / 'precious.txt').write_text('keep me')
+    out = tmp_path / 'out'
+    (out / 'checkpoints').mkdir(parents=True)
+    (out / 'checkpoints' / 'step_00000002').symlink_to(elsewhere)
+    message = _refused(run, TINY + ['--output-dir', out, '--checkpointing-steps', 2], capsys)
+    assert f'{out / "checkpoints" / "step_00000002"} is a symbolic link (to {elsewhere})' in message
+    assert (elsewhere / 'precious.txt').read_text() == 'keep me'
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (as root), else None."""
+    mount = tmp_path / 'disk'
+    mount.mkdir()
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount)], capture_output=True)
+    if done.returncode != 0:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(['umount', '-l', str(mount)], check=True)
+
+
+def _fill(disk: Path, leave: int):
+    free = shutil.disk_usage(disk).free
+    (disk / 'filler').write_bytes(b'\0' * max(0, free - leave))
+
+
+def test_full_disk_is_named_and_loses_nothing(run, train, tmp_path, capsys, small_disk, monkeypatch):
+    """A previous run's model, then a run whose second checkpoint does not fit: one line 'no space left on device'
+    naming the folder, no temporary folder left, the last complete checkpoint resumable, the previous model intact.
+    On a real 1 MiB tmpfs as root; else accelerate's writer raises ENOSPC from the second checkpoint on."""
+    out = (small_disk or tmp_path) / 'out'
+    run(TINY + ['--output-dir', out, '--max-train-steps', 2])
+    previous = {name: (out / name).read_bytes() for name in ('model.safetensors', 'config.json', 'metrics.json')}
+    if small_disk:
+        _fill(small_disk, 200 << 10)  # one checkpoint (~150 KiB) fits, two do not
+    else:
+        import accelerate.checkpointing
+        real_save = accelerate.checkpointing.save
+
+        def save(obj, path, *args, **kwargs):
+            if '.tmp_step_00000004' in str(path):
+                raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+            return real_save(obj, path, *args, **kwargs)
+        monkeypatch.setattr(accelerate.checkpointing, 'save', save)
+    message = _refused_after_training(run, TINY + ['--output-dir', out, '--max-train-steps', 6,
+                                                   '--checkpointing-steps', 2, '--checkpoints-total-limit', 0])
+    tmp = out / 'checkpoints' / '.tmp_step_00000004'
+    assert message == (f'train_accelerate.py: error: no space left on device: {tmp}; the last complete checkpoint '
+                       f'is {out / "checkpoints" / "step_00000002"}')
+    assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['step_00000002']
+    assert {name: (out / name).read_bytes() for name in previous} == previous
+    assert not (out / '.tmp_model').exists()
+    if small_disk:
+        (small_disk / 'filler').unlink()
+    monkeypatch.undo()
+    result = run(TINY + ['--output-dir', out, '--max-train-steps', 6, '--checkpointing-steps', 2,
+                         '--resume-from-checkpoint', 'latest'])
+    assert result['completed_steps'] == 6
+    assert 'resuming from' in capsys.readouterr().out
+
+
+def _refused_after_training(run, argv) -> str:
+    with pytest.raises(SystemExit) as stop:
+        run(argv)
+    message = str(stop.value.code)
+    assert '\n' not in message
+    return message
+
+
+def test_too_little_free_space_is_found_before_training(run, tmp_path, capsys, small_disk, monkeypatch, train):
+    if small_disk:
+        out = small_disk / 'out'
+        _fill(small_disk, 40 << 10)
+    else:
+        out = tmp_path / 'out'
+        usage = shutil._ntuple_diskusage(1 << 30, 1 << 30, 40 << 10)
+        monkeypatch.setattr(train.shutil, 'disk_usage', lambda path: usage)
+    message = _refused(run, TINY + ['--output-dir', out, '--checkpointing-steps', 2], capsys)
+    assert re.search(rf'--output-dir {out}: 0\.0\d MiB free on its disk, a checkpoint of this model needs about '
+                     rf'0\.1\d MiB$', message), message
+
+
+def _cli(*argv, **kwargs):
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, argv)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_two_runs_cannot_share_an_output_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    import signal
+    import time
+    out = tmp_path / 'out'
+    first = _cli(*TINY, '--output-dir', out, '--max-train-steps', 100000)
+    try:
+        owner = out / '.train.lock.owner'
+        deadline = time.time() + 120
+        while not owner.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert owner.exists(), first.communicate()[1][-2000:] if first.poll() is not None else 'no lock taken'
+        second = _cli(*TINY, '--output-dir', out, '--max-train-steps', 2)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 1
+        assert err.strip().splitlines()[-1].startswith(
+            f'train_accelerate.py: error: --output-dir {out} is in use by another run (PID {first.pid} on ')
+        assert 'Traceback' not in err and not (out / 'model.safetensors').exists()
+    finally:
+        first.send_signal(signal.SIGKILL)  # killed: it never releases anything itself
+        first.communicate(timeout=60)
+    assert owner.exists()
+    third = _cli(*TINY, '--output-dir', out, '--max-train-steps', 2)
+    _, err = third.communicate(timeout=300)
+    assert third.returncode == 0, err[-2000:]
+    assert f'a run that ended without releasing it (PID {first.pid}, started' in err
+    assert (out / 'model.safetensors').exists() and not owner.exists()
