@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ import timm
 import timm_capsules  # noqa: F401  (registers the capsule models with timm)
 from timm_capsules import hub
 from timm_capsules.em_capsnet import EMCapsNet
+from timm_capsules.loading import NonFiniteWeightsWarning, non_finite_tensors
 from timm_capsules.routing import routing_kernel, use_fused_routing
 from timm_capsules.routing_baselines import em_routing_kernel
 from timm_capsules.losses import classification_loss, predicted_present
@@ -431,9 +433,15 @@ def create_model(args, num_classes):
     if kwargs.setdefault('num_classes', num_classes) != num_classes:
         fail(f"num_classes={kwargs['num_classes']} but the dataset has {num_classes} classes")
     try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+        with warnings.catch_warnings():  # said below, as the error it is for training
+            warnings.simplefilter('ignore', NonFiniteWeightsWarning)
+            model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     except (TypeError, ValueError, RuntimeError, AssertionError, OSError) as error:
         fail(f'cannot create {args.model} with {kwargs}: {error}')
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        fail(f'the pretrained weights of {args.model} hold NaN or infinity in {len(bad)} tensor(s): '
+             f'{", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}; training cannot start from them')
     return model, kwargs
 
 
@@ -723,6 +731,49 @@ def save_checkpoint(accelerator, output_dir, state, total_limit):
     return final
 
 
+def _count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def training_state_problem(saved, folder):
+    """What is wrong with a ``training_state.json`` (types, ranges, agreement with the folder's step), or None.
+    Its schema: completed_steps (int >= 0, the N of the folder's name step_N), running (3 finite numbers >= 0:
+    loss sum, correct, images), history (train and eval lists of records: str keys, a step from 0 to
+    completed_steps, finite numbers or lists of them), files ({name: {bytes: int >= 0, sha256: 64 hex}})."""
+    if not isinstance(saved, dict):
+        return 'not a JSON object'
+    missing = [key for key in ('completed_steps', 'running', 'history', 'files') if key not in saved]
+    if missing:
+        return f'missing {missing}'
+    steps, running, history, files = (saved[k] for k in ('completed_steps', 'running', 'history', 'files'))
+    if not _count(steps):
+        return f'completed_steps must be an int >= 0, got {steps!r}'
+    named = re.fullmatch(r'step_(\d+)', Path(folder).name)
+    if named and int(named.group(1)) != steps:
+        return f'completed_steps is {steps}, but the checkpoint is {Path(folder).name}'
+    if not (isinstance(running, list) and len(running) == 3 and all(_finite(v) and v >= 0 for v in running)):
+        return f'running must be 3 finite numbers >= 0 (loss sum, correct, images), got {running!r}'
+    if not (isinstance(history, dict) and isinstance(history.get('train'), list)
+            and isinstance(history.get('eval'), list)):
+        return 'history must be {"train": [...], "eval": [...]}'
+    for kind in ('train', 'eval'):
+        for record in history[kind]:
+            if not (isinstance(record, dict) and _count(record.get('step')) and record['step'] <= steps):
+                return f'history.{kind}: each record needs a step from 0 to {steps}, got {record!r}'
+            for key, value in record.items():
+                if not (_finite(value) or (isinstance(value, list) and all(_finite(v) for v in value))):
+                    return f'history.{kind}: {key} must be a finite number, got {value!r} (step {record["step"]})'
+    if not (isinstance(files, dict) and all(
+            isinstance(v, dict) and _count(v.get('bytes')) and isinstance(v.get('sha256'), str)
+            and re.fullmatch(r'[0-9a-f]{64}', v['sha256']) for v in files.values())):
+        return 'files must map each file name to its bytes and sha256'
+    return None
+
+
 def verify_checkpoint(folder, model, optimizer):
     """Our progress from ``folder`` after checking, before anything is loaded, that the checkpoint is complete
     (every file listed in training_state.json, with its size and SHA-256), that its pickle files load as plain
@@ -732,14 +783,14 @@ def verify_checkpoint(folder, model, optimizer):
     path = folder / TRAINING_STATE
     try:
         saved = json.loads(path.read_text())
-        files, steps, history = saved['files'], saved['completed_steps'], saved['history']
-        if not (isinstance(steps, int) and steps >= 0 and isinstance(files, dict) and len(saved['running']) == 3
-                and isinstance(history.get('train'), list) and isinstance(history.get('eval'), list)):
-            raise ValueError('unexpected values')
     except FileNotFoundError:
         raise CheckpointError(f'{path}: missing (not a complete checkpoint of this script)')
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise CheckpointError(f'{path}: not a valid training state ({error})')
+    problem = training_state_problem(saved, folder)
+    if problem:
+        raise CheckpointError(f'{path}: not a valid training state: {problem}')
+    files, steps = saved['files'], saved['completed_steps']
     for name, expected in files.items():
         file = folder / name
         if Path(name).name != name or not file.is_file():
@@ -781,6 +832,12 @@ def verify_checkpoint(folder, model, optimizer):
                                                              for v in values.values())
             for i, values in state.items()):
         raise CheckpointError(f'{folder / "optimizer.bin"}: does not fit this model\'s optimizer')
+    # the optimizer's own step count (Adam and the like; fp16 may skip steps, never add them)
+    counted = {int(values['step']) for values in state.values() if isinstance(values, dict)
+               and torch.is_tensor(values.get('step', None)) and values['step'].numel() == 1}
+    if counted and max(counted) > steps:
+        raise CheckpointError(f'{folder / TRAINING_STATE}: completed_steps is {steps}, but the optimizer state '
+                              f'was saved after {max(counted)} steps')
     return saved
 
 

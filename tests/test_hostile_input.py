@@ -386,3 +386,96 @@ def test_two_runs_cannot_share_an_output_dir_and_a_killed_runs_lock_is_taken_ove
     assert third.returncode == 0, err[-2000:]
     assert f'a run that ended without releasing it (PID {first.pid}, started' in err
     assert (out / 'model.safetensors').exists() and not owner.exists()
+
+
+# ---- training_state.json by schema, metrics.json strict, non-finite weights named at load ------------------
+
+
+@pytest.fixture(scope='module')
+def checkpointed(tmp_path_factory):
+    """A 4-step tiny run (Adam) with checkpoints at steps 2 and 4, and its final model."""
+    out = tmp_path_factory.mktemp('checkpointed')
+    argv = [*TINY, '--max-train-steps', 4, '--opt', 'adam', '--checkpointing-steps', 2, '--output-dir', out]
+    done = subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+BAD_STATES = {  # case: (how to change training_state.json of step 4, what the error says)
+    'completed_steps 10**15': (lambda s: s.update(completed_steps=10 ** 15),
+                               'completed_steps is 1000000000000000, but the checkpoint is step_00000004'),
+    'completed_steps true': (lambda s: s.update(completed_steps=True),
+                             'completed_steps must be an int >= 0, got True'),
+    'running strings': (lambda s: s.update(running=['a', 'b', 'c']),
+                        r"running must be 3 finite numbers >= 0 \(loss sum, correct, images\), got \['a', 'b', 'c'\]"),
+    'running NaN': (lambda s: s.update(running=[float('nan'), 0, float('inf')]),
+                    r'running must be 3 finite numbers >= 0 .*, got \[nan, 0, inf\]'),
+    'history entry not a number': (lambda s: s['history']['train'][0].update(loss='low'),
+                                   "history.train: loss must be a finite number, got 'low' \\(step 2\\)"),
+    'history from the future': (lambda s: s['history']['train'][0].update(step=99),
+                                'history.train: each record needs a step from 0 to 4'),
+    # step 4's weights and optimizer under step 2's progress, in a folder not named by its step: Adam says 4
+    'progress of another step': (None, 'completed_steps is 2, but the optimizer state was saved after 4 steps'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_STATES))
+def test_training_state_is_validated_by_schema(run, checkpointed, tmp_path, case):
+    out = tmp_path / 'out'
+    shutil.copytree(checkpointed / 'checkpoints', out / 'checkpoints')
+    folder = out / 'checkpoints' / 'step_00000004'
+    path = folder / 'training_state.json'
+    change, message = BAD_STATES[case]
+    saved = json.loads(path.read_text())
+    if change is None:
+        saved['completed_steps'] = 2
+        saved['history'] = {kind: [r for r in records if r['step'] <= 2] for kind, records in saved['history'].items()}
+        folder = folder.rename(out / 'checkpoints' / 'elsewhere')
+        path = folder / 'training_state.json'
+    else:
+        change(saved)
+    path.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as stop:
+        run(TINY + ['--opt', 'adam', '--max-train-steps', 6, '--output-dir', out, '--resume-from-checkpoint', folder])
+    text = str(stop.value.code)
+    assert '\n' not in text and re.search(f'cannot resume: {path}: .*{message}', text), text
+    assert not (out / 'model.safetensors').exists()
+
+
+def test_metrics_json_is_strict_json_with_non_finite_values_flagged(train, checkpointed, tmp_path):
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f'{name} in metrics.json'))
+    assert 'non_finite_values' not in strict((checkpointed / 'metrics.json').read_text())
+    path = tmp_path / 'metrics.json'
+    train.write_json(path, dict(final=dict(loss=float('nan'), top1=0.5), history=[1.0, float('inf')]))
+    assert strict(path.read_text()) == dict(final=dict(loss=None, top1=0.5), history=[1.0, None],
+                                            non_finite_values=['final.loss', 'history[1]'])
+
+
+def _nan_weights(folder: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+    weights = load_file(folder / 'model.safetensors')
+    weights['primary.norm.bias'][0] = float('nan')
+    weights['head.fc.bias'][0] = float('inf')
+    save_file(weights, folder / 'model.safetensors', metadata={'format': 'pt'})
+    return folder
+
+
+def test_non_finite_weights_are_named_at_load(run, checkpointed, tmp_path):
+    folder = tmp_path / 'diverged'
+    shutil.copytree(checkpointed, folder, ignore=shutil.ignore_patterns('checkpoints', '.train.lock*'))
+    _nan_weights(folder)
+    names = r'2 tensor\(s\) hold NaN or infinity \(a diverged run\?\): head.fc.bias, primary.norm.bias'
+    with pytest.warns(loading.NonFiniteWeightsWarning, match=f'{folder}: {names}'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    hub.install_in_cache(folder, 'someone/diverged', tmp_path / 'cache')
+    with offline_hub_cache(tmp_path / 'cache'):
+        with pytest.warns(loading.NonFiniteWeightsWarning, match=f'someone/diverged: {names}'):
+            timm.create_model('hf-hub:someone/diverged', pretrained=True)
+    with pytest.raises(SystemExit) as stop:
+        run(TINY + ['--model', f'local-dir:{folder}', '--pretrained', '--max-train-steps', 2,
+                    '--output-dir', tmp_path / 'out'])
+    assert str(stop.value.code) == (
+        f'train_accelerate.py: error: the pretrained weights of local-dir:{folder} hold NaN or infinity in 2 '
+        f'tensor(s): primary.norm.bias, head.fc.bias; training cannot start from them')

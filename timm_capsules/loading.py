@@ -24,6 +24,7 @@ import json
 import math
 import os
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -39,7 +40,7 @@ from timm.models import model_entrypoint, resolve_pretrained_cfg
 from .presets import preset_for_model
 
 __all__ = [
-    'ConfigError', 'WeightsError', 'WeightsNotPublishedError', 'MAX_ITERATIONS', 'MAX_SIZE', 'MAX_LIST_LENGTH',
+    'ConfigError', 'WeightsError', 'WeightsNotPublishedError', 'NonFiniteWeightsWarning', 'MAX_ITERATIONS', 'MAX_SIZE', 'MAX_LIST_LENGTH',
     'MEMORY_LIMIT_ENV', 'DEFAULT_MEMORY_LIMIT_GB', 'memory_limit_bytes', 'estimate_model_memory', 'check_memory_budget',
     'model_class', 'our_architectures', 'training_command', 'validate_model_args', 'validate_checkpoint_config',
     'read_config_json', 'check_state_dict', 'check_weights_file', 'pretrained_guard',
@@ -68,6 +69,10 @@ class ConfigError(ValueError):
 class WeightsError(RuntimeError):
     """A weights file is unreadable (corrupted, truncated), holds non-finite values or does not fit the
     architecture."""
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """Weights that were loaded hold NaN or infinity (the message names the tensors)."""
 
 
 class WeightsNotPublishedError(RuntimeError):
@@ -464,6 +469,12 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module
             f"(built with {getattr(model, 'num_classes', '?')} classes, {getattr(model, 'in_chans', '?')} input channels):"
             + block('shape mismatches', wrong) + block('missing from the checkpoint', missing)
             + block('not in the model', unexpected))
+    bad = non_finite_tensors({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
+    if bad:
+        source = cfg.get('file') or cfg.get('hf_hub_id') or 'the checkpoint'
+        shown = ', '.join(bad[:20]) + (f' and {len(bad) - 20} more' if len(bad) > 20 else '')
+        warnings.warn(f'{source}: {len(bad)} tensor(s) hold NaN or infinity (a diverged run?): {shown}',
+                      NonFiniteWeightsWarning, stacklevel=2)
     return state_dict
 
 
