@@ -40,7 +40,8 @@ from timm.models import model_entrypoint, resolve_pretrained_cfg
 from .presets import preset_for_model
 
 __all__ = [
-    'ConfigError', 'WeightsError', 'WeightsNotPublishedError', 'NonFiniteWeightsWarning', 'MAX_ITERATIONS', 'MAX_SIZE', 'MAX_LIST_LENGTH',
+    'ConfigError', 'WeightsError', 'WeightsNotPublishedError', 'NonFiniteWeightsWarning',
+    'MAX_ITERATIONS', 'MAX_SIZE', 'MAX_LIST_LENGTH',
     'MEMORY_LIMIT_ENV', 'DEFAULT_MEMORY_LIMIT_GB', 'memory_limit_bytes', 'estimate_model_memory', 'check_memory_budget',
     'model_class', 'our_architectures', 'training_command', 'validate_model_args', 'validate_checkpoint_config',
     'read_config_json', 'check_state_dict', 'check_weights_file', 'pretrained_guard',
