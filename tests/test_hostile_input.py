@@ -479,3 +479,24 @@ def test_non_finite_weights_are_named_at_load(run, checkpointed, tmp_path):
     assert str(stop.value.code) == (
         f'train_accelerate.py: error: the pretrained weights of local-dir:{folder} hold NaN or infinity in 2 '
         f'tensor(s): primary.norm.bias, head.fc.bias; training cannot start from them')
+
+
+# ---- the smaller cases: one line naming the input ---------------------------------------------------------
+
+
+def test_another_architecture_with_our_model_args_names_the_file(checkpoint, tmp_path):
+    folder = _with_args(checkpoint, tmp_path / 'repo')
+    config = json.loads((folder / 'config.json').read_text())
+    (folder / 'config.json').write_text(json.dumps(dict(config, architecture='resnet18')))
+    with pytest.raises(ConfigError, match=rf"^{folder / 'config.json'}: model_args has arguments \['img_size'\] that "
+                                          r'resnet18 \(ResNet\) does not take'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    save_for_hf(timm.create_model('resnet18', num_classes=3), tmp_path / 'resnet', safe_serialization=True)
+    assert timm.create_model(f'local-dir:{tmp_path / "resnet"}', pretrained=True).num_classes == 3  # as before
+
+
+def test_deeply_nested_config_names_the_file(checkpoint, tmp_path):
+    folder = _with_args(checkpoint, tmp_path / 'repo')
+    (folder / 'config.json').write_text('[' * 100000 + ']' * 100000)
+    with pytest.raises(ConfigError, match=f"^{folder / 'config.json'}: nested too deeply to be a config.json$"):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)

@@ -381,13 +381,45 @@ def _parse_config_json(path: Path) -> Dict[str, Any]:
         cfg = json.loads(path.read_text(encoding='utf-8'))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f'{path}: not valid JSON ({error})') from error
+    except RecursionError:
+        raise ConfigError(f'{path}: nested too deeply to be a config.json') from None
     _require(isinstance(cfg, dict), str(path), 'expected a JSON object')
     _require(isinstance(cfg.get('architecture'), str), str(path), 'missing "architecture"')
     for key in ('pretrained_cfg', 'model_args'):
         _require(isinstance(cfg.get(key, {}), dict), str(path), f'"{key}" must be an object')
     _require(timm.is_model(cfg['architecture']), str(path),
              f"unknown architecture {cfg['architecture']!r} (import the package that registers it first)")
+    _check_other_architecture_args(cfg['architecture'], cfg.get('model_args', {}), str(path))
     return cfg
+
+
+# what timm's build_model_with_cfg takes besides the model class's own arguments
+_BUILD_ARGS = {'features_only', 'feature_cfg', 'out_indices', 'pretrained_strict', 'pretrained_cfg',
+               'pretrained_cfg_overlay', 'feature_cls', 'flatten_sequential', 'kwargs_filter'}
+
+
+def _check_other_architecture_args(architecture: str, model_args: Mapping[str, Any], where: str):
+    """Ours are checked in full before they are built (``validate_model_args``); another package's model
+    (e.g. timm's resnet18) only for argument names its constructor cannot take, where it says which it takes
+    (no ``**kwargs`` left open), so that the error names the file instead of a bare ``TypeError``."""
+    if not model_args or architecture in our_architectures():
+        return
+    try:
+        cls = model_class(architecture)
+    except (KeyError, NameError, TypeError):
+        return  # no return annotation: nothing to check against
+    if not isinstance(cls, type):
+        return
+    for klass in cls.__mro__:  # closed: a constructor without **kwargs, or nn.Module's (which refuses them)
+        init = klass.__dict__.get('__init__')
+        if init is not None and (klass is torch.nn.Module or inspect.Parameter.VAR_KEYWORD not in [
+                p.kind for p in inspect.signature(init).parameters.values()]):
+            break
+    else:
+        return  # passes its keywords on to something we cannot see
+    unknown = sorted(set(model_args) - set(_constructor_parameters(cls)) - _BUILD_ARGS)
+    _require(not unknown, where, f'model_args has arguments {unknown} that {architecture} '
+                                 f'({cls.__name__}) does not take; is "architecture" the model these args are for?')
 
 
 def read_config_json(folder: Union[str, Path]) -> Dict[str, Any]:
