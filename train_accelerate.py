@@ -342,6 +342,33 @@ class MultiMNISTData:
             yield normalise(images, self.data_cfg), targets
 
 
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face Hub can be used: False under HF_HUB_OFFLINE=1, or when its host does not answer
+    within ``timeout`` seconds; then this process goes offline (the local cache only) at once, instead of
+    retrying for a minute. Returns (reachable, why not)."""
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False, 'HF_HUB_OFFLINE=1 is set'
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == 'https' else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True, None
+    except OSError as error:
+        why = f'the Hub ({host}) cannot be reached ({error.strerror or error})'
+    os.environ['HF_HUB_OFFLINE'] = os.environ['HF_DATASETS_OFFLINE'] = '1'  # read by datasets at import
+    constants.HF_HUB_OFFLINE = True
+    if 'datasets' in sys.modules:
+        sys.modules['datasets'].config.HF_HUB_OFFLINE = True
+    print(f'warning: {why}: using the local Hugging Face cache only', file=sys.stderr, flush=True)
+    return False, why
+
+
+OFFLINE_HINT = ('pass --data-dir DIR with a local copy (save_to_disk, parquet or imagefolder), or run once with '
+                'network to fill the cache; HF_HUB_OFFLINE=1 uses the cache without trying the network')
+
+
 class ImageDatasetData:
     """CIFAR-10/100 or any Hub / local image-classification dataset: shuffled (seedable sampler) and augmented
     from (seed, epoch, index), so a resumed run sees exactly the images of an uninterrupted one."""
@@ -358,12 +385,19 @@ class ImageDatasetData:
             fail(f'unknown dataset {args.dataset!r}: use diverse_multimnist, cifar10, cifar100 or hf:<id or folder>')
         self.image_column, self.label_column = args.image_column or image_column, args.label_column or label_column
         self.splits = {}
+        offline = None
+        if not Path(self.source).exists():  # a Hub dataset: find out now whether the Hub answers
+            reachable, why = hub_reachable()
+            offline = None if reachable else why
         with accelerator.main_process_first():  # a Hub dataset is downloaded once
             roles = [('train', args.train_split), ('test', args.test_split)]
             for role, split in roles + [(f'extra:{split}', split) for split in args.extra_test_splits]:
                 try:
                     self.splits[role] = load_image_dataset(self.source, split)
                 except Exception as error:  # offline Hub, missing folder, unknown split: one line, no traceback
+                    if offline:
+                        fail(f'cannot load split {split!r} of {self.source}: {offline} and the local cache does '
+                             f'not hold it; {OFFLINE_HINT}')
                     fail(f'cannot load split {split!r} of {self.source}: '
                          f'{str(error).splitlines()[0] if str(error) else repr(error)}')
                 try:
@@ -432,6 +466,8 @@ def create_model(args, num_classes):
     kwargs = dict(args.model_kwargs)
     if kwargs.setdefault('num_classes', num_classes) != num_classes:
         fail(f"num_classes={kwargs['num_classes']} but the dataset has {num_classes} classes")
+    if args.pretrained and not args.model.startswith('local-dir:'):
+        hub_reachable()  # offline: the cache at once, not a minute of retries
     try:
         with warnings.catch_warnings():  # said below, as the error it is for training
             warnings.simplefilter('ignore', NonFiniteWeightsWarning)

@@ -500,3 +500,45 @@ def test_deeply_nested_config_names_the_file(checkpoint, tmp_path):
     (folder / 'config.json').write_text('[' * 100000 + ']' * 100000)
     with pytest.raises(ConfigError, match=f"^{folder / 'config.json'}: nested too deeply to be a config.json$"):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+@pytest.mark.parametrize('what', ['dataset', 'pretrained'])
+def test_no_network_fails_in_seconds_with_the_offline_hint(tmp_path, what):
+    """No HF_HUB_OFFLINE, and a Hub that does not answer (an endpoint nothing listens on): the run goes to the
+    cache at once and stops with the hint, instead of a minute of retries and a chained traceback."""
+    import time
+    env = {k: v for k, v in ENV.items() if k not in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE')}
+    env.update(HF_ENDPOINT='http://127.0.0.1:9', HF_HOME=str(tmp_path / 'hf'))
+    argv = ['--dataset', 'cifar10'] if what == 'dataset' else ['--pretrained', '--mnist-source', 'sample']
+    started = time.time()
+    done = subprocess.run([sys.executable, str(SCRIPT), '--model', 'capsnet_simple_cifar10', *argv,
+                           '--output-dir', str(tmp_path / 'out')], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and time.time() - started < 30
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == 'warning: the Hub (127.0.0.1) cannot be reached (Connection refused): using the local Hugging ' \
+                       'Face cache only', done.stderr[-3000:]
+    assert len(lines) == 2 and 'Traceback' not in done.stderr
+    if what == 'dataset':
+        assert lines[1] == (
+            "train_accelerate.py: error: cannot load split 'train' of uoft-cs/cifar10: the Hub (127.0.0.1) cannot be "
+            'reached (Connection refused) and the local cache does not hold it; pass --data-dir DIR with a local '
+            'copy (save_to_disk, parquet or imagefolder), or run once with network to fill the cache; '
+            'HF_HUB_OFFLINE=1 uses the cache without trying the network')
+    else:
+        assert 'no pretrained weights for capsnet_simple_cifar10.cifar10: HF_HUB_OFFLINE=1 and the Hugging Face ' \
+               'cache' in lines[1]
+    assert not (tmp_path / 'out').exists()
+
+
+def test_accelerate_launch_quiet_gives_the_one_line(tmp_path):
+    """Under `accelerate launch`, the launcher wraps a failed child in its own CalledProcessError traceback;
+    its --quiet flag leaves our one line (README: Checkpoints, resuming, stopping)."""
+    file = tmp_path / 'a_file'
+    file.write_text('')
+    command = [sys.executable, '-m', 'accelerate.commands.launch', '--quiet', '--num_processes', '1',
+               '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', str(SCRIPT),
+               '--output-dir', str(file)]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f'train_accelerate.py: error: --output-dir {file}: is a file, not a folder'
