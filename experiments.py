@@ -25,13 +25,14 @@ sample, small capsule and CNN models where the paper's would not fit; 2 seeds by
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent
 STUDIES = ('table1', 'iterations', 'ablations', 'multimnist', 'affine')
@@ -398,7 +399,9 @@ def run_studies(args) -> int:
     if args.shard:  # over all runs, not those left, so that shards started at slightly different times never overlap
         index, count = args.shard
         runs = runs[index::count]
-    todo = [run for run in runs if not record_path(args.records, args.scale, run).is_file()]
+    todo = [run for run in runs if read_record(record_path(args.records, args.scale, run))[0] is None]
+    for path, problem in damaged_records(args.records, args.scale, runs).items():
+        print(f'warning: {path}: damaged run record ({problem}): the run is run again', file=sys.stderr, flush=True)
     print(f'{len(runs)} runs in {", ".join(args.studies)} at scale {args.scale}'
           f'{" (shard %d/%d)" % args.shard if args.shard else ""}: {len(runs) - len(todo)} finished, '
           f'{len(todo)} to run', flush=True)
@@ -461,13 +464,63 @@ CLAIMS = {
 }
 
 
-def load_records(records: Path, scale: str, runs: Sequence[Run]) -> Dict[str, Dict[str, Any]]:
-    """The records of the planned runs (records of other configurations, e.g. an older protocol, are left out)."""
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_record(path: Path) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(record, None) for a sound run record; (None, what is wrong) for a damaged one (truncated JSON, a
+    missing field, a NaN or non-numeric metric): such a run is not done, and the report leaves it out."""
+    try:
+        record = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        return None, f'not readable JSON ({error})'
+    if not isinstance(record, dict):
+        return None, 'not a JSON object'
+    for key, kind in (('run_id', str), ('metric', str), ('metrics', dict), ('model', str), ('machine', str)):
+        if not isinstance(record.get(key), kind):
+            return None, f'"{key}" must be a {kind.__name__}, got {record.get(key)!r}'
+    if record['run_id'] != path.stem:
+        return None, f'"run_id" is {record["run_id"]!r}, not the file\'s name'
+    bad = {k: v for k, v in record['metrics'].items() if not _finite_number(v)}
+    if bad:
+        return None, f'metrics that are not finite numbers: {bad}'
+    if record['metric'] not in record['metrics']:
+        return None, f'its metric {record["metric"]!r} is not among its metrics'
+    for key in ('num_parameters', 'wall_time_s'):
+        if not _finite_number(record.get(key)) or record[key] < 0:
+            return None, f'"{key}" must be a number >= 0, got {record.get(key)!r}'
+    probe = record.get('part_whole_probe')
+    if probe is not None and not (isinstance(probe, dict) and _finite_number(probe.get('own_fraction'))):
+        return None, f'"part_whole_probe" has no numeric own_fraction: {probe!r}'
+    return record, None
+
+
+def damaged_records(records: Path, scale: str, runs: Sequence[Run]) -> Dict[str, str]:
+    """{path: what is wrong} of the planned runs' records that exist but are damaged."""
+    damaged = {}
+    for run in runs:
+        path = record_path(records, scale, run)
+        if path.is_file():
+            problem = read_record(path)[1]
+            if problem:
+                damaged[str(path)] = problem
+    return damaged
+
+
+def load_records(records: Path, scale: str, runs: Sequence[Run], warn: bool = True) -> Dict[str, Dict[str, Any]]:
+    """The sound records of the planned runs (records of other configurations, e.g. an older protocol, are left
+    out); a damaged one is named on stderr and skipped (the runner reruns it)."""
     found = {}
     for run in runs:
         path = record_path(records, scale, run)
         if path.is_file():
-            found[run.run_id] = json.loads(path.read_text())
+            record, problem = read_record(path)
+            if record is not None:
+                found[run.run_id] = record
+            elif warn:
+                print(f'warning: {path}: damaged run record, skipped (its run counts as not done): {problem}',
+                      file=sys.stderr, flush=True)
     return found
 
 
@@ -708,6 +761,13 @@ def report_main(argv: Sequence[str], train_args: Sequence[str] = ()) -> int:
     readme = None if args.write is None else args.write.read_text()
     if readme is not None and (begin not in readme or end not in readme):  # before any plot is written
         raise SystemExit(f'{args.write} has no {begin} ... {end} block to replace')
+    if readme is not None:  # never replace results with an empty report
+        folder = args.records / args.scale
+        if not folder.is_dir():
+            raise SystemExit(f'{folder}: no such records folder; {args.write} left as it is')
+        runs = plan(args.scale, STUDIES, range(100), args.data_dir, train_args)
+        if not load_records(args.records, args.scale, runs, warn=False):
+            raise SystemExit(f'{folder}: no sound run record of this scale; {args.write} left as it is')
     text = render_report(args.scale, args.records, args.plots, (args.write or ROOT / 'README.md').resolve().parent,
                          data_dir=args.data_dir, train_args=train_args)
     if args.record_hub:
