@@ -261,18 +261,33 @@ def normalise(images, data_cfg):
 
 # a CNN of about the quick CapsNet's size trained once on the same images with the same recipe (README)
 CNN_REFERENCE = Path(__file__).resolve().parent / 'benchmarks' / 'records' / 'default_run_cnn_cpu.json'
+# what makes a result comparable with the reference's: everything that changes the trained weights or what they
+# are scored on, except the model (the quick CapsNet's against the record's CNN)
+RECIPE_ARGS = (
+    'preset', 'pretrained', 'dataset', 'data_dir', 'image_column', 'label_column', 'train_split', 'test_split',
+    'augment', 'resize', 'mnist_source', 'epoch_size', 'test_size', 'data_seed', 'opt', 'lr', 'momentum',
+    'weight_decay', 'batch_size', 'epochs', 'max_train_steps', 'sched', 'decay_milestones', 'decay_rate',
+    'warmup_epochs', 'clip_grad', 'gradient_accumulation_steps', 'mixed_precision', 'seed', 'iterations', 'routing',
+    'layer_norm', 'activations')
 
 
-def cnn_reference(args, metric_name):
-    """The recorded CNN result to print beside the quick default run's, or '' for any other run."""
-    quick = get_preset(None)
-    same_budget = args.preset is None and all(
-        getattr(args, key) == quick[key] for key in ('model', 'dataset', 'epochs', 'epoch_size', 'test_size'))
-    if not same_budget or not CNN_REFERENCE.is_file():
+def cnn_reference(args, metric_name, data_source, num_processes=1):
+    """The recorded CNN result to print beside a run of the quick CapsNet with exactly the recipe and images the
+    CNN was trained with (``args`` as main resolves them, ``--max-train-steps`` included; ``data_source``: the
+    MNIST digits used), or '' for any other run."""
+    if not CNN_REFERENCE.is_file():
         return ''
     record = json.loads(CNN_REFERENCE.read_text())['metrics']
-    return (f", a CNN of similar size ({record['num_parameters']:,} parameters) on the same budget "
-            f"{record['final'][metric_name]:.4f} ({CNN_REFERENCE.relative_to(CNN_REFERENCE.parents[2])})")
+    quick, ours = get_preset(None), tracker_config(args)
+    # an option the record predates ran as its default
+    defaults = tracker_config(build_parser().parse_args([]))
+    same = (args.model == quick['model'] and args.model_kwargs == quick['model_kwargs']
+            and num_processes == record['num_processes'] and data_source == record['data_source']
+            and all(ours[key] == record['args'].get(key, defaults[key]) for key in RECIPE_ARGS))
+    if not same:
+        return ''
+    return (f"a CNN of similar size ({record['num_parameters']:,} parameters) trained with the same recipe: "
+            f"{metric_name} {record['final'][metric_name]:.4f} ({CNN_REFERENCE.relative_to(CNN_REFERENCE.parents[2])})")
 
 
 def chance_level(labels):
@@ -988,11 +1003,13 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     kernel_note = f', routing kernel built/loaded in {kernel_load_s:.0f} s' if kernel_load_s >= 1 else ''
-    accelerator.print(f"final test {metric_name}: {final.get(metric_name, float('nan')):.4f} on "
-                      f"{final.get('num_images', 0)} images after {steps} steps, chance level {data.chance:.4f} "
-                      f"(always the most frequent label{' set' if data.multi_label else ''}"
-                      f"{cnn_reference(args, metric_name)}); "
-                      f"{results['training_time_s']:.0f} s of training{kernel_note}; saved to {args.output_dir}")
+    reference = cnn_reference(args, metric_name, data.source, accelerator.num_processes)
+    accelerator.print('\n'.join([
+        f"final test {metric_name}: {final.get(metric_name, float('nan')):.4f} on {final.get('num_images', 0)} images "
+        f'after {steps} steps',
+        f"chance level: {data.chance:.4f} (always the most frequent label{' set' if data.multi_label else ''})",
+        *([reference] if reference else []),
+        f"{results['training_time_s']:.0f} s of training{kernel_note}; saved to {args.output_dir}"]))
     return dict(results, model_object=unwrapped)
 
 

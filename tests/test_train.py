@@ -247,13 +247,15 @@ def test_tiny_run_writes_outputs_and_reloads(run, tmp_path, capsys):
     for r in metrics["history"]["eval"]:
         assert (f"epoch {r['epoch']}: step {r['step']}, test loss {r['loss']:.4f}, "
                 f"exact_match {r['exact_match']:.4f} (37 images)") in printed
-    assert f"final test exact_match: {final['exact_match']:.4f} on 37 images after 6 steps" in printed
+    assert f"\nfinal test exact_match: {final['exact_match']:.4f} on 37 images after 6 steps\n" in printed
     # the accuracy to beat: always answering the test set's most frequent label set, counted here
     _, targets = multimnist_test_images(37, 0.0, 1.0)
     sets = [tuple(row.nonzero().flatten().tolist()) for row in targets]
     chance = max(sets.count(s) for s in sets) / 37
     assert metrics["chance_level"] == pytest.approx(chance) and chance > 1 / 37
-    assert f"chance level {chance:.4f} (always the most frequent label set); " in printed
+    assert f"\nchance level: {chance:.4f} (always the most frequent label set)\n" in printed
+    assert "a CNN of similar size" not in printed  # the reference's recipe is the quick run's, not this one
+    assert f"s of training; saved to {out}\n" in printed
 
 
 def test_presets_and_overrides(train):
@@ -999,14 +1001,30 @@ def test_a_signal_stops_training_with_a_checkpoint(run, tmp_path, signame, proce
     assert resumed["completed_steps"] == steps + 1 and (out / "model.safetensors").exists()
 
 
-def test_quick_run_prints_the_recorded_cnn_reference_beside_its_result(train):
-    """Only the default recipe gets it (the record is a CNN trained on that budget), with the recorded number."""
+def resolved_quick_args(train, argv=()):
+    """parse_args as main resolves them: --max-train-steps from the epochs (DiverseMultiMNIST: epoch size / batch)."""
+    args = train.parse_args(list(argv))
+    args.max_train_steps = args.max_train_steps or args.epochs * math.ceil(args.epoch_size / args.batch_size)
+    return args
+
+
+def test_cnn_reference_only_for_the_exact_recipe_it_was_measured_with(train):
+    """The record is a CNN trained once with the quick run's recipe on the built-in sample: any other recipe,
+    data, model or process count (a 60-step run among them) gets no reference."""
     record = json.loads(train.CNN_REFERENCE.read_text())["metrics"]
-    line = train.cnn_reference(train.parse_args([]), "exact_match")
-    assert f"{record['num_parameters']:,} parameters" in line and f"{record['final']['exact_match']:.4f}" in line
-    assert record["epochs"] == train.QUICK["epochs"] and record["model_kwargs"]["stages"]  # the same budget
-    assert train.cnn_reference(train.parse_args(["--epochs", "2"]), "exact_match") == ""
-    assert train.cnn_reference(train.parse_args(["--preset", "multimnist_matrix"]), "exact_match") == ""
+    for argv in ([], ["--max-train-steps", record["args"]["max_train_steps"]], ["--output-dir", "elsewhere"]):
+        line = train.cnn_reference(resolved_quick_args(train, map(str, argv)), "exact_match", "sample")
+        assert f"{record['num_parameters']:,} parameters" in line, argv
+        assert f"exact_match {record['final']['exact_match']:.4f}" in line
+    for argv in (["--max-train-steps", 60], ["--epochs", 2], ["--lr", 0.01], ["--batch-size", 64], ["--seed", 1],
+                 ["--opt", "sgd"], ["--sched", "none"], ["--epoch-size", 4096], ["--test-size", 100],
+                 ["--data-seed", 1], ["--mnist-source", "hub"], ["--iterations", 3], ["--clip-grad", 1],
+                 ["--model-arg", "pose_dim=4"], ["--model", "cnn_baseline_multimnist"],
+                 ["--preset", "multimnist_matrix"]):
+        assert train.cnn_reference(resolved_quick_args(train, map(str, argv)), "exact_match", "sample") == "", argv
+    quick = resolved_quick_args(train)
+    assert train.cnn_reference(quick, "exact_match", "hub:ylecun/mnist") == ""
+    assert train.cnn_reference(quick, "exact_match", "sample", num_processes=2) == ""
 
 
 # ------------------------------------------------------------------- --augment and --extra-test-split
