@@ -820,7 +820,9 @@ def train(args, accelerator, model, optimizer, scheduler, data, state, updates_p
     if completed_steps and not resume_updates and starting_epoch % args.eval_every == 0 \
             and completed_steps not in evaluated_steps and completed_steps < max_steps:
         run_evaluation(starting_epoch - 1)  # a step checkpoint at the end of an epoch came before its evaluation
-    progress = tqdm(range(max_steps), initial=completed_steps, disable=not accelerator.is_main_process)
+    # a progress bar on a terminal; in a log file (stdout not a terminal) one line per --log-every steps instead
+    show_bar = accelerator.is_main_process and sys.stdout.isatty()
+    progress = tqdm(range(max_steps), initial=completed_steps, disable=not show_bar)
     stop = StopOnSignal()
     stop_with_the_launcher()
     stopped = None
@@ -862,6 +864,9 @@ def train(args, accelerator, model, optimizer, scheduler, data, state, updates_p
                     state.history['train'].append(record)
                     state.running.zero_()
                     progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+                    if not show_bar:
+                        accelerator.print(f"step {completed_steps}/{max_steps}: train loss {record['loss']:.4f}, "
+                                          f"accuracy {record['accuracy']:.3f} (batches), lr {record['lr']:.3g}")
                     if args.with_tracking:
                         accelerator.log({'train/loss': record['loss'], 'train/accuracy': record['accuracy'],
                                          'lr': record['lr']}, step=completed_steps)

@@ -243,11 +243,16 @@ def test_tiny_run_writes_outputs_and_reloads(run, tmp_path, capsys):
     images, targets = multimnist_test_images(37, *mean_std(reloaded))
     assert_metrics(final, independent_metrics(reloaded, images, targets, multi_label=True))
     # and the printed lines carry those numbers
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     for r in metrics["history"]["eval"]:
         assert (f"epoch {r['epoch']}: step {r['step']}, test loss {r['loss']:.4f}, "
                 f"exact_match {r['exact_match']:.4f} (37 images)") in printed
     assert f"\nfinal test exact_match: {final['exact_match']:.4f} on 37 images after 6 steps\n" in printed
+    # not on a terminal: no progress bar, one line per --log-every steps
+    for r in metrics["history"]["train"]:
+        assert f"\nstep {r['step']}/6: train loss {r['loss']:.4f}, accuracy {r['accuracy']:.3f} (batches)" in printed
+    assert "it/s" not in printed + captured.err
     # the accuracy to beat: always answering the test set's most frequent label set, counted here
     _, targets = multimnist_test_images(37, 0.0, 1.0)
     sets = [tuple(row.nonzero().flatten().tolist()) for row in targets]
