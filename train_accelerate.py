@@ -240,8 +240,17 @@ def parse_args(argv=None):
     if args.resume_from_checkpoint not in (None, 'latest') and not Path(args.resume_from_checkpoint).is_dir():
         fail(f'checkpoint {args.resume_from_checkpoint} does not exist')
     if not (args.model.startswith(('local-dir:', 'hf-hub:')) or timm.is_model(args.model)):
-        fail(f"unknown model {args.model!r}; capsule models: {', '.join(timm.list_models('capsnet_*'))}")
+        fail(f'unknown model {args.model!r}; {closest_models(args.model)}')
     return args
+
+
+def closest_models(name):
+    """The registered model names (ours and timm's) closest to a misspelled one, as a hint."""
+    import difflib
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    if close:
+        return f"closest registered names: {', '.join(close)}"
+    return f"capsule models: {', '.join(timm.list_models('capsnet_*'))}"
 
 
 def resolved_config(args):

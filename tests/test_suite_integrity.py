@@ -52,3 +52,8 @@ def test_the_fetched_timm_suite_is_the_installed_versions():
     if not fetch.TARGET.exists() or not fetch.TARGET.read_text().startswith(f'# timm {timm.__version__}\n'):
         pytest.fail('tests/timm_suite/test_timm_models.py was not fetched for the installed timm at configure time')
     assert f"FEAT_INTER_FILTERS = [{', '.join(map(repr, fetch.OUR_MODULES))}, " in fetch.TARGET.read_text()
+
+
+def test_every_run_lists_the_slowest_tests(request):
+    """pyproject's addopts: the 15 slowest tests and their times end every run, so a slow test stays visible."""
+    assert request.config.getoption('durations') == 15

@@ -349,6 +349,9 @@ def test_resume_continues_exactly(run, tmp_path, accumulation, every, stop, step
 # --------------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no_such_model"], "unknown model 'no_such_model'"),
+    (["--model", "capsnet_simpel_cifar10"], "closest registered names: capsnet_simple_cifar10, "),  # ours
+    (["--model", "resnet18_cifar"], "resnet18_cifar10"),  # ours, among timm's ResNets
+    (["--model", "resnt50"], "resnet50"),  # timm's own
     (["--preset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--model-arg", "img_size=8"], "too small"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
