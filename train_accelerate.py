@@ -280,12 +280,12 @@ RECIPE_ARGS = (
     'layer_norm', 'activations')
 
 
-def cnn_reference(args, metric_name, data_source, num_processes=1):
-    """The recorded CNN result to print beside a run of the quick CapsNet with exactly the recipe and images the
-    CNN was trained with (``args`` as main resolves them, ``--max-train-steps`` included; ``data_source``: the
-    MNIST digits used), or '' for any other run."""
+def cnn_reference_record(args, data_source, num_processes=1):
+    """The recorded CNN run (its metrics.json) to show beside a run of the quick CapsNet with exactly the recipe
+    and images the CNN was trained with (``args`` as main resolves them, ``--max-train-steps`` included;
+    ``data_source``: the MNIST digits used), or None for any other run."""
     if not CNN_REFERENCE.is_file():
-        return ''
+        return None
     record = json.loads(CNN_REFERENCE.read_text())['metrics']
     quick, ours = get_preset(None), tracker_config(args)
     # an option the record predates ran as its default
@@ -293,7 +293,13 @@ def cnn_reference(args, metric_name, data_source, num_processes=1):
     same = (args.model == quick['model'] and args.model_kwargs == quick['model_kwargs']
             and num_processes == record['num_processes'] and data_source == record['data_source']
             and all(ours[key] == record['args'].get(key, defaults[key]) for key in RECIPE_ARGS))
-    if not same:
+    return record if same else None
+
+
+def cnn_reference(args, metric_name, data_source, num_processes=1):
+    """The line to print about the recorded CNN (see cnn_reference_record), or ''."""
+    record = cnn_reference_record(args, data_source, num_processes)
+    if record is None:
         return ''
     return (f"a CNN of similar size ({record['num_parameters']:,} parameters) trained with the same recipe: "
             f"{metric_name} {record['final'][metric_name]:.4f} ({CNN_REFERENCE.relative_to(CNN_REFERENCE.parents[2])})")
@@ -774,25 +780,32 @@ def push_to_hub(model, model_kwargs, output_dir, repo_id, private, label_names):
                                    safe_serialization=True)
 
 
-def plot_curves(history, path, metric_name):
+def plot_curves(history, path, metric_name, title, chance, reference=None):
+    """Loss and accuracy over the optimizer steps, titled ``title`` (model and data set; also the PNG's Title),
+    with the chance level and, when given, the reference ``(label, value)`` as lines. Returns the figure."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.4))
     train, test = history['train'], history['eval']
     ax_loss.plot([r['step'] for r in train], [r['loss'] for r in train], label='train')
     ax_loss.plot([r['step'] for r in test], [r['loss'] for r in test], 'o-', label='test')
     ax_acc.plot([r['step'] for r in train], [r['accuracy'] for r in train], label='train (batches)')
     ax_acc.plot([r['step'] for r in test], [r[metric_name] for r in test], 'o-', label='test')
+    ax_acc.axhline(chance, color='grey', linestyle=':', label=f'chance level {chance:.3f}')
+    if reference is not None:
+        ax_acc.axhline(reference[1], color='C2', linestyle='--', label=f'{reference[0]} {reference[1]:.3f}')
     ax_loss.set(xlabel='optimizer step', ylabel='loss', title='loss')
-    ax_acc.set(xlabel='optimizer step', ylabel=metric_name, title=metric_name, ylim=(0, 1))
+    ax_acc.set(xlabel='optimizer step', ylabel=metric_name, title=f'test {metric_name}', ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize='small')
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={'Title': title})
     plt.close(fig)
+    return fig
 
 
 def tracker_config(args):
@@ -1011,7 +1024,10 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         save_model(unwrapped, out, data.label_names, data_cfg)
         (out / 'metrics.json').write_text(json.dumps(results, indent=2))
-        plot_curves(state.history, out / 'training_curves.png', metric_name)
+        reference = cnn_reference_record(args, data.source, accelerator.num_processes)
+        plot_curves(state.history, out / 'training_curves.png', metric_name,
+                    f'{args.model} on {args.dataset} ({data.source})', data.chance,
+                    reference and ('CNN of similar size, same recipe', reference['final'][metric_name]))
         if args.push_to_hub:
             push_to_hub(unwrapped, model_kwargs, out, args.push_to_hub, args.hub_private, data.label_names)
     accelerator.wait_for_everyone()

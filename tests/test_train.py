@@ -261,6 +261,23 @@ def test_tiny_run_writes_outputs_and_reloads(run, tmp_path, capsys):
     assert f"\nchance level: {chance:.4f} (always the most frequent label set)\n" in printed
     assert "a CNN of similar size" not in printed  # the reference's recipe is the quick run's, not this one
     assert f"s of training; saved to {out}\n" in printed
+    from PIL import Image
+    with Image.open(out / "training_curves.png") as png:
+        assert png.text["Title"] == "capsnet_matrix_multimnist on diverse_multimnist (sample)"
+
+
+def test_training_curves_name_the_run_and_draw_chance_and_reference(train, tmp_path):
+    history = {"train": [dict(step=s, loss=1 / s, accuracy=0.1 * s) for s in (1, 2, 3)],
+               "eval": [dict(step=3, loss=0.4, top1=0.5)]}
+    fig = train.plot_curves(history, tmp_path / "curves.png", "top1", "resnet18_cifar10 on cifar10 (hub)", 0.125,
+                            ("CNN of similar size, same recipe", 0.625))
+    assert fig._suptitle.get_text() == "resnet18_cifar10 on cifar10 (hub)"
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[1].get_lines()}
+    assert lines["chance level 0.125"] == [0.125, 0.125]
+    assert lines["CNN of similar size, same recipe 0.625"] == [0.625, 0.625]
+    assert lines["test"] == [0.5] and (tmp_path / "curves.png").is_file()
+    fig = train.plot_curves(history, tmp_path / "curves.png", "top1", "a run", 0.125)
+    assert [line.get_label() for line in fig.axes[1].get_lines()] == ["train (batches)", "test", "chance level 0.125"]
 
 
 def test_presets_and_overrides(train):
