@@ -2,10 +2,10 @@
 """Train and evaluate the capsule networks of *Capsules with Inverted Dot-Product Attention Routing*
 (Tsai et al., ICLR 2020) with Hugging Face Accelerate, from one CPU to many GPUs.
 
-    accelerate launch train_accelerate.py                            # quick DiverseMultiMNIST run, CPU-sized
-    accelerate launch train_accelerate.py --preset cifar10_resnet    # a paper recipe (timm_capsules/presets.py)
-    accelerate launch --multi_gpu --num_processes 8 train_accelerate.py --preset multimnist_matrix
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_accelerate.py  # 2 CPU processes
+    python train_accelerate.py                                       # quick DiverseMultiMNIST run, CPU-sized
+    python train_accelerate.py --preset cifar10_resnet               # a paper recipe (timm_capsules/presets.py)
+    accelerate config                                                # once, on a machine with many GPUs; then
+    accelerate launch train_accelerate.py --preset multimnist_matrix  # on all of them (README: other launches)
 
 Explicit arguments override a preset. Every option is spelled with dashes or underscores
 (``--batch-size`` == ``--batch_size``). The file reads top to bottom: arguments, data, model, evaluation,

@@ -597,14 +597,17 @@ def test_mixed_precision_on_the_cpu(run, train, tmp_path, monkeypatch, capsys, p
 # -------------------------------------------------------------------------------- two processes
 @pytest.mark.slow
 def test_two_processes_identical_weights_and_exact_eval(tmp_path):
+    """Launched as the README says (its launcher arguments), which leaves accelerate nothing to guess and warn about."""
+    from test_readme import readme_cpu_launch
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(SCRIPT), *TINY, "--max-train-steps", "4", "--debug-digests",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *readme_cpu_launch(), "--main_process_port",
+               str(free_port()), str(SCRIPT), *TINY, "--max-train-steps", "4", "--debug-digests",
                "--output-dir", str(out)]
-    done = subprocess.run(command, cwd=ROOT, env=dict(ENV, ACCELERATE_USE_CPU="1"), capture_output=True,
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}  # as in a user's shell
+    done = subprocess.run(command, cwd=ROOT, env=dict(env, ACCELERATE_USE_CPU="1"), capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "were not passed" not in done.stderr, done.stderr[:2000]
     digests = {p.name: p.read_text() for p in out.glob("digest_rank*.txt")}
     assert len(digests) == 2 and len(set(digests.values())) == 1, digests
     metrics = json.loads((out / "metrics.json").read_text())
@@ -620,9 +623,8 @@ def test_two_processes_identical_weights_and_exact_eval(tmp_path):
 # ---------------------------------------------------------------------------- the default command
 @pytest.mark.slow
 def test_default_command_prints_accuracy(tmp_path):
-    """The README's main command (`accelerate launch train_accelerate.py`), shortened."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", str(SCRIPT), "--max_train_steps", "15", "--test-size", "100",
+    """The README's main command (`python train_accelerate.py`: one process needs no launcher), shortened."""
+    command = [sys.executable, str(SCRIPT), "--max_train_steps", "15", "--test-size", "100",
                "--output_dir", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
