@@ -2,10 +2,10 @@
 """Train and evaluate the capsule networks of *Capsules with Inverted Dot-Product Attention Routing*
 (Tsai et al., ICLR 2020) with Hugging Face Accelerate, from one CPU to many GPUs.
 
-    accelerate launch train_accelerate.py                            # quick DiverseMultiMNIST run, CPU-sized
-    accelerate launch train_accelerate.py --preset cifar10_resnet    # a paper recipe (timm_capsules/presets.py)
-    accelerate launch --multi_gpu --num_processes 8 train_accelerate.py --preset multimnist_matrix
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_accelerate.py  # 2 CPU processes
+    python train_accelerate.py                                       # quick DiverseMultiMNIST run, CPU-sized
+    python train_accelerate.py --preset cifar10_resnet               # a paper recipe (timm_capsules/presets.py)
+    accelerate config                                                # once, on a machine with many GPUs; then
+    accelerate launch train_accelerate.py --preset multimnist_matrix  # on all of them (README: other launches)
 
 Explicit arguments override a preset. Every option is spelled with dashes or underscores
 (``--batch-size`` == ``--batch_size``). The file reads top to bottom: arguments, data, model, evaluation,
@@ -245,8 +245,17 @@ def parse_args(argv=None):
     if args.resume_from_checkpoint not in (None, 'latest') and not Path(args.resume_from_checkpoint).is_dir():
         fail(f'checkpoint {args.resume_from_checkpoint} does not exist')
     if not (args.model.startswith(('local-dir:', 'hf-hub:')) or timm.is_model(args.model)):
-        fail(f"unknown model {args.model!r}; capsule models: {', '.join(timm.list_models('capsnet_*'))}")
+        fail(f'unknown model {args.model!r}; {closest_models(args.model)}')
     return args
+
+
+def closest_models(name):
+    """The registered model names (ours and timm's) closest to a misspelled one, as a hint."""
+    import difflib
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    if close:
+        return f"closest registered names: {', '.join(close)}"
+    return f"capsule models: {', '.join(timm.list_models('capsnet_*'))}"
 
 
 def resolved_config(args):
@@ -266,18 +275,39 @@ def normalise(images, data_cfg):
 
 # a CNN of about the quick CapsNet's size trained once on the same images with the same recipe (README)
 CNN_REFERENCE = Path(__file__).resolve().parent / 'benchmarks' / 'records' / 'default_run_cnn_cpu.json'
+# what makes a result comparable with the reference's: everything that changes the trained weights or what they
+# are scored on, except the model (the quick CapsNet's against the record's CNN)
+RECIPE_ARGS = (
+    'preset', 'pretrained', 'dataset', 'data_dir', 'image_column', 'label_column', 'train_split', 'test_split',
+    'augment', 'resize', 'mnist_source', 'epoch_size', 'test_size', 'data_seed', 'opt', 'lr', 'momentum',
+    'weight_decay', 'batch_size', 'epochs', 'max_train_steps', 'sched', 'decay_milestones', 'decay_rate',
+    'warmup_epochs', 'clip_grad', 'gradient_accumulation_steps', 'mixed_precision', 'seed', 'iterations', 'routing',
+    'layer_norm', 'activations')
 
 
-def cnn_reference(args, metric_name):
-    """The recorded CNN result to print beside the quick default run's, or '' for any other run."""
-    quick = get_preset(None)
-    same_budget = args.preset is None and all(
-        getattr(args, key) == quick[key] for key in ('model', 'dataset', 'epochs', 'epoch_size', 'test_size'))
-    if not same_budget or not CNN_REFERENCE.is_file():
-        return ''
+def cnn_reference_record(args, data_source, num_processes=1):
+    """The recorded CNN run (its metrics.json) to show beside a run of the quick CapsNet with exactly the recipe
+    and images the CNN was trained with (``args`` as main resolves them, ``--max-train-steps`` included;
+    ``data_source``: the MNIST digits used), or None for any other run."""
+    if not CNN_REFERENCE.is_file():
+        return None
     record = json.loads(CNN_REFERENCE.read_text())['metrics']
-    return (f", a CNN of similar size ({record['num_parameters']:,} parameters) on the same budget "
-            f"{record['final'][metric_name]:.4f} ({CNN_REFERENCE.relative_to(CNN_REFERENCE.parents[2])})")
+    quick, ours = get_preset(None), tracker_config(args)
+    # an option the record predates ran as its default
+    defaults = tracker_config(build_parser().parse_args([]))
+    same = (args.model == quick['model'] and args.model_kwargs == quick['model_kwargs']
+            and num_processes == record['num_processes'] and data_source == record['data_source']
+            and all(ours[key] == record['args'].get(key, defaults[key]) for key in RECIPE_ARGS))
+    return record if same else None
+
+
+def cnn_reference(args, metric_name, data_source, num_processes=1):
+    """The line to print about the recorded CNN (see cnn_reference_record), or ''."""
+    record = cnn_reference_record(args, data_source, num_processes)
+    if record is None:
+        return ''
+    return (f"a CNN of similar size ({record['num_parameters']:,} parameters) trained with the same recipe: "
+            f"{metric_name} {record['final'][metric_name]:.4f} ({CNN_REFERENCE.relative_to(CNN_REFERENCE.parents[2])})")
 
 
 def chance_level(labels):
@@ -1009,25 +1039,32 @@ def push_to_hub(model, model_kwargs, output_dir, repo_id, private, label_names):
                                    safe_serialization=True)
 
 
-def plot_curves(history, path, metric_name):
+def plot_curves(history, path, metric_name, title, chance, reference=None):
+    """Loss and accuracy over the optimizer steps, titled ``title`` (model and data set; also the PNG's Title),
+    with the chance level and, when given, the reference ``(label, value)`` as lines. Returns the figure."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.4))
     train, test = history['train'], history['eval']
     ax_loss.plot([r['step'] for r in train], [r['loss'] for r in train], label='train')
     ax_loss.plot([r['step'] for r in test], [r['loss'] for r in test], 'o-', label='test')
     ax_acc.plot([r['step'] for r in train], [r['accuracy'] for r in train], label='train (batches)')
     ax_acc.plot([r['step'] for r in test], [r[metric_name] for r in test], 'o-', label='test')
+    ax_acc.axhline(chance, color='grey', linestyle=':', label=f'chance level {chance:.3f}')
+    if reference is not None:
+        ax_acc.axhline(reference[1], color='C2', linestyle='--', label=f'{reference[0]} {reference[1]:.3f}')
     ax_loss.set(xlabel='optimizer step', ylabel='loss', title='loss')
-    ax_acc.set(xlabel='optimizer step', ylabel=metric_name, title=metric_name, ylim=(0, 1))
+    ax_acc.set(xlabel='optimizer step', ylabel=metric_name, title=f'test {metric_name}', ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize='small')
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={'Title': title})
     plt.close(fig)
+    return fig
 
 
 def tracker_config(args):
@@ -1064,7 +1101,9 @@ def train(args, accelerator, model, optimizer, scheduler, data, state, updates_p
     if completed_steps and not resume_updates and starting_epoch % args.eval_every == 0 \
             and completed_steps not in evaluated_steps and completed_steps < max_steps:
         run_evaluation(starting_epoch - 1)  # a step checkpoint at the end of an epoch came before its evaluation
-    progress = tqdm(range(max_steps), initial=completed_steps, disable=not accelerator.is_main_process)
+    # a progress bar on a terminal; in a log file (stdout not a terminal) one line per --log-every steps instead
+    show_bar = accelerator.is_main_process and sys.stdout.isatty()
+    progress = tqdm(range(max_steps), initial=completed_steps, disable=not show_bar)
     stop = StopOnSignal()
     stop_with_the_launcher()
     stopped = None
@@ -1106,6 +1145,9 @@ def train(args, accelerator, model, optimizer, scheduler, data, state, updates_p
                     state.history['train'].append(record)
                     state.running.zero_()
                     progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+                    if not show_bar:
+                        accelerator.print(f"step {completed_steps}/{max_steps}: train loss {record['loss']:.4f}, "
+                                          f"accuracy {record['accuracy']:.3f} (batches), lr {record['lr']:.3g}")
                     if args.with_tracking:
                         accelerator.log({'train/loss': record['loss'], 'train/accuracy': record['accuracy'],
                                          'lr': record['lr']}, step=completed_steps)
@@ -1248,17 +1290,22 @@ def run_training(args):
         out.mkdir(parents=True, exist_ok=True)
         save_model(unwrapped, out, data.label_names, data_cfg)
         write_json(out / 'metrics.json', results)
-        plot_curves(state.history, out / 'training_curves.png', metric_name)
+        reference = cnn_reference_record(args, data.source, accelerator.num_processes)
+        plot_curves(state.history, out / 'training_curves.png', metric_name,
+                    f'{args.model} on {args.dataset} ({data.source})', data.chance,
+                    reference and ('CNN of similar size, same recipe', reference['final'][metric_name]))
         if args.push_to_hub:
             push_to_hub(unwrapped, model_kwargs, out, args.push_to_hub, args.hub_private, data.label_names)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     kernel_note = f', routing kernel built/loaded in {kernel_load_s:.0f} s' if kernel_load_s >= 1 else ''
-    accelerator.print(f"final test {metric_name}: {final.get(metric_name, float('nan')):.4f} on "
-                      f"{final.get('num_images', 0)} images after {steps} steps, chance level {data.chance:.4f} "
-                      f"(always the most frequent label{' set' if data.multi_label else ''}"
-                      f"{cnn_reference(args, metric_name)}); "
-                      f"{results['training_time_s']:.0f} s of training{kernel_note}; saved to {args.output_dir}")
+    reference = cnn_reference(args, metric_name, data.source, accelerator.num_processes)
+    accelerator.print('\n'.join([
+        f"final test {metric_name}: {final.get(metric_name, float('nan')):.4f} on {final.get('num_images', 0)} images "
+        f'after {steps} steps',
+        f"chance level: {data.chance:.4f} (always the most frequent label{' set' if data.multi_label else ''})",
+        *([reference] if reference else []),
+        f"{results['training_time_s']:.0f} s of training{kernel_note}; saved to {args.output_dir}"]))
     return dict(results, model_object=unwrapped)
 
 

@@ -1,6 +1,7 @@
 """Routing introspection (timm_capsules.parse_tree): coefficients, top-down mass, pictures and the probe."""
 import dataclasses
 import json
+import re
 import math
 import os
 import subprocess
@@ -17,7 +18,7 @@ from timm_capsules.parse_tree import (
     class_heatmaps, class_primary_mass, diverse_multimnist_samples, load_images, model_dataset, part_whole_probe,
     part_whole_tree, prepare_arrays, primary_receptive_fields, primary_to_image, propagate_mass, routing_entropy,
     routing_summary, routing_trace)
-from timm_capsules.parse_tree.cli import main, tree_file_names
+from timm_capsules.parse_tree.cli import PROG, main, tree_file_names
 from timm_capsules.layers import Capsules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,6 +420,30 @@ def test_command_line_runs_under_its_new_name(monkeypatch, capsys):
     assert error.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         'python -m timm_capsules.parse_tree: error: give --model NAME or --checkpoint DIR')
+
+
+def test_missing_inputs_stop_with_one_line_and_untrained_weights_say_so(tmp_path, capsys):
+    """A checkpoint folder, an image or a model name that is not there: one line, no traceback. A model built
+    by name without --pretrained has random weights, and its scores say so."""
+    from PIL import Image
+    picture = tmp_path / 'noise.png'
+    Image.fromarray((np.random.default_rng(0).random((36, 36)) * 255).astype(np.uint8)).save(picture)
+    for argv, message in ((['--checkpoint', str(tmp_path / 'runs' / 'c10'), str(picture)],
+                           f"--checkpoint {tmp_path / 'runs' / 'c10'}: no trained model there"),
+                          (['--model', 'capsnet_resnet_cifar10', str(tmp_path / 'cat.png')],
+                           f"no such image file: {tmp_path / 'cat.png'}"),
+                          (['--model', 'capsnet_resnet_cifar1', str(picture)],
+                           "unknown model 'capsnet_resnet_cifar1'; closest registered names: capsnet_resnet_cifar10")):
+        with pytest.raises(SystemExit) as error:
+            main(argv + ['--out', str(tmp_path / 'out')])
+        assert isinstance(error.value.code, str) and '\n' not in error.value.code, argv
+        assert error.value.code.startswith(f'{PROG}: error: {message}'), error.value.code
+    assert not (tmp_path / 'out').exists()
+    kwargs = dict(backbone_args=dict(out_chs=4), primary_caps=2, pose_dim=4, capsule_layers=[])
+    summary = main(['--model', 'capsnet_matrix_multimnist', '--model-kwargs', json.dumps(kwargs), str(picture),
+                    '--tree-top', '2', '--out', str(tmp_path / 'untrained')])
+    assert summary['weights'] == 'untrained (random initialisation)'
+    assert re.search(r'noise\.png \(tree_noise\.png\): .* \(untrained model: random weights\) \| ', capsys.readouterr().out)
 
 
 def test_samples_are_the_split_images_with_their_digit_masks():

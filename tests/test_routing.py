@@ -893,10 +893,10 @@ def test_compiled_training_without_the_kernel_uses_the_fallback_and_matches_eage
 
 # ---- the kernel's build cache ------------------------------------------------------------------------
 
-def kernel_in_subprocess(extensions_dir, code='k = routing.routing_kernel(); print(k is not None)'):
+def kernel_in_subprocess(extensions_dir, code='k = routing.routing_kernel(); print(k is not None)', **env):
     import subprocess
     import sys
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions_dir))
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions_dir), **env)
     return subprocess.run([sys.executable, '-c', f'import sys; from timm_capsules import routing; {code}'],
                           env=env, capture_output=True, text=True, timeout=600)
 
@@ -919,6 +919,19 @@ def test_a_verified_build_loads_without_compiling_or_cpp_extension(build_copy):
     assert 'compiling' not in done.stderr and 'No CUDA runtime' not in done.stderr
 
 
+def test_building_the_cpu_kernel_prints_no_cuda_notice(tmp_path):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." at import on a machine
+    without a GPU whose CUDA_HOME exists; the kernel's build imports it without that line."""
+    if torch.cuda.is_available():
+        pytest.skip('the notice only comes on a machine without a CUDA runtime')
+    plain = kernel_in_subprocess(tmp_path, 'import torch.utils.cpp_extension', CUDA_HOME=str(tmp_path))
+    assert plain.returncode == 0 and 'No CUDA runtime is found' in plain.stderr  # what torch does on its own
+    ours = kernel_in_subprocess(tmp_path, 'print(routing._import_cpp_extension().load.__name__)',
+                                CUDA_HOME=str(tmp_path))
+    assert ours.returncode == 0 and ours.stdout.split() == ['load'], ours.stderr
+    assert 'No CUDA runtime' not in ours.stderr
+
+
 def test_a_build_is_verified_against_its_source_and_the_shared_header(kernel):
     """A build stands for its .cpp and csrc/vector_math.h together: a changed header alone rebuilds it."""
     folder, name = routing._kernel_build_folder()
@@ -934,9 +947,11 @@ def test_a_truncated_build_is_rebuilt_not_loaded(build_copy):
     extensions, folder, name = build_copy
     library = folder / f'{name}.so'
     library.write_bytes(library.read_bytes()[:4096])
-    done = kernel_in_subprocess(extensions)
+    # a CUDA_HOME that exists: on a machine without a GPU, torch's cpp_extension notices it has no CUDA runtime
+    done = kernel_in_subprocess(extensions, CUDA_HOME=str(extensions))
     assert done.returncode == 0 and done.stdout.split() == ['True'], done.stderr
     assert 'compiling the fused CPU routing kernel' in done.stderr
+    assert 'No CUDA runtime' not in done.stderr  # a CPU kernel needs none
     assert (folder / f'{name}.sha256').read_text().split()[-1] == routing._sha256(library)
     again = kernel_in_subprocess(extensions)
     assert again.stdout.split() == ['True'] and 'compiling' not in again.stderr

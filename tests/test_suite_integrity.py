@@ -79,3 +79,8 @@ def test_every_planted_mutation_still_applies_and_names_existing_tests():
             if source is None or (name and not re.search(rf'^def {re.escape(name)}\(', source, re.M)):
                 problems.append(f"{m['name']}: no test {test}")
     assert not problems, '\n'.join(problems)
+
+
+def test_every_run_lists_the_slowest_tests(request):
+    """pyproject's addopts: the 15 slowest tests and their times end every run, so a slow test stays visible."""
+    assert request.config.getoption('durations') == 15

@@ -243,17 +243,41 @@ def test_tiny_run_writes_outputs_and_reloads(run, tmp_path, capsys):
     images, targets = multimnist_test_images(37, *mean_std(reloaded))
     assert_metrics(final, independent_metrics(reloaded, images, targets, multi_label=True))
     # and the printed lines carry those numbers
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     for r in metrics["history"]["eval"]:
         assert (f"epoch {r['epoch']}: step {r['step']}, test loss {r['loss']:.4f}, "
                 f"exact_match {r['exact_match']:.4f} (37 images)") in printed
-    assert f"final test exact_match: {final['exact_match']:.4f} on 37 images after 6 steps" in printed
+    assert f"\nfinal test exact_match: {final['exact_match']:.4f} on 37 images after 6 steps\n" in printed
+    # not on a terminal: no progress bar, one line per --log-every steps
+    for r in metrics["history"]["train"]:
+        assert f"\nstep {r['step']}/6: train loss {r['loss']:.4f}, accuracy {r['accuracy']:.3f} (batches)" in printed
+    assert "it/s" not in printed + captured.err
     # the accuracy to beat: always answering the test set's most frequent label set, counted here
     _, targets = multimnist_test_images(37, 0.0, 1.0)
     sets = [tuple(row.nonzero().flatten().tolist()) for row in targets]
     chance = max(sets.count(s) for s in sets) / 37
     assert metrics["chance_level"] == pytest.approx(chance) and chance > 1 / 37
-    assert f"chance level {chance:.4f} (always the most frequent label set); " in printed
+    assert f"\nchance level: {chance:.4f} (always the most frequent label set)\n" in printed
+    assert "a CNN of similar size" not in printed  # the reference's recipe is the quick run's, not this one
+    assert f"s of training; saved to {out}\n" in printed
+    from PIL import Image
+    with Image.open(out / "training_curves.png") as png:
+        assert png.text["Title"] == "capsnet_matrix_multimnist on diverse_multimnist (sample)"
+
+
+def test_training_curves_name_the_run_and_draw_chance_and_reference(train, tmp_path):
+    history = {"train": [dict(step=s, loss=1 / s, accuracy=0.1 * s) for s in (1, 2, 3)],
+               "eval": [dict(step=3, loss=0.4, top1=0.5)]}
+    fig = train.plot_curves(history, tmp_path / "curves.png", "top1", "resnet18_cifar10 on cifar10 (hub)", 0.125,
+                            ("CNN of similar size, same recipe", 0.625))
+    assert fig._suptitle.get_text() == "resnet18_cifar10 on cifar10 (hub)"
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[1].get_lines()}
+    assert lines["chance level 0.125"] == [0.125, 0.125]
+    assert lines["CNN of similar size, same recipe 0.625"] == [0.625, 0.625]
+    assert lines["test"] == [0.5] and (tmp_path / "curves.png").is_file()
+    fig = train.plot_curves(history, tmp_path / "curves.png", "top1", "a run", 0.125)
+    assert [line.get_label() for line in fig.axes[1].get_lines()] == ["train (batches)", "test", "chance level 0.125"]
 
 
 def test_presets_and_overrides(train):
@@ -342,6 +366,9 @@ def test_resume_continues_exactly(run, tmp_path, accumulation, every, stop, step
 # --------------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no_such_model"], "unknown model 'no_such_model'"),
+    (["--model", "capsnet_simpel_cifar10"], "closest registered names: capsnet_simple_cifar10, "),  # ours
+    (["--model", "resnet18_cifar"], "resnet18_cifar10"),  # ours, among timm's ResNets
+    (["--model", "resnt50"], "resnet50"),  # timm's own
     (["--preset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--model-arg", "img_size=8"], "too small"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
@@ -570,14 +597,17 @@ def test_mixed_precision_on_the_cpu(run, train, tmp_path, monkeypatch, capsys, p
 # -------------------------------------------------------------------------------- two processes
 @pytest.mark.slow
 def test_two_processes_identical_weights_and_exact_eval(tmp_path):
+    """Launched as the README says (its launcher arguments), which leaves accelerate nothing to guess and warn about."""
+    from test_readme import readme_cpu_launch
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(SCRIPT), *TINY, "--max-train-steps", "4", "--debug-digests",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *readme_cpu_launch(), "--main_process_port",
+               str(free_port()), str(SCRIPT), *TINY, "--max-train-steps", "4", "--debug-digests",
                "--output-dir", str(out)]
-    done = subprocess.run(command, cwd=ROOT, env=dict(ENV, ACCELERATE_USE_CPU="1"), capture_output=True,
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}  # as in a user's shell
+    done = subprocess.run(command, cwd=ROOT, env=dict(env, ACCELERATE_USE_CPU="1"), capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "were not passed" not in done.stderr, done.stderr[:2000]
     digests = {p.name: p.read_text() for p in out.glob("digest_rank*.txt")}
     assert len(digests) == 2 and len(set(digests.values())) == 1, digests
     metrics = json.loads((out / "metrics.json").read_text())
@@ -593,9 +623,8 @@ def test_two_processes_identical_weights_and_exact_eval(tmp_path):
 # ---------------------------------------------------------------------------- the default command
 @pytest.mark.slow
 def test_default_command_prints_accuracy(tmp_path):
-    """The README's main command (`accelerate launch train_accelerate.py`), shortened."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", str(SCRIPT), "--max_train_steps", "15", "--test-size", "100",
+    """The README's main command (`python train_accelerate.py`: one process needs no launcher), shortened."""
+    command = [sys.executable, str(SCRIPT), "--max_train_steps", "15", "--test-size", "100",
                "--output_dir", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -1003,14 +1032,30 @@ def test_a_signal_stops_training_with_a_checkpoint(run, tmp_path, signame, proce
     assert resumed["completed_steps"] == steps + 1 and (out / "model.safetensors").exists()
 
 
-def test_quick_run_prints_the_recorded_cnn_reference_beside_its_result(train):
-    """Only the default recipe gets it (the record is a CNN trained on that budget), with the recorded number."""
+def resolved_quick_args(train, argv=()):
+    """parse_args as main resolves them: --max-train-steps from the epochs (DiverseMultiMNIST: epoch size / batch)."""
+    args = train.parse_args(list(argv))
+    args.max_train_steps = args.max_train_steps or args.epochs * math.ceil(args.epoch_size / args.batch_size)
+    return args
+
+
+def test_cnn_reference_only_for_the_exact_recipe_it_was_measured_with(train):
+    """The record is a CNN trained once with the quick run's recipe on the built-in sample: any other recipe,
+    data, model or process count (a 60-step run among them) gets no reference."""
     record = json.loads(train.CNN_REFERENCE.read_text())["metrics"]
-    line = train.cnn_reference(train.parse_args([]), "exact_match")
-    assert f"{record['num_parameters']:,} parameters" in line and f"{record['final']['exact_match']:.4f}" in line
-    assert record["epochs"] == train.QUICK["epochs"] and record["model_kwargs"]["stages"]  # the same budget
-    assert train.cnn_reference(train.parse_args(["--epochs", "2"]), "exact_match") == ""
-    assert train.cnn_reference(train.parse_args(["--preset", "multimnist_matrix"]), "exact_match") == ""
+    for argv in ([], ["--max-train-steps", record["args"]["max_train_steps"]], ["--output-dir", "elsewhere"]):
+        line = train.cnn_reference(resolved_quick_args(train, map(str, argv)), "exact_match", "sample")
+        assert f"{record['num_parameters']:,} parameters" in line, argv
+        assert f"exact_match {record['final']['exact_match']:.4f}" in line
+    for argv in (["--max-train-steps", 60], ["--epochs", 2], ["--lr", 0.01], ["--batch-size", 64], ["--seed", 1],
+                 ["--opt", "sgd"], ["--sched", "none"], ["--epoch-size", 4096], ["--test-size", 100],
+                 ["--data-seed", 1], ["--mnist-source", "hub"], ["--iterations", 3], ["--clip-grad", 1],
+                 ["--model-arg", "pose_dim=4"], ["--model", "cnn_baseline_multimnist"],
+                 ["--preset", "multimnist_matrix"]):
+        assert train.cnn_reference(resolved_quick_args(train, map(str, argv)), "exact_match", "sample") == "", argv
+    quick = resolved_quick_args(train)
+    assert train.cnn_reference(quick, "exact_match", "hub:ylecun/mnist") == ""
+    assert train.cnn_reference(quick, "exact_match", "sample", num_processes=2) == ""
 
 
 # ------------------------------------------------------------------- --augment and --extra-test-split

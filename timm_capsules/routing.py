@@ -21,6 +21,7 @@ Axis names used in the einsums:
 """
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
 import sys
@@ -313,9 +314,26 @@ def _import_library(name: str, library: Path):
     return module
 
 
+class _NoCudaNotice(logging.Filter):
+    def filter(self, record):
+        return not str(record.msg).startswith('No CUDA runtime is found')
+
+
+def _import_cpp_extension():
+    """torch.utils.cpp_extension without the "No CUDA runtime is found, using CUDA_HOME=..." notice it logs at
+    import on a machine without a GPU: it looks for CUDA there, and a CPU kernel never uses it."""
+    logger, notice = logging.getLogger('torch.utils.cpp_extension'), _NoCudaNotice()
+    logger.addFilter(notice)
+    try:
+        import torch.utils.cpp_extension
+    finally:
+        logger.removeFilter(notice)
+    return torch.utils.cpp_extension
+
+
 def _build_kernel(name: str, folder: Path, library: Path, stamp: Path, expected: str,
                   source: Path = KERNEL_SOURCE, kind: str = 'routing'):
-    from torch.utils.cpp_extension import load
+    load = _import_cpp_extension().load
     print(f'timm_capsules: compiling the fused CPU {kind} kernel (first use, about a minute) ...',
           file=sys.stderr, flush=True)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """Brings timm's own ``tests/test_models.py`` for the installed timm version next to this file, and
-timm's scripts (train.py, validate.py, benchmark.py, inference.py) for ``tests/test_timm_scripts.py``.
+finds timm's scripts (train.py, validate.py, benchmark.py, inference.py) for ``tests/test_timm_scripts.py``.
 
 It comes from timm's source distribution on PyPI (``pip download --no-binary :all:``), is cached
 under ~/.cache/timm_capsules and is never committed. One edit is made: our registry module is
@@ -8,12 +8,10 @@ added to ``FEAT_INTER_FILTERS``, the list of modules whose models timm tests for
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
@@ -75,51 +73,36 @@ def fetch_timm_model_tests() -> bool:
 
 
 # timm's command-line scripts, run by tests/test_timm_scripts.py. timm's sdist and wheel ship the library
-# and tests/ but not these (they sit at the top of its repository), so they come from the version's tag
+# and tests/ but not these (they sit at the top of its repository, which CI cannot reach), so an unmodified copy
+# lies beside the project, in ../shared/timm-scripts (its README names timm's commit)
 SCRIPTS = ('train.py', 'validate.py', 'benchmark.py', 'inference.py')
-SCRIPTS_URL = 'https://raw.githubusercontent.com/huggingface/pytorch-image-models/v{version}/{script}'
+SHARED_SCRIPTS = HERE.parents[1].parent / 'shared' / 'timm-scripts'
 
 
 def fetch_timm_scripts() -> Tuple[Optional[Path], str]:
-    """The folder holding timm's train.py, validate.py, benchmark.py and inference.py for the installed
-    timm version, or None and the reason they could not be had.
+    """The folder holding timm's train.py, validate.py, benchmark.py and inference.py, or None and the reason
+    there is none.
 
-    ``$TIMM_SCRIPTS_DIR`` (a checkout of timm's repository at the installed version's tag) comes first;
-    else the copies cached under ~/.cache/timm_capsules/timm-<version>-scripts; else they are downloaded
-    from the version's tag in timm's repository and cached.
+    ``$TIMM_SCRIPTS_DIR`` (a checkout of timm's repository) comes first, else ``../shared/timm-scripts`` from
+    the project's root.
     """
-    version = timm.__version__
     local = os.environ.get('TIMM_SCRIPTS_DIR')
     if local:
         folder = Path(local)
         missing = [script for script in SCRIPTS if not (folder / script).is_file()]
         if missing:
             return None, f'TIMM_SCRIPTS_DIR={local} has no {", ".join(missing)}'
+        version = timm.__version__
         checkout_version = _checkout_version(folder)
         if checkout_version not in (None, version):
             return None, (f"TIMM_SCRIPTS_DIR={local} holds timm {checkout_version}'s scripts, "
                           f'timm {version} is installed')
         return folder, ''
-    cached = CACHE / f'timm-{version}-scripts'
-    if all((cached / script).is_file() for script in SCRIPTS):
-        return cached, ''
-    try:
-        sources = {}
-        for script in SCRIPTS:
-            with urllib.request.urlopen(SCRIPTS_URL.format(version=version, script=script), timeout=30) as response:
-                sources[script] = response.read()
-    except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
-        return None, (f"timm {version}'s scripts ({', '.join(SCRIPTS)}) are not in its PyPI distributions and could "
-                      f'not be downloaded from its repository ({type(error).__name__}: {error}); set TIMM_SCRIPTS_DIR '
-                      f'to a checkout of timm v{version}')
-    partial = cached.with_name(cached.name + '.partial')
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for script, source in sources.items():
-        (partial / script).write_bytes(source)
-    shutil.rmtree(cached, ignore_errors=True)
-    partial.rename(cached)  # complete or absent: a later run never finds half the scripts
-    return cached, ''
+    missing = [script for script in SCRIPTS if not (SHARED_SCRIPTS / script).is_file()]
+    if missing:
+        return None, (f"timm's {', '.join(missing)} not found in {SHARED_SCRIPTS} (they are not in timm's PyPI "
+                      f'distributions): put them there from a checkout of timm, or set TIMM_SCRIPTS_DIR to one')
+    return SHARED_SCRIPTS, ''
 
 
 def _checkout_version(folder: Path) -> Optional[str]:

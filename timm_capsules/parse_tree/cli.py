@@ -79,6 +79,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str):
+    """One line on stderr, status 2, no traceback: for an input the user named that is not there."""
+    raise SystemExit(f'{PROG}: error: {message}')
+
+
+def _check_inputs(args):
+    """The files and folders the arguments name exist, before anything is built."""
+    import difflib
+    import timm
+    import timm_capsules  # noqa: F401  (registers the models)
+    if args.checkpoint and not (Path(args.checkpoint) / 'config.json').is_file():
+        _fail(f'--checkpoint {args.checkpoint}: no trained model there (config.json + model.safetensors); train '
+              f'one first, e.g. python train_accelerate.py --output-dir {args.checkpoint}')
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:
+        _fail(f"no such image file: {', '.join(missing)}")
+    if not args.checkpoint and args.model and not timm.is_model(args.model):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=5, cutoff=0.6)
+        _fail(f"unknown model {args.model!r}" + (f"; closest registered names: {', '.join(close)}" if close else ''))
+
+
 def _create_model(args, parser):
     import timm
     import timm_capsules  # noqa: F401  (registers the models)
@@ -163,7 +184,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
     out = Path(args.out)
     torch.manual_seed(0)
+    _check_inputs(args)
     model = _create_model(args, parser)
+    # a model built by name without --pretrained has random weights: its scores and routing mean nothing yet
+    untrained = not args.checkpoint and not args.pretrained
     cfg = model.pretrained_cfg or {}
     dataset = args.dataset or model_dataset(cfg)
     if (args.diverse_multimnist or args.probe) and dataset != 'diverse_multimnist':
@@ -182,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         model=args.model, checkpoint=args.checkpoint, dataset=dataset,
         dataset_from='--dataset' if args.dataset else 'pretrained_cfg', iterations=model.iterations,
         routing=model.routing, multi_label=multi_label, heatmap_iteration=args.iteration, heat=args.heat,
-        images=[])
+        weights='untrained (random initialisation)' if untrained else 'trained', images=[])
     if args.images:
         inputs.append(load_images(model, args.images))
         names += [Path(p).name for p in args.images]
@@ -230,13 +254,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         summary['probe'] = {k: v for k, v in result.items() if k != 'per_image'}
         print(f"part-whole probe on {result['images']} two-digit test images: own_fraction "
               f"{result['own_fraction']:.3f} (uniform-routing baseline {result['baseline']:.3f}, area share "
-              f"{result['area_share']:.3f}), both digits separated in {result['separated']:.1%}")
+              f"{result['area_share']:.3f}), both digits separated in {result['separated']:.1%}"
+              + (' (untrained model: random weights)' if untrained else ''))
     (out / 'summary.json').write_text(json.dumps(summary, indent=1))
     for item in summary['images']:
         scores = ', '.join(f'{c}: {item["scores"][c]:.2f}' for c in item['predicted'])
         ent = ' '.join(f'{layer["name"]} ' + '/'.join(f'{i["entropy_normalized"]:.2f}' for i in layer['iterations'])
                        for layer in item['layers'])
-        print(f'{item["image"]} ({item["tree"]}): {scores} | normalised routing entropy per iteration: {ent}')
+        note = ' (untrained model: random weights)' if untrained else ''
+        print(f'{item["image"]} ({item["tree"]}): {scores}{note} | normalised routing entropy per iteration: {ent}')
     print(f'wrote {out}')
     return summary
 
