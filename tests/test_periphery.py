@@ -137,6 +137,18 @@ def test_model_card_snippet_runs_for_the_models_channels(tag, channels, tmp_path
         torch.testing.assert_close(scope['trace'].logits, scope['model'](scope['x']))
 
 
+def test_card_numbers_and_family_by_hand():
+    """What a card prints for a result (two decimals, a dash for none) and the family line it names the model by."""
+    assert (hub_cards.fmt(None), hub_cards.fmt(93.456), hub_cards.fmt(7)) == ('—', '93.46', '7.00')
+    assert hub_cards.mean_std({'mean': None, 'std': 0.5}) == '—'
+    assert hub_cards.mean_std({'mean': 94.851, 'std': None}) == '94.85'
+    assert hub_cards.mean_std({'mean': 94.851, 'std': 0.2249}) == '94.85 ± 0.22'
+    # the first sentence of the class's docstring, before any colon, without its full stop
+    assert hub_cards._family('em_capsnet_simple_cifar10') == \
+        'Capsule network with 4x4 matrix poses, activations and EM routing (Hinton et al., 2018)'
+    assert hub_cards._family('resnet18_cifar10')  # names even a model class of timm's own
+
+
 # ------------------------------------------------------------------------------------ experiments.py records
 @pytest.fixture
 def experiments(monkeypatch):
