@@ -74,6 +74,25 @@ def test_features_only_returns_every_level():
     assert model.feature_info.channels() == [64, 128, 512, 512, 512]
 
 
+@pytest.mark.parametrize('name', ['capsnet_resnet_cifar10', 'dynamic_capsnet_resnet_cifar10', 'em_capsnet_resnet_cifar10'])
+def test_features_only_counts_the_levels_of_the_model_as_built(name):
+    """A ResNet backbone given three stages by ``backbone_args`` has three levels, not the default two: features_only
+    returns every level the full model reports, down to the last capsule level (it used to drop the last one)."""
+    three_stages = {'widths': (16, 32, 64), 'depths': (1, 1, 1), 'strides': (1, 2, 1)}
+    model = timm.create_model(name, backbone_args=three_stages).eval()
+    features = timm.create_model(name, backbone_args=three_stages, features_only=True).eval()
+    missing, _ = features.model.load_state_dict(model.state_dict(), strict=False)  # the pruned head is unexpected
+    assert not missing
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        maps = features(x)
+        _, intermediates = model.forward_intermediates(x)
+    assert features.feature_info.channels() == [info['num_chs'] for info in model.feature_info]
+    assert len(maps) == len(model.feature_info) == len(intermediates) >= 5
+    for got, expected in zip(maps, intermediates):
+        torch.testing.assert_close(got, expected)
+
+
 def test_device_and_dtype_arguments_are_honoured():
     model = timm.create_model('capsnet_simple_cifar10', device='meta', dtype=torch.float64)
     assert {p.device.type for p in model.parameters()} == {'meta'}

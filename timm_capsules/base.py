@@ -278,11 +278,24 @@ def capsule_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
-def build_capsule_model(cls, variant: str, pretrained: bool, num_levels: Optional[int] = None, **kwargs):
+# what timm's build_model_with_cfg takes for itself, never the model class
+_BUILDER_ONLY = ('features_only', 'out_indices', 'feature_cls', 'feature_cfg', 'output_stride', 'pretrained_cfg',
+                 'pretrained_cfg_overlay', 'pretrained_strict', 'cache_dir', 'kwargs_filter', 'flatten_sequential')
+
+
+def build_capsule_model(cls, variant: str, pretrained: bool, feature_getter: bool = True, **kwargs):
     """``timm.models.build_model_with_cfg`` behind the pretrained guard (clear errors for unpublished tags,
-    malformed configs) with the state-dict check (names and shapes listed on a mismatch); ``num_levels``
-    feature levels for ``features_only``."""
-    feature_cfg = dict(feature_cls='getter', out_indices=tuple(range(num_levels))) if num_levels else None
+    malformed configs) with the state-dict check (names and shapes listed on a mismatch). With
+    ``feature_getter``, ``features_only`` returns every feature level of the model as built (its backbone's,
+    which ``backbone_args`` may add, and its capsule stack's), counted on the meta device; without, timm's
+    default feature extraction."""
+    feature_cfg = None
+    if feature_getter and kwargs.get('features_only'):
+        feature_cfg = dict(feature_cls='getter')
+        if 'out_indices' not in kwargs:
+            built = {key: value for key, value in kwargs.items() if key not in _BUILDER_ONLY}
+            built.update(device='meta', **({'backbone_pretrained': False} if 'backbone_pretrained' in built else {}))
+            feature_cfg['out_indices'] = tuple(range(len(cls(**built).feature_info)))
     with pretrained_guard(variant, pretrained, kwargs, cls):
         model = build_model_with_cfg(
             cls, variant, pretrained, feature_cfg=feature_cfg, pretrained_filter_fn=check_state_dict, **kwargs)

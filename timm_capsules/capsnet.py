@@ -484,9 +484,7 @@ class CapsNet(CapsuleModel):
 
 
 def _create_capsnet(variant: str, pretrained: bool = False, **kwargs) -> CapsNet:
-    num_conv = sum(spec[0] == 'conv' for spec in kwargs.get('capsule_layers', ()))
-    backbone_levels = 2 if kwargs.get('backbone') == 'resnet' else 1
-    return build_capsule_model(CapsNet, variant, pretrained, backbone_levels + 1 + num_conv, **kwargs)
+    return build_capsule_model(CapsNet, variant, pretrained, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

@@ -254,14 +254,14 @@ _CNN_MULTIMNIST_STAGES = ((1024, 3, 2, 1, False, False), (1024, 3, 2, 0, False, 
 def cnn_baseline_cifar10(pretrained: bool = False, **kwargs) -> BaselineCNN:
     """The paper's baseline CNN for CIFAR-10, 18,919,434 parameters (paper: 18.92M)."""
     args = dict(dict(stages=_CNN_CIFAR_STAGES), **kwargs)
-    return build_capsule_model(BaselineCNN, 'cnn_baseline_cifar10', pretrained, len(args['stages']), **args)
+    return build_capsule_model(BaselineCNN, 'cnn_baseline_cifar10', pretrained, **args)
 
 
 @register_model
 def cnn_baseline_cifar100(pretrained: bool = False, **kwargs) -> BaselineCNN:
     """The paper's baseline CNN for CIFAR-100, 19,011,684 parameters (paper: 19.01M)."""
     args = dict(dict(stages=_CNN_CIFAR_STAGES, num_classes=100), **kwargs)
-    return build_capsule_model(BaselineCNN, 'cnn_baseline_cifar100', pretrained, len(args['stages']), **args)
+    return build_capsule_model(BaselineCNN, 'cnn_baseline_cifar100', pretrained, **args)
 
 
 @register_model
@@ -269,7 +269,7 @@ def cnn_baseline_multimnist(pretrained: bool = False, **kwargs) -> BaselineCNN:
     """The paper's DiverseMultiMNIST CNN (average pooling), 19,553,162 parameters (paper: 19.55M)."""
     stages = _CNN_MULTIMNIST_STAGES + ((640, 1, 1, 0, False, False),)
     args = dict(dict(stages=stages, in_chans=1, img_size=36), **kwargs)
-    return build_capsule_model(BaselineCNN, 'cnn_baseline_multimnist', pretrained, len(args['stages']), **args)
+    return build_capsule_model(BaselineCNN, 'cnn_baseline_multimnist', pretrained, **args)
 
 
 @register_model
@@ -278,12 +278,12 @@ def cnn_fc_multimnist(pretrained: bool = False, **kwargs) -> BaselineCNN:
     (paper: 42.49M)."""
     args = dict(dict(stages=_CNN_MULTIMNIST_STAGES, in_chans=1, img_size=36, head='fc', head_hidden_size=640),
                 **kwargs)
-    return build_capsule_model(BaselineCNN, 'cnn_fc_multimnist', pretrained, len(args['stages']), **args)
+    return build_capsule_model(BaselineCNN, 'cnn_fc_multimnist', pretrained, **args)
 
 
 def _cifar_resnet(variant: str, pretrained: bool, **kwargs) -> CifarResNet:
     args = dict(dict(block=BasicBlock, layers=(2, 2, 2, 2)), **kwargs)
-    return build_capsule_model(CifarResNet, variant, pretrained, **args)
+    return build_capsule_model(CifarResNet, variant, pretrained, feature_getter=False, **args)
 
 
 @register_model

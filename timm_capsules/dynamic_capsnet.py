@@ -185,9 +185,7 @@ class DynamicCapsNet(LayerwiseCapsuleModel):
 
 def _create(variant: str, pretrained: bool, defaults: Dict[str, Any], kwargs: Dict[str, Any]) -> DynamicCapsNet:
     args = dict(defaults, **kwargs)
-    backbone_levels = 2 if args.get('backbone') == 'resnet' else 1
-    num_levels = backbone_levels + 2 + len(args.get('capsule_layers', ()))
-    return build_capsule_model(DynamicCapsNet, variant, pretrained, num_levels, **args)
+    return build_capsule_model(DynamicCapsNet, variant, pretrained, **args)
 
 
 def _cfg(name: str, tag: str, **kwargs) -> Tuple[str, Dict[str, Any]]:

@@ -208,9 +208,7 @@ class EMCapsNet(LayerwiseCapsuleModel):
 
 def _create(variant: str, pretrained: bool, defaults: Dict[str, Any], kwargs: Dict[str, Any]) -> EMCapsNet:
     args = dict(defaults, **kwargs)
-    backbone_levels = 2 if args.get('backbone') == 'resnet' else 1
-    num_levels = backbone_levels + 1 + len(args.get('capsule_layers', (('conv',),) * 2))
-    return build_capsule_model(EMCapsNet, variant, pretrained, num_levels, **args)
+    return build_capsule_model(EMCapsNet, variant, pretrained, **args)
 
 
 def _cfg(name: str, tag: str, **kwargs) -> Tuple[str, Dict[str, Any]]:
