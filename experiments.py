@@ -17,7 +17,7 @@ Scales. ``paper``: the paper's recipes as they are (``timm_capsules.presets``: C
 DiverseMultiMNIST, 350 epochs). ``cpu``: a reduced protocol for a 2-core machine with no network, described
 in ``CPU_PROTOCOL`` and printed beside every result: real Fashion-MNIST (Debian's ``dataset-fashion-mnist``)
 in place of CIFAR with a fixed image budget, DiverseMultiMNIST and Affine MNIST from the built-in MNIST
-sample, small capsule and CNN models where the paper's would not fit; 2 seeds by default (the README's tables: 3).
+sample, small capsule and CNN models where the paper's would not fit; 3 seeds by default, as in the README's tables.
 """
 import argparse
 import hashlib
@@ -299,6 +299,11 @@ def run_studies(args) -> int:
     print(f'{len(runs)} runs in {", ".join(args.studies)} at scale {args.scale}: {len(runs) - len(todo)} finished, '
           f'{len(todo)} to run', flush=True)
     if args.list:
+        datasets = sorted({str(args.data_dir / name) for name in ('fashion_mnist', 'affine_mnist', 'affine_mnist_full')
+                           if any(name in ' '.join(run.train_args) for run in runs)})
+        if datasets:
+            print(f"the commands below read {', '.join(datasets)}: experiments.py without --list writes "
+                  f"{'it' if len(datasets) == 1 else 'them'} there first")
         for run in runs:
             done = 'done' if run not in todo else 'todo'
             print(f'[{done}] {run.run_id} ({", ".join(run.studies)}): python train_accelerate.py '
@@ -590,7 +595,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('studies', nargs='+', choices=STUDIES + ('all',), metavar='STUDY',
                         help=f'{", ".join(STUDIES)} or all ("report" instead: tables and plots, see report --help)')
     parser.add_argument('--scale', choices=['cpu', 'paper'], default='cpu', help='reduced CPU protocol or the paper')
-    parser.add_argument('--seeds', type=int, default=2, help='seeds per configuration (0, 1, ...)')
+    parser.add_argument('--seeds', type=int, default=3, help='seeds per configuration (0, 1, ...; default 3, as the '
+                        "README's tables)")
     parser.add_argument('--only', nargs='+', metavar='WORD', help='only runs whose id contains one of these')
     parser.add_argument('--list', action='store_true', help='list the runs and their commands, run nothing')
     parser.add_argument('--records', type=Path, default=RECORDS, help='where run records go (one JSON per run)')

@@ -149,6 +149,18 @@ def test_report_computes_tables_and_plots_from_records(experiments, tmp_path):
     assert not (tmp_path / 'no_plots').exists()
 
 
+def test_list_shows_the_default_seeds_and_where_the_data_comes_from(experiments, tmp_path, capsys):
+    """--list trains and writes nothing; 3 seeds by default (the README's tables have 3), and it says that the
+    data folder its commands read is written by the runner."""
+    data = tmp_path / 'data'
+    assert experiments.main(['table1', '--list', '--records', str(tmp_path / 'records'), '--data-dir', str(data)]) == 0
+    out = capsys.readouterr().out
+    seeds = {line.split(' ')[1].rsplit('-seed', 1)[1] for line in out.splitlines() if line.startswith('[todo]')}
+    assert seeds == {'0', '1', '2'}
+    assert f"the commands below read {data / 'fashion_mnist'}: experiments.py without --list writes it there first" in out
+    assert f'--dataset hf:{data / "fashion_mnist"} ' in out and not data.exists()
+
+
 def small_affine_data(data_dir):
     from timm_capsules.data.affine_mnist import export
     export(data_dir / 'affine_mnist', train_size=48, test_size=24, source='sample')
