@@ -5,6 +5,7 @@ every finished run is one JSON record. Finished runs are skipped, so a study goe
 
     python experiments.py table1 iterations --scale cpu     # run studies (all: every study)
     python experiments.py all --scale cpu --list             # the runs and their commands, nothing trained
+    python experiments.py table1 iterations ablations --scale gpu --shard 0/4 --time-limit 300   # one GPU shard
     accelerate launch --multi_gpu --num_processes 8 experiments.py all --scale paper
     python experiments.py report --write README.md           # tables and plots from the records
 
@@ -18,17 +19,21 @@ DiverseMultiMNIST, 350 epochs). ``cpu``: a reduced protocol for a 2-core machine
 in ``CPU_PROTOCOL`` and printed beside every result: real Fashion-MNIST (Debian's ``dataset-fashion-mnist``)
 in place of CIFAR with a fixed image budget, DiverseMultiMNIST and Affine MNIST from the built-in MNIST
 sample, small capsule and CNN models where the paper's would not fit; 3 seeds by default, as in the README's tables.
+``gpu``: ``table1``, ``iterations`` and ``ablations`` on the full Fashion-MNIST for one GPU (``GPU_PROTOCOL``), sized by
+``gpu_estimate`` to about 6 minutes of an H200 over 4 shards (``benchmarks/gpu_check.sh full`` runs it); 2 seeds by
+default there and at paper scale.
 """
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent
 STUDIES = ('table1', 'iterations', 'ablations', 'multimnist', 'affine')
@@ -47,6 +52,32 @@ CPU_PROTOCOL = {
                     'and 5,000 affinely transformed test images of the held-out digits; models about 0.13M '
                     'parameters',
 }
+
+
+# The GPU protocol (``--scale gpu``): the Fashion-MNIST studies at full size for one GPU, the budget sized by
+# ``gpu_estimate`` from the models' training FLOPs and the throughputs in GPU_ASSUMPTIONS (see there).
+GPU_EPOCHS = 2
+GPU_LR = {'IDA': 2e-3, 'DR': 1e-3, 'EM': 2e-3, 'CNN': 2e-3, 'ResNet-18': 2e-3}
+GPU_PROTOCOL = {
+    'fashion_mnist': f'Fashion-MNIST (real, 60k/10k, 28x28 grey; in place of CIFAR): all 60,000 training images, '
+                     f'{GPU_EPOCHS} epochs, batch 128, bf16 autocast, light augmentation (pad 4 + random crop + '
+                     f'horizontal flip), Adam with cosine decay and no warm-up: lr {GPU_LR["DR"]:g} for DR '
+                     f'(the paper\'s Adam rate for it), {GPU_LR["IDA"]:g} for IDA, EM and the CNNs (the CPU '
+                     f'protocol\'s, which trained all of them; '
+                     f'the paper\'s SGD 0.1 schedule is made for 350 epochs); top-1 on all 10,000 test images; '
+                     f'models built with in_chans=1, img_size=28',
+}
+# What the GPU budget is sized with. First stated, before any GPU had run the studies: 50 TFLOP/s sustained over the
+# shards for every FLOP, 2,000 augmented images/s per DataLoader worker (this project's 2-core CPU: 460 us a sample),
+# 8 s a run: the 40 runs at 4.4 min over 4 shards. The first H200 call (results/gpu/, 2026-12-04; 4 shards side by
+# side, 4 workers each on the machine's 16 cores) measured otherwise: data-bound runs (IDA t = 1, 2; DR) fed 3,300
+# images/s a shard, 830 a worker, and the routing passes that need votes (the FLOPs a model has beyond its t = 1
+# count), in plain tensor ops, are bound by the GPU's memory traffic: IDA t = 3 and t = 5 ran them at 0.57 and 0.66
+# TFLOP/s over the shards, while the rest runs at the dense rate of ResNet-18's bf16 step in the speed harness
+# (benchmarks/results/cuda_b128_eager.json: 426 GFLOP in 12 ms, 35 TFLOP/s). The figures below are those
+# measurements, so the estimates and the time limit say what a call can finish.
+GPU_ASSUMPTIONS = dict(dense_tflops=35.0, routing_tflops=0.6, images_per_s_per_worker=830.0, workers=4, shards=4,
+                       overhead_s=4.0)
 
 
 class Run(NamedTuple):
@@ -123,6 +154,33 @@ def cpu_runs(data_dir: Path) -> List[Run]:
     return specs
 
 
+def gpu_runs(data_dir: Path) -> List[Run]:
+    """table1, iterations (t = 1..5 for IDA, DR and EM) and ablations on the full Fashion-MNIST (GPU_PROTOCOL)."""
+    def fashion(kind):
+        return ['--dataset', f'hf:{data_dir / "fashion_mnist"}', '--epochs', str(GPU_EPOCHS), '--batch-size', '128',
+                '--opt', 'adam', '--lr', str(GPU_LR[kind]), '--weight-decay', '0', '--sched', 'cosine',
+                '--warmup-epochs', '0', '--augment', 'crop-flip', '--mixed-precision', 'bf16']
+    fashion_input, budget = dict(in_chans=1, img_size=28), GPU_EPOCHS * 60000
+    specs = []
+    for kind, model in ROUTING_MODELS.items():
+        default_t = 2 if kind == 'IDA' else 3
+        for t in (1, 2, 3, 4, 5):
+            studies = ('iterations',) + (('table1',) if t == default_t else ()) + (
+                ('ablations',) if kind == 'IDA' and t == 2 else ())
+            row = dict(kind=kind, model=model, iterations=t, variant='IDA (concurrent, LayerNorm)')
+            specs.append((studies, row, 'fashion_mnist', budget,
+                          fashion(kind) + model_args(model, iterations=t, **fashion_input), False))
+    for kind, model in CNN_MODELS.items():
+        model_input = fashion_input if kind == 'CNN' else dict(in_chans=1)
+        specs.append((('table1',), dict(kind=kind, model=model), 'fashion_mnist', budget,
+                      fashion(kind) + model_args(model, **model_input), False))
+    for variant, flags in ABLATIONS.items():
+        specs.append((('ablations',), dict(kind='IDA', model=ROUTING_MODELS['IDA'], variant=variant, iterations=2),
+                      'fashion_mnist', budget,
+                      fashion('IDA') + model_args(ROUTING_MODELS['IDA'], **fashion_input) + flags, False))
+    return specs
+
+
 def paper_runs(data_dir: Path) -> List[Run]:
     from timm_capsules.presets import PRESETS
     specs = []
@@ -174,7 +232,7 @@ def plan(scale: str, studies: Sequence[str], seeds: Sequence[int], data_dir: Pat
          extra_args: Sequence[str] = ()) -> List[Run]:
     """The runs of ``studies`` at ``scale``, one per (configuration, seed); a configuration shared by several
     studies (e.g. IDA at t = 2: table1, iterations, ablations) is one run."""
-    specs = (cpu_runs if scale == 'cpu' else paper_runs)(data_dir)
+    specs = {'cpu': cpu_runs, 'gpu': gpu_runs, 'paper': paper_runs}[scale](data_dir)
     runs = []
     for run_studies, row, dataset, budget, args, probe in specs:
         if not set(run_studies) & set(studies):
@@ -224,6 +282,8 @@ def machine() -> str:
 
 
 def commit() -> Optional[str]:
+    if os.environ.get('TIMM_CAPSULES_COMMIT'):  # a copy of the tree without its .git (e.g. on a lent GPU machine)
+        return os.environ['TIMM_CAPSULES_COMMIT']
     try:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -273,10 +333,12 @@ def execute(run: Run, scale: str, records: Path, outputs: Path, probe_samples: i
         chance_level=results['chance_level'], num_parameters=results['num_parameters'],
         training_time_s=results['training_time_s'], wall_time_s=time.time() - started, threads=torch.get_num_threads(),
         resumed_from_checkpoint=resumed,  # then the times cover the resumed part only
-        eval_history=history['eval'], protocol=CPU_PROTOCOL.get(run.dataset) if scale == 'cpu' else 'paper recipe',
+        eval_history=history['eval'], protocol=PROTOCOLS.get(scale, {}).get(run.dataset, 'paper recipe'),
         commit=commit(), machine=machine(),
         command='python train_accelerate.py ' + ' '.join(_quote(a) for a in run.train_args + ['--seed', str(run.seed)]),
         train_args=run.train_args)
+    if scale == 'gpu':
+        record['estimated_s'] = round(gpu_estimate(run), 1)  # what the budget was sized with, beside what it took
     if run.probe:
         record['part_whole_probe'] = probe(model, probe_samples)
     path = record_path(records, scale, run)
@@ -287,6 +349,45 @@ def execute(run: Run, scale: str, records: Path, outputs: Path, probe_samples: i
     return record
 
 
+PROTOCOLS = {'cpu': CPU_PROTOCOL, 'gpu': GPU_PROTOCOL}
+_GFLOP_CACHE: Dict[str, float] = {}
+
+
+def train_gflop_per_image(train_args: Sequence[str], **override) -> float:
+    """Training GFLOP per 28x28 image (forward and backward, torch's FLOP counter) of a run's model, counted on the
+    meta device: nothing is allocated, and routing runs in plain tensor ops (the fused kernels are the CPU's), as on
+    a GPU."""
+    key = json.dumps([list(train_args), override], sort_keys=True)
+    if key not in _GFLOP_CACHE:
+        import timm
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+        import train_accelerate
+        args = train_accelerate.parse_args(list(train_args))
+        model = timm.create_model(args.model, device='meta', **dict(args.model_kwargs, num_classes=10, **override))
+        images = torch.zeros(2, args.model_kwargs.get('in_chans', 3), 28, 28, device='meta')
+        with FlopCounterMode(display=False) as counter:
+            model(images).float().sum().backward()
+        _GFLOP_CACHE[key] = counter.get_total_flops() / 2 / 1e9
+    return _GFLOP_CACHE[key]
+
+
+def gpu_estimate(run: Run, test_images: int = 10000) -> float:
+    """Seconds one run takes on its shard under GPU_ASSUMPTIONS: the slower of its data (training images and one
+    evaluation per epoch through the shard's DataLoader workers) and its GPU work (training FLOPs, evaluation at a
+    third of them: the routing passes' share, those beyond the model's t = 1 count, at the routing rate, the rest at
+    the dense rate, each the shard's share of the GPU), plus the fixed cost per run."""
+    a = GPU_ASSUMPTIONS
+    epochs = max(1, run.image_budget // 60000)
+    images = run.image_budget + epochs * test_images / 3  # in training-step equivalents
+    data_s = (run.image_budget + epochs * test_images) / (a['images_per_s_per_worker'] * a['workers'])
+    total = train_gflop_per_image(run.train_args)
+    dense = train_gflop_per_image(run.train_args, iterations=1) if 'iterations' in run.row else total
+    seconds_per_image = (dense / a['dense_tflops'] + (total - dense) / a['routing_tflops']) / 1e3  # GFLOP / TFLOP/s
+    gpu_s = images * seconds_per_image * a['shards']
+    return max(data_s, gpu_s) + a['overhead_s']
+
+
 def _quote(arg: str) -> str:
     return arg if all(c.isalnum() or c in '-_=.:/[]' for c in arg) else "'" + arg.replace("'", "'\\''") + "'"
 
@@ -295,8 +396,15 @@ def run_studies(args) -> int:
     runs = plan(args.scale, args.studies, args.seeds, args.data_dir, args.train_args)
     if args.only:
         runs = [run for run in runs if any(word in run.run_id for word in args.only)]
-    todo = [run for run in runs if not record_path(args.records, args.scale, run).is_file()]
-    print(f'{len(runs)} runs in {", ".join(args.studies)} at scale {args.scale}: {len(runs) - len(todo)} finished, '
+    runs.sort(key=lambda run: run.seed)  # every configuration's first seed before any second: a cut-off call says most
+    if args.shard:  # over all runs, not those left, so that shards started at slightly different times never overlap
+        index, count = args.shard
+        runs = runs[index::count]
+    todo = [run for run in runs if read_record(record_path(args.records, args.scale, run))[0] is None]
+    for path, problem in damaged_records(args.records, args.scale, runs).items():
+        print(f'warning: {path}: damaged run record ({problem}): the run is run again', file=sys.stderr, flush=True)
+    print(f'{len(runs)} runs in {", ".join(args.studies)} at scale {args.scale}'
+          f'{" (shard %d/%d)" % args.shard if args.shard else ""}: {len(runs) - len(todo)} finished, '
           f'{len(todo)} to run', flush=True)
     if args.list:
         datasets = sorted({str(args.data_dir / name) for name in ('fashion_mnist', 'affine_mnist', 'affine_mnist_full')
@@ -306,12 +414,25 @@ def run_studies(args) -> int:
                   f"{'it' if len(datasets) == 1 else 'them'} there first")
         for run in runs:
             done = 'done' if run not in todo else 'todo'
-            print(f'[{done}] {run.run_id} ({", ".join(run.studies)}): python train_accelerate.py '
+            estimate = f' [~{gpu_estimate(run):.0f} s]' if args.scale == 'gpu' else ''
+            print(f'[{done}] {run.run_id} ({", ".join(run.studies)}){estimate}: python train_accelerate.py '
                   + ' '.join(_quote(a) for a in run.train_args + ['--seed', str(run.seed)]))
+        if args.scale == 'gpu':
+            total = sum(gpu_estimate(run) for run in todo)
+            print(f'estimated GPU time of the {len(todo)} runs to do: {total / 60:.1f} min on one shard, '
+                  f'{total / GPU_ASSUMPTIONS["shards"] / 60:.1f} min over {GPU_ASSUMPTIONS["shards"]} shards '
+                  f'(assumptions: {GPU_ASSUMPTIONS})')
         return 0
     prepare_data(args.scale, todo, args.data_dir)
-    failed = []
+    if args.prepare:
+        return 0
+    failed, started = [], time.time()
     for index, run in enumerate(todo):
+        needed = gpu_estimate(run) if args.scale == 'gpu' else 0.0
+        if args.time_limit is not None and time.time() - started + needed > args.time_limit:
+            print(f'== time limit: {len(todo) - index} runs left for a next call (a finished run is never rerun)',
+                  flush=True)
+            break
         print(f'== run {index + 1}/{len(todo)}: {run.run_id}', flush=True)
         try:
             record = execute(run, args.scale, args.records, args.outputs, args.probe_images, args.stop_after_steps)
@@ -331,6 +452,13 @@ def run_studies(args) -> int:
 
 # -------------------------------------------------------------------------------------------------- report
 BEGIN, END = '<!-- experiments:begin -->', '<!-- experiments:end -->'
+
+
+def markers(scale: str):
+    """The README block a scale's report replaces: each scale has its own, so a GPU report never mixes with the
+    CPU's."""
+    return (BEGIN, END) if scale == 'cpu' else (f'<!-- experiments-{scale}:begin -->',
+                                                f'<!-- experiments-{scale}:end -->')
 CLAIMS = {
     'table1': 'IDA matches or beats the CNNs with far fewer parameters, and beats DR and EM (Table 1)',
     'iterations': "IDA's accuracy stays flat or rises with the routing iterations t, while DR and EM degrade "
@@ -342,13 +470,65 @@ CLAIMS = {
 }
 
 
-def load_records(records: Path, scale: str, runs: Sequence[Run]) -> Dict[str, Dict[str, Any]]:
-    """The records of the planned runs (records of other configurations, e.g. an older protocol, are left out)."""
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_record(path: Path) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(record, None) for a sound run record; (None, what is wrong) for a damaged one (truncated JSON, a
+    missing field, a NaN or non-numeric metric): such a run is not done, and the report leaves it out."""
+    try:
+        record = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        return None, f'not readable JSON ({error})'
+    if not isinstance(record, dict):
+        return None, 'not a JSON object'
+    for key, kind in (('run_id', str), ('metric', str), ('metrics', dict), ('model', str), ('machine', str)):
+        if not isinstance(record.get(key), kind):
+            return None, f'"{key}" must be a {kind.__name__}, got {record.get(key)!r}'
+    if record['run_id'] != path.stem:
+        return None, f'"run_id" is {record["run_id"]!r}, not the file\'s name'
+    # a metric is a number or a list of numbers (DiverseMultiMNIST's per_class_f1)
+    bad = {k: v for k, v in record['metrics'].items()
+           if not (_finite_number(v) or isinstance(v, list) and v and all(map(_finite_number, v)))}
+    if bad:
+        return None, f'metrics that are not finite numbers: {bad}'
+    if not _finite_number(record['metrics'].get(record['metric'])):
+        return None, f'its metric {record["metric"]!r} is not among its numeric metrics'
+    for key in ('num_parameters', 'wall_time_s'):
+        if not _finite_number(record.get(key)) or record[key] < 0:
+            return None, f'"{key}" must be a number >= 0, got {record.get(key)!r}'
+    probe = record.get('part_whole_probe')
+    if probe is not None and not (isinstance(probe, dict) and _finite_number(probe.get('own_fraction'))):
+        return None, f'"part_whole_probe" has no numeric own_fraction: {probe!r}'
+    return record, None
+
+
+def damaged_records(records: Path, scale: str, runs: Sequence[Run]) -> Dict[str, str]:
+    """{path: what is wrong} of the planned runs' records that exist but are damaged."""
+    damaged = {}
+    for run in runs:
+        path = record_path(records, scale, run)
+        if path.is_file():
+            problem = read_record(path)[1]
+            if problem:
+                damaged[str(path)] = problem
+    return damaged
+
+
+def load_records(records: Path, scale: str, runs: Sequence[Run], warn: bool = True) -> Dict[str, Dict[str, Any]]:
+    """The sound records of the planned runs (records of other configurations, e.g. an older protocol, are left
+    out); a damaged one is named on stderr and skipped (the runner reruns it)."""
     found = {}
     for run in runs:
         path = record_path(records, scale, run)
         if path.is_file():
-            found[run.run_id] = json.loads(path.read_text())
+            record, problem = read_record(path)
+            if record is not None:
+                found[run.run_id] = record
+            elif warn:
+                print(f'warning: {path}: damaged run record, skipped (its run counts as not done): {problem}',
+                      file=sys.stderr, flush=True)
     return found
 
 
@@ -650,11 +830,26 @@ def render_report(scale: str, records_dir: Path, plots_dir: Path, link_base: Pat
     if records:
         machines = sorted({r['machine'] for r in records.values()})
         lines.append(f"Machine: {'; '.join(machines)}. Wall time of all runs: "
-                     f"{sum(r['wall_time_s'] for r in records.values()) / 3600:.1f} h (on a machine shared with other "
-                     f'work: not a speed figure; see Performance).')
+                     f"{sum(r['wall_time_s'] for r in records.values()) / 3600:.1f} h ("
+                     + ('on a machine shared with other work' if scale != 'gpu' else 'shards side by side on one GPU')
+                     + ': not a speed figure; see Performance).')
+        if scale == 'gpu':  # the budget's estimates beside what the runs took
+            done = [run for run in runs if run.run_id in records]
+            left = [run for run in runs if run.run_id not in records and run.seed < 2]
+            lines.append(
+                f"Run time of these runs: estimated {sum(r.get('estimated_s', 0) for r in records.values()) / 60:.1f} "
+                f'min when they were started (each record\'s `estimated_s`), taken '
+                f"{sum(r['wall_time_s'] for r in records.values()) / 60:.1f} min; today's `GPU_ASSUMPTIONS` "
+                f'(measured on them) estimate {sum(map(gpu_estimate, done)) / 60:.1f} min for them and '
+                f'{sum(map(gpu_estimate, left)) / 60:.1f} min for the {len(left)} runs of 2 seeds left '
+                f"({sum(map(gpu_estimate, left)) / 60 / GPU_ASSUMPTIONS['shards']:.1f} min over "
+                f"{GPU_ASSUMPTIONS['shards']} shards).")
     for study in STUDIES:
+        if not any(study in run.studies for run in runs):  # the gpu scale runs three of the studies
+            continue
         datasets = sorted({run.dataset for run in runs if study in run.studies})
-        protocol = ' '.join(CPU_PROTOCOL[d] + '.' for d in datasets) if scale == 'cpu' else "the paper's recipe."
+        protocol = (' '.join(PROTOCOLS[scale][d] + '.' for d in datasets) if scale in PROTOCOLS
+                    else "the paper's recipe.")
         lines += ['', f'**{study}** — claim: {CLAIMS[study]}. Protocol: {protocol}', '']
         lines += study_table(study, runs, records)
         summary = verdict(study, runs, records)
@@ -675,8 +870,10 @@ def record_hub_results(records_dir: Path, scale: str = 'paper', train_args: Sequ
     records = load_records(records_dir, scale, runs)
     written = []
     for cfg in hub.list_hub_configs():
+        # the runs' dataset name: the config's eval_id, else its tag's suffix ('capsnet_resnet_cifar10.cifar10')
+        dataset = cfg['dataset'].get('eval_id', cfg['tag'].partition('.')[2])
         matching = [r for r in records.values()
-                    if r['model'] == cfg['model'] and r['dataset'] == cfg['dataset']['eval_id']
+                    if r['model'] == cfg['model'] and r['dataset'] == dataset
                     and set(r['model_kwargs']) <= {'num_classes', 'iterations'}
                     and r['model_kwargs'].get('iterations', cfg['architecture']['routing_iterations'])
                     == cfg['architecture']['routing_iterations']]
@@ -689,32 +886,53 @@ def record_hub_results(records_dir: Path, scale: str = 'paper', train_args: Sequ
 
 def report_main(argv: Sequence[str], train_args: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(prog='experiments.py report', description='tables and plots from the run records')
-    parser.add_argument('--scale', choices=['cpu', 'paper'], default='cpu')
+    parser.add_argument('--scale', choices=['cpu', 'gpu', 'paper'], default='cpu')
     parser.add_argument('--records', type=Path, default=RECORDS)
     parser.add_argument('--plots', type=Path, default=RECORDS / 'plots', help='where the PNG plots go')
     parser.add_argument('--write', type=Path, metavar='README.md',
-                        help=f'replace the text between {BEGIN} and {END} in this file (else print it)')
+                        help=f'replace the text between {BEGIN} and {END} (gpu: experiments-gpu) in this file '
+                             f'(else print it)')
+    parser.add_argument('--data-dir', type=Path, default=DATA, help="the runs' --data-dir (part of their ids)")
     parser.add_argument('--record-hub', action='store_true',
                         help="fill the hub configs' measured results from matching runs (paper scale)")
     args = parser.parse_args(argv)
+    begin, end = markers(args.scale)
     readme = None if args.write is None else args.write.read_text()
-    if readme is not None and (BEGIN not in readme or END not in readme):  # before any plot is written
-        raise SystemExit(f'{args.write} has no {BEGIN} ... {END} block to replace')
+    if readme is not None and (begin not in readme or end not in readme):  # before any plot is written
+        raise SystemExit(f'{args.write} has no {begin} ... {end} block to replace')
+    if readme is not None:  # never replace results with an empty report
+        folder = args.records / args.scale
+        if not folder.is_dir():
+            raise SystemExit(f'{folder}: no such records folder; {args.write} left as it is')
+        runs = plan(args.scale, STUDIES, range(100), args.data_dir, train_args)
+        if not load_records(args.records, args.scale, runs, warn=False):
+            raise SystemExit(f'{folder}: no sound run record of this scale; {args.write} left as it is')
     text = render_report(args.scale, args.records, args.plots, (args.write or ROOT / 'README.md').resolve().parent,
-                         train_args=train_args)
+                         data_dir=args.data_dir, train_args=train_args)
     if args.record_hub:
         tags = record_hub_results(args.records, args.scale, train_args)
         print(f"hub configs updated: {', '.join(tags) if tags else 'none (no run trained a hub model as registered)'}")
     if readme is None:
         print(text)
         return 0
-    head, rest = readme.split(BEGIN, 1)
-    args.write.write_text(head + BEGIN + '\n' + text + END + rest.split(END, 1)[1])
+    head, rest = readme.split(begin, 1)
+    args.write.write_text(head + begin + '\n' + text + end + rest.split(end, 1)[1])
     print(f'wrote the {args.scale} results into {args.write}')
     return 0
 
 
 # -------------------------------------------------------------------------------------------------- main
+def shard(text: str):
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(part) for part in text.split('/'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not I/N (e.g. 0/4)') from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f'shard {text}: I must be in 0..N-1')
+    return index, count
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = []
@@ -725,9 +943,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='experiments.py', description=__doc__.split('\n\n')[0])
     parser.add_argument('studies', nargs='+', choices=STUDIES + ('all',), metavar='STUDY',
                         help=f'{", ".join(STUDIES)} or all ("report" instead: tables and plots, see report --help)')
-    parser.add_argument('--scale', choices=['cpu', 'paper'], default='cpu', help='reduced CPU protocol or the paper')
-    parser.add_argument('--seeds', type=int, default=3, help='seeds per configuration (0, 1, ...; default 3, as the '
-                        "README's tables)")
+    parser.add_argument('--scale', choices=['cpu', 'gpu', 'paper'], default='cpu',
+                        help='reduced CPU protocol, the Fashion-MNIST studies for one GPU, or the paper')
+    parser.add_argument('--seeds', type=int, help="seeds per configuration (0, 1, ...; default 3 at cpu scale, as the "
+                        "README's tables, else 2)")
     parser.add_argument('--only', nargs='+', metavar='WORD', help='only runs whose id contains one of these')
     parser.add_argument('--list', action='store_true', help='list the runs and their commands, run nothing')
     parser.add_argument('--records', type=Path, default=RECORDS, help='where run records go (one JSON per run)')
@@ -737,9 +956,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--stop-after-steps', type=int, metavar='N',
                         help='debug: stop each run after N optimizer steps as if killed (a rerun continues it)')
     parser.add_argument('--probe-images', type=int, default=500, help='two-digit images for the part-whole probe')
+    parser.add_argument('--shard', type=shard, metavar='I/N', help='only every N-th run to do, from the I-th '
+                        '(shards started side by side share one GPU)')
+    parser.add_argument('--time-limit', type=float, metavar='SECONDS',
+                        help='start no run that would end past this many seconds (gpu scale: by gpu_estimate)')
+    parser.add_argument('--prepare', action='store_true', help='write the datasets the runs need, train nothing')
     args = parser.parse_args(argv)
     args.studies = list(STUDIES) if 'all' in args.studies else args.studies
-    args.seeds, args.train_args = list(range(args.seeds)), train_args
+    seeds = args.seeds if args.seeds is not None else (3 if args.scale == 'cpu' else 2)
+    args.seeds, args.train_args = list(range(seeds)), train_args
     return run_studies(args)
 
 

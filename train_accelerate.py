@@ -14,6 +14,8 @@ checkpoints, outputs, then ``main``: data -> model -> optimizer/scheduler -> loo
 import argparse
 import ast
 import collections
+import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -21,8 +23,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +40,7 @@ import timm
 import timm_capsules  # noqa: F401  (registers the capsule models with timm)
 from timm_capsules import hub
 from timm_capsules.em_capsnet import EMCapsNet
+from timm_capsules.loading import NonFiniteWeightsWarning, non_finite_tensors
 from timm_capsules.routing import routing_kernel, use_fused_routing
 from timm_capsules.routing_baselines import em_routing_kernel
 from timm_capsules.losses import classification_loss, predicted_present
@@ -367,6 +372,33 @@ class MultiMNISTData:
             yield normalise(images, self.data_cfg), targets
 
 
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face Hub can be used: False under HF_HUB_OFFLINE=1, or when its host does not answer
+    within ``timeout`` seconds; then this process goes offline (the local cache only) at once, instead of
+    retrying for a minute. Returns (reachable, why not)."""
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False, 'HF_HUB_OFFLINE=1 is set'
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == 'https' else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True, None
+    except OSError as error:
+        why = f'the Hub ({host}) cannot be reached ({error.strerror or error})'
+    os.environ['HF_HUB_OFFLINE'] = os.environ['HF_DATASETS_OFFLINE'] = '1'  # read by datasets at import
+    constants.HF_HUB_OFFLINE = True
+    if 'datasets' in sys.modules:
+        sys.modules['datasets'].config.HF_HUB_OFFLINE = True
+    print(f'warning: {why}: using the local Hugging Face cache only', file=sys.stderr, flush=True)
+    return False, why
+
+
+OFFLINE_HINT = ('pass --data-dir DIR with a local copy (save_to_disk, parquet or imagefolder), or run once with '
+                'network to fill the cache; HF_HUB_OFFLINE=1 uses the cache without trying the network')
+
+
 class ImageDatasetData:
     """CIFAR-10/100 or any Hub / local image-classification dataset: shuffled (seedable sampler) and augmented
     from (seed, epoch, index), so a resumed run sees exactly the images of an uninterrupted one."""
@@ -383,12 +415,19 @@ class ImageDatasetData:
             fail(f'unknown dataset {args.dataset!r}: use diverse_multimnist, cifar10, cifar100 or hf:<id or folder>')
         self.image_column, self.label_column = args.image_column or image_column, args.label_column or label_column
         self.splits = {}
+        offline = None
+        if not Path(self.source).exists():  # a Hub dataset: find out now whether the Hub answers
+            reachable, why = hub_reachable()
+            offline = None if reachable else why
         with accelerator.main_process_first():  # a Hub dataset is downloaded once
             roles = [('train', args.train_split), ('test', args.test_split)]
             for role, split in roles + [(f'extra:{split}', split) for split in args.extra_test_splits]:
                 try:
                     self.splits[role] = load_image_dataset(self.source, split)
                 except Exception as error:  # offline Hub, missing folder, unknown split: one line, no traceback
+                    if offline:
+                        fail(f'cannot load split {split!r} of {self.source}: {offline} and the local cache does '
+                             f'not hold it; {OFFLINE_HINT}')
                     fail(f'cannot load split {split!r} of {self.source}: '
                          f'{str(error).splitlines()[0] if str(error) else repr(error)}')
                 try:
@@ -457,10 +496,18 @@ def create_model(args, num_classes):
     kwargs = dict(args.model_kwargs)
     if kwargs.setdefault('num_classes', num_classes) != num_classes:
         fail(f"num_classes={kwargs['num_classes']} but the dataset has {num_classes} classes")
+    if args.pretrained and not args.model.startswith('local-dir:'):
+        hub_reachable()  # offline: the cache at once, not a minute of retries
     try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+        with warnings.catch_warnings():  # said below, as the error it is for training
+            warnings.simplefilter('ignore', NonFiniteWeightsWarning)
+            model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     except (TypeError, ValueError, RuntimeError, AssertionError, OSError) as error:
         fail(f'cannot create {args.model} with {kwargs}: {error}')
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        fail(f'the pretrained weights of {args.model} hold NaN or infinity in {len(bad)} tensor(s): '
+             f'{", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}; training cannot start from them')
     return model, kwargs
 
 
@@ -523,6 +570,152 @@ def evaluate(model, batches, accelerator, multi_label, num_classes, output_type=
     return metrics
 
 
+# ---------------------------------------------------------------------------------------- output folder
+# The run holds a lock on --output-dir (an flock, so the kernel releases it when the process dies, however it
+# dies); OWNER names the run holding it.
+LOCK_NAME, OWNER_NAME = '.train.lock', '.train.lock.owner'
+OWNED_NAMES = ('model.safetensors', 'config.json', 'metrics.json', 'training_curves.png', '.tmp_model')
+
+
+def is_main_launch_process():
+    """Rank 0 of a launch (``accelerate launch`` sets RANK), before accelerate's state exists."""
+    return int(os.environ.get('RANK', '0')) == 0
+
+
+def check_output_dir(output_dir):
+    """Everything about ``--output-dir`` that can be told before training: it is (or can be made) a writable
+    folder, its ``checkpoints`` is a folder, and nothing the run writes or deletes there is a symbolic link."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        fail(f'--output-dir {out}: is a file, not a folder')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f'--output-dir {out}: cannot create it ({error.strerror}: {error.filename})')
+    if not os.access(out, os.W_OK | os.X_OK):
+        fail(f'--output-dir {out}: not writable')
+    checkpoints = out / 'checkpoints'
+    if checkpoints.exists() and not checkpoints.is_dir():
+        fail(f'--output-dir {out}: {checkpoints} is a file, not a folder')
+    inside = sorted(checkpoints.glob('step_*')) + sorted(checkpoints.glob('.tmp_step_*')) \
+        if checkpoints.is_dir() else []
+    for path in [checkpoints, *inside, *(out / name for name in OWNED_NAMES)]:
+        if path.is_symlink():
+            fail(f'--output-dir {out}: {path} is a symbolic link (to {os.readlink(path)}); a run replaces and '
+                 f'deletes only real files and folders: remove the link or choose another --output-dir')
+    return out
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir):
+    """Holds ``--output-dir`` for the run: a second run into it stops at once naming this one's PID; the lock
+    of a run that was killed is free (the kernel released it) and is taken over with a warning. Temporary
+    folders a killed run left behind are removed once the lock is held."""
+    from filelock import FileLock, Timeout
+    out = Path(output_dir)
+    owner_file = out / OWNER_NAME
+    lock = FileLock(str(out / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = json.loads(owner_file.read_text())
+            who = f"PID {owner['pid']} on {owner['host']}, started {owner['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = 'PID unknown'
+        fail(f'--output-dir {out} is in use by another run ({who}); wait for it to end or choose another '
+             f'--output-dir')
+    except OSError as error:
+        fail(f'--output-dir {out}: cannot lock it ({error.strerror}: {error.filename})')
+    try:
+        try:
+            stale = json.loads(owner_file.read_text())
+        except (OSError, ValueError):
+            stale = None
+        if isinstance(stale, dict):
+            print(f"warning: --output-dir {out}: a run that ended without releasing it (PID {stale.get('pid')}, "
+                  f"started {stale.get('started')}) left its lock; taken over", file=sys.stderr, flush=True)
+        owner_file.write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                                              started=time.strftime('%Y-%m-%d %H:%M:%S'), argv=sys.argv)))
+        for tmp in [out / '.tmp_model', *(out / 'checkpoints').glob('.tmp_step_*')]:
+            shutil.rmtree(tmp, ignore_errors=True)  # half-written by a killed run: never complete
+        yield out
+    finally:
+        owner_file.unlink(missing_ok=True)
+        lock.release()
+
+
+@contextlib.contextmanager
+def output_dir_for_the_run(args):
+    """The checks and the lock, on the main process (the others write into the folder it holds)."""
+    if not is_main_launch_process():
+        yield Path(args.output_dir)
+        return
+    created = not Path(args.output_dir).exists()
+    check_output_dir(args.output_dir)
+    try:
+        with output_dir_lock(args.output_dir) as out:
+            yield out
+    finally:  # a run that stopped before writing anything leaves no folder behind
+        if created and {p.name for p in Path(args.output_dir).iterdir()} <= {LOCK_NAME}:
+            (Path(args.output_dir) / LOCK_NAME).unlink(missing_ok=True)
+            Path(args.output_dir).rmdir()
+
+
+def check_free_space(output_dir, model, checkpointing):
+    """A checkpoint holds the weights, up to two optimizer states per weight and the RNG states (about 64 KiB);
+    the final model the weights: refuse to start when the disk cannot hold the first of these that is written."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need = weights * (3 if checkpointing else 1) + (64 << 10)
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        fail(f'--output-dir {output_dir}: {free / 2 ** 20:.2f} MiB free on its disk, a '
+             f'{"checkpoint" if checkpointing else "model"} of this model needs about {need / 2 ** 20:.2f} MiB')
+
+
+def write_failure(path, error):
+    """One line for a failed write: 'no space left on device: <path>' when that is the cause (torch's own
+    writer reports it as 'unexpected pos' or 'file write failed', without the errno)."""
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    if not full:
+        try:
+            full = shutil.disk_usage(Path(path).parent).free < (1 << 20)
+        except OSError:
+            pass
+    if full:
+        return f'no space left on device: {path}'
+    return f'cannot write {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}'
+
+
+def finite_json(value, where='', found=None):
+    """``value`` with every NaN or infinity replaced by None (JSON has neither), and the places replaced."""
+    found = [] if found is None else found
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append(where or '.')
+        return None, found
+    if isinstance(value, dict):
+        return {k: finite_json(v, f'{where}.{k}' if where else str(k), found)[0] for k, v in value.items()}, found
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v, f'{where}[{i}]', found)[0] for i, v in enumerate(value)], found
+    return value, found
+
+
+def write_json(path, value):
+    """Writes ``value`` as strict JSON through a temporary file (the previous file stays whole if writing
+    fails); NaN and infinity become null, their places listed under ``non_finite_values``."""
+    path = Path(path)
+    tmp = path.with_name(f'.tmp_{path.name}')
+    value, non_finite = finite_json(value)
+    if non_finite and isinstance(value, dict):
+        value['non_finite_values'] = non_finite
+    try:
+        tmp.write_text(json.dumps(value, indent=2, allow_nan=False))
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        fail(write_failure(path, error))
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 # A checkpoint folder: accelerate's save_state files (model.safetensors; optimizer.bin and random_states_<rank>.pkl,
 # read back by accelerate with torch.load(weights_only=True)) and our progress as JSON, with the size and
@@ -574,14 +767,27 @@ def save_checkpoint(accelerator, output_dir, state, total_limit):
     tmp = final.with_name(f'.tmp_{final.name}')
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
+    if final.is_symlink():
+        fail(f'{final} is a symbolic link; a checkpoint is never written through one')
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+
+    def failed(error):  # the last complete checkpoint and the model are left as they are
+        found = checkpoint_dirs(output_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(write_failure(tmp, error) + (f'; the last complete checkpoint is {found[-1]}' if found else ''))
+    try:
+        accelerator.save_state(str(tmp))
+    except Exception as error:
+        failed(error)
     running = accelerator.reduce(state.running.clone(), 'sum').tolist()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {p.name: dict(bytes=p.stat().st_size, sha256=file_sha256(p)) for p in sorted(tmp.iterdir())}
         progress = dict(completed_steps=state.completed_steps, running=running, history=state.history, files=files)
-        (tmp / TRAINING_STATE).write_text(json.dumps(progress, indent=1))
+        try:
+            (tmp / TRAINING_STATE).write_text(json.dumps(progress, indent=1, allow_nan=False))
+        except (OSError, ValueError) as error:
+            failed(error)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -589,6 +795,49 @@ def save_checkpoint(accelerator, output_dir, state, total_limit):
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def training_state_problem(saved, folder):
+    """What is wrong with a ``training_state.json`` (types, ranges, agreement with the folder's step), or None.
+    Its schema: completed_steps (int >= 0, the N of the folder's name step_N), running (3 finite numbers >= 0:
+    loss sum, correct, images), history (train and eval lists of records: str keys, a step from 0 to
+    completed_steps, finite numbers or lists of them), files ({name: {bytes: int >= 0, sha256: 64 hex}})."""
+    if not isinstance(saved, dict):
+        return 'not a JSON object'
+    missing = [key for key in ('completed_steps', 'running', 'history', 'files') if key not in saved]
+    if missing:
+        return f'missing {missing}'
+    steps, running, history, files = (saved[k] for k in ('completed_steps', 'running', 'history', 'files'))
+    if not _count(steps):
+        return f'completed_steps must be an int >= 0, got {steps!r}'
+    named = re.fullmatch(r'step_(\d+)', Path(folder).name)
+    if named and int(named.group(1)) != steps:
+        return f'completed_steps is {steps}, but the checkpoint is {Path(folder).name}'
+    if not (isinstance(running, list) and len(running) == 3 and all(_finite(v) and v >= 0 for v in running)):
+        return f'running must be 3 finite numbers >= 0 (loss sum, correct, images), got {running!r}'
+    if not (isinstance(history, dict) and isinstance(history.get('train'), list)
+            and isinstance(history.get('eval'), list)):
+        return 'history must be {"train": [...], "eval": [...]}'
+    for kind in ('train', 'eval'):
+        for record in history[kind]:
+            if not (isinstance(record, dict) and _count(record.get('step')) and record['step'] <= steps):
+                return f'history.{kind}: each record needs a step from 0 to {steps}, got {record!r}'
+            for key, value in record.items():
+                if not (_finite(value) or (isinstance(value, list) and all(_finite(v) for v in value))):
+                    return f'history.{kind}: {key} must be a finite number, got {value!r} (step {record["step"]})'
+    if not (isinstance(files, dict) and all(
+            isinstance(v, dict) and _count(v.get('bytes')) and isinstance(v.get('sha256'), str)
+            and re.fullmatch(r'[0-9a-f]{64}', v['sha256']) for v in files.values())):
+        return 'files must map each file name to its bytes and sha256'
+    return None
 
 
 def verify_checkpoint(folder, model, optimizer):
@@ -600,14 +849,14 @@ def verify_checkpoint(folder, model, optimizer):
     path = folder / TRAINING_STATE
     try:
         saved = json.loads(path.read_text())
-        files, steps, history = saved['files'], saved['completed_steps'], saved['history']
-        if not (isinstance(steps, int) and steps >= 0 and isinstance(files, dict) and len(saved['running']) == 3
-                and isinstance(history.get('train'), list) and isinstance(history.get('eval'), list)):
-            raise ValueError('unexpected values')
     except FileNotFoundError:
         raise CheckpointError(f'{path}: missing (not a complete checkpoint of this script)')
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise CheckpointError(f'{path}: not a valid training state ({error})')
+    problem = training_state_problem(saved, folder)
+    if problem:
+        raise CheckpointError(f'{path}: not a valid training state: {problem}')
+    files, steps = saved['files'], saved['completed_steps']
     for name, expected in files.items():
         file = folder / name
         if Path(name).name != name or not file.is_file():
@@ -649,6 +898,12 @@ def verify_checkpoint(folder, model, optimizer):
                                                              for v in values.values())
             for i, values in state.items()):
         raise CheckpointError(f'{folder / "optimizer.bin"}: does not fit this model\'s optimizer')
+    # the optimizer's own step count (Adam and the like; fp16 may skip steps, never add them)
+    counted = {int(values['step']) for values in state.values() if isinstance(values, dict)
+               and torch.is_tensor(values.get('step', None)) and values['step'].numel() == 1}
+    if counted and max(counted) > steps:
+        raise CheckpointError(f'{folder / TRAINING_STATE}: completed_steps is {steps}, but the optimizer state '
+                              f'was saved after {max(counted)} steps')
     return saved
 
 
@@ -759,8 +1014,12 @@ def save_model(model, output_dir, label_names, data_cfg):
     tmp = Path(output_dir) / '.tmp_model'
     shutil.rmtree(tmp, ignore_errors=True)
     model_config = dict(label_names=list(label_names)) if label_names else None
-    timm.models.save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True,
-                            data_config=dict(mean=data_cfg['mean'], std=data_cfg['std']))
+    try:
+        timm.models.save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True,
+                                data_config=dict(mean=data_cfg['mean'], std=data_cfg['std']))
+    except Exception as error:  # the previous model, if any, is left as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(write_failure(tmp, error) + '; the model was not saved')
     for file in tmp.iterdir():
         os.replace(file, Path(output_dir) / file.name)
     tmp.rmdir()
@@ -931,6 +1190,11 @@ def main(argv=None):
     if args.print_config:
         print(json.dumps(resolved_config(args), indent=2))
         return resolved_config(args)
+    with output_dir_for_the_run(args):  # checked and locked before anything is loaded
+        return run_training(args)
+
+
+def run_training(args):
     started = time.time()
     accelerator = Accelerator(
         cpu=args.cpu, mixed_precision=args.mixed_precision,
@@ -946,6 +1210,8 @@ def main(argv=None):
     model, model_kwargs = create_model(args, data.num_classes)
     data_cfg = model_data_config(model)
     data.build(data_cfg)
+    if accelerator.is_main_process:
+        check_free_space(args.output_dir, model, args.checkpointing_steps is not None)
     kernel_load_s = load_routing_kernel(model, accelerator)
     training_started = time.time()
 
@@ -1023,7 +1289,7 @@ def main(argv=None):
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_model(unwrapped, out, data.label_names, data_cfg)
-        (out / 'metrics.json').write_text(json.dumps(results, indent=2))
+        write_json(out / 'metrics.json', results)
         reference = cnn_reference_record(args, data.source, accelerator.num_processes)
         plot_curves(state.history, out / 'training_curves.png', metric_name,
                     f'{args.model} on {args.dataset} ({data.source})', data.chance,

@@ -1,26 +1,40 @@
 #!/usr/bin/env bash
-# The GPU checks in one script, for a machine with a CUDA GPU (CI has none): the CUDA tests (tests/test_cuda.py),
-# then the benchmark harness on the GPU against ResNet-18 at batch 128, t = 2 and 5. Each call stays inside one
-# 10-minute device command on an H100/H200 and writes its JSON (and logs) to $OUT, or benchmarks/results without it:
+# The GPU checks in one script, for a machine with a CUDA GPU (CI has none). Results go to $OUT (else
+# benchmarks/results).
 #
+#   benchmarks/gpu_check.sh full [SECONDS]    # everything in one call, in this order, inside SECONDS (default 540):
+#                                             # the CUDA tests, the speed harness (t = 2 and 5, fp32 and bf16, eager,
+#                                             # plain ops and the Triton kernels), then the --scale gpu studies in 4
+#                                             # shards on the one GPU; one summary line per part, and everything packed
+#                                             # into $OUT/results.tgz (records in results/gpu/, speed JSON, logs)
+#   benchmarks/gpu_check.sh full SECONDS --dry-run   # the same plumbing on the CPU, a few steps per study (CI runs it)
 #   benchmarks/gpu_check.sh eager             # the tests, then eager mode, fp32 and bf16 (about 4 minutes)
 #   benchmarks/gpu_check.sh compiled fp32     # torch.compile, one dtype per call (5-8 minutes, mostly compiling)
 #   benchmarks/gpu_check.sh compiled bf16
 #   benchmarks/gpu_check.sh triton            # the Triton routing kernels (opt-in): their test, each layer's pass
 #                                             # alone against plain ops, then the models in eager fp32 and bf16
 #
-# Nothing is installed: the package runs from this tree (PYTHONPATH). The training-script test needs `datasets`,
-# which it skips without; carry its wheels to run it (see the device tool's notes).
+# Nothing is installed: the package runs from this tree (PYTHONPATH). A GPU machine without `datasets` (which the
+# studies and the training-script test need) gets it from wheels in .whl/ when they are there (see the device
+# tool's notes); the studies read Fashion-MNIST from $DATA_DIR (default outputs/experiments/data), which must hold
+# fashion_mnist/ (written by `python experiments.py table1 --scale gpu --prepare` on a machine with Debian's
+# dataset-fashion-mnist). A finished study run is never rerun: a second call continues with the runs left.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}-${2:-}" in
-    eager-|compiled-fp32|compiled-bf16|triton-) ;;
-    *) echo "usage: $0 eager | compiled fp32|bf16 | triton" >&2; exit 2 ;;
+    eager-|compiled-fp32|compiled-bf16|triton-|full-*) ;;
+    *) echo "usage: $0 full [SECONDS [--dry-run]] | eager | compiled fp32|bf16 | triton" >&2; exit 2 ;;
 esac
-command -v nvidia-smi >/dev/null || { echo "$0: no NVIDIA GPU on this machine (nvidia-smi not found)" >&2; exit 1; }
+dry_run=0
+[ "${3:-}" = --dry-run ] && dry_run=1
+[ "$dry_run" = 1 ] || command -v nvidia-smi >/dev/null \
+    || { echo "$0: no NVIDIA GPU on this machine (nvidia-smi not found)" >&2; exit 1; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
+if [ "$1" = full ]; then
+    exec bash "$(dirname "$0")/gpu_full.sh" "${2:-540}" "$dry_run" "$out"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 cases=(--device cuda --batch-sizes 128 --iterations 2 5 --rounds 1 --steps 10
        --models capsnet_resnet_cifar10 resnet18_cifar10)

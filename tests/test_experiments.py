@@ -333,3 +333,17 @@ def test_paper_scale_smoke_probe_and_hub_results(experiments, tmp_path, monkeypa
     assert cfg['results']['per_seed'] == [pytest.approx(100 * record['metrics']['exact_match'])]
     untouched = json.loads((configs / 'capsnet_vector_multimnist.diverse_multimnist.json').read_text())
     assert untouched['results']['per_seed'] == []
+
+
+def test_every_committed_record_reads_as_sound(experiments, tmp_path):
+    """The committed records, DiverseMultiMNIST's with their per-class F1 lists among the metrics, are all sound:
+    none is left out of the report. A list with a NaN is not."""
+    paths = sorted((ROOT / 'results').glob('*/*.json'))
+    assert len(paths) >= 69 and {path: experiments.read_record(path)[1] for path in paths} == dict.fromkeys(paths)
+    [multimnist] = [p for p in paths if 'matrixCapsNet' in p.name and p.name.endswith('seed0.json')][:1]
+    record = json.loads(multimnist.read_text())
+    assert isinstance(record['metrics']['per_class_f1'], list)
+    record['metrics']['per_class_f1'][3] = float('nan')
+    damaged = tmp_path / multimnist.name
+    damaged.write_text(json.dumps(record))
+    assert 'per_class_f1' in experiments.read_record(damaged)[1]

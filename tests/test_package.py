@@ -96,3 +96,29 @@ def test_every_subpackage_ships_in_the_wheel():
     listed = set(tomllib.loads((PACKAGE.parent / 'pyproject.toml').read_text())['tool']['setuptools']['packages'])
     found = {name for name, path in modules().items() if path.name == '__init__.py'}
     assert found <= listed, f'add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml'
+
+
+def test_every_dependency_has_a_tested_upper_bound():
+    """Each requirement (dev extra included) is bounded above below its next major version, and the installed
+    release, the one this run tests, lies inside the declared range: a bound nobody ran the suite on fails here."""
+    from importlib.metadata import PackageNotFoundError, version
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    tomllib = pytest.importorskip('tomllib')
+    project = tomllib.loads((PACKAGE.parent / 'pyproject.toml').read_text())['project']
+    problems = []
+    for line in project['dependencies'] + project['optional-dependencies']['dev']:
+        req = Requirement(line)
+        if req.marker and not req.marker.evaluate():
+            continue
+        uppers = [Version(s.version) for s in req.specifier if s.operator == '<']
+        try:
+            installed = Version(version(req.name))
+        except PackageNotFoundError:
+            problems.append(f'{req.name} is not installed')
+            continue
+        if not uppers or min(uppers).major > installed.major or min(uppers) == Version(f'{installed.major + 1}'):
+            problems.append(f'{line}: no upper bound below the next major version ({installed} installed)')
+        if not req.specifier.contains(installed, prereleases=True):
+            problems.append(f'{line}: the installed {installed} is outside the range')
+    assert not problems, problems

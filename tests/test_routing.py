@@ -83,27 +83,32 @@ def naive_layer(layer, child_grid, parent_grid=None):
     return poses, coefficients
 
 
-def naive_capsnet_logits(model, x):
-    """The whole model with the paper's schedules, every layer routed at every iteration."""
+def naive_capsnet_history(model, x):
+    """The whole model with the paper's schedules, every layer routed at every iteration: the poses of every layer
+    (primary first, class capsules last) after each iteration 1..t, laid out as ``RoutingTrace.poses``."""
     features = model.backbone(x)[-1]
     primary = model.primary(features).poses
     layers = list(model.capsule_layers) + [model.head.capsules]
     t = model.iterations
-    if model.routing == 'concurrent':
-        poses = [primary]
+    history = [[primary] for _ in range(t)]
+    if model.routing == 'concurrent':  # iteration k: every layer from the previous iteration's poses
         for layer in layers:
-            poses.append(naive_layer(layer, poses[-1])[0])
-        for _ in range(t - 1):
-            poses = [primary] + [naive_layer(layer, poses[l], poses[l + 1])[0] for l, layer in enumerate(layers)]
-        top = poses[-1]
-    else:
-        top = primary
+            history[0].append(naive_layer(layer, history[0][-1])[0])
+        for k in range(1, t):
+            history[k] += [naive_layer(layer, history[k - 1][l], history[k - 1][l + 1])[0]
+                           for l, layer in enumerate(layers)]
+    else:  # each layer finishes its t iterations before the next starts, which reads its last
         for layer in layers:
-            parents = naive_layer(layer, top)[0]
-            for _ in range(t - 1):
-                parents = naive_layer(layer, top, parents)[0]
-            top = parents
-    return model.head.fc(top).flatten(1)
+            children = history[-1][-1]
+            parents = None
+            for k in range(t):
+                parents = naive_layer(layer, children, parents)[0]
+                history[k].append(parents)
+    return history
+
+
+def naive_capsnet_logits(model, x):
+    return model.head.fc(naive_capsnet_history(model, x)[-1][-1]).flatten(1)
 
 
 def tiny_capsnet(matrix_pose=True, iterations=2, routing='concurrent', capsule_layers=None, **kwargs):
@@ -209,28 +214,52 @@ def test_gradcheck_capsule_layers(kind):
 
 # ---- whole models: schedules ------------------------------------------------------------------------
 
+NAIVE = {}  # the naive reference per (schedule, stack, t), shared by the fused and the plain model
+
+
+def assert_schedule_matches_naive(model, x, key):
+    """forward and forward_routing's logits, and forward_routing's poses of every layer at every iteration."""
+    with torch.no_grad():
+        if key not in NAIVE:
+            NAIVE[key] = naive_capsnet_history(model, x)
+        history = NAIVE[key]
+        expected = model.head.fc(history[-1][-1]).flatten(1)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        trace = model.forward_routing(x)
+    torch.testing.assert_close(trace.logits, expected, rtol=1e-5, atol=1e-5)
+    assert len(trace.poses) == model.iterations
+    for k, (step, naive_step) in enumerate(zip(trace.poses, history), 1):
+        for name, poses, naive_poses in zip(trace.layer_names, step, naive_step):
+            torch.testing.assert_close(poses, naive_poses, rtol=1e-5, atol=1e-5, msg=f'{name}, iteration {k}')
+
+
+# The paper's Fig. 3 range, t = 1..5, on stacks of two hidden capsule layers: with concurrent routing, a layer's
+# update reads the layer below's previous iteration, which differs from its current one (a layer and the one below
+# routed in the same iteration and both reaching the logits) only from t = 4 on.
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('routing', ['concurrent', 'sequential'])
-@pytest.mark.parametrize('iterations', [1, 2, 3])
+@pytest.mark.parametrize('iterations', [1, 2, 3, 4, 5])
 @pytest.mark.parametrize('matrix_pose', [True, False])
 def test_capsnet_matches_naive_schedule(routing, iterations, matrix_pose, fused, request):
     if fused:
         request.getfixturevalue('kernel')
     model = tiny_capsnet(matrix_pose, iterations, routing)
+    assert len(model.capsule_layers) == 2
     model.set_fused_routing(fused)
-    x = torch.randn(2, 1, 10, 10)
-    with torch.no_grad():
-        expected = naive_capsnet_logits(model, x)
-        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.forward_routing(x).logits, expected, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(1)
+    assert_schedule_matches_naive(model, torch.randn(1, 1, 10, 10), ('conv', routing, matrix_pose, iterations))
 
 
-@pytest.mark.parametrize('iterations', [2, 3])
-def test_fc_hidden_layer_stack_matches_naive_schedule(iterations):
-    model = tiny_capsnet(capsule_layers=(('conv', 3, 3, 2), ('fc', 4)), iterations=iterations)
-    x = torch.randn(2, 1, 10, 10)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), naive_capsnet_logits(model, x), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('routing', ['concurrent', 'sequential'])
+@pytest.mark.parametrize('iterations', [1, 2, 3, 4, 5])
+def test_fc_hidden_layer_stack_matches_naive_schedule(routing, iterations, fused, request):
+    if fused:
+        request.getfixturevalue('kernel')
+    model = tiny_capsnet(capsule_layers=(('conv', 3, 3, 2), ('fc', 4)), iterations=iterations, routing=routing)
+    model.set_fused_routing(fused)
+    torch.manual_seed(1)
+    assert_schedule_matches_naive(model, torch.randn(1, 1, 10, 10), ('fc', routing, iterations))
 
 
 def test_forward_routing_coefficients_match_forward_pass():

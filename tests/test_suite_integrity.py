@@ -54,6 +54,33 @@ def test_the_fetched_timm_suite_is_the_installed_versions():
     assert f"FEAT_INTER_FILTERS = [{', '.join(map(repr, fetch.OUR_MODULES))}, " in fetch.TARGET.read_text()
 
 
+def test_every_planted_mutation_still_applies_and_names_existing_tests():
+    """tools/mutations.py cannot go stale: each snippet occurs exactly once in its file (else tools/mutate.py stops
+    there, or edits the wrong spot), the edit changes something, and each test it names exists."""
+    import re
+    sys.path.insert(0, str(TESTS.parent / 'tools'))
+    try:
+        from mutations import MUTATIONS
+    finally:
+        sys.path.remove(str(TESTS.parent / 'tools'))
+    problems = []
+    names = [m['name'] for m in MUTATIONS]
+    assert len(names) == len(set(names)), 'two mutations share a name'
+    for m in MUTATIONS:
+        count = (TESTS.parent / m['file']).read_text().count(m['old'])
+        if count != 1:
+            problems.append(f"{m['name']}: its snippet occurs {count} times in {m['file']}")
+        if m['old'] == m['new']:
+            problems.append(f"{m['name']}: the edit changes nothing")
+        for test in m['tests']:
+            path, _, function = test.partition('::')
+            source = (TESTS.parent / path).read_text() if (TESTS.parent / path).is_file() else None
+            name = function.partition('[')[0]
+            if source is None or (name and not re.search(rf'^def {re.escape(name)}\(', source, re.M)):
+                problems.append(f"{m['name']}: no test {test}")
+    assert not problems, '\n'.join(problems)
+
+
 def test_every_run_lists_the_slowest_tests(request):
     """pyproject's addopts: the 15 slowest tests and their times end every run, so a slow test stays visible."""
     assert request.config.getoption('durations') == 15

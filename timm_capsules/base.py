@@ -283,7 +283,7 @@ def build_capsule_model(cls, variant: str, pretrained: bool, num_levels: Optiona
     malformed configs) with the state-dict check (names and shapes listed on a mismatch); ``num_levels``
     feature levels for ``features_only``."""
     feature_cfg = dict(feature_cls='getter', out_indices=tuple(range(num_levels))) if num_levels else None
-    with pretrained_guard(variant, pretrained, kwargs):
+    with pretrained_guard(variant, pretrained, kwargs, cls):
         model = build_model_with_cfg(
             cls, variant, pretrained, feature_cfg=feature_cfg, pretrained_filter_fn=check_state_dict, **kwargs)
     if hasattr(model, 'img_size') and hasattr(model, 'in_chans'):

@@ -30,6 +30,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -41,8 +42,8 @@ from timm.models import model_entrypoint, save_for_hf, split_model_name_tag
 
 from .hub_cards import PUBLISHED, NOT_PUBLISHED, mean_std, fmt, model_card
 from .loading import (
-    CONFIG_NAME, MAX_ITERATIONS, WEIGHTS_NAME, ConfigError, WeightsError, WeightsNotPublishedError, _is_int,
-    _is_number, _require, check_weights_file, our_architectures, read_config_json)
+    CONFIG_NAME, MAX_ITERATIONS, WEIGHTS_NAME, ConfigError, NonFiniteWeightsWarning, WeightsError,
+    WeightsNotPublishedError, _is_int, _is_number, _require, check_weights_file, our_architectures, read_config_json)
 from .presets import PRESETS
 
 __all__ = [
@@ -275,7 +276,9 @@ def check_checkpoint(checkpoint_dir: Union[str, os.PathLike], **model_kwargs) ->
             f'{folder}: no {WEIGHTS_NAME}' + (f' (found pickle files {pickles}; only safetensors are '
                                               f'published: re-export with timm.models.save_for_hf(..., '
                                               f'safe_serialization=True))' if pickles else ''))
-    model = timm.create_model(f'local-dir:{folder}', pretrained=True, **model_kwargs)
+    with warnings.catch_warnings():  # the error below names them
+        warnings.simplefilter('ignore', NonFiniteWeightsWarning)
+        model = timm.create_model(f'local-dir:{folder}', pretrained=True, **model_kwargs)
     check_weights_file(weights)  # loaded, so readable: this finds the tensors holding NaN or infinity
     return model
 

@@ -7,7 +7,10 @@ The model files build every model inside ``pretrained_guard`` and pass ``check_s
 - a ``config.json`` that is not JSON, or lacks what timm needs, is caught where timm reads it (timm parses it
   before any model code runs; see ``_read_config_json_for_timm``);
 - its ``pretrained_cfg`` and ``model_args`` are checked for type and range before the model is built; the
-  argument types come from the model class's constructor (the timm entrypoint's return annotation);
+  argument types come from the model class's constructor (the timm entrypoint's return annotation); every
+  count and size is bounded (``MAX_ITERATIONS``, ``MAX_SIZE``, ``MAX_LIST_LENGTH``);
+- the model it describes is then held to a memory budget (parameters plus the activations of one image,
+  estimated on the meta device, so nothing is allocated): ``TIMM_CAPSULES_MEMORY_LIMIT_GB``, default 8 GiB;
 - weights that are missing on the Hub (or offline and not cached) raise ``WeightsNotPublishedError`` with the
   command that trains them; unreadable safetensors files and weights that do not fit raise ``WeightsError``.
 
@@ -16,13 +19,18 @@ This module imports no model module (the model files import it).
 import collections.abc
 import contextlib
 import inspect
+import itertools
 import json
 import math
+import os
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.utils._python_dispatch
+import torch.utils._pytree
 from safetensors import SafetensorError, safe_open
 
 import timm
@@ -32,7 +40,9 @@ from timm.models import model_entrypoint, resolve_pretrained_cfg
 from .presets import preset_for_model
 
 __all__ = [
-    'ConfigError', 'WeightsError', 'WeightsNotPublishedError', 'MAX_ITERATIONS',
+    'ConfigError', 'WeightsError', 'WeightsNotPublishedError', 'NonFiniteWeightsWarning',
+    'MAX_ITERATIONS', 'MAX_SIZE', 'MAX_LIST_LENGTH',
+    'MEMORY_LIMIT_ENV', 'DEFAULT_MEMORY_LIMIT_GB', 'memory_limit_bytes', 'estimate_model_memory', 'check_memory_budget',
     'model_class', 'our_architectures', 'training_command', 'validate_model_args', 'validate_checkpoint_config',
     'read_config_json', 'check_state_dict', 'check_weights_file', 'pretrained_guard',
 ]
@@ -40,6 +50,15 @@ __all__ = [
 # the paper studies t = 1..5; every iteration keeps a pose snapshot per layer, so an unbounded t (say from a
 # hostile config.json) would only exhaust memory
 MAX_ITERATIONS = 64
+# every other count or size in a config.json (channels, capsules, pose entries, classes, image sides, kernel
+# sizes, ...) is at most MAX_SIZE, and a list (capsule_layers, ...) holds at most MAX_LIST_LENGTH entries; what
+# these allow together is then held to the memory budget below, estimated on the meta device before anything
+# is allocated
+MAX_SIZE = 2 ** 16
+MAX_LIST_LENGTH = 256
+# the memory budget of a model built from a config.json (hf-hub:, local-dir:): its parameters plus the tensors
+# one forward pass of one image creates, in GiB; set the environment variable to allow more (or less)
+MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT_GB = 'TIMM_CAPSULES_MEMORY_LIMIT_GB', 8.0
 CONFIG_NAME, WEIGHTS_NAME = 'config.json', 'model.safetensors'
 _PACKAGE = __name__.rpartition('.')[0]
 
@@ -51,6 +70,10 @@ class ConfigError(ValueError):
 class WeightsError(RuntimeError):
     """A weights file is unreadable (corrupted, truncated), holds non-finite values or does not fit the
     architecture."""
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """Weights that were loaded hold NaN or infinity (the message names the tensors)."""
 
 
 class WeightsNotPublishedError(RuntimeError):
@@ -152,7 +175,12 @@ def _matches(value: Any, hint: Any) -> bool:
 
 def _check_numbers(arg: str, name: str, value: Any, where: str, in_list: bool = False):
     """Sizes and counts are positive (a named ``num_classes``, padding or index may be 0; entries of a list
-    of mixed specs only non-negative), other numbers non-negative, rates and momenta at most 1."""
+    of mixed specs only non-negative) and at most ``MAX_SIZE`` (``max_votes``, a chunk size, at most 2**40),
+    lists and objects hold at most ``MAX_LIST_LENGTH`` entries, other numbers are non-negative, rates and
+    momenta at most 1."""
+    if isinstance(value, (dict, list, tuple)):
+        _require(len(value) <= MAX_LIST_LENGTH, where,
+                 f'{arg} must hold at most {MAX_LIST_LENGTH} entries, got {len(value)}')
     if isinstance(value, dict):
         for key, item in value.items():
             _check_numbers(f'{arg}.{key}', key, item, where)
@@ -164,6 +192,8 @@ def _check_numbers(arg: str, name: str, value: Any, where: str, in_list: bool = 
             _require(value >= 0, where, f'{arg} must not be negative, got {value!r}')
         else:
             _require(value >= 1, where, f'{arg} must be positive, got {value!r}')
+        top = 2 ** 40 if name == 'max_votes' else MAX_SIZE
+        _require(value <= top, where, f'{arg} must be at most {top}, got {value!r}')
     elif isinstance(value, float):
         if name.endswith('eps'):
             _require(value > 0, where, f'{arg} must be positive, got {value!r}')
@@ -227,9 +257,11 @@ def validate_checkpoint_config(
         _require(architecture in ours, where, f'unknown architecture {architecture!r} (timm_capsules has {ours})')
     num_classes = pretrained_cfg.get('num_classes')
     _require(_is_int(num_classes) and num_classes >= 0, where, f'num_classes must be an int >= 0, got {num_classes!r}')
+    _require(num_classes <= MAX_SIZE, where, f'num_classes must be at most {MAX_SIZE}, got {num_classes!r}')
     size = pretrained_cfg.get('input_size')
     _require(isinstance(size, (list, tuple)) and len(size) == 3 and all(_is_int(s) and s > 0 for s in size), where,
              f'input_size must be [channels, height, width] of positive ints, got {size!r}')
+    _require(all(s <= MAX_SIZE for s in size), where, f'input_size entries must be at most {MAX_SIZE}, got {size!r}')
     for key in ('mean', 'std'):
         value = pretrained_cfg.get(key)
         _require(isinstance(value, (list, tuple)) and len(value) == size[0] and all(_is_number(v) for v in value),
@@ -254,19 +286,140 @@ def validate_checkpoint_config(
                  f"model_args.in_chans={model_args['in_chans']} disagrees with input_size[0]={size[0]}")
 
 
+# ---- the memory budget ------------------------------------------------------------------------------------
+
+
+def memory_limit_bytes() -> int:
+    """The memory budget (bytes) of a model built from a ``config.json``: ``TIMM_CAPSULES_MEMORY_LIMIT_GB``
+    (GiB) or ``DEFAULT_MEMORY_LIMIT_GB``."""
+    text = os.environ.get(MEMORY_LIMIT_ENV)
+    if text is None:
+        return int(DEFAULT_MEMORY_LIMIT_GB * 2 ** 30)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float('nan')
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f'{MEMORY_LIMIT_ENV}={text!r}: expected a positive number of GiB')
+    return int(value * 2 ** 30)
+
+
+class _TensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Adds up the bytes of every tensor the operations create (on the meta device: nothing is allocated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for item in torch.utils._pytree.tree_leaves(out):
+            if isinstance(item, torch.Tensor):
+                self.total += item.numel() * item.element_size()
+        return out
+
+
+def estimate_model_memory(
+        cls: type,
+        model_kwargs: Mapping[str, Any],
+        input_size: Optional[Tuple[int, int, int]] = None,
+) -> Tuple[int, Optional[int]]:
+    """(parameter and buffer bytes, bytes of the tensors one forward pass at batch 1 creates) of
+    ``cls(**model_kwargs)``, built on the meta device: no memory is allocated. The activations are None when
+    the parameters alone are over the budget, or the model cannot run on the meta device. ``input_size``
+    (channels, height, width) is used when the model does not say its own (``in_chans``, ``img_size``)."""
+    parameters = _constructor_parameters(cls)
+    kwargs = {k: v for k, v in model_kwargs.items() if k in parameters and k not in ('device', 'dtype')}
+    if 'backbone_pretrained' in kwargs:
+        kwargs['backbone_pretrained'] = False  # nothing to download for an estimate
+    with torch.device('meta'):
+        model = cls(**kwargs, **({'device': 'meta'} if 'device' in parameters else {}))
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    if weights > memory_limit_bytes():
+        return weights, None
+    channels = getattr(model, 'in_chans', None) or (input_size or (3,))[0]
+    img_size = getattr(model, 'img_size', None) or (input_size or (3, 224, 224))[1:]
+    height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    counter = _TensorBytes()
+    try:
+        with counter, torch.no_grad():
+            model.eval()(torch.empty(1, channels, height, width, device='meta'))
+    except Exception:  # an operation without a meta kernel: the parameters are all that can be told
+        return weights, None
+    return weights, counter.total
+
+
+def check_memory_budget(
+        cls: type,
+        model_kwargs: Mapping[str, Any],
+        where: str,
+        input_size: Optional[Tuple[int, int, int]] = None,
+        named: Optional[Mapping[str, Any]] = None,
+) -> None:
+    """Refuses (``ConfigError`` naming ``where`` and the size arguments of ``named``, the config's own
+    model_args, default all of ``model_kwargs``) a model whose parameters plus batch-1 activations, estimated
+    on the meta device, exceed ``memory_limit_bytes()``."""
+    limit = memory_limit_bytes()
+    weights, activations = estimate_model_memory(cls, model_kwargs, input_size)
+    total = weights + (activations or 0)
+    if total <= limit:
+        return
+    sizes = {k: v for k, v in (model_kwargs if named is None else named).items() if (
+        _is_int(v) or k in ('img_size', 'capsule_layers', 'backbone_args')) and k != 'max_votes'}
+    what = f'{weights / 2 ** 30:.3g} GiB of parameters' + (
+        f' and {activations / 2 ** 30:.3g} GiB of activations for one image' if activations else '')
+    raise ConfigError(
+        f'{where}: model_args ask for {what}, over the memory budget of {limit / 2 ** 30:.3g} GiB '
+        f'(set {MEMORY_LIMIT_ENV} to allow more); its size arguments: '
+        + ', '.join(f'{k}={json.dumps(v)}' for k, v in sorted(sizes.items())))
+
+
 def _parse_config_json(path: Path) -> Dict[str, Any]:
     """The checks timm's own parser needs to not fail with a bare ``JSONDecodeError``/``KeyError``."""
     try:
         cfg = json.loads(path.read_text(encoding='utf-8'))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f'{path}: not valid JSON ({error})') from error
+    except RecursionError:
+        raise ConfigError(f'{path}: nested too deeply to be a config.json') from None
     _require(isinstance(cfg, dict), str(path), 'expected a JSON object')
     _require(isinstance(cfg.get('architecture'), str), str(path), 'missing "architecture"')
     for key in ('pretrained_cfg', 'model_args'):
         _require(isinstance(cfg.get(key, {}), dict), str(path), f'"{key}" must be an object')
     _require(timm.is_model(cfg['architecture']), str(path),
              f"unknown architecture {cfg['architecture']!r} (import the package that registers it first)")
+    _check_other_architecture_args(cfg['architecture'], cfg.get('model_args', {}), str(path))
     return cfg
+
+
+# what timm's build_model_with_cfg takes besides the model class's own arguments
+_BUILD_ARGS = {'features_only', 'feature_cfg', 'out_indices', 'pretrained_strict', 'pretrained_cfg',
+               'pretrained_cfg_overlay', 'feature_cls', 'flatten_sequential', 'kwargs_filter'}
+
+
+def _check_other_architecture_args(architecture: str, model_args: Mapping[str, Any], where: str):
+    """Ours are checked in full before they are built (``validate_model_args``); another package's model
+    (e.g. timm's resnet18) only for argument names its constructor cannot take, where it says which it takes
+    (no ``**kwargs`` left open), so that the error names the file instead of a bare ``TypeError``."""
+    if not model_args or architecture in our_architectures():
+        return
+    try:
+        cls = model_class(architecture)
+    except (KeyError, NameError, TypeError):
+        return  # no return annotation: nothing to check against
+    if not isinstance(cls, type):
+        return
+    for klass in cls.__mro__:  # closed: a constructor without **kwargs, or nn.Module's (which refuses them)
+        init = klass.__dict__.get('__init__')
+        if init is not None and (klass is torch.nn.Module or inspect.Parameter.VAR_KEYWORD not in [
+                p.kind for p in inspect.signature(init).parameters.values()]):
+            break
+    else:
+        return  # passes its keywords on to something we cannot see
+    unknown = sorted(set(model_args) - set(_constructor_parameters(cls)) - _BUILD_ARGS)
+    _require(not unknown, where, f'model_args has arguments {unknown} that {architecture} '
+                                 f'({cls.__name__}) does not take; is "architecture" the model these args are for?')
 
 
 def read_config_json(folder: Union[str, Path]) -> Dict[str, Any]:
@@ -349,6 +502,12 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module
             f"(built with {getattr(model, 'num_classes', '?')} classes, {getattr(model, 'in_chans', '?')} input channels):"
             + block('shape mismatches', wrong) + block('missing from the checkpoint', missing)
             + block('not in the model', unexpected))
+    bad = non_finite_tensors({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
+    if bad:
+        source = cfg.get('file') or cfg.get('hf_hub_id') or 'the checkpoint'
+        shown = ', '.join(bad[:20]) + (f' and {len(bad) - 20} more' if len(bad) > 20 else '')
+        warnings.warn(f'{source}: {len(bad)} tensor(s) hold NaN or infinity (a diverged run?): {shown}',
+                      NonFiniteWeightsWarning, stacklevel=2)
     return state_dict
 
 
@@ -423,11 +582,14 @@ def _not_found_reason(error: Exception, repo: str) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def pretrained_guard(variant: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Iterator[None]:
+def pretrained_guard(
+        variant: str, pretrained: bool, kwargs: Mapping[str, Any], cls: Optional[type] = None) -> Iterator[None]:
     """Wraps ``build_model_with_cfg`` in the model files:
 
     - a ``config.json`` from ``hf-hub:``/``local-dir:`` is validated before the model is built or any weights
       are read, and the constructor's own objections to its arguments name the file (``ConfigError``);
+    - the model it describes (``cls`` built with ``kwargs``) is held to the memory budget, estimated on the meta
+      device before anything is allocated (``check_memory_budget``);
     - ``pretrained=True`` goes through timm's usual path (Hub download, or the local cache with
       ``HF_HUB_OFFLINE=1``); only when the Hub has no such repo or file, or it cannot be reached and nothing is
       cached, it raises ``WeightsNotPublishedError`` with the command that trains the weights;
@@ -439,6 +601,9 @@ def pretrained_guard(variant: str, pretrained: bool, kwargs: Mapping[str, Any]) 
         validate_checkpoint_config(given, kwargs.get('pretrained_model_args'), variant, _config_location(given))
     cfg = resolve_pretrained_cfg(variant, given, kwargs.get('pretrained_cfg_overlay')).to_dict() if pretrained else {}
     try:
+        if from_file and cls is not None:
+            check_memory_budget(cls, kwargs, _config_location(given), tuple(given.get('input_size') or ()) or None,
+                                named=kwargs.get('pretrained_model_args') or {})
         yield
     except SafetensorError as error:
         raise WeightsError(

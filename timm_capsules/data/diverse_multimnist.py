@@ -137,7 +137,7 @@ def _paste(canvas: np.ndarray, rows_of: np.ndarray, digits: np.ndarray, row: np.
     size = canvas.shape[-1]
     window = (np.arange(DIGIT_SIZE)[:, None] * size + np.arange(DIGIT_SIZE)[None, :]).ravel()
     start = rows_of * (size * size) + row * size + col
-    canvas.reshape(-1)[start[:, None] + window[None, :]] = digits.reshape(len(digits), -1)
+    canvas.reshape(-1)[start[:, None] + window[None, :]] = digits.reshape(len(digits), DIGIT_SIZE * DIGIT_SIZE)
 
 
 def generate(digits: MnistDigits, indices: Sequence[int] | np.ndarray, *, seed: int = 0, split: str = 'train',

@@ -103,13 +103,17 @@ def _check_inputs(args):
 def _create_model(args, parser):
     import timm
     import timm_capsules  # noqa: F401  (registers the models)
+    from timm_capsules.loading import ConfigError, WeightsError, WeightsNotPublishedError
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    if args.checkpoint:
-        model = timm.create_model('local-dir:' + str(args.checkpoint), pretrained=True, **kwargs)
-    elif args.model:
-        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    else:
-        parser.error('give --model NAME or --checkpoint DIR')
+    try:
+        if args.checkpoint:
+            model = timm.create_model('local-dir:' + str(args.checkpoint), pretrained=True, **kwargs)
+        elif args.model:
+            model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+        else:
+            parser.error('give --model NAME or --checkpoint DIR')
+    except (ConfigError, WeightsError, WeightsNotPublishedError) as error:
+        parser.exit(1, f'{parser.prog}: error: {error}\n')  # says what and where: no traceback
     return model.eval()
 
 

@@ -1,0 +1,544 @@
+"""Hostile and careless input: configs whose sizes would exhaust memory, and what a user can get wrong
+before, during and after a run. Each case gives one error line naming the input, and loses nothing."""
+import errno
+import json
+import re
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import timm
+from timm.models import save_for_hf
+
+import timm_capsules  # noqa: F401
+from timm_capsules import hub, loading
+from timm_capsules.loading import ConfigError
+
+from hub_cache import offline_hub_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained capsnet_simple_cifar10 saved as timm saves it (config.json + model.safetensors)."""
+    folder = tmp_path_factory.mktemp('checkpoint') / 'capsnet'
+    save_for_hf(timm.create_model('capsnet_simple_cifar10'), folder, safe_serialization=True)
+    return folder
+
+
+def _with_args(checkpoint: Path, folder: Path, **model_args) -> Path:
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config['model_args'].update(model_args)
+    if 'num_classes' in model_args:
+        config['num_classes'] = config['pretrained_cfg']['num_classes'] = model_args['num_classes']
+        config['pretrained_cfg'].pop('label_names')
+    (folder / 'config.json').write_text(json.dumps(config))
+    return folder
+
+
+# ---- the memory budget -----------------------------------------------------------------------------------
+
+# the issue's oversized configs (each asked for 2 GB to 1.8 TB), and two that pass every per-argument bound but
+# not the budget; case: (model_args, what the one-line error says)
+OVERSIZED = {
+    'img_size 10**6': (dict(img_size=10 ** 6), r'input_size entries must be at most 65536'),
+    'img_size 4096': (dict(img_size=4096), r'GiB of parameters.*over the memory budget of 8 GiB .*img_size=4096'),
+    'capsule layer of 100,000': (dict(capsule_layers=[['conv', 100000, 3, 2], ['conv', 32, 3, 1]]),
+                                 r'model_args.capsule_layers must be at most 65536, got 100000'),
+    'capsule layer of 10**7': (dict(capsule_layers=[['fc', 10 ** 7]]),
+                               r'model_args.capsule_layers must be at most 65536, got 10000000'),
+    'out_chs 10**6': (dict(backbone_args=dict(out_chs=10 ** 6)),
+                      r'model_args.backbone_args.out_chs must be at most 65536, got 1000000'),
+    'pose_dim 10**6': (dict(pose_dim=10 ** 6), r'model_args.pose_dim must be at most 65536, got 1000000'),
+    'primary_caps 10**6': (dict(primary_caps=10 ** 6), r'model_args.primary_caps must be at most 65536, got 1000000'),
+    'num_classes 10**8': (dict(num_classes=10 ** 8), r'num_classes must be at most 65536, got 100000000'),
+    'capsule_layers 100,000 long': (dict(capsule_layers=[['fc', 10]] * 100000),
+                                    r'model_args.capsule_layers must hold at most 256 entries, got 100000'),
+    'capsule layer of 50,000 (budget)': (
+        dict(capsule_layers=[['conv', 50000, 3, 2]]),
+        r'GiB of activations for one image, over the memory budget .*capsule_layers=\[\["conv", 50000, 3, 2\]\]'),
+    'primary_caps 60,000 (budget)': (dict(primary_caps=60000), r'over the memory budget .*primary_caps=60000'),
+}
+
+
+def test_oversized_configs_are_refused_in_a_second_without_allocating(checkpoint, tmp_path):
+    """Each case in a fresh process: refused with one line naming config.json and the argument, in under a
+    second each, while the process's peak memory grows by less than 200 MB (building any of them takes GBs)."""
+    folders = {case: str(_with_args(checkpoint, tmp_path / f'case{i}', **args))
+               for i, (case, (args, _)) in enumerate(sorted(OVERSIZED.items()))}
+    script = textwrap.dedent('''
+        import json, resource, sys, time
+        import timm, timm_capsules
+        from timm_capsules.loading import ConfigError
+        timm.create_model('local-dir:' + sys.argv[2], pretrained=True)  # warm up: a valid one loads
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        results = {}
+        for case, folder in json.loads(sys.argv[1]).items():
+            start = time.perf_counter()
+            try:
+                timm.create_model('local-dir:' + folder, pretrained=True)
+                results[case] = ['built', time.perf_counter() - start]
+            except Exception as error:
+                results[case] = [f'{type(error).__name__}: {error}', time.perf_counter() - start]
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        print(json.dumps(dict(results=results, grown_mb=grown)))
+    ''')
+    done = subprocess.run([sys.executable, '-c', script, json.dumps(folders), str(checkpoint)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, (message, seconds) in report['results'].items():
+        path = Path(folders[case]) / 'config.json'
+        assert message.startswith(f'ConfigError: {path}: '), (case, message)
+        assert '\n' not in message, (case, message)
+        assert re.search(OVERSIZED[case][1], message), (case, message)
+        assert seconds < 1.0, (case, seconds)
+    assert report['grown_mb'] < 200, report
+
+
+@pytest.mark.parametrize('case', ['img_size 4096', 'pose_dim 10**6'])
+def test_oversized_configs_are_refused_by_hub_check_and_hf_hub(checkpoint, tmp_path, case):
+    args, message = OVERSIZED[case]
+    folder = _with_args(checkpoint, tmp_path / 'repo', **args)
+    with pytest.raises(ConfigError, match=f'^{folder / "config.json"}: .*{message}'):
+        hub.check_checkpoint(folder)
+    snapshot = hub.install_in_cache(folder, 'someone/huge', tmp_path / 'cache')
+    with offline_hub_cache(tmp_path / 'cache'):
+        with pytest.raises(ConfigError, match=f'config.json of hf-hub:someone/huge: .*{message}'):
+            timm.create_model('hf-hub:someone/huge', pretrained=True)
+    assert snapshot.is_dir()
+
+
+def test_parse_tree_checkpoint_refuses_an_oversized_config(checkpoint, tmp_path):
+    folder = _with_args(checkpoint, tmp_path / 'repo', img_size=4096)
+    image = tmp_path / 'x.png'
+    from PIL import Image
+    Image.new('RGB', (32, 32)).save(image)
+    done = subprocess.run(
+        [sys.executable, '-m', 'timm_capsules.parse_tree', str(image), '--checkpoint', str(folder),
+         '--out', str(tmp_path / 'out')], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode != 0
+    assert 'over the memory budget' in done.stderr and str(folder / 'config.json') in done.stderr
+    assert 'Traceback' not in done.stderr, done.stderr[-2000:]
+
+
+def test_memory_budget_is_set_by_the_environment(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv(loading.MEMORY_LIMIT_ENV, '0.001')  # 1 MiB: the paper's model (2 MiB) is over it
+    with pytest.raises(ConfigError, match=r'over the memory budget of 0.001 GiB \(set TIMM_CAPSULES_MEMORY_LIMIT_GB'):
+        timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
+    timm.create_model('capsnet_simple_cifar10')  # only configs read from files are held to it
+    monkeypatch.setenv(loading.MEMORY_LIMIT_ENV, 'lots')
+    with pytest.raises(ConfigError, match="TIMM_CAPSULES_MEMORY_LIMIT_GB='lots': expected a positive number"):
+        timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
+    monkeypatch.setenv(loading.MEMORY_LIMIT_ENV, '1')
+    timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
+
+
+def test_memory_estimate_matches_the_built_model():
+    from timm_capsules.capsnet import CapsNet
+    model = timm.create_model('capsnet_simple_cifar10')
+    weights, activations = loading.estimate_model_memory(
+        CapsNet, dict(backbone_args=dict(out_chs=256), capsule_layers=[['conv', 32, 3, 2], ['conv', 32, 3, 1]]))
+    assert weights == sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    assert 0 < activations < 2 ** 30
+
+
+# ---- the report never destroys ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def experiments(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # experiments.py imports train_accelerate.py from beside it
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    import experiments
+    return experiments
+
+
+def _readme(tmp_path: Path, experiments) -> Path:
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'intro\n{experiments.BEGIN}\nthe results\n{experiments.END}\noutro\n')
+    return readme
+
+
+@pytest.mark.parametrize('records', ['missing', 'empty', 'only damaged'])
+def test_report_write_refuses_without_records(experiments, tmp_path, records):
+    readme = _readme(tmp_path, experiments)
+    folder = tmp_path / 'records'
+    if records != 'missing':
+        (folder / 'cpu').mkdir(parents=True)
+    if records == 'only damaged':
+        run = experiments.plan('cpu', experiments.STUDIES, [0])[0]
+        experiments.record_path(folder, 'cpu', run).write_text('{"run_id": "')
+    why = 'no such records folder' if records == 'missing' else 'no sound run record of this scale'
+    with pytest.raises(SystemExit, match=f'^{folder / "cpu"}: {why}; {readme} left as it is$'):
+        experiments.main(['report', '--records', str(folder), '--plots', str(tmp_path / 'plots'),
+                          '--write', str(readme)])
+    assert readme.read_text() == f'intro\n{experiments.BEGIN}\nthe results\n{experiments.END}\noutro\n'
+
+
+DAMAGED = {  # case: (record text from a sound record, what the warning says)
+    'truncated': (lambda r: json.dumps(r)[:40], 'not readable JSON'),
+    'NaN metric': (lambda r: json.dumps(dict(r, metrics=dict(r['metrics'], top1=float('nan')))),
+                   "metrics that are not finite numbers: {'top1': nan}"),
+    'string metric': (lambda r: json.dumps(dict(r, metrics=dict(r['metrics'], top1='0.9'))),
+                      "metrics that are not finite numbers: {'top1': '0.9'}"),
+    'no metrics': (lambda r: json.dumps({k: v for k, v in r.items() if k != 'metrics'}),
+                   '"metrics" must be a dict, got None'),
+    'a list': (lambda r: '[1, 2]', 'not a JSON object'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(DAMAGED))
+def test_damaged_record_is_named_skipped_and_not_done(experiments, tmp_path, capsys, case):
+    sys.path.insert(0, str(ROOT / 'tests'))
+    from test_experiments import fake_record
+    runs = [run for run in experiments.plan('cpu', experiments.STUDIES, [0]) if 'table1' in run.studies][:2]
+    folder = tmp_path / 'records'
+    paths = [experiments.record_path(folder, 'cpu', run) for run in runs]
+    paths[0].parent.mkdir(parents=True)
+    for run, path in zip(runs, paths):
+        path.write_text(json.dumps(fake_record(experiments, run, 'cpu', 0.8)))
+    text, message = DAMAGED[case]
+    paths[1].write_text(text(fake_record(experiments, runs[1], 'cpu', 0.7)))
+    readme = _readme(tmp_path, experiments)
+    assert experiments.main(['report', '--records', str(folder), '--plots', str(tmp_path / 'plots'),
+                             '--write', str(readme)]) == 0
+    err = capsys.readouterr().err
+    assert f'warning: {paths[1]}: damaged run record, skipped (its run counts as not done): {message}' in err
+    assert 'from the 1 run records' in readme.read_text()
+    experiments.main(['table1', '--records', str(folder), '--seeds', '1', '--list'])
+    out = capsys.readouterr()
+    assert f'[done] {runs[0].run_id} ' in out.out and f'[todo] {runs[1].run_id} ' in out.out
+    assert f'warning: {paths[1]}: damaged run record ({message}' in out.err
+
+
+# ---- the output folder: checked before training, locked for the run, write failures named ------------------
+
+from test_train import ENV, SCRIPT, TINY  # noqa: E402  (the tiny capsule net on the built-in MNIST sample)
+
+
+@pytest.fixture(scope='module')
+def train():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('train_accelerate', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run(train):
+    """Runs main(argv) in-process and resets accelerate's process-wide state afterwards."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def _run(argv):
+        try:
+            return train.main([str(a) for a in argv])
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+    return _run
+
+
+def _refused(run, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        run(argv)
+    message = str(stop.value.code)
+    assert message.startswith('train_accelerate.py: error: ') and '\n' not in message, message
+    assert 'parameters) on' not in capsys.readouterr().out  # stopped before training
+    return message
+
+
+def test_output_dir_that_is_a_file_or_cannot_be_made_stops_before_training(run, tmp_path, capsys):
+    file = tmp_path / 'results.txt'
+    file.write_text('keep me')
+    message = _refused(run, TINY + ['--output-dir', file], capsys)
+    assert message.endswith(f'--output-dir {file}: is a file, not a folder')
+    message = _refused(run, TINY + ['--output-dir', file / 'run'], capsys)
+    assert message.endswith(f'--output-dir {file / "run"}: cannot create it (Not a directory: {file / "run"})')
+    assert file.read_text() == 'keep me'
+
+
+def test_symlinked_checkpoint_is_refused_before_training(run, tmp_path, capsys):
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (elsewhere / 'precious.txt').write_text('keep me')
+    out = tmp_path / 'out'
+    (out / 'checkpoints').mkdir(parents=True)
+    (out / 'checkpoints' / 'step_00000002').symlink_to(elsewhere)
+    message = _refused(run, TINY + ['--output-dir', out, '--checkpointing-steps', 2], capsys)
+    assert f'{out / "checkpoints" / "step_00000002"} is a symbolic link (to {elsewhere})' in message
+    assert (elsewhere / 'precious.txt').read_text() == 'keep me'
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (as root), else None."""
+    mount = tmp_path / 'disk'
+    mount.mkdir()
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount)], capture_output=True)
+    if done.returncode != 0:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(['umount', '-l', str(mount)], check=True)
+
+
+def _fill(disk: Path, leave: int):
+    free = shutil.disk_usage(disk).free
+    (disk / 'filler').write_bytes(b'\0' * max(0, free - leave))
+
+
+def test_full_disk_is_named_and_loses_nothing(run, train, tmp_path, capsys, small_disk, monkeypatch):
+    """A previous run's model, then a run whose second checkpoint does not fit: one line 'no space left on device'
+    naming the folder, no temporary folder left, the last complete checkpoint resumable, the previous model intact.
+    On a real 1 MiB tmpfs as root; else accelerate's writer raises ENOSPC from the second checkpoint on."""
+    out = (small_disk or tmp_path) / 'out'
+    run(TINY + ['--output-dir', out, '--max-train-steps', 2])
+    previous = {name: (out / name).read_bytes() for name in ('model.safetensors', 'config.json', 'metrics.json')}
+    if small_disk:
+        _fill(small_disk, 200 << 10)  # one checkpoint (~150 KiB) fits, two do not
+    else:
+        import accelerate.checkpointing
+        real_save = accelerate.checkpointing.save
+
+        def save(obj, path, *args, **kwargs):
+            if '.tmp_step_00000004' in str(path):
+                raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+            return real_save(obj, path, *args, **kwargs)
+        monkeypatch.setattr(accelerate.checkpointing, 'save', save)
+    message = _refused_after_training(run, TINY + ['--output-dir', out, '--max-train-steps', 6,
+                                                   '--checkpointing-steps', 2, '--checkpoints-total-limit', 0])
+    tmp = out / 'checkpoints' / '.tmp_step_00000004'
+    assert message == (f'train_accelerate.py: error: no space left on device: {tmp}; the last complete checkpoint '
+                       f'is {out / "checkpoints" / "step_00000002"}')
+    assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['step_00000002']
+    assert {name: (out / name).read_bytes() for name in previous} == previous
+    assert not (out / '.tmp_model').exists()
+    if small_disk:
+        (small_disk / 'filler').unlink()
+    monkeypatch.undo()
+    result = run(TINY + ['--output-dir', out, '--max-train-steps', 6, '--checkpointing-steps', 2,
+                         '--resume-from-checkpoint', 'latest'])
+    assert result['completed_steps'] == 6
+    assert 'resuming from' in capsys.readouterr().out
+
+
+def _refused_after_training(run, argv) -> str:
+    with pytest.raises(SystemExit) as stop:
+        run(argv)
+    message = str(stop.value.code)
+    assert '\n' not in message
+    return message
+
+
+def test_too_little_free_space_is_found_before_training(run, tmp_path, capsys, small_disk, monkeypatch, train):
+    if small_disk:
+        out = small_disk / 'out'
+        _fill(small_disk, 40 << 10)
+    else:
+        out = tmp_path / 'out'
+        usage = shutil._ntuple_diskusage(1 << 30, 1 << 30, 40 << 10)
+        monkeypatch.setattr(train.shutil, 'disk_usage', lambda path: usage)
+    message = _refused(run, TINY + ['--output-dir', out, '--checkpointing-steps', 2], capsys)
+    assert re.search(rf'--output-dir {out}: 0\.0\d MiB free on its disk, a checkpoint of this model needs about '
+                     rf'0\.1\d MiB$', message), message
+
+
+def _cli(*argv, **kwargs):
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, argv)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_two_runs_cannot_share_an_output_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    import signal
+    import time
+    out = tmp_path / 'out'
+    first = _cli(*TINY, '--output-dir', out, '--max-train-steps', 100000)
+    try:
+        owner = out / '.train.lock.owner'
+        deadline = time.time() + 120
+        while not owner.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert owner.exists(), first.communicate()[1][-2000:] if first.poll() is not None else 'no lock taken'
+        second = _cli(*TINY, '--output-dir', out, '--max-train-steps', 2)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 1
+        assert err.strip().splitlines()[-1].startswith(
+            f'train_accelerate.py: error: --output-dir {out} is in use by another run (PID {first.pid} on ')
+        assert 'Traceback' not in err and not (out / 'model.safetensors').exists()
+    finally:
+        first.send_signal(signal.SIGKILL)  # killed: it never releases anything itself
+        first.communicate(timeout=60)
+    assert owner.exists()
+    third = _cli(*TINY, '--output-dir', out, '--max-train-steps', 2)
+    _, err = third.communicate(timeout=300)
+    assert third.returncode == 0, err[-2000:]
+    assert f'a run that ended without releasing it (PID {first.pid}, started' in err
+    assert (out / 'model.safetensors').exists() and not owner.exists()
+
+
+# ---- training_state.json by schema, metrics.json strict, non-finite weights named at load ------------------
+
+
+@pytest.fixture(scope='module')
+def checkpointed(tmp_path_factory):
+    """A 4-step tiny run (Adam) with checkpoints at steps 2 and 4, and its final model."""
+    out = tmp_path_factory.mktemp('checkpointed')
+    argv = [*TINY, '--max-train-steps', 4, '--opt', 'adam', '--checkpointing-steps', 2, '--output-dir', out]
+    done = subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+BAD_STATES = {  # case: (how to change training_state.json of step 4, what the error says)
+    'completed_steps 10**15': (lambda s: s.update(completed_steps=10 ** 15),
+                               'completed_steps is 1000000000000000, but the checkpoint is step_00000004'),
+    'completed_steps true': (lambda s: s.update(completed_steps=True),
+                             'completed_steps must be an int >= 0, got True'),
+    'running strings': (lambda s: s.update(running=['a', 'b', 'c']),
+                        r"running must be 3 finite numbers >= 0 \(loss sum, correct, images\), got \['a', 'b', 'c'\]"),
+    'running NaN': (lambda s: s.update(running=[float('nan'), 0, float('inf')]),
+                    r'running must be 3 finite numbers >= 0 .*, got \[nan, 0, inf\]'),
+    'history entry not a number': (lambda s: s['history']['train'][0].update(loss='low'),
+                                   "history.train: loss must be a finite number, got 'low' \\(step 2\\)"),
+    'history from the future': (lambda s: s['history']['train'][0].update(step=99),
+                                'history.train: each record needs a step from 0 to 4'),
+    # step 4's weights and optimizer under step 2's progress, in a folder not named by its step: Adam says 4
+    'progress of another step': (None, 'completed_steps is 2, but the optimizer state was saved after 4 steps'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_STATES))
+def test_training_state_is_validated_by_schema(run, checkpointed, tmp_path, case):
+    out = tmp_path / 'out'
+    shutil.copytree(checkpointed / 'checkpoints', out / 'checkpoints')
+    folder = out / 'checkpoints' / 'step_00000004'
+    path = folder / 'training_state.json'
+    change, message = BAD_STATES[case]
+    saved = json.loads(path.read_text())
+    if change is None:
+        saved['completed_steps'] = 2
+        saved['history'] = {kind: [r for r in records if r['step'] <= 2] for kind, records in saved['history'].items()}
+        folder = folder.rename(out / 'checkpoints' / 'elsewhere')
+        path = folder / 'training_state.json'
+    else:
+        change(saved)
+    path.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as stop:
+        run(TINY + ['--opt', 'adam', '--max-train-steps', 6, '--output-dir', out, '--resume-from-checkpoint', folder])
+    text = str(stop.value.code)
+    assert '\n' not in text and re.search(f'cannot resume: {path}: .*{message}', text), text
+    assert not (out / 'model.safetensors').exists()
+
+
+def test_metrics_json_is_strict_json_with_non_finite_values_flagged(train, checkpointed, tmp_path):
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f'{name} in metrics.json'))
+    assert 'non_finite_values' not in strict((checkpointed / 'metrics.json').read_text())
+    path = tmp_path / 'metrics.json'
+    train.write_json(path, dict(final=dict(loss=float('nan'), top1=0.5), history=[1.0, float('inf')]))
+    assert strict(path.read_text()) == dict(final=dict(loss=None, top1=0.5), history=[1.0, None],
+                                            non_finite_values=['final.loss', 'history[1]'])
+
+
+def _nan_weights(folder: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+    weights = load_file(folder / 'model.safetensors')
+    weights['primary.norm.bias'][0] = float('nan')
+    weights['head.fc.bias'][0] = float('inf')
+    save_file(weights, folder / 'model.safetensors', metadata={'format': 'pt'})
+    return folder
+
+
+def test_non_finite_weights_are_named_at_load(run, checkpointed, tmp_path):
+    folder = tmp_path / 'diverged'
+    shutil.copytree(checkpointed, folder, ignore=shutil.ignore_patterns('checkpoints', '.train.lock*'))
+    _nan_weights(folder)
+    names = r'2 tensor\(s\) hold NaN or infinity \(a diverged run\?\): head.fc.bias, primary.norm.bias'
+    with pytest.warns(loading.NonFiniteWeightsWarning, match=f'{folder}: {names}'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    hub.install_in_cache(folder, 'someone/diverged', tmp_path / 'cache')
+    with offline_hub_cache(tmp_path / 'cache'):
+        with pytest.warns(loading.NonFiniteWeightsWarning, match=f'someone/diverged: {names}'):
+            timm.create_model('hf-hub:someone/diverged', pretrained=True)
+    with pytest.raises(SystemExit) as stop:
+        run(TINY + ['--model', f'local-dir:{folder}', '--pretrained', '--max-train-steps', 2,
+                    '--output-dir', tmp_path / 'out'])
+    assert str(stop.value.code) == (
+        f'train_accelerate.py: error: the pretrained weights of local-dir:{folder} hold NaN or infinity in 2 '
+        f'tensor(s): primary.norm.bias, head.fc.bias; training cannot start from them')
+
+
+# ---- the smaller cases: one line naming the input ---------------------------------------------------------
+
+
+def test_another_architecture_with_our_model_args_names_the_file(checkpoint, tmp_path):
+    folder = _with_args(checkpoint, tmp_path / 'repo')
+    config = json.loads((folder / 'config.json').read_text())
+    (folder / 'config.json').write_text(json.dumps(dict(config, architecture='resnet18')))
+    with pytest.raises(ConfigError, match=rf"^{folder / 'config.json'}: model_args has arguments \['img_size'\] that "
+                                          r'resnet18 \(ResNet\) does not take'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    save_for_hf(timm.create_model('resnet18', num_classes=3), tmp_path / 'resnet', safe_serialization=True)
+    assert timm.create_model(f'local-dir:{tmp_path / "resnet"}', pretrained=True).num_classes == 3  # as before
+
+
+def test_deeply_nested_config_names_the_file(checkpoint, tmp_path):
+    folder = _with_args(checkpoint, tmp_path / 'repo')
+    (folder / 'config.json').write_text('[' * 100000 + ']' * 100000)
+    with pytest.raises(ConfigError, match=f"^{folder / 'config.json'}: nested too deeply to be a config.json$"):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+@pytest.mark.parametrize('what', ['dataset', 'pretrained'])
+def test_no_network_fails_in_seconds_with_the_offline_hint(tmp_path, what):
+    """No HF_HUB_OFFLINE, and a Hub that does not answer (an endpoint nothing listens on): the run goes to the
+    cache at once and stops with the hint, instead of a minute of retries and a chained traceback."""
+    import time
+    env = {k: v for k, v in ENV.items() if k not in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE')}
+    env.update(HF_ENDPOINT='http://127.0.0.1:9', HF_HOME=str(tmp_path / 'hf'))
+    argv = ['--dataset', 'cifar10'] if what == 'dataset' else ['--pretrained', '--mnist-source', 'sample']
+    started = time.time()
+    done = subprocess.run([sys.executable, str(SCRIPT), '--model', 'capsnet_simple_cifar10', *argv,
+                           '--output-dir', str(tmp_path / 'out')], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and time.time() - started < 30
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == 'warning: the Hub (127.0.0.1) cannot be reached (Connection refused): using the local Hugging ' \
+                       'Face cache only', done.stderr[-3000:]
+    assert len(lines) == 2 and 'Traceback' not in done.stderr
+    if what == 'dataset':
+        assert lines[1] == (
+            "train_accelerate.py: error: cannot load split 'train' of uoft-cs/cifar10: the Hub (127.0.0.1) cannot be "
+            'reached (Connection refused) and the local cache does not hold it; pass --data-dir DIR with a local '
+            'copy (save_to_disk, parquet or imagefolder), or run once with network to fill the cache; '
+            'HF_HUB_OFFLINE=1 uses the cache without trying the network')
+    else:
+        assert 'no pretrained weights for capsnet_simple_cifar10.cifar10: HF_HUB_OFFLINE=1 and the Hugging Face ' \
+               'cache' in lines[1]
+    assert not (tmp_path / 'out').exists()
+
+
+def test_accelerate_launch_quiet_gives_the_one_line(tmp_path):
+    """Under `accelerate launch`, the launcher wraps a failed child in its own CalledProcessError traceback;
+    its --quiet flag leaves our one line (README: Checkpoints, resuming, stopping)."""
+    file = tmp_path / 'a_file'
+    file.write_text('')
+    command = [sys.executable, '-m', 'accelerate.commands.launch', '--quiet', '--num_processes', '1',
+               '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', str(SCRIPT),
+               '--output-dir', str(file)]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f'train_accelerate.py: error: --output-dir {file}: is a file, not a folder'
