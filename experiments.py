@@ -6,7 +6,8 @@ every finished run is one JSON record. Finished runs are skipped, so a study goe
     python experiments.py table1 iterations --scale cpu     # run studies (all: every study)
     python experiments.py all --scale cpu --list             # the runs and their commands, nothing trained
     python experiments.py table1 iterations ablations --scale gpu --shard 0/4 --time-limit 300   # one GPU shard
-    accelerate launch --multi_gpu --num_processes 8 experiments.py all --scale paper
+    accelerate config                                        # once, on a machine with many GPUs; then
+    accelerate launch experiments.py all --scale paper       # on all of them (README: other launches)
     python experiments.py report --write README.md           # tables and plots from the records
 
 Studies: ``table1`` (routing kinds and CNN baselines: accuracy, parameters), ``iterations`` (accuracy vs
