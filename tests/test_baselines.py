@@ -553,3 +553,10 @@ def test_capsnet_ablations_run(ablation):
     out.sum().backward()
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     assert model.backbone.conv.weight.grad is not None and torch.isfinite(model.backbone.conv.weight.grad).all()
+
+
+def test_an_input_too_small_for_the_dynamic_capsule_stack_is_refused_with_the_reason():
+    """16 x 16 leaves the 9 x 9 primary capsule conv no room (found running timm's scripts at small inputs)."""
+    with pytest.raises(ValueError, match=r'input size \(16, 16\) is too small for this capsule stack'):
+        timm.create_model('dynamic_capsnet_simple_cifar10', img_size=16)
+    assert timm.create_model('dynamic_capsnet_simple_cifar10', img_size=20, device='meta').img_size == (20, 20)

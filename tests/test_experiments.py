@@ -3,6 +3,7 @@ train_accelerate.main that write records, skip finished work and resume a stoppe
 paper scale on a few steps, the hub configs filled from records, and the report's numbers computed from records.
 """
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -128,10 +129,15 @@ def test_report_computes_tables_and_plots_from_records(experiments, tmp_path):
     assert ida_row == '| IDA | ' + ' | '.join(f'{72 + t:.1f} ± 2.8 (2)' for t in range(1, 5)) + ' |'
     affine = text.split('**affine**')[1]
     assert f'| 90.0 ± 0.0 (2) | 55.0 ± {statistics.stdev([50.0, 60.0]):.1f} (2) | 35.0 ± 7.1 (2) |' in affine
-    # the verdicts: differences of the same seed means
-    assert 'IDA minus each other model: CNN -7.0 points.' in table1
-    assert 'Change from the fewest to the most iterations run: IDA +3.0 (t = 1 to 4) points.' in iterations
-    assert 'Generalisation gap (translated minus affine test accuracy): CapsNet +35.0, CNN +35.0 points.' in affine
+    # the verdicts: differences of the same seed means, with 95% Welch intervals (2 + 2 seeds of equal variance:
+    # 2 degrees of freedom, t = 4.303); the one-seed CNN has none
+    assert 'IDA minus each other model (points, 95% Welch interval over seeds in brackets, * where it excludes 0): ' \
+           'CNN n/a (fewer than 2 seeds).' in table1
+    half = 4.302653 * (2 * statistics.variance([72.0, 76.0]) / 2) ** 0.5
+    assert f'IDA t = 1 to 4 +3.0 [{3 - half:+.1f}, {3 + half:+.1f}]: not distinguishable from 0' in iterations
+    half = 4.302653 * (2 * statistics.variance([40.0, 30.0]) / 2) ** 0.5
+    assert f'CapsNet gap minus CNN gap +0.0 [{-half:+.1f}, {half:+.1f}]: not distinguishable from 0' in affine
+    assert 'CapsNet minus CNN on the translated test +0.0 [+0.0, +0.0]: not distinguishable from 0' in affine
     for plot in ('iterations_cpu.png', 'affine_cpu.png'):
         assert (tmp_path / 'plots' / plot).stat().st_size > 5000
     assert 'from the 13 run records' in text  # 8 IDA (t = 1..4), 1 CNN, 4 affine; not the stale one
@@ -147,6 +153,118 @@ def test_report_computes_tables_and_plots_from_records(experiments, tmp_path):
         experiments.main(['report', '--records', str(tmp_path / 'records'), '--plots', str(tmp_path / 'no_plots'),
                           '--write', str(readme)])
     assert not (tmp_path / 'no_plots').exists()
+
+
+def test_list_shows_the_default_seeds_and_where_the_data_comes_from(experiments, tmp_path, capsys):
+    """--list trains and writes nothing; 3 seeds by default (the README's tables have 3), and it says that the
+    data folder its commands read is written by the runner."""
+    data = tmp_path / 'data'
+    assert experiments.main(['table1', '--list', '--records', str(tmp_path / 'records'), '--data-dir', str(data)]) == 0
+    out = capsys.readouterr().out
+    seeds = {line.split(' ')[1].rsplit('-seed', 1)[1] for line in out.splitlines() if line.startswith('[todo]')}
+    assert seeds == {'0', '1', '2'}
+    assert (f"the commands below read {data / 'fashion_mnist'}: experiments.py without --list writes it there "
+            "first") in out
+    assert f'--dataset hf:{data / "fashion_mnist"} ' in out and not data.exists()
+
+
+def test_t_quantiles_and_welch_intervals(experiments):
+    # Student's t, 0.975 quantiles from a printed table
+    for df, expected in ((1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042), (1e6, 1.960)):
+        assert experiments.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
+    # ablation B of the README: -0.5 points over 3 + 3 seeds, Welch's t about 1.8: the interval holds 0
+    d = experiments.welch([0.8242, 0.8281, 0.8199], [0.8293, 0.8304, 0.8278])
+    assert d.value == pytest.approx(-0.51, abs=0.01) and d.low < 0 < d.high and not d.excludes_zero
+    assert str(d) == f'{d.value:+.1f} [{d.low:+.1f}, {d.high:+.1f}]'
+    # unequal variances: Welch-Satterthwaite degrees of freedom, computed here by hand
+    a, b = [0.10, 0.12, 0.14, 0.16], [0.20, 0.21, 0.22]
+    va, vb = statistics.variance([100 * x for x in a]) / 4, statistics.variance([100 * x for x in b]) / 3
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
+    d = experiments.welch(a, b)
+    half = experiments.t_quantile(0.975, df) * (va + vb) ** 0.5
+    assert va != vb and (d.value, d.low, d.high) == pytest.approx((-8.0, -8.0 - half, -8.0 + half))
+    assert d.excludes_zero and str(d).endswith(']*')
+    assert experiments.welch([0.5], [0.4, 0.6]) is None
+    gap = experiments.welch([0.30, 0.40], [])  # one sample: a paired difference per seed
+    assert gap.value == pytest.approx(35.0) and gap.high - gap.value == pytest.approx(12.706 * 5, rel=1e-3)
+
+
+CLAUSE = re.compile(r'([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\](\*?)(?:: ([^;]*))?')
+
+
+def unsupported_claims(experiments, text):
+    """The clauses of the verdicts that call a difference one (a claim word) while their interval, as printed,
+    includes zero or is not marked."""
+    wrong = []
+    for line in text.splitlines():
+        for value, low, high, mark, words in CLAUSE.findall(line):
+            claims = set(re.findall(r'[a-z]+', words)) & set(experiments.CLAIM_WORDS)
+            excludes = float(low) > 0 or float(high) < 0 or (mark and float(low) * float(high) >= 0)
+            if (claims and not mark) or (mark and not excludes):
+                wrong.append(f'{value} [{low}, {high}]{mark}: {words}')
+    return wrong
+
+
+def test_the_claim_check_finds_a_planted_claim(experiments):
+    planted = 'IDA minus each other model: DR -0.5 [-1.4, +0.4]: the ablation costs accuracy; CNN +2.3 [+2.0, +2.7]*'
+    assert unsupported_claims(experiments, planted) == ['-0.5 [-1.4, +0.4]: the ablation costs accuracy']
+    assert unsupported_claims(experiments, 'A -4.6 [-5.4, -3.8]*: the ablation costs accuracy') == []
+
+
+def test_report_claims_a_difference_only_when_its_interval_excludes_zero(experiments, tmp_path):
+    """IDA against DR: seed means 2 points apart with a spread that keeps 0 in the interval; against EM and the
+    CNN: clearly apart. Only the latter are called a difference. The same check on the committed records."""
+    def values(run):
+        if run.dataset != 'fashion_mnist':
+            return None
+        base = {'IDA': 0.80, 'DR': 0.78, 'EM': 0.60, 'CNN': 0.70, 'ResNet-18': 0.8005}[run.row['kind']]
+        spread = {'DR': 0.05, 'ResNet-18': 0.02}.get(run.row['kind'], 0.005)
+        return (base + spread * (1 if run.seed else -1),)
+    write_records(experiments, tmp_path / 'records', 'cpu', values)
+    text = experiments.render_report('cpu', tmp_path / 'records', tmp_path / 'plots')
+    table1 = text.split('**table1**')[1].split('**iterations**')[0]
+    verdict = next(line for line in table1.splitlines() if line.startswith('IDA minus each other model'))
+    clauses = dict(clause.split(' ', 1) for clause in verdict.split(': ', 1)[1].rstrip('.').split('; '))
+    assert clauses['DR'].endswith(': not distinguishable from 0') and '*' not in clauses['DR']
+    assert clauses['ResNet-18'].endswith(': not distinguishable from 0')
+    assert clauses['EM'].endswith(']*: IDA beats EM') and clauses['CNN'].endswith(']*: IDA beats CNN')
+    assert unsupported_claims(experiments, text) == []
+    assert not set(re.findall(r'[a-z]+', clauses['DR'] + clauses['ResNet-18'])) & set(experiments.CLAIM_WORDS)
+    committed = experiments.render_report('cpu', ROOT / 'results', tmp_path / 'committed_plots')
+    assert CLAUSE.findall(committed) and unsupported_claims(experiments, committed) == []
+
+
+def test_plots_show_the_tables_error_measure_and_name_the_setup(experiments, tmp_path, monkeypatch):
+    """Both plots: mean ± sample std over seeds (as the tables), and a title naming data set, budget, seed count
+    and the error measure; the affine plot's legend covers no bar."""
+    figures = {}
+    monkeypatch.setattr(experiments, '_save', lambda fig, path: figures.setdefault(path.name, fig) and path)
+
+    def values(run):
+        if 'iterations' in run.studies:
+            return (0.70 + 0.01 * run.row['iterations'] + 0.04 * run.seed,)
+        if run.dataset == 'affine_mnist':
+            return (0.5 + 0.1 * run.seed, {'test_translated/top1': 0.9 + 0.02 * run.seed})
+        return None
+    write_records(experiments, tmp_path / 'records', 'cpu', values)
+    experiments.render_report('cpu', tmp_path / 'records', tmp_path / 'plots')
+    for name, dataset in (('iterations_cpu.png', 'fashion_mnist'), ('affine_cpu.png', 'affine_mnist')):
+        title = figures[name].axes[0].get_title()
+        assert f'{dataset}, 100 training images, 2 seeds' in title and '± sample std over seeds' in title, title
+    ax = figures['iterations_cpu.png'].axes[0]
+    for container in ax.containers:  # error bars: half-length = sample std of the two seeds (4 points)
+        for segment in container.lines[2][0].get_segments():
+            assert segment[1][1] - segment[0][1] == pytest.approx(2 * statistics.stdev([0.0, 4.0]))
+    fig = figures['affine_cpu.png']
+    ax = fig.axes[0]
+    bars = [container for container in ax.containers if hasattr(container, 'errorbar') and container.errorbar]
+    spreads = sorted(round(seg[1][1] - seg[0][1], 6) for c in bars for seg in c.errorbar.lines[2][0].get_segments())
+    expected = [2 * statistics.stdev([90.0, 92.0])] * 2 + [2 * statistics.stdev([50.0, 60.0])] * 2
+    assert spreads == pytest.approx(sorted(expected))
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert not any(legend.overlaps(patch.get_window_extent()) for c in bars for patch in c.patches)
+    assert not any(legend.overlaps(text.get_window_extent()) for text in ax.texts)  # nor a bar's label
 
 
 def small_affine_data(data_dir):
@@ -215,3 +333,17 @@ def test_paper_scale_smoke_probe_and_hub_results(experiments, tmp_path, monkeypa
     assert cfg['results']['per_seed'] == [pytest.approx(100 * record['metrics']['exact_match'])]
     untouched = json.loads((configs / 'capsnet_vector_multimnist.diverse_multimnist.json').read_text())
     assert untouched['results']['per_seed'] == []
+
+
+def test_every_committed_record_reads_as_sound(experiments, tmp_path):
+    """The committed records, DiverseMultiMNIST's with their per-class F1 lists among the metrics, are all sound:
+    none is left out of the report. A list with a NaN is not."""
+    paths = sorted((ROOT / 'results').glob('*/*.json'))
+    assert len(paths) >= 69 and {path: experiments.read_record(path)[1] for path in paths} == dict.fromkeys(paths)
+    [multimnist] = [p for p in paths if 'matrixCapsNet' in p.name and p.name.endswith('seed0.json')][:1]
+    record = json.loads(multimnist.read_text())
+    assert isinstance(record['metrics']['per_class_f1'], list)
+    record['metrics']['per_class_f1'][3] = float('nan')
+    damaged = tmp_path / multimnist.name
+    damaged.write_text(json.dumps(record))
+    assert 'per_class_f1' in experiments.read_record(damaged)[1]

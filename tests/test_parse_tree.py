@@ -443,7 +443,8 @@ def test_missing_inputs_stop_with_one_line_and_untrained_weights_say_so(tmp_path
     summary = main(['--model', 'capsnet_matrix_multimnist', '--model-kwargs', json.dumps(kwargs), str(picture),
                     '--tree-top', '2', '--out', str(tmp_path / 'untrained')])
     assert summary['weights'] == 'untrained (random initialisation)'
-    assert re.search(r'noise\.png \(tree_noise\.png\): .* \(untrained model: random weights\) \| ', capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert re.search(r'noise\.png \(tree_noise\.png\): .* \(untrained model: random weights\) \| ', printed)
 
 
 def test_samples_are_the_split_images_with_their_digit_masks():

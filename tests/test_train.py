@@ -944,8 +944,8 @@ def test_kernel_build_is_timed_apart_from_training(run, train, tmp_path, capsys,
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["kernel_load_s"] == results["kernel_load_s"] >= 1.0
     assert metrics["wall_time_s"] >= metrics["training_time_s"] + metrics["kernel_load_s"]
-    assert (f"; {metrics['training_time_s']:.0f} s of training, routing kernel built/loaded in "
-            f"{metrics['kernel_load_s']:.0f} s; saved to {tmp_path}") in capsys.readouterr().out
+    assert (f"\n{metrics['training_time_s']:.0f} s of training, routing kernel built/loaded in "
+            f"{metrics['kernel_load_s']:.0f} s; saved to {tmp_path}\n") in capsys.readouterr().out
 
 
 

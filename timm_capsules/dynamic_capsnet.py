@@ -140,7 +140,7 @@ class DynamicCapsNet(LayerwiseCapsuleModel):
             layer_norm=False, **dd)
         grid = tuple(conv_output_size(size, primary_kernel_size, primary_stride) for size in grid)
         # unpadded convs shrink the grid by more than their stride: reductions come from the grid sizes
-        reduction = self.img_size[0] // grid[0]
+        reduction = self.img_size[0] // max(1, grid[0])  # a grid of 0: refused below, with the reason
         self.feature_info = [dict(info, module=f"backbone.{info['module']}") for info in self.backbone.feature_info]
         self.feature_info.append(dict(num_chs=primary_caps * primary_dim, reduction=reduction, module='primary.conv'))
         self.feature_info.append(dict(num_chs=primary_caps * primary_dim, reduction=reduction, module='primary'))
