@@ -111,6 +111,15 @@ def model_args(model: str, **kwargs) -> List[str]:
     return args
 
 
+def routing_run(kind: str, model: str, t: int):
+    """The studies a routing model at t iterations serves, and its table row: every t is in ``iterations``, the
+    kind's default t (IDA 2, DR and EM 3) in ``table1``, and IDA at t = 2 in ``ablations`` too (one run for all)."""
+    default_t = 2 if kind == 'IDA' else 3
+    studies = ('iterations',) + (('table1',) if t == default_t else ()) + (
+        ('ablations',) if kind == 'IDA' and t == 2 else ())
+    return studies, dict(kind=kind, model=model, iterations=t, variant='IDA (concurrent, LayerNorm)')
+
+
 def cpu_runs(data_dir: Path) -> List[Run]:
     fashion = ['--dataset', f'hf:{data_dir / "fashion_mnist"}', '--train-split', 'train[:12800]', '--epochs', '1',
                '--batch-size', '64', '--opt', 'adam', '--lr', '2e-3', '--weight-decay', '0', '--sched', 'cosine',
@@ -124,11 +133,8 @@ def cpu_runs(data_dir: Path) -> List[Run]:
     fashion_input = dict(in_chans=1, img_size=28)
     specs = []  # (studies, row, dataset, budget, arguments, probe)
     for kind, model in ROUTING_MODELS.items():
-        default_t = 2 if kind == 'IDA' else 3
         for t in (1, 2, 3, 4):
-            studies = ('iterations',) + (('table1',) if t == default_t else ()) + (
-                ('ablations',) if kind == 'IDA' and t == 2 else ())
-            row = dict(kind=kind, model=model, iterations=t, variant='IDA (concurrent, LayerNorm)')
+            studies, row = routing_run(kind, model, t)
             specs.append((studies, row, 'fashion_mnist', 12800,
                           fashion + model_args(model, iterations=t, **fashion_input), False))
     for kind, model in CNN_MODELS.items():  # timm's ResNet takes any input size: no img_size argument
@@ -164,11 +170,8 @@ def gpu_runs(data_dir: Path) -> List[Run]:
     fashion_input, budget = dict(in_chans=1, img_size=28), GPU_EPOCHS * 60000
     specs = []
     for kind, model in ROUTING_MODELS.items():
-        default_t = 2 if kind == 'IDA' else 3
         for t in (1, 2, 3, 4, 5):
-            studies = ('iterations',) + (('table1',) if t == default_t else ()) + (
-                ('ablations',) if kind == 'IDA' and t == 2 else ())
-            row = dict(kind=kind, model=model, iterations=t, variant='IDA (concurrent, LayerNorm)')
+            studies, row = routing_run(kind, model, t)
             specs.append((studies, row, 'fashion_mnist', budget,
                           fashion(kind) + model_args(model, iterations=t, **fashion_input), False))
     for kind, model in CNN_MODELS.items():

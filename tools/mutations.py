@@ -299,7 +299,7 @@ MUTATIONS = [
          tests=[f'{TRAIN}::test_extra_test_split_is_evaluated_on_the_final_model']),
     dict(name='finished_runs_rerun', file='experiments.py',
          what='finished runs are trained again',
-         old='todo = [run for run in runs if not record_path(args.records, args.scale, run).is_file()]',
+         old='todo = [run for run in runs if read_record(record_path(args.records, args.scale, run))[0] is None]',
          new='todo = list(runs)',
          tests=[f'{EXPERIMENTS}::test_runs_write_records_skip_finished_and_resume_stopped_runs']),
     dict(name='stopped_runs_restart', file='experiments.py',
@@ -313,9 +313,9 @@ MUTATIONS = [
          tests=[f'{EXPERIMENTS}::test_report_computes_tables_and_plots_from_records']),
     dict(name='shared_run_duplicated', file='experiments.py',
          what='one configuration used by several studies is planned once per study',
-         old="            studies = ('iterations',) + (('table1',) if t == default_t else ()) + (\n"
-             "                ('ablations',) if kind == 'IDA' and t == 2 else ())",
-         new="            studies = ('iterations',)",
+         old="    studies = ('iterations',) + (('table1',) if t == default_t else ()) + (\n"
+             "        ('ablations',) if kind == 'IDA' and t == 2 else ())",
+         new="    studies = ('iterations',)",
          tests=[f'{EXPERIMENTS}::test_cpu_plan_has_every_study_kind_and_seed']),
     # ---- the fused kernels' window gathering and vector reductions ------------------------------------------
     dict(name='window_stride_ignored', file='timm_capsules/csrc/windows.h',
