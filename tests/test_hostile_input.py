@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import timm
@@ -542,3 +543,68 @@ def test_accelerate_launch_quiet_gives_the_one_line(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert done.stderr.strip() == f'train_accelerate.py: error: --output-dir {file}: is a file, not a folder'
+
+
+EXPORT_ARGS = {  # case: (arguments, the one line's end)
+    'train size -5': ('export {out} --train-size -5', 'argument --train-size: must be from 0 to 1000000, got -5'),
+    'sizes 0 0': ('export {out} --train-size 0 --test-size 0', '--train-size and --test-size are both 0: nothing'),
+    'test size 10**8': ('export {out} --test-size 100000000', 'argument --test-size: must be from 0 to 1000000, got '
+                                                             '100000000'),
+    'canvas 20': ('export {out} --canvas-size 20', 'argument --canvas-size: must be from 28 to 1024, got 20'),
+    'max shift 100': ('export {out} --max-shift 100', '--canvas-size 36 cannot hold a 28 px digit shifted by up to '
+                                                      '--max-shift 100 px (needs 228)'),
+    'max shift -3': ('export {out} --max-shift -3', 'argument --max-shift: must be from 0 to 498, got -3'),
+    'preview count 0': ('preview {out}.png --count 0', 'argument --count: must be from 1 to 1000, got 0'),
+    'seed -1': ('export {out} --seed -1', 'argument --seed: must be from 0 to 4294967295, got -1'),
+    'seed 2**64': (f'export {{out}} --seed {2 ** 64}', f'argument --seed: must be from 0 to 4294967295, got {2 ** 64}'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(EXPORT_ARGS))
+def test_data_export_arguments_give_one_line_and_write_nothing(tmp_path, capsys, case):
+    from timm_capsules.data import diverse_multimnist
+    argv, message = EXPORT_ARGS[case]
+    out = tmp_path / 'data'
+    with pytest.raises(SystemExit) as stop:
+        diverse_multimnist.main(argv.format(out=out).split())
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not out.exists() and not Path(f'{out}.png').exists()
+
+
+def _idx_folder(folder: Path, labels) -> Path:
+    from timm_capsules.data import mnist
+    folder.mkdir()
+    mnist.write_idx(folder / 't10k-images-idx3-ubyte', np.zeros((len(labels), 28, 28), np.uint8))
+    mnist.write_idx(folder / 't10k-labels-idx1-ubyte', np.asarray(labels, np.uint8))
+    return folder
+
+
+def test_idx_labels_out_of_range_name_the_file(tmp_path, capsys):
+    from timm_capsules.data import diverse_multimnist, mnist
+    folder = _idx_folder(tmp_path / 'idx', [0, 1, 200, 3])
+    with pytest.raises(ValueError, match=f"^{folder / 't10k-labels-idx1-ubyte'}: labels must be 0-9, found 200 "
+                                         r'\(at index 2\)$'):
+        mnist.load_idx_folder(folder, 'test')
+    with pytest.raises(SystemExit):
+        diverse_multimnist.main(['export', str(tmp_path / 'out'), '--source', str(folder), '--train-size', '0',
+                                 '--test-size', '4'])
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].endswith('labels must be 0-9, found 200 (at index 2)') and 'Traceback' not in err
+
+
+def test_idx_header_is_checked_before_decompressing(tmp_path):
+    """A small gzip whose header declares 2.35 GB: refused from its 16 header bytes, nothing expanded."""
+    import gzip
+    import time
+    from timm_capsules.data import mnist
+    path = tmp_path / 't10k-images-idx3-ubyte.gz'
+    header = bytes([0, 0, 8, 3]) + b''.join(d.to_bytes(4, 'big') for d in (3_000_000, 28, 28))
+    with gzip.open(path, 'wb', compresslevel=1) as f:
+        f.write(header + bytes(1 << 20))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=f'^{path}: IDX header declares 2352000000 bytes of data, more than the '
+                                         f'1073741824 this reader takes'):
+        mnist.read_idx(path, mnist.IDX_IMAGES_MAGIC)
+    assert time.perf_counter() - started < 1
