@@ -608,3 +608,39 @@ def test_idx_header_is_checked_before_decompressing(tmp_path):
                                          f'1073741824 this reader takes'):
         mnist.read_idx(path, mnist.IDX_IMAGES_MAGIC)
     assert time.perf_counter() - started < 1
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width x height (grey) and holds no pixels: enough for any reader's header check."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0))
+                     + chunk(b'IEND', b''))
+    return path
+
+
+@pytest.mark.parametrize('case', ['text file', 'truncated PNG', '20000x20000 PNG'])
+def test_parse_tree_bad_image_gives_one_line_and_no_out_folder(tmp_path, capsys, case):
+    from PIL import Image
+    from timm_capsules.parse_tree.cli import main
+    path = tmp_path / ('notes.txt' if case == 'text file' else 'image.png')
+    if case == 'text file':
+        path.write_text('not an image')
+        message = f'{path}: not a readable image (cannot identify image file'
+    elif case == 'truncated PNG':
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:-200])
+        message = f'{path}: not a readable image (image file is truncated'
+    else:
+        _png_header(path, 20000, 20000)
+        message = f'{path}: not a readable image (Image size (400000000 pixels) exceeds limit'
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as stop:
+        main([str(path), '--model', 'capsnet_simple_cifar10', '--out', str(out)])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not out.exists()
