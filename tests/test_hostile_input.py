@@ -644,3 +644,12 @@ def test_parse_tree_bad_image_gives_one_line_and_no_out_folder(tmp_path, capsys,
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+def test_hub_push_dry_run_onto_a_file_names_that_file(checkpoint, tmp_path, capsys):
+    file = tmp_path / 'upload'
+    file.write_text('keep me')
+    assert hub.main(['push', '--checkpoint', str(checkpoint), '--config', 'capsnet_simple_cifar10.cifar10',
+                     '--dry-run', str(file)]) == 2
+    assert capsys.readouterr().err == f'error: {file}: the dry-run folder is a file (give a new or empty folder)\n'
+    assert file.read_text() == 'keep me'
