@@ -233,6 +233,9 @@ def validate_model_args(model_args: Mapping[str, Any], architecture: str, where:
                                  f'({model_class(architecture).__name__} takes {sorted(parameters)})')
     for name, value in model_args.items():
         hint, _ = parameters[name]
+        if isinstance(value, (list, tuple, dict)):  # before walking it
+            _require(len(value) <= MAX_LIST_LENGTH, where,
+                     f'model_args.{name} must hold at most {MAX_LIST_LENGTH} entries, got {len(value)}')
         _require(_matches(value, hint), where, f'model_args.{name} must be {_type_name(hint)}, got {value!r}')
         _check_range(name, value, where)
 
