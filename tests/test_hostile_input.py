@@ -653,3 +653,16 @@ def test_hub_push_dry_run_onto_a_file_names_that_file(checkpoint, tmp_path, caps
                      '--dry-run', str(file)]) == 2
     assert capsys.readouterr().err == f'error: {file}: the dry-run folder is a file (give a new or empty folder)\n'
     assert file.read_text() == 'keep me'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--seed', str(2 ** 64)], f'argument --seed: must be <= 4294967295, got {2 ** 64}'),
+    (['--data-seed', '-1'], 'argument --data-seed/--data_seed: must be >= 0, got -1'),
+    (['--test-size', str(10 ** 8)], 'argument --test-size/--test_size: must be <= 1000000, got 100000000'),
+])
+def test_training_seeds_and_sizes_are_bounded_before_anything_runs(run, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        run(TINY + argv + ['--output-dir', tmp_path / 'out'])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f'train_accelerate.py: error: {message} (see --help)\n'
+    assert not (tmp_path / 'out').exists()
