@@ -666,3 +666,16 @@ def test_training_seeds_and_sizes_are_bounded_before_anything_runs(run, tmp_path
     assert stop.value.code == 2
     assert capsys.readouterr().err == f'train_accelerate.py: error: {message} (see --help)\n'
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['export', '{out}', '--test-size', str(10 ** 8)], '--test-size must be <= 1000000, got 100000000'),
+    (['export', '{out}', '--seed', str(2 ** 64)], f'--seed must be <= 4294967295, got {2 ** 64}'),
+    (['export', '{out}', '--train-size', '0', '--test-size', '0'], '--train-size and --test-size are both 0'),
+])
+def test_affine_export_sizes_and_seeds_are_bounded(tmp_path, capsys, argv, message):
+    from timm_capsules.data import affine_mnist
+    out = tmp_path / 'data'
+    with pytest.raises(SystemExit):
+        affine_mnist.main([a.format(out=out) for a in argv])
+    assert message in capsys.readouterr().err and not out.exists()
