@@ -492,13 +492,12 @@ def read_record(path: Path) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
             return None, f'"{key}" must be a {kind.__name__}, got {record.get(key)!r}'
     if record['run_id'] != path.stem:
         return None, f'"run_id" is {record["run_id"]!r}, not the file\'s name'
-    # a metric is a number or a list of numbers (DiverseMultiMNIST's per_class_f1)
-    bad = {k: v for k, v in record['metrics'].items()
-           if not (_finite_number(v) or isinstance(v, list) and v and all(map(_finite_number, v)))}
+    bad = {k: v for k, v in record['metrics'].items()  # a list: per-class values
+           if not (_finite_number(v) or (isinstance(v, list) and all(_finite_number(x) for x in v)))}
     if bad:
         return None, f'metrics that are not finite numbers: {bad}'
     if not _finite_number(record['metrics'].get(record['metric'])):
-        return None, f'its metric {record["metric"]!r} is not among its numeric metrics'
+        return None, f'its metric {record["metric"]!r} is not a number among its metrics'
     for key in ('num_parameters', 'wall_time_s'):
         if not _finite_number(record.get(key)) or record[key] < 0:
             return None, f'"{key}" must be a number >= 0, got {record.get(key)!r}'

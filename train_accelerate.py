@@ -79,8 +79,8 @@ def fail(message):
     raise SystemExit(f"{PROG}: error: {' '.join(str(message).split())}")
 
 
-def number(kind, minimum=None, above=None):
-    """An argparse type: a finite int/float, >= minimum or > above (argparse names the option)."""
+def number(kind, minimum=None, above=None, maximum=None):
+    """An argparse type: a finite int/float, >= minimum or > above, <= maximum (argparse names the option)."""
     def parse(text):
         try:
             value = kind(text)
@@ -92,6 +92,8 @@ def number(kind, minimum=None, above=None):
             raise argparse.ArgumentTypeError(f'must be >= {minimum}, got {text}')
         if above is not None and value <= above:
             raise argparse.ArgumentTypeError(f'must be > {above}, got {text}')
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f'must be <= {maximum}, got {text}')
         return value
     return parse
 
@@ -132,6 +134,7 @@ def build_parser():
                     formatter_class=HelpFormatter, epilog=presets_epilog())
     positive_int, count, positive = number(int, minimum=1), number(int, minimum=0), number(float, above=0)
     non_negative = number(float, minimum=0)
+    seed = number(int, minimum=0, maximum=2 ** 32 - 1)  # numpy's and the DataLoader's seed range
 
     def adder(group):
         def add(name, **kwargs):  # --some-name and --some_name
@@ -177,8 +180,9 @@ def build_parser():
         help='MNIST digits of DiverseMultiMNIST: auto (Hub when reachable, else the built-in sample) | sample | hub '
              '| fashion_mnist | IDX folder')
     add('epoch-size', type=positive_int, help='DiverseMultiMNIST images per epoch (generated on the fly)')
-    add('test-size', type=positive_int, help='DiverseMultiMNIST fixed test images')
-    add('data-seed', type=count, default=0, help='seed of the DiverseMultiMNIST test set')
+    add('test-size', type=number(int, minimum=1, maximum=10 ** 6), help='DiverseMultiMNIST fixed test images '
+        '(generated up front, at most 1,000,000)')
+    add('data-seed', type=seed, default=0, help='seed of the DiverseMultiMNIST test set')
     add('num-workers', type=count, help='DataLoader workers (default: 4 with CUDA, else 0)')
 
     add = adder(parser.add_argument_group('optimisation'))
@@ -198,7 +202,7 @@ def build_parser():
     add('gradient-accumulation-steps', type=positive_int, default=1, help='batches per optimizer step')
     add('mixed-precision', choices=['no', 'fp16', 'bf16'], help='autocast dtype (default: the accelerate config)')
     add('cpu', action='store_true', help='train on the CPU even when a GPU is there')
-    add('seed', type=count, default=42, help='seed of the initialisation, shuffling and training images')
+    add('seed', type=seed, default=42, help='seed of the initialisation, shuffling and training images')
 
     add = adder(parser.add_argument_group('checkpointing'))
     add('checkpointing-steps', type=steps_or_epoch, metavar='N|epoch',

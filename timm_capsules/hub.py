@@ -340,6 +340,8 @@ def push_checkpoint(
         the dry-run folder (``Path``), or the ``huggingface_hub.CommitInfo`` of the upload.
     """
     folder = Path(checkpoint_dir)
+    if dry_run is not None and Path(dry_run).exists() and not Path(dry_run).is_dir():  # before any work
+        raise FileExistsError(f'{dry_run}: the dry-run folder is a file (give a new or empty folder)')
     checkpoint_cfg = read_config_json(folder)
     tag = checkpoint_cfg['pretrained_cfg'].get('tag')
     hub_cfg = load_hub_config(config) if config is not None else _find_hub_config(

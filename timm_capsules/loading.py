@@ -19,24 +19,21 @@ This module imports no model module (the model files import it).
 import collections.abc
 import contextlib
 import inspect
-import itertools
 import json
 import math
-import os
 import typing
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
-import torch.utils._python_dispatch
-import torch.utils._pytree
 from safetensors import SafetensorError, safe_open
 
 import timm
 from timm.layers import SelectAdaptivePool2d
 from timm.models import model_entrypoint, resolve_pretrained_cfg
 
+from .memory_budget import DEFAULT_MEMORY_LIMIT_GB, MEMORY_LIMIT_ENV, estimate_memory, memory_limit_bytes
 from .presets import preset_for_model
 
 __all__ = [
@@ -56,9 +53,6 @@ MAX_ITERATIONS = 64
 # is allocated
 MAX_SIZE = 2 ** 16
 MAX_LIST_LENGTH = 256
-# the memory budget of a model built from a config.json (hf-hub:, local-dir:): its parameters plus the tensors
-# one forward pass of one image creates, in GiB; set the environment variable to allow more (or less)
-MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT_GB = 'TIMM_CAPSULES_MEMORY_LIMIT_GB', 8.0
 CONFIG_NAME, WEIGHTS_NAME = 'config.json', 'model.safetensors'
 _PACKAGE = __name__.rpartition('.')[0]
 
@@ -239,6 +233,9 @@ def validate_model_args(model_args: Mapping[str, Any], architecture: str, where:
                                  f'({model_class(architecture).__name__} takes {sorted(parameters)})')
     for name, value in model_args.items():
         hint, _ = parameters[name]
+        if isinstance(value, (list, tuple, dict)):  # before walking it
+            _require(len(value) <= MAX_LIST_LENGTH, where,
+                     f'model_args.{name} must hold at most {MAX_LIST_LENGTH} entries, got {len(value)}')
         _require(_matches(value, hint), where, f'model_args.{name} must be {_type_name(hint)}, got {value!r}')
         _check_range(name, value, where)
 
@@ -289,65 +286,19 @@ def validate_checkpoint_config(
 # ---- the memory budget ------------------------------------------------------------------------------------
 
 
-def memory_limit_bytes() -> int:
-    """The memory budget (bytes) of a model built from a ``config.json``: ``TIMM_CAPSULES_MEMORY_LIMIT_GB``
-    (GiB) or ``DEFAULT_MEMORY_LIMIT_GB``."""
-    text = os.environ.get(MEMORY_LIMIT_ENV)
-    if text is None:
-        return int(DEFAULT_MEMORY_LIMIT_GB * 2 ** 30)
-    try:
-        value = float(text)
-    except ValueError:
-        value = float('nan')
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f'{MEMORY_LIMIT_ENV}={text!r}: expected a positive number of GiB')
-    return int(value * 2 ** 30)
-
-
-class _TensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Adds up the bytes of every tensor the operations create (on the meta device: nothing is allocated)."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for item in torch.utils._pytree.tree_leaves(out):
-            if isinstance(item, torch.Tensor):
-                self.total += item.numel() * item.element_size()
-        return out
-
-
 def estimate_model_memory(
         cls: type,
         model_kwargs: Mapping[str, Any],
         input_size: Optional[Tuple[int, int, int]] = None,
 ) -> Tuple[int, Optional[int]]:
-    """(parameter and buffer bytes, bytes of the tensors one forward pass at batch 1 creates) of
-    ``cls(**model_kwargs)``, built on the meta device: no memory is allocated. The activations are None when
-    the parameters alone are over the budget, or the model cannot run on the meta device. ``input_size``
-    (channels, height, width) is used when the model does not say its own (``in_chans``, ``img_size``)."""
+    """``memory_budget.estimate_memory`` of ``cls`` built with those of ``model_kwargs`` its constructor takes
+    (``backbone_pretrained`` off: nothing is downloaded for an estimate)."""
     parameters = _constructor_parameters(cls)
     kwargs = {k: v for k, v in model_kwargs.items() if k in parameters and k not in ('device', 'dtype')}
     if 'backbone_pretrained' in kwargs:
-        kwargs['backbone_pretrained'] = False  # nothing to download for an estimate
-    with torch.device('meta'):
-        model = cls(**kwargs, **({'device': 'meta'} if 'device' in parameters else {}))
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    weights = sum(t.numel() * t.element_size() for t in tensors)
-    if weights > memory_limit_bytes():
-        return weights, None
-    channels = getattr(model, 'in_chans', None) or (input_size or (3,))[0]
-    img_size = getattr(model, 'img_size', None) or (input_size or (3, 224, 224))[1:]
-    height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    counter = _TensorBytes()
-    try:
-        with counter, torch.no_grad():
-            model.eval()(torch.empty(1, channels, height, width, device='meta'))
-    except Exception:  # an operation without a meta kernel: the parameters are all that can be told
-        return weights, None
-    return weights, counter.total
+        kwargs['backbone_pretrained'] = False
+    placement = {'device': 'meta'} if 'device' in parameters else {}
+    return estimate_memory(lambda: cls(**kwargs, **placement), input_size)
 
 
 def check_memory_budget(
@@ -360,10 +311,12 @@ def check_memory_budget(
     """Refuses (``ConfigError`` naming ``where`` and the size arguments of ``named``, the config's own
     model_args, default all of ``model_kwargs``) a model whose parameters plus batch-1 activations, estimated
     on the meta device, exceed ``memory_limit_bytes()``."""
-    limit = memory_limit_bytes()
+    try:
+        limit = memory_limit_bytes()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     weights, activations = estimate_model_memory(cls, model_kwargs, input_size)
-    total = weights + (activations or 0)
-    if total <= limit:
+    if weights + (activations or 0) <= limit:
         return
     sizes = {k: v for k, v in (model_kwargs if named is None else named).items() if (
         _is_int(v) or k in ('img_size', 'capsule_layers', 'backbone_args')) and k != 'max_votes'}

@@ -408,13 +408,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     command = args.pop('command')
-    for name, least in (('train_size', 0), ('test_size', 0), ('seed', 0), ('count', 1)):
+    for name, least, most in (('train_size', 0, 10 ** 6), ('test_size', 0, 10 ** 6), ('seed', 0, 2 ** 32 - 1),
+                              ('count', 1, 1000)):  # the sizes are generated up front
         if name in args and args[name] < least:
             parser.error(f'--{name.replace("_", "-")} must be >= {least}, got {args[name]}')
-    if command == 'export':
-        print(export(args.pop('out_dir'), **args))
-    else:
-        print(preview(args.pop('out_png'), **args))
+        if name in args and args[name] > most:
+            parser.error(f'--{name.replace("_", "-")} must be <= {most}, got {args[name]}')
+    if args.get('train_size') == 0 and args.get('test_size') == 0:
+        parser.error('--train-size and --test-size are both 0: nothing to export')
+    try:
+        if command == 'export':
+            print(export(args.pop('out_dir'), **args))
+        else:
+            print(preview(args.pop('out_png'), **args))
+    except (ValueError, OSError) as error:  # a bad source (IDX file, folder): one line naming it
+        parser.exit(1, f'{parser.prog} {command}: error: {error}\n')
 
 
 if __name__ == '__main__':

@@ -481,18 +481,41 @@ def preview(out_png: Union[str, os.PathLike], *, count: int = 24, split: str = '
 
 
 # ----------------------------------------------------------------------------------------- CLI
+MAX_SPLIT_SIZE = 10 ** 6  # images per exported split (about 1.3 GB of pixels at 36x36); training streams more
+MAX_CANVAS_SIZE = 1024
+
+
+def _bounded(kind, low, high):
+    """An argparse type: a ``kind`` number in [low, high] (argparse names the option in its one-line error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if kind is int else "a number"}')
+        if not low <= value <= high:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f'must be from {low} to {high}, got {text}')
+        return value
+    return parse
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DiverseMultiMNISTConfig()
     parser.add_argument('--source', default='auto', help='auto | sample | hub | fashion_mnist | IDX folder')
-    parser.add_argument('--seed', type=int, default=defaults.seed)
+    parser.add_argument('--seed', type=_bounded(int, 0, 2 ** 32 - 1), default=defaults.seed)
     parser.add_argument('--overlay', choices=OVERLAYS, default=defaults.overlay)
-    parser.add_argument('--p-single', type=float, default=defaults.p_single)
-    parser.add_argument('--max-shift', type=int, default=defaults.max_shift)
-    parser.add_argument('--canvas-size', type=int, default=defaults.canvas_size)
+    parser.add_argument('--p-single', type=_bounded(float, 0.0, 1.0), default=defaults.p_single)
+    parser.add_argument('--max-shift', type=_bounded(int, 0, (MAX_CANVAS_SIZE - DIGIT_SIZE) // 2),
+                        default=defaults.max_shift)
+    parser.add_argument('--canvas-size', type=_bounded(int, DIGIT_SIZE, MAX_CANVAS_SIZE), default=defaults.canvas_size)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m timm_capsules.data.diverse_multimnist',
+    parser = _Parser(prog='python -m timm_capsules.data.diverse_multimnist',
                                      description='Export, push or preview DiverseMultiMNIST.')
     commands = parser.add_subparsers(dest='command', required=True)
     # outputs/ is ignored by git, so a default export run in a checkout leaves it clean
@@ -507,24 +530,36 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             sub.add_argument(target, nargs='?', default=default, help=f'(default: {default})')
         _config_arguments(sub)
         if name == 'preview':
-            sub.add_argument('--count', type=int, default=24)
+            sub.add_argument('--count', type=_bounded(int, 1, 1000), default=24)
             sub.add_argument('--split', choices=('train', 'test'), default='test')
             continue
-        sub.add_argument('--train-size', type=int, default=DiverseMultiMNISTConfig.train_size)
-        sub.add_argument('--test-size', type=int, default=DiverseMultiMNISTConfig.test_size)
+        size = _bounded(int, 0, MAX_SPLIT_SIZE)
+        sub.add_argument('--train-size', type=size, default=DiverseMultiMNISTConfig.train_size)
+        sub.add_argument('--test-size', type=size, default=DiverseMultiMNISTConfig.test_size)
         sub.add_argument('--image-feature', choices=IMAGE_FEATURES, default=DiverseMultiMNISTConfig.image_feature)
         sub.add_argument('--cache-dir', default=None)
         if name == 'push':
             sub.add_argument('--private', action='store_true')
     args = vars(parser.parse_args(argv))
+    if args.get('train_size') == 0 and args.get('test_size') == 0:
+        parser.error('--train-size and --test-size are both 0: nothing to export')
+    if args['canvas_size'] < DIGIT_SIZE + 2 * args['max_shift']:
+        parser.error(f"--canvas-size {args['canvas_size']} cannot hold a {DIGIT_SIZE} px digit shifted by up to "
+                     f"--max-shift {args['max_shift']} px (needs {DIGIT_SIZE + 2 * args['max_shift']})")
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     command = args.pop('command')
-    if command == 'export':
-        print(export(args.pop('out_dir'), **args))
-    elif command == 'push':
-        push(args.pop('repo_id'), **args)
-    else:
-        print(preview(args.pop('out_png'), **args))
+    try:
+        if command == 'export':
+            print(export(args.pop('out_dir'), **args))
+        elif command == 'push':
+            push(args.pop('repo_id'), **args)
+        else:
+            print(preview(args.pop('out_png'), **args))
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as error:
+        # a bad source (IDX file, folder): one line naming it (datasets wraps what its generator raised)
+        cause = error.__cause__ or error.__context__ if isinstance(error, datasets.exceptions.DatasetGenerationError) \
+            else None
+        parser.exit(1, f'{parser.prog} {command}: error: {cause or error}\n')
 
 
 if __name__ == '__main__':

@@ -51,6 +51,9 @@ class MnistDigits(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------- IDX
+MAX_IDX_BYTES = 1 << 30  # an IDX file's data; MNIST's largest is 47 MB
+
+
 def _open_maybe_gzip(path: Path):
     with open(path, 'rb') as f:
         is_gzip = f.read(2) == b'\x1f\x8b'  # sniff, so a mis-named file still reads
@@ -64,8 +67,17 @@ def read_idx(path: Union[str, os.PathLike], expected_magic: Optional[int] = None
     file length do not match the header.
     """
     path = Path(path)
-    with _open_maybe_gzip(path) as f:
-        raw = f.read()
+    with _open_maybe_gzip(path) as f:  # the header first: a small gzip never expands past what it declares
+        raw = f.read(4)
+        ndim = raw[3] if len(raw) == 4 else 0
+        raw += f.read(4 * ndim)
+        if len(raw) == 4 + 4 * ndim:
+            declared = int(np.prod([int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)],
+                                   dtype=np.int64)) if ndim else 0
+            if declared > MAX_IDX_BYTES:
+                raise ValueError(f'{path}: IDX header declares {declared} bytes of data, more than the '
+                                 f'{MAX_IDX_BYTES} this reader takes (MNIST-sized files hold under 50 MB)')
+            raw += f.read(declared + 1)  # one byte more tells trailing bytes
     if len(raw) < 4:
         raise ValueError(f'{path}: not an IDX file (only {len(raw)} bytes)')
     magic = int.from_bytes(raw[:4], 'big')
@@ -84,7 +96,7 @@ def read_idx(path: Union[str, os.PathLike], expected_magic: Optional[int] = None
     if len(raw) != expected:
         what = 'truncated' if len(raw) < expected else 'has trailing bytes'
         raise ValueError(f'{path}: IDX file {what}: header says shape {shape} '
-                         f'({expected} bytes in all), file has {len(raw)} bytes')
+                         f'({expected} bytes in all), file has {len(raw) if len(raw) < expected else "more"} bytes')
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
 
 
@@ -122,6 +134,9 @@ def load_idx_folder(folder: Union[str, os.PathLike], split: str,
         raise ValueError(f'{images_path}: images are {images.shape[1:]}, expected 28x28')
     if len(images) != len(labels):
         raise ValueError(f'{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels')
+    if len(labels) and labels.max() >= len(class_names):
+        raise ValueError(f'{labels_path}: labels must be 0-{len(class_names) - 1}, found {int(labels.max())} '
+                         f'(at index {int(labels.argmax())})')
     return MnistDigits(images, labels, f'idx:{folder}', class_names)
 
 

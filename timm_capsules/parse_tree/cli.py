@@ -198,6 +198,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     multi_label = known.get('multi_label', False) if args.multi_label == 'auto' else args.multi_label == 'yes'
     top_k = args.top_k or (2 if multi_label else 1)
     label_names = class_names(cfg.get('label_names') or known.get('label_names'), model.num_classes)
+    try:  # read before anything is written: a bad file leaves no --out folder behind
+        file_inputs = load_images(model, args.images) if args.images else None
+    except ValueError as error:
+        parser.exit(1, f'{parser.prog}: error: {error}\n')
     out.mkdir(parents=True, exist_ok=True)
 
     # the images: files, then DiverseMultiMNIST test images (with their digit masks)
@@ -208,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         routing=model.routing, multi_label=multi_label, heatmap_iteration=args.iteration, heat=args.heat,
         weights='untrained (random initialisation)' if untrained else 'trained', images=[])
     if args.images:
-        inputs.append(load_images(model, args.images))
+        inputs.append(file_inputs)
         names += [Path(p).name for p in args.images]
         masks += [None] * len(args.images)
         truths += [None] * len(args.images)

@@ -67,7 +67,29 @@ def load_images(model, paths: Sequence[str]) -> Tensor:
     config.pop('fixed_input_size')
     transform = create_transform(**config, is_training=False)
     mode = 'L' if model.in_chans == 1 else 'RGB'
-    return torch.stack([transform(Image.open(p).convert(mode)) for p in paths])
+    return torch.stack([transform(_read_image(p, mode)) for p in paths])
+
+
+MAX_IMAGE_PIXELS = 8192 * 8192  # PIL refuses twice its own 89M limit; a parse tree needs far fewer
+
+
+def _read_image(path, mode: str):
+    """The image at ``path`` in ``mode``; ``ValueError`` naming the file when it is not a readable image,
+    is truncated, or has more than ``MAX_IMAGE_PIXELS`` pixels (checked from the header, before decoding)."""
+    import warnings
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f'{path}: {image.width}x{image.height} pixels, more than the {MAX_IMAGE_PIXELS} '
+                                     f'this tool reads (resize it first)')
+                return image.convert(mode)
+    except ValueError:
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f'{path}: not a readable image ({error})') from None
 
 
 def prepare_arrays(model, images: np.ndarray, masks: Optional[np.ndarray] = None):
