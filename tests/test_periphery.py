@@ -175,7 +175,8 @@ def paper_records(experiments, folder, seeds=range(3)):
         metric = 'exact_match' if run.dataset == 'diverse_multimnist' else 'top1'
         record = dict(run_id=run.run_id, studies=list(run.studies), row=run.row, model=run.row['model'],
                       model_kwargs=kwargs, dataset=run.dataset, seed=run.seed, metric=metric,
-                      metrics={metric: round(0.001 * (k + 1), 6)}, num_parameters=1000 + k)
+                      metrics={metric: round(0.001 * (k + 1), 6)}, num_parameters=1000 + k,
+                      machine='a test', wall_time_s=1.0)  # what a sound record holds (experiments.read_record)
         path = experiments.record_path(folder, 'paper', run)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
@@ -188,7 +189,7 @@ def test_each_table_takes_the_records_of_its_rows(experiments, tmp_path):
     (tmp_path / 'paper' / 'cifar10-IDA-t2-00000000-seed0.json').write_text(json.dumps(records[0]))  # not planned
     runs = experiments.plan('paper', experiments.STUDIES, range(3))
     loaded = experiments.load_records(tmp_path, 'paper', runs)
-    assert len(loaded) == len(records) == len(runs)
+    assert len(loaded) == len(records) == len(runs)  # the unplanned record is left out
     for study in experiments.STUDIES:
         expected = {}
         for record in records:  # from the records' own fields, not from the plan

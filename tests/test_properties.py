@@ -215,15 +215,17 @@ def test_affine_ink_box_stays_on_the_canvas(test_bank, seed, indices):
 
 
 # ------------------------------------------------------------------------------------------- config validation
-# Each numeric model argument's documented bounds (loading.py: sizes and counts positive; a class count, padding
-# or index may be 0; other numbers non-negative; rates and momenta at most 1; eps positive; t in 1..64).
+# Each numeric model argument's documented bounds (loading.py: sizes and counts positive and at most 2**16, a
+# chunk size (max_votes) at most 2**40; a class count, padding or index may be 0; other numbers non-negative; rates
+# and momenta at most 1; eps positive; t in 1..64).
+SIZE = 2 ** 16
 INT_BOUNDS = {
-    'in_chans': (1, None), 'primary_caps': (1, None), 'pose_dim': (1, None), 'primary_kernel_size': (1, None),
-    'primary_stride': (1, None), 'max_votes': (1, None), 'num_classes': (0, None), 'primary_padding': (0, None),
-    'backbone_out_index': (0, None), 'iterations': (1, loading.MAX_ITERATIONS), 'img_size': (1, None),
+    'in_chans': (1, SIZE), 'primary_caps': (1, SIZE), 'pose_dim': (1, SIZE), 'primary_kernel_size': (1, SIZE),
+    'primary_stride': (1, SIZE), 'max_votes': (1, 2 ** 40), 'num_classes': (0, SIZE), 'primary_padding': (0, SIZE),
+    'backbone_out_index': (0, SIZE), 'iterations': (1, 64), 'img_size': (1, SIZE),
 }
-CNN_INT_BOUNDS = {'in_chans': (1, None), 'num_classes': (0, None), 'head_hidden_size': (1, None),
-                  'img_size': (1, None)}
+CNN_INT_BOUNDS = {'in_chans': (1, SIZE), 'num_classes': (0, SIZE), 'head_hidden_size': (1, SIZE),
+                  'img_size': (1, SIZE)}
 FLOAT_BOUNDS = {  # (low, low included, high)
     'drop_rate': (0.0, True, 1.0), 'drop_path_rate': (0.0, True, 1.0), 'drop_block_rate': (0.0, True, 1.0),
     'bn_momentum': (0.0, True, 1.0), 'bn_eps': (0.0, False, None),
