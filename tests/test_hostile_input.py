@@ -223,30 +223,8 @@ def test_damaged_record_is_named_skipped_and_not_done(experiments, tmp_path, cap
 
 # ---- the output folder: checked before training, locked for the run, write failures named ------------------
 
-from test_train import ENV, SCRIPT, TINY  # noqa: E402  (the tiny capsule net on the built-in MNIST sample)
-
-
-@pytest.fixture(scope='module')
-def train():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('train_accelerate', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def run(train):
-    """Runs main(argv) in-process and resets accelerate's process-wide state afterwards."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    def _run(argv):
-        try:
-            return train.main([str(a) for a in argv])
-        finally:
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-    return _run
+from test_train import ENV, SCRIPT, TINY, run, train  # noqa: E402,F401  (the tiny capsule net on the built-in MNIST
+# sample; the script loaded once, and main() run in-process with accelerate's state reset after it)
 
 
 def _refused(run, argv, capsys) -> str:
