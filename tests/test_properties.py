@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from timm_capsules import loading
 from timm_capsules.data import affine_mnist as am
 from timm_capsules.data import diverse_multimnist as dmm
-from timm_capsules.data import mnist
 
 from mnist_digits import digit_hashes
 
@@ -59,24 +58,14 @@ def test_the_chi_square_checks_can_fail():
 
 
 # ------------------------------------------------------------------------------------------ DiverseMultiMNIST
-@pytest.fixture(scope='module')
-def train_bank():
-    return mnist.load_sample('train')
-
-
-@pytest.fixture(scope='module')
-def test_bank():
-    return mnist.load_sample('test')
-
-
 @GENERATORS
 @given(seed=SEEDS)
-def test_class_pair_is_uniform_over_the_90_ordered_pairs(train_bank, seed):
+def test_class_pair_is_uniform_over_the_90_ordered_pairs(train_digits, seed):
     """The sample bank holds 400 digits of each class, so the first class is uniform; the second is uniform over
     the nine others: every ordered pair of different classes is equally likely, and so is each offset
     (second - first) mod 10 for each first class."""
-    assert (np.bincount(train_bank.labels) == 400).all()
-    batch = dmm.generate(train_bank, np.arange(20_000), seed=seed, split='train')
+    assert (np.bincount(train_digits.labels) == 400).all()
+    batch = dmm.generate(train_digits, np.arange(20_000), seed=seed, split='train')
     first, second = batch.classes[batch.num_digits == 2].T
     assert (first != second).all()
     pairs = np.zeros((10, 10), np.int64)
@@ -89,10 +78,10 @@ def test_class_pair_is_uniform_over_the_90_ordered_pairs(train_bank, seed):
 
 @GENERATORS
 @given(seed=SEEDS, p_single=st.one_of(st.sampled_from([1 / 6, 0.0, 1.0]), st.floats(0, 1)))
-def test_single_digit_rate_is_p_single(train_bank, seed, p_single):
+def test_single_digit_rate_is_p_single(train_digits, seed, p_single):
     """p_single = 1 once crashed: a request without a two-digit image pasted an empty batch of second digits."""
     n = 12_000
-    batch = dmm.generate(train_bank, np.arange(n), seed=seed, split='train', p_single=p_single)
+    batch = dmm.generate(train_digits, np.arange(n), seed=seed, split='train', p_single=p_single)
     single = (batch.num_digits == 1).sum()
     sigma = math.sqrt(n * p_single * (1 - p_single))
     assert abs(single - n * p_single) <= 5 * sigma + 1e-9
@@ -101,11 +90,11 @@ def test_single_digit_rate_is_p_single(train_bank, seed, p_single):
 
 @GENERATORS
 @given(seed=SEEDS, max_shift=st.integers(0, 6), extra=st.integers(0, 8))
-def test_shifts_are_uniform_in_range_and_independent(train_bank, seed, max_shift, extra):
+def test_shifts_are_uniform_in_range_and_independent(train_digits, seed, max_shift, extra):
     """Each of the four shifts (row and column of each digit) is uniform over -max_shift..max_shift about the
     canvas's centre, and the row and column shifts of a digit are independent."""
     canvas = 28 + 2 * max_shift + extra
-    batch = dmm.generate(train_bank, np.arange(6000), seed=seed, split='train', max_shift=max_shift,
+    batch = dmm.generate(train_digits, np.arange(6000), seed=seed, split='train', max_shift=max_shift,
                          canvas_size=canvas, p_single=0.0)
     shifts = batch.offsets - (canvas - 28) // 2  # (n, digit, row/col)
     span = 2 * max_shift + 1
@@ -121,11 +110,11 @@ def test_shifts_are_uniform_in_range_and_independent(train_bank, seed, max_shift
 
 @GENERATORS
 @given(seed=SEEDS, split=st.sampled_from(['train', 'test']), size=st.integers(1, 600))
-def test_a_split_uses_only_its_own_bank(train_bank, test_bank, seed, split, size):
+def test_a_split_uses_only_its_own_bank(train_digits, test_digits, seed, split, size):
     """make_split loads the split's own digits: every digit on an image is one of that bank's, at the recorded
     place, and none of the other bank's."""
     batch = dmm.make_split(split, size, source='sample', seed=seed)
-    own, other = (train_bank, test_bank) if split == 'train' else (test_bank, train_bank)
+    own, other = (train_digits, test_digits) if split == 'train' else (test_digits, train_digits)
     present = batch.sources >= 0
     used = own.images[batch.sources[present]]
     assert digit_hashes(used) <= digit_hashes(own.images)
@@ -142,29 +131,29 @@ def test_a_split_uses_only_its_own_bank(train_bank, test_bank, seed, split, size
 @GENERATORS
 @given(seed=SEEDS, indices=st.lists(st.integers(0, 10**9), min_size=1, max_size=40),
        split=st.sampled_from(['train', 'test']))
-def test_image_i_depends_only_on_seed_split_and_i(train_bank, seed, indices, split):
+def test_image_i_depends_only_on_seed_split_and_i(train_digits, seed, indices, split):
     """Any request (order, repeats, neighbours) gives image i the bytes it has alone; another seed or split, others."""
-    together = dmm.generate(train_bank, indices, seed=seed, split=split)
+    together = dmm.generate(train_digits, indices, seed=seed, split=split)
     for k, i in enumerate(indices):
-        alone = dmm.generate(train_bank, [i], seed=seed, split=split)
+        alone = dmm.generate(train_digits, [i], seed=seed, split=split)
         for field, value in zip(together._fields, together):
             np.testing.assert_array_equal(value[k], getattr(alone, field)[0], err_msg=field)
-    reversed_ = dmm.generate(train_bank, indices[::-1], seed=seed, split=split)
+    reversed_ = dmm.generate(train_digits, indices[::-1], seed=seed, split=split)
     np.testing.assert_array_equal(reversed_.images[::-1], together.images)
     many = np.arange(200) + min(indices)
-    base = dmm.generate(train_bank, many, seed=seed, split=split).images
-    for other in (dmm.generate(train_bank, many, seed=seed + 1, split=split).images,
-                  dmm.generate(train_bank, many, seed=seed, split={'train': 'test', 'test': 'train'}[split]).images):
+    base = dmm.generate(train_digits, many, seed=seed, split=split).images
+    for other in (dmm.generate(train_digits, many, seed=seed + 1, split=split).images,
+                  dmm.generate(train_digits, many, seed=seed, split={'train': 'test', 'test': 'train'}[split]).images):
         assert (other != base).any((1, 2)).mean() > 0.9
 
 
 # ------------------------------------------------------------------------------------------------ affine MNIST
 @GENERATORS
 @given(seed=SEEDS)
-def test_affine_parameters_are_uniform_and_independent(test_bank, seed):
+def test_affine_parameters_are_uniform_and_independent(test_digits, seed):
     """rotation ~ U(-20, 20), shear ~ U(-0.2, 0.2), scale_x and scale_y ~ U(0.8, 1.2), each uniform over its
     range (ten bins) and independent of every other (4 x 4 contingency tables)."""
-    batch = am.generate(np.arange(4000), 'test', 'affine', seed=seed, digits=test_bank)
+    batch = am.generate(np.arange(4000), 'test', 'affine', seed=seed, digits=test_digits)
     ranges = {'rotation': (-20, 20), 'shear': (-0.2, 0.2), 'scale_x': (0.8, 1.2), 'scale_y': (0.8, 1.2)}
     unit = {}
     for name, (low, high) in ranges.items():
@@ -180,8 +169,8 @@ def test_affine_parameters_are_uniform_and_independent(test_bank, seed):
 
 @GENERATORS
 @given(seed=SEEDS, split=st.sampled_from(['train', 'test']))
-def test_translated_shifts_are_uniform_integers_and_independent(train_bank, test_bank, seed, split):
-    bank = train_bank if split == 'train' else test_bank
+def test_translated_shifts_are_uniform_integers_and_independent(train_digits, test_digits, seed, split):
+    bank = train_digits if split == 'train' else test_digits
     batch = am.generate(np.arange(4000), split, 'translated', seed=seed, digits=bank)
     shift = batch.params[:, 4:]
     np.testing.assert_array_equal(shift, np.round(shift))
@@ -193,13 +182,13 @@ def test_translated_shifts_are_uniform_integers_and_independent(train_bank, test
 
 @GENERATORS
 @given(seed=SEEDS, indices=st.lists(st.integers(0, 10**9), min_size=1, max_size=200))
-def test_affine_ink_box_stays_on_the_canvas(test_bank, seed, indices):
+def test_affine_ink_box_stays_on_the_canvas(test_digits, seed, indices):
     """The digit's ink box, moved by the recorded transform (rotate @ shear @ scale about the frame's centre, then
     the shift), lies on the 40 x 40 canvas; and the image's ink lies inside that moved box (one pixel of
     bilinear spill)."""
-    batch = am.generate(indices, 'test', 'affine', seed=seed, digits=test_bank)
+    batch = am.generate(indices, 'test', 'affine', seed=seed, digits=test_digits)
     for k in range(len(indices)):
-        digit = test_bank.images[batch.sources[k]]
+        digit = test_digits.images[batch.sources[k]]
         rows, cols = np.flatnonzero(digit.any(1)), np.flatnonzero(digit.any(0))
         corners = np.array([[x, y] for x in (cols[0] - 0.5, cols[-1] + 0.5) for y in (rows[0] - 0.5, rows[-1] + 0.5)])
         rotation, shear, scale_x, scale_y = batch.params[k, :4]
