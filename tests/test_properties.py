@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from timm_capsules import loading
+from timm_capsules import config_checks, loading
 from timm_capsules.data import affine_mnist as am
 from timm_capsules.data import diverse_multimnist as dmm
 
@@ -239,8 +239,8 @@ def ints_near(bounds):
 
 def test_the_bound_tables_cover_every_numeric_argument():
     for architecture, ints in ((CAPSNET, INT_BOUNDS), (CNN, CNN_INT_BOUNDS)):
-        parameters = loading._constructor_parameters(loading.model_class(architecture))
-        numeric = {name for name, (hint, _) in parameters.items() if loading._type_name(hint) in (
+        parameters = config_checks._constructor_parameters(config_checks.model_class(architecture))
+        numeric = {name for name, (hint, _) in parameters.items() if config_checks._type_name(hint) in (
             'int', 'float', 'Optional[int]', 'Optional[float]', 'Union[int, Tuple[int, int]]')}
         assert numeric == set(ints) | set(FLOAT_BOUNDS), architecture
 

@@ -41,9 +41,10 @@ import timm
 from timm.models import model_entrypoint, save_for_hf, split_model_name_tag
 
 from .hub_cards import PUBLISHED, NOT_PUBLISHED, mean_std, fmt, model_card
+from .config_checks import MAX_ITERATIONS, ConfigError, _is_int, _is_number, _require, our_architectures
 from .loading import (
-    CONFIG_NAME, MAX_ITERATIONS, WEIGHTS_NAME, ConfigError, NonFiniteWeightsWarning, WeightsError,
-    WeightsNotPublishedError, _is_int, _is_number, _require, check_weights_file, our_architectures, read_config_json)
+    CONFIG_NAME, WEIGHTS_NAME, NonFiniteWeightsWarning, WeightsError, WeightsNotPublishedError, check_weights_file,
+    read_config_json)
 from .presets import PRESETS
 
 __all__ = [
