@@ -42,6 +42,8 @@ def main(argv=None):
     for name in checkout_files():
         (scratch / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, scratch / name)
+    # a git repository, so that tests which ask git about the checkout (what .gitignore covers) run there too
+    subprocess.run(['git', 'init', '-q'], cwd=scratch, check=True)
     package = args.module.split('/')[0]
     selection = list(args.tests) + (['-k', args.select] if args.select else [])
     also = sorted({name.split('/')[0] + ('/' if '/' in name else '') for name in checkout_files()} - {package + '/'})
@@ -56,8 +58,9 @@ def main(argv=None):
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}  # the copy's package, not a checkout's
     env.update(OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
     mutmut = [sys.executable, '-m', 'mutmut']
-    subprocess.run(['nice', '-n', '10', *mutmut, 'run', '--max-children', '1'], cwd=scratch, env=env,
-                   stdout=subprocess.DEVNULL)
+    with open(scratch / 'mutmut_run.log', 'w') as log:  # mutmut's own messages (a failed stats run says why)
+        subprocess.run(['nice', '-n', '10', *mutmut, 'run', '--max-children', '1'], cwd=scratch, env=env,
+                       stdout=log, stderr=subprocess.STDOUT)
     results = subprocess.run([*mutmut, 'results', '--all', 'true'], cwd=scratch, env=env, capture_output=True,
                              text=True).stdout
     outcomes = re.findall(r'^\s*(\S+): (\w[\w ]*)$', results, re.M)
@@ -66,6 +69,10 @@ def main(argv=None):
         counts[outcome] = counts.get(outcome, 0) + 1
     killed = counts.get('killed', 0)
     print(results)
+    if outcomes and counts.get('not checked') == len(outcomes):
+        print(f'mutmut checked no mutant: see {scratch / "mutmut_run.log"} (the tests must pass unmutated there)',
+              file=sys.stderr)
+        return 1
     print(json.dumps(dict(module=args.module, tests=selection, mutants=len(outcomes), outcomes=counts,
                           score=round(killed / max(len(outcomes), 1), 3))))
     return 0
