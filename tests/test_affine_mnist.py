@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from timm_capsules.data import affine_mnist as am
+from timm_capsules.data import affine_mnist_images
 from timm_capsules.data import mnist
 
 from mnist_digits import digit_hashes
@@ -53,7 +54,7 @@ def test_image_depends_only_on_seed_split_transform_and_index(train_digits, monk
     for got, want in zip(backward, forward):
         np.testing.assert_array_equal(got, want[::-1])
     whole = am.generate(np.arange(300), 'train', transform, seed=3, digits=train_digits)
-    monkeypatch.setattr(am, 'CHUNK_SIZE', 64)  # make_split in 5 chunks, the last one short
+    monkeypatch.setattr(affine_mnist_images, 'CHUNK_SIZE', 64)  # make_split in 5 chunks, the last one short
     chunked = am.make_split(300, 'train', transform, seed=3, digits=train_digits)
     for got, want in zip(chunked, whole):
         np.testing.assert_array_equal(got, want)

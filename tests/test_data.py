@@ -13,6 +13,7 @@ import torch
 from ci import unavailable
 
 from timm_capsules.data import diverse_multimnist as dmm
+from timm_capsules.data import diverse_multimnist_images
 from timm_capsules.data import mnist
 
 from mnist_digits import digit_hashes
@@ -295,7 +296,7 @@ def test_stream_resume_is_the_tail(train_digits, batch_size, start, workers):
 def test_stream_resume_generates_nothing_it_skips(train_digits, monkeypatch):
     generated_indices = []
     real_generate = dmm.generate
-    monkeypatch.setattr(dmm, "generate", lambda digits, indices, **kw: (
+    monkeypatch.setattr(diverse_multimnist_images, "generate", lambda digits, indices, **kw: (
         generated_indices.append(np.asarray(indices)), real_generate(digits, indices, **kw))[1])
     stream = dmm.DiverseMultiMNISTStream(digits=train_digits, batch_size=8, start=10**9, chunk_size=8)
     next(iter(stream))
