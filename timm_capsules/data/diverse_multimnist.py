@@ -33,17 +33,10 @@ import numpy as np
 from .diverse_multimnist_images import (  # noqa: F401  (DiverseMultiMNISTStream, MultiDigitBatch: exported here)
     CHUNK_SIZE, DIGIT_SIZE, IMAGE_FEATURES, NUM_CLASSES, OVERLAYS, DiverseMultiMNISTStream, MultiDigitBatch,
     _check_options, generate, make_split)
+from ..citation import BIBTEX
 from .mnist import load_mnist, resolve_source
 
 logger = logging.getLogger(__name__)
-
-_CITATION = """\
-@inproceedings{tsai2020capsules,
-  title={Capsules with Inverted Dot-Product Attention Routing},
-  author={Tsai, Yao-Hung Hubert and Srivastava, Nitish and Goh, Hanlin and Salakhutdinov, Ruslan},
-  booktitle={International Conference on Learning Representations},
-  year={2020}
-}"""
 
 
 def card_footer(citation: str) -> List[str]:
@@ -115,7 +108,7 @@ class DiverseMultiMNIST(datasets.GeneratorBasedBuilder):
                 'target': datasets.Sequence(datasets.Value('float32'), length=NUM_CLASSES),
                 'num_digits': datasets.Value('uint8'),
             }),
-            citation=_CITATION,
+            citation=BIBTEX,
             license='cc-by-sa-3.0',
         )
 
@@ -173,7 +166,7 @@ def _card_text(builder: DiverseMultiMNIST) -> str:
                         'p_single', 'overlay', 'image_feature')),
         '', 'Columns: `image` (uint8), `labels` (classes present), `target` (10-dim multi-hot float32), '
         '`num_digits` (1 or 2).', '',
-        *card_footer(_CITATION),
+        *card_footer(BIBTEX),
     ]
     return '\n'.join(lines)
 
