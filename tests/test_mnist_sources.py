@@ -2,6 +2,7 @@
 probe (against a socket this test opens), the Hub path on a local dataset folder in ``ylecun/mnist``'s layout,
 the fallback rules of ``load_mnist``, Fashion-MNIST's folder variable, the parquet export read back with plain
 ``datasets``, and every refusal of ``read_idx`` and ``load_idx_folder`` with the words that name the problem."""
+
 import gzip
 import socket
 
@@ -22,8 +23,21 @@ def clean_sources(monkeypatch):
     mnist._load_resolved.cache_clear()
 
 
-@pytest.mark.parametrize('value, on', [('1', True), ('ON', True), ('yes', True), (' true ', True), ('TRUE', True),
-                                       ('0', False), ('', False), ('off', False), ('no', False), ('2', False)])
+@pytest.mark.parametrize(
+    'value, on',
+    [
+        ('1', True),
+        ('ON', True),
+        ('yes', True),
+        (' true ', True),
+        ('TRUE', True),
+        ('0', False),
+        ('', False),
+        ('off', False),
+        ('no', False),
+        ('2', False),
+    ],
+)
 def test_offline_flags_read_as_the_hub_libraries_read_them(clean_sources, value, on):
     clean_sources.setenv('HF_HUB_OFFLINE', value)
     assert mnist._env_flag('HF_HUB_OFFLINE') is on
@@ -50,7 +64,8 @@ def _hub_layout(folder, images, labels):
     for split in mnist.SPLITS:
         ds = datasets.Dataset.from_dict(
             {'image': [Image.fromarray(image) for image in images], 'label': labels.tolist()},
-            features=datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(num_classes=10)}))
+            features=datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(num_classes=10)}),
+        )
         (folder / 'data').mkdir(parents=True, exist_ok=True)
         ds.to_parquet(str(folder / 'data' / f'{split}-00000-of-00001.parquet'))
     return folder
@@ -63,7 +78,7 @@ def test_the_hub_path_reads_ylecun_mnist_layout_into_uint8_digits(tmp_path, trai
     assert digits.images.dtype == np.uint8 and digits.images.shape == (12, 28, 28)
     assert np.array_equal(digits.images, images) and np.array_equal(digits.labels, labels)
     assert digits.labels.dtype == np.int64 and digits.source == f'hub:{repo}'
-    with pytest.raises(ValueError, match="split must be one of"):
+    with pytest.raises(ValueError, match='split must be one of'):
         mnist.load_hub('validation', repo_id=str(repo))
 
 
@@ -116,7 +131,9 @@ def test_parquet_export_reads_back_with_plain_datasets(clean_sources, tmp_path, 
     out = mnist.export_parquet(tmp_path / 'export', 'sample')
     assert out == tmp_path / 'export'
     assert sorted(p.name for p in (out / 'data').iterdir()) == [
-        'test-00000-of-00001.parquet', 'train-00000-of-00001.parquet']
+        'test-00000-of-00001.parquet',
+        'train-00000-of-00001.parquet',
+    ]
     loaded = datasets.load_dataset(str(out))
     for split, digits in (('train', train_digits), ('test', test_digits)):
         ds = loaded[split].with_format('numpy')
@@ -129,22 +146,36 @@ def test_parquet_export_reads_back_with_plain_datasets(clean_sources, tmp_path, 
 
 # ---- every refusal of the IDX reader names the file and the problem ----------------------------------------
 
+
 def _idx_bytes(array, dtype_byte=0x08, zero_prefix=b'\x00\x00'):
-    return zero_prefix + bytes([dtype_byte, array.ndim]) + b''.join(d.to_bytes(4, 'big') for d in array.shape) \
+    return (
+        zero_prefix
+        + bytes([dtype_byte, array.ndim])
+        + b''.join(d.to_bytes(4, 'big') for d in array.shape)
         + array.tobytes()
+    )
 
 
-@pytest.mark.parametrize('data, message', [
-    (b'\x00\x00', r'not an IDX file \(only 2 bytes\)'),
-    (b'', r'not an IDX file \(only 0 bytes\)'),
-    (_idx_bytes(np.zeros((2, 3), np.uint8), zero_prefix=b'\x01\x00'), 'first two bytes must be zero'),
-    (_idx_bytes(np.zeros((2, 3), np.uint8), dtype_byte=0x0D), 'IDX dtype byte is 0x0d; only 0x08'),
-    (_idx_bytes(np.zeros((2, 3), np.uint8))[:7], r'truncated IDX header \(7 bytes, need 12\)'),
-    (_idx_bytes(np.zeros((2, 3), np.uint8))[:-1], r'IDX file truncated: header says shape \(2, 3\) \(18 bytes in all\), '
-                                                  r'file has 17 bytes'),
-    (_idx_bytes(np.zeros((2, 3), np.uint8)) + b'\x00', r'has trailing bytes: header says shape \(2, 3\) \(18 bytes in '
-                                                       r'all\), file has more bytes'),
-])
+@pytest.mark.parametrize(
+    'data, message',
+    [
+        (b'\x00\x00', r'not an IDX file \(only 2 bytes\)'),
+        (b'', r'not an IDX file \(only 0 bytes\)'),
+        (_idx_bytes(np.zeros((2, 3), np.uint8), zero_prefix=b'\x01\x00'), 'first two bytes must be zero'),
+        (_idx_bytes(np.zeros((2, 3), np.uint8), dtype_byte=0x0D), 'IDX dtype byte is 0x0d; only 0x08'),
+        (_idx_bytes(np.zeros((2, 3), np.uint8))[:7], r'truncated IDX header \(7 bytes, need 12\)'),
+        (
+            _idx_bytes(np.zeros((2, 3), np.uint8))[:-1],
+            r'IDX file truncated: header says shape \(2, 3\) \(18 bytes in all\), '
+            r'file has 17 bytes',
+        ),
+        (
+            _idx_bytes(np.zeros((2, 3), np.uint8)) + b'\x00',
+            r'has trailing bytes: header says shape \(2, 3\) \(18 bytes in '
+            r'all\), file has more bytes',
+        ),
+    ],
+)
 def test_read_idx_refuses_with_the_reason(tmp_path, data, message):
     path = tmp_path / 'bad-idx'
     path.write_bytes(data)
