@@ -10,6 +10,8 @@ from timm_suite.fetch import fetch_timm_model_tests  # noqa: E402
 
 
 def pytest_configure(config):
+    if hasattr(config, 'workerinput'):
+        return  # a pytest-xdist worker: the controller has fetched and built before it started the workers
     fetch_timm_model_tests()
     # build the fused routing kernels once, up front (about a minute each on a fresh machine), instead of
     # inside whichever test, or subprocess with its own timeout, routes first
