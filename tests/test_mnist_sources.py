@@ -252,3 +252,16 @@ def test_the_built_in_sample_has_400_and_100_digits_per_class(train_digits, test
         assert digits.source == 'sample'
     with pytest.raises(ValueError, match=r"split must be one of \('train', 'test'\), got 'val'"):
         mnist.load_sample('val')
+
+
+def test_idx_folder_checks_each_files_magic_number(tmp_path):
+    """The magic number says how many dimensions: images are 3-d (2051), labels 1-d (2049)."""
+    images, labels = tmp_path / 'train-images-idx3-ubyte', tmp_path / 'train-labels-idx1-ubyte'
+    mnist.write_idx(images, np.zeros(3, np.uint8))
+    mnist.write_idx(labels, np.zeros(3, np.uint8))
+    with pytest.raises(ValueError, match=r'train-images-idx3-ubyte: IDX magic number is 2049 .*expected 2051'):
+        mnist.load_idx_folder(tmp_path, 'train')
+    mnist.write_idx(images, np.zeros((3, 28, 28), np.uint8))
+    mnist.write_idx(labels, np.zeros((3, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match=r'train-labels-idx1-ubyte: IDX magic number is 2051 .*expected 2049'):
+        mnist.load_idx_folder(tmp_path, 'train')
