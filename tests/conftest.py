@@ -1,4 +1,5 @@
 """Shared test setup. Fetches timm's own model test suite (see tests/timm_suite/conftest.py)."""
+
 import os
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # nothing here may reach the Hub
@@ -17,11 +18,13 @@ def pytest_configure(config):
     # inside whichever test, or subprocess with its own timeout, routes first
     from timm_capsules.routing import routing_kernel
     from timm_capsules.routing_baselines import em_routing_kernel
+
     routing_kernel()
     em_routing_kernel()
 
 
 # ---- the MNIST-derived datasets' tests (DiverseMultiMNIST, affine MNIST) -----------------------------------
+
 
 @pytest.fixture
 def offline_mnist(monkeypatch):
@@ -34,10 +37,12 @@ def offline_mnist(monkeypatch):
 @pytest.fixture(scope='module')
 def train_digits():
     from timm_capsules.data import mnist
+
     return mnist.load_sample('train')
 
 
 @pytest.fixture(scope='module')
 def test_digits():
     from timm_capsules.data import mnist
+
     return mnist.load_sample('test')

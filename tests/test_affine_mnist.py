@@ -1,6 +1,7 @@
 """Tests of timm_capsules.data.affine_mnist: determinism per index, the translated split's exact pixels,
 the affine split's ranges and warp (against a per-pixel reference written here), the disjoint digit
 banks, the exported Hub-layout folder and the preview."""
+
 import math
 import subprocess
 from pathlib import Path
@@ -40,8 +41,9 @@ def reference_warp(digit: np.ndarray, params: np.ndarray) -> np.ndarray:
             x, y = inverse @ [col - centre - shift_x, row - centre - shift_y] + digit_centre
             x0, y0 = math.floor(x), math.floor(y)
             fx, fy = x - x0, y - y0
-            value = ((1 - fy) * ((1 - fx) * pixel(y0, x0) + fx * pixel(y0, x0 + 1))
-                     + fy * ((1 - fx) * pixel(y0 + 1, x0) + fx * pixel(y0 + 1, x0 + 1)))
+            value = (1 - fy) * ((1 - fx) * pixel(y0, x0) + fx * pixel(y0, x0 + 1)) + fy * (
+                (1 - fx) * pixel(y0 + 1, x0) + fx * pixel(y0 + 1, x0 + 1)
+            )
             out[row, col] = min(255, math.floor(value + 0.5))
     return out
 
@@ -85,8 +87,8 @@ def test_translated_is_an_integer_shift_of_the_unchanged_digit(train_digits):
     for k in range(len(batch.images)):
         row, col = 6 + int(shift_y[k]), 6 + int(shift_x[k])
         image = batch.images[k].copy()
-        np.testing.assert_array_equal(image[row:row + 28, col:col + 28], train_digits.images[batch.sources[k]])
-        image[row:row + 28, col:col + 28] = 0
+        np.testing.assert_array_equal(image[row : row + 28, col : col + 28], train_digits.images[batch.sources[k]])
+        image[row : row + 28, col : col + 28] = 0
         assert not image.any()  # nothing outside the pasted digit
 
 
@@ -163,25 +165,33 @@ def test_train_and_test_use_disjoint_source_digits(train_digits, test_digits):
     # every train image is a train-bank digit, every checked test image a test-bank digit's warp
     for k in range(0, 3000, 11):
         row, col = 6 + int(train.params[k, 5]), 6 + int(train.params[k, 4])
-        np.testing.assert_array_equal(train.images[k, row:row + 28, col:col + 28],
-                                      train_digits.images[train.sources[k]])
+        np.testing.assert_array_equal(
+            train.images[k, row : row + 28, col : col + 28], train_digits.images[train.sources[k]]
+        )
     for k in (0, 500):
-        np.testing.assert_array_equal(test.images[k], reference_warp(test_digits.images[test.sources[k]],
-                                                                     test.params[k]))
+        np.testing.assert_array_equal(
+            test.images[k], reference_warp(test_digits.images[test.sources[k]], test.params[k])
+        )
     used_train = digit_hashes(train_digits.images[train.sources])
     used_test = digit_hashes(test_digits.images[test.sources])
     assert len(used_train) > 2000 and len(used_test) > 500 and not used_train & used_test
 
 
-@pytest.mark.parametrize('call, message', [
-    (lambda d: am.generate([0], 'val', digits=d), "split must be one of ('train', 'test'), got 'val'"),
-    (lambda d: am.generate([0], 'train', 'rotated', digits=d), "transform must be one of ('translated', 'affine')"),
-    (lambda d: am.generate([0], seed=-1, digits=d), 'seed must be a non-negative integer, got -1'),
-    (lambda d: am.generate([3, -1], digits=d), 'indices must be a 1-d sequence of non-negative integers'),
-    (lambda d: am.make_split(-2, digits=d), 'count must be a non-negative integer, got -2'),
-    (lambda d: am.generate([0], digits=d._replace(images=d.images[:, :27])), 'digits must be uint8 (N, 28, 28)'),
-    (lambda d: am.export('never_written', train_size=-1), 'train_size and test_size must be >= 0, got -1 and 10000'),
-])
+@pytest.mark.parametrize(
+    'call, message',
+    [
+        (lambda d: am.generate([0], 'val', digits=d), "split must be one of ('train', 'test'), got 'val'"),
+        (lambda d: am.generate([0], 'train', 'rotated', digits=d), "transform must be one of ('translated', 'affine')"),
+        (lambda d: am.generate([0], seed=-1, digits=d), 'seed must be a non-negative integer, got -1'),
+        (lambda d: am.generate([3, -1], digits=d), 'indices must be a 1-d sequence of non-negative integers'),
+        (lambda d: am.make_split(-2, digits=d), 'count must be a non-negative integer, got -2'),
+        (lambda d: am.generate([0], digits=d._replace(images=d.images[:, :27])), 'digits must be uint8 (N, 28, 28)'),
+        (
+            lambda d: am.export('never_written', train_size=-1),
+            'train_size and test_size must be >= 0, got -1 and 10000',
+        ),
+    ],
+)
 def test_bad_input_is_one_clear_error(train_digits, call, message):
     with pytest.raises(ValueError) as error:
         call(train_digits)
@@ -196,11 +206,16 @@ def test_export_loads_with_plain_load_dataset(tmp_path):
     out = tmp_path / 'affine_mnist'
     am.main(['export', str(out), '--source', 'sample', '--train-size', '60', '--test-size', '40', '--seed', '2'])
     assert sorted(p.name for p in (out / 'data').iterdir()) == [
-        'test_affine-00000-of-00001.parquet', 'test_translated-00000-of-00001.parquet',
-        'train_translated-00000-of-00001.parquet']
+        'test_affine-00000-of-00001.parquet',
+        'test_translated-00000-of-00001.parquet',
+        'train_translated-00000-of-00001.parquet',
+    ]
     loaded = datasets.load_dataset(str(out), cache_dir=str(tmp_path / 'hf_cache'))
     assert {name: len(ds) for name, ds in loaded.items()} == {
-        'train_translated': 60, 'test_translated': 40, 'test_affine': 40}
+        'train_translated': 60,
+        'test_translated': 40,
+        'test_affine': 40,
+    }
     for name, (split, transform) in am.EXPORT_SPLITS.items():
         want = am.make_split(len(loaded[name]), split, transform, seed=2, source='sample')
         assert loaded[name].features['image'] == datasets.Array2D((40, 40), 'uint8')
@@ -214,8 +229,15 @@ def test_export_loads_with_plain_load_dataset(tmp_path):
     card = DatasetCard.load(out / 'README.md')
     assert card.data.license == 'cc-by-sa-3.0'
     assert {entry['split'] for entry in card.data.configs[0]['data_files']} == set(am.EXPORT_SPLITS)
-    for needle in ('-6..6 px', 'U(0.8, 1.2)', 'U(-0.2, 0.2)', 'U(-20, 20) degrees', 'Seed `2`, digit source `sample`',
-                   '| test_affine | test | affine | 40 |', 'Sabour'):
+    for needle in (
+        '-6..6 px',
+        'U(0.8, 1.2)',
+        'U(-0.2, 0.2)',
+        'U(-20, 20) degrees',
+        'Seed `2`, digit source `sample`',
+        '| test_affine | test | affine | 40 |',
+        'Sabour',
+    ):
         assert needle in card.text, needle
 
 
@@ -233,8 +255,10 @@ def test_preview_shows_translated_above_affine(tmp_path):
 
 def test_command_line_outputs_default_to_the_ignored_outputs_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    for argv, message in ((['preview', '--count', '0'], '--count must be >= 1, got 0'),
-                          (['export', '--test-size', '-3'], '--test-size must be >= 0, got -3')):
+    for argv, message in (
+        (['preview', '--count', '0'], '--count must be >= 1, got 0'),
+        (['export', '--test-size', '-3'], '--test-size must be >= 0, got -3'),
+    ):
         with pytest.raises(SystemExit):
             am.main(argv)
         assert message in capsys.readouterr().err
@@ -243,8 +267,9 @@ def test_command_line_outputs_default_to_the_ignored_outputs_folder(tmp_path, mo
     am.main(['export', '--source', 'sample', '--train-size', '4', '--test-size', '2'])
     assert (tmp_path / 'outputs' / 'affine_mnist_preview.png').is_file()
     assert sorted(p.name for p in (tmp_path / 'outputs' / 'affine_mnist').iterdir()) == ['README.md', 'data']
-    ignored = subprocess.run(['git', 'check-ignore', '-q', 'outputs/affine_mnist/README.md'],
-                             cwd=Path(__file__).resolve().parents[1])
+    ignored = subprocess.run(
+        ['git', 'check-ignore', '-q', 'outputs/affine_mnist/README.md'], cwd=Path(__file__).resolve().parents[1]
+    )
     assert ignored.returncode == 0
 
 

@@ -5,6 +5,7 @@ a checkpoint; they raise ``ConfigError`` naming the file and the argument.
 
 This module imports no model module (the model files import it, through ``loading``).
 """
+
 import collections.abc
 import inspect
 import json
@@ -19,8 +20,16 @@ from timm.models import model_entrypoint
 from .memory_budget import MEMORY_LIMIT_ENV, estimate_memory, memory_limit_bytes
 
 __all__ = [
-    'ConfigError', 'MAX_ITERATIONS', 'MAX_SIZE', 'MAX_LIST_LENGTH', 'model_class', 'our_architectures',
-    'validate_model_args', 'validate_checkpoint_config', 'estimate_model_memory', 'check_memory_budget',
+    'ConfigError',
+    'MAX_ITERATIONS',
+    'MAX_SIZE',
+    'MAX_LIST_LENGTH',
+    'model_class',
+    'our_architectures',
+    'validate_model_args',
+    'validate_checkpoint_config',
+    'estimate_model_memory',
+    'check_memory_budget',
 ]
 
 # the paper studies t = 1..5; every iteration keeps a pose snapshot per layer, so an unbounded t (say from a
@@ -28,9 +37,9 @@ __all__ = [
 MAX_ITERATIONS = 64
 # every other count or size in a config.json (channels, capsules, pose entries, classes, image sides, kernel
 # sizes, ...) is at most MAX_SIZE, and a list (capsule_layers, ...) holds at most MAX_LIST_LENGTH entries; what
-# these allow together is then held to the memory budget (check_memory_budget), estimated on the meta device before anything
-# is allocated
-MAX_SIZE = 2 ** 16
+# these allow together is then held to the memory budget (check_memory_budget), estimated on the meta device
+# before anything is allocated
+MAX_SIZE = 2**16
 MAX_LIST_LENGTH = 256
 _PACKAGE = __name__.rpartition('.')[0]
 
@@ -126,8 +135,11 @@ def _matches(value: Any, hint: Any) -> bool:
     if origin in (list, collections.abc.Sequence):
         return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
     if origin in (dict, collections.abc.Mapping):
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value) and (
-            not args or all(_matches(v, args[1]) for v in value.values()))
+        return (
+            isinstance(value, dict)
+            and all(isinstance(k, str) for k in value)
+            and (not args or all(_matches(v, args[1]) for v in value.values()))
+        )
     return False  # a class, a callable, a torch type: nothing a JSON file can hold
 
 
@@ -137,8 +149,9 @@ def _check_numbers(arg: str, name: str, value: Any, where: str, in_list: bool = 
     lists and objects hold at most ``MAX_LIST_LENGTH`` entries, other numbers are non-negative, rates and
     momenta at most 1."""
     if isinstance(value, (dict, list, tuple)):
-        _require(len(value) <= MAX_LIST_LENGTH, where,
-                 f'{arg} must hold at most {MAX_LIST_LENGTH} entries, got {len(value)}')
+        _require(
+            len(value) <= MAX_LIST_LENGTH, where, f'{arg} must hold at most {MAX_LIST_LENGTH} entries, got {len(value)}'
+        )
     if isinstance(value, dict):
         for key, item in value.items():
             _check_numbers(f'{arg}.{key}', key, item, where)
@@ -150,7 +163,7 @@ def _check_numbers(arg: str, name: str, value: Any, where: str, in_list: bool = 
             _require(value >= 0, where, f'{arg} must not be negative, got {value!r}')
         else:
             _require(value >= 1, where, f'{arg} must be positive, got {value!r}')
-        top = 2 ** 40 if name == 'max_votes' else MAX_SIZE
+        top = 2**40 if name == 'max_votes' else MAX_SIZE
         _require(value <= top, where, f'{arg} must be at most {top}, got {value!r}')
     elif isinstance(value, float):
         if name.endswith('eps'):
@@ -170,8 +183,11 @@ def _check_range(name: str, value: Any, where: str):
         _require(all(size >= 1 for size in sizes), where, f'{arg} must be positive, got {value!r}')
     elif name == 'capsule_layers':
         for spec in value:
-            _require(spec[0] in ('conv', 'fc') and len(spec) == (4 if spec[0] == 'conv' else 2), where,
-                     f"{arg}: each layer is ['conv', capsules, kernel, stride] or ['fc', capsules], got {spec!r}")
+            _require(
+                spec[0] in ('conv', 'fc') and len(spec) == (4 if spec[0] == 'conv' else 2),
+                where,
+                f"{arg}: each layer is ['conv', capsules, kernel, stride] or ['fc', capsules], got {spec!r}",
+            )
             _require(all(size >= 1 for size in spec[1:]), where, f'{arg}: sizes must be positive, got {spec!r}')
     elif name == 'global_pool' and value is not None:
         try:
@@ -179,8 +195,11 @@ def _check_range(name: str, value: Any, where: str):
         except (AssertionError, ValueError, TypeError, KeyError):
             raise ConfigError(f'{where}: {arg}: unknown pool type {value!r}') from None
     elif name == 'backbone':
-        _require(value in ('simple', 'resnet') or timm.is_model(value), where,
-                 f"{arg} must be 'simple', 'resnet' or a timm model name, got {value!r}")
+        _require(
+            value in ('simple', 'resnet') or timm.is_model(value),
+            where,
+            f"{arg} must be 'simple', 'resnet' or a timm model name, got {value!r}",
+        )
     _check_numbers(arg, name, value, where)
 
 
@@ -190,25 +209,35 @@ def validate_model_args(model_args: Mapping[str, Any], architecture: str, where:
     _require(isinstance(model_args, Mapping), where, '"model_args" must be an object')
     parameters = _constructor_parameters(model_class(architecture))
     placement = sorted({'device', 'dtype'} & set(model_args))
-    _require(not placement, where, f'model_args must not set {placement}: where a model lives and its precision '
-                                   f'are chosen when loading (create_model(..., device=, dtype=)), not by a checkpoint')
+    _require(
+        not placement,
+        where,
+        f'model_args must not set {placement}: where a model lives and its precision '
+        f'are chosen when loading (create_model(..., device=, dtype=)), not by a checkpoint',
+    )
     unknown = sorted(set(model_args) - set(parameters))
-    _require(not unknown, where, f'model_args has unknown arguments {unknown} '
-                                 f'({model_class(architecture).__name__} takes {sorted(parameters)})')
+    _require(
+        not unknown,
+        where,
+        f'model_args has unknown arguments {unknown} ({model_class(architecture).__name__} takes {sorted(parameters)})',
+    )
     for name, value in model_args.items():
         hint, _ = parameters[name]
         if isinstance(value, (list, tuple, dict)):  # before walking it
-            _require(len(value) <= MAX_LIST_LENGTH, where,
-                     f'model_args.{name} must hold at most {MAX_LIST_LENGTH} entries, got {len(value)}')
+            _require(
+                len(value) <= MAX_LIST_LENGTH,
+                where,
+                f'model_args.{name} must hold at most {MAX_LIST_LENGTH} entries, got {len(value)}',
+            )
         _require(_matches(value, hint), where, f'model_args.{name} must be {_type_name(hint)}, got {value!r}')
         _check_range(name, value, where)
 
 
 def validate_checkpoint_config(
-        pretrained_cfg: Mapping[str, Any],
-        model_args: Optional[Mapping[str, Any]] = None,
-        architecture: Optional[str] = None,
-        where: str = 'config.json',
+    pretrained_cfg: Mapping[str, Any],
+    model_args: Optional[Mapping[str, Any]] = None,
+    architecture: Optional[str] = None,
+    where: str = 'config.json',
 ) -> None:
     """Checks the fields of a timm ``config.json`` (its ``pretrained_cfg`` and ``model_args``) that building
     and loading rely on, before any weights are read. Raises ``ConfigError``."""
@@ -220,40 +249,58 @@ def validate_checkpoint_config(
     _require(_is_int(num_classes) and num_classes >= 0, where, f'num_classes must be an int >= 0, got {num_classes!r}')
     _require(num_classes <= MAX_SIZE, where, f'num_classes must be at most {MAX_SIZE}, got {num_classes!r}')
     size = pretrained_cfg.get('input_size')
-    _require(isinstance(size, (list, tuple)) and len(size) == 3 and all(_is_int(s) and s > 0 for s in size), where,
-             f'input_size must be [channels, height, width] of positive ints, got {size!r}')
+    _require(
+        isinstance(size, (list, tuple)) and len(size) == 3 and all(_is_int(s) and s > 0 for s in size),
+        where,
+        f'input_size must be [channels, height, width] of positive ints, got {size!r}',
+    )
     _require(all(s <= MAX_SIZE for s in size), where, f'input_size entries must be at most {MAX_SIZE}, got {size!r}')
     for key in ('mean', 'std'):
         value = pretrained_cfg.get(key)
-        _require(isinstance(value, (list, tuple)) and len(value) == size[0] and all(_is_number(v) for v in value),
-                 where, f'{key} must hold {size[0]} numbers (one per input channel), got {value!r}')
+        _require(
+            isinstance(value, (list, tuple)) and len(value) == size[0] and all(_is_number(v) for v in value),
+            where,
+            f'{key} must hold {size[0]} numbers (one per input channel), got {value!r}',
+        )
     _require(all(v > 0 for v in pretrained_cfg['std']), where, 'std must be positive')
     labels = pretrained_cfg.get('label_names')
-    _require(labels is None or (isinstance(labels, (list, tuple, dict)) and len(labels) == num_classes), where,
-             f'label_names must have num_classes={num_classes} entries, got {None if labels is None else len(labels)}')
+    _require(
+        labels is None or (isinstance(labels, (list, tuple, dict)) and len(labels) == num_classes),
+        where,
+        f'label_names must have num_classes={num_classes} entries, got {None if labels is None else len(labels)}',
+    )
     for key in ('classifier', 'first_conv'):
         value = pretrained_cfg.get(key)
         names = (value,) if isinstance(value, str) else value
-        _require(value is None or (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)),
-                 where, f'{key} must be a module name or a list of them, got {value!r}')
+        _require(
+            value is None or (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)),
+            where,
+            f'{key} must be a module name or a list of them, got {value!r}',
+        )
     model_args = dict(model_args or {})
     if architecture is not None:
         validate_model_args(model_args, architecture, where)
     if 'num_classes' in model_args:
-        _require(model_args['num_classes'] == num_classes, where,
-                 f"model_args.num_classes={model_args['num_classes']} disagrees with num_classes={num_classes}")
+        _require(
+            model_args['num_classes'] == num_classes,
+            where,
+            f'model_args.num_classes={model_args["num_classes"]} disagrees with num_classes={num_classes}',
+        )
     if 'in_chans' in model_args:
-        _require(model_args['in_chans'] == size[0], where,
-                 f"model_args.in_chans={model_args['in_chans']} disagrees with input_size[0]={size[0]}")
+        _require(
+            model_args['in_chans'] == size[0],
+            where,
+            f'model_args.in_chans={model_args["in_chans"]} disagrees with input_size[0]={size[0]}',
+        )
 
 
 # ---- the memory budget ------------------------------------------------------------------------------------
 
 
 def estimate_model_memory(
-        cls: type,
-        model_kwargs: Mapping[str, Any],
-        input_size: Optional[Tuple[int, int, int]] = None,
+    cls: type,
+    model_kwargs: Mapping[str, Any],
+    input_size: Optional[Tuple[int, int, int]] = None,
 ) -> Tuple[int, Optional[int]]:
     """``memory_budget.estimate_memory`` of ``cls`` built with those of ``model_kwargs`` its constructor takes
     (``backbone_pretrained`` off: nothing is downloaded for an estimate)."""
@@ -266,11 +313,11 @@ def estimate_model_memory(
 
 
 def check_memory_budget(
-        cls: type,
-        model_kwargs: Mapping[str, Any],
-        where: str,
-        input_size: Optional[Tuple[int, int, int]] = None,
-        named: Optional[Mapping[str, Any]] = None,
+    cls: type,
+    model_kwargs: Mapping[str, Any],
+    where: str,
+    input_size: Optional[Tuple[int, int, int]] = None,
+    named: Optional[Mapping[str, Any]] = None,
 ) -> None:
     """Refuses (``ConfigError`` naming ``where`` and the size arguments of ``named``, the config's own
     model_args, default all of ``model_kwargs``) a model whose parameters plus batch-1 activations, estimated
@@ -282,11 +329,16 @@ def check_memory_budget(
     weights, activations = estimate_model_memory(cls, model_kwargs, input_size)
     if weights + (activations or 0) <= limit:
         return
-    sizes = {k: v for k, v in (model_kwargs if named is None else named).items() if (
-        _is_int(v) or k in ('img_size', 'capsule_layers', 'backbone_args')) and k != 'max_votes'}
-    what = f'{weights / 2 ** 30:.3g} GiB of parameters' + (
-        f' and {activations / 2 ** 30:.3g} GiB of activations for one image' if activations else '')
+    sizes = {
+        k: v
+        for k, v in (model_kwargs if named is None else named).items()
+        if (_is_int(v) or k in ('img_size', 'capsule_layers', 'backbone_args')) and k != 'max_votes'
+    }
+    what = f'{weights / 2**30:.3g} GiB of parameters' + (
+        f' and {activations / 2**30:.3g} GiB of activations for one image' if activations else ''
+    )
     raise ConfigError(
-        f'{where}: model_args ask for {what}, over the memory budget of {limit / 2 ** 30:.3g} GiB '
+        f'{where}: model_args ask for {what}, over the memory budget of {limit / 2**30:.3g} GiB '
         f'(set {MEMORY_LIMIT_ENV} to allow more); its size arguments: '
-        + ', '.join(f'{k}={json.dumps(v)}' for k, v in sorted(sizes.items())))
+        + ', '.join(f'{k}={json.dumps(v)}' for k, v in sorted(sizes.items()))
+    )

@@ -17,6 +17,7 @@ The model files build every model inside ``pretrained_guard`` and pass ``check_s
 
 This module imports no model module (the model files import it).
 """
+
 import contextlib
 import inspect
 import json
@@ -31,17 +32,44 @@ import timm
 from timm.models import resolve_pretrained_cfg
 
 from .config_checks import (
-    MAX_ITERATIONS, MAX_LIST_LENGTH, MAX_SIZE, ConfigError, _constructor_parameters, _require, check_memory_budget,
-    estimate_model_memory, model_class, our_architectures, validate_checkpoint_config, validate_model_args)
+    MAX_ITERATIONS,
+    MAX_LIST_LENGTH,
+    MAX_SIZE,
+    ConfigError,
+    _constructor_parameters,
+    _require,
+    check_memory_budget,
+    estimate_model_memory,
+    model_class,
+    our_architectures,
+    validate_checkpoint_config,
+    validate_model_args,
+)
 from .memory_budget import DEFAULT_MEMORY_LIMIT_GB, MEMORY_LIMIT_ENV, memory_limit_bytes
 from .presets import preset_for_model
 
 __all__ = [
-    'ConfigError', 'WeightsError', 'WeightsNotPublishedError', 'NonFiniteWeightsWarning',
-    'MAX_ITERATIONS', 'MAX_SIZE', 'MAX_LIST_LENGTH',
-    'MEMORY_LIMIT_ENV', 'DEFAULT_MEMORY_LIMIT_GB', 'memory_limit_bytes', 'estimate_model_memory', 'check_memory_budget',
-    'model_class', 'our_architectures', 'training_command', 'validate_model_args', 'validate_checkpoint_config',
-    'read_config_json', 'check_state_dict', 'check_weights_file', 'pretrained_guard',
+    'ConfigError',
+    'WeightsError',
+    'WeightsNotPublishedError',
+    'NonFiniteWeightsWarning',
+    'MAX_ITERATIONS',
+    'MAX_SIZE',
+    'MAX_LIST_LENGTH',
+    'MEMORY_LIMIT_ENV',
+    'DEFAULT_MEMORY_LIMIT_GB',
+    'memory_limit_bytes',
+    'estimate_model_memory',
+    'check_memory_budget',
+    'model_class',
+    'our_architectures',
+    'training_command',
+    'validate_model_args',
+    'validate_checkpoint_config',
+    'read_config_json',
+    'check_state_dict',
+    'check_weights_file',
+    'pretrained_guard',
 ]
 
 CONFIG_NAME, WEIGHTS_NAME = 'config.json', 'model.safetensors'
@@ -73,15 +101,27 @@ def _parse_config_json(path: Path) -> Dict[str, Any]:
     _require(isinstance(cfg.get('architecture'), str), str(path), 'missing "architecture"')
     for key in ('pretrained_cfg', 'model_args'):
         _require(isinstance(cfg.get(key, {}), dict), str(path), f'"{key}" must be an object')
-    _require(timm.is_model(cfg['architecture']), str(path),
-             f"unknown architecture {cfg['architecture']!r} (import the package that registers it first)")
+    _require(
+        timm.is_model(cfg['architecture']),
+        str(path),
+        f'unknown architecture {cfg["architecture"]!r} (import the package that registers it first)',
+    )
     _check_other_architecture_args(cfg['architecture'], cfg.get('model_args', {}), str(path))
     return cfg
 
 
 # what timm's build_model_with_cfg takes besides the model class's own arguments
-_BUILD_ARGS = {'features_only', 'feature_cfg', 'out_indices', 'pretrained_strict', 'pretrained_cfg',
-               'pretrained_cfg_overlay', 'feature_cls', 'flatten_sequential', 'kwargs_filter'}
+_BUILD_ARGS = {
+    'features_only',
+    'feature_cfg',
+    'out_indices',
+    'pretrained_strict',
+    'pretrained_cfg',
+    'pretrained_cfg_overlay',
+    'feature_cls',
+    'flatten_sequential',
+    'kwargs_filter',
+}
 
 
 def _check_other_architecture_args(architecture: str, model_args: Mapping[str, Any], where: str):
@@ -98,14 +138,20 @@ def _check_other_architecture_args(architecture: str, model_args: Mapping[str, A
         return
     for klass in cls.__mro__:  # closed: a constructor without **kwargs, or nn.Module's (which refuses them)
         init = klass.__dict__.get('__init__')
-        if init is not None and (klass is torch.nn.Module or inspect.Parameter.VAR_KEYWORD not in [
-                p.kind for p in inspect.signature(init).parameters.values()]):
+        if init is not None and (
+            klass is torch.nn.Module
+            or inspect.Parameter.VAR_KEYWORD not in [p.kind for p in inspect.signature(init).parameters.values()]
+        ):
             break
     else:
         return  # passes its keywords on to something we cannot see
     unknown = sorted(set(model_args) - set(_constructor_parameters(cls)) - _BUILD_ARGS)
-    _require(not unknown, where, f'model_args has arguments {unknown} that {architecture} '
-                                 f'({cls.__name__}) does not take; is "architecture" the model these args are for?')
+    _require(
+        not unknown,
+        where,
+        f'model_args has arguments {unknown} that {architecture} '
+        f'({cls.__name__}) does not take; is "architecture" the model these args are for?',
+    )
 
 
 def read_config_json(folder: Union[str, Path]) -> Dict[str, Any]:
@@ -133,6 +179,7 @@ def _install_config_json_check():
     names no file; no hook of timm's runs earlier. Replacing that one reader (same result for every valid
     file, of any timm model) is the only place to name the file."""
     from timm.models import _hub
+
     if _hub.load_cfg_from_json is not _read_config_json_for_timm:
         _hub.load_cfg_from_json = _read_config_json_for_timm
 
@@ -174,33 +221,48 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module
             wrong.append(f'{key}: not a tensor ({type(tensor).__name__})')
         elif tuple(tensor.shape) != tuple(want.shape):
             in_chans_change = (
-                key in first_convs and tensor.ndim == 4 and tensor.shape[1] == source_chans
-                and tensor.shape[0] == want.shape[0] and tensor.shape[2:] == want.shape[2:])
+                key in first_convs
+                and tensor.ndim == 4
+                and tensor.shape[1] == source_chans
+                and tensor.shape[0] == want.shape[0]
+                and tensor.shape[2:] == want.shape[2:]
+            )
             if not in_chans_change:
                 wrong.append(f'{key}: checkpoint {tuple(tensor.shape)}, model {tuple(want.shape)}')
     if missing or unexpected or wrong:
+
         def block(title, items):
             shown = items[:20] + ([f'... and {len(items) - 20} more'] if len(items) > 20 else [])
             return f'\n  {title} ({len(items)}):\n    ' + '\n    '.join(shown) if items else ''
+
         source = cfg.get('file') or cfg.get('hf_hub_id') or 'the checkpoint'
         raise WeightsError(
-            f"the weights from {source} do not fit {cfg.get('architecture', type(model).__name__)} "
-            f"(built with {getattr(model, 'num_classes', '?')} classes, {getattr(model, 'in_chans', '?')} input channels):"
-            + block('shape mismatches', wrong) + block('missing from the checkpoint', missing)
-            + block('not in the model', unexpected))
+            f'the weights from {source} do not fit {cfg.get("architecture", type(model).__name__)} '
+            f'(built with {getattr(model, "num_classes", "?")} classes, '
+            f'{getattr(model, "in_chans", "?")} input channels):'
+            + block('shape mismatches', wrong)
+            + block('missing from the checkpoint', missing)
+            + block('not in the model', unexpected)
+        )
     bad = non_finite_tensors({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
     if bad:
         source = cfg.get('file') or cfg.get('hf_hub_id') or 'the checkpoint'
         shown = ', '.join(bad[:20]) + (f' and {len(bad) - 20} more' if len(bad) > 20 else '')
-        warnings.warn(f'{source}: {len(bad)} tensor(s) hold NaN or infinity (a diverged run?): {shown}',
-                      NonFiniteWeightsWarning, stacklevel=2)
+        warnings.warn(
+            f'{source}: {len(bad)} tensor(s) hold NaN or infinity (a diverged run?): {shown}',
+            NonFiniteWeightsWarning,
+            stacklevel=2,
+        )
     return state_dict
 
 
 def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> List[str]:
     """Names of the floating-point tensors holding NaN or infinity."""
-    return [name for name, tensor in tensors.items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    return [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
 
 
 def check_weights_file(path: Union[str, Path]) -> Dict[str, tuple]:
@@ -237,21 +299,26 @@ def _weights_location(cfg: Mapping[str, Any]) -> str:
     if cfg.get('source') == 'local-dir' or cfg.get('file'):
         return str(cfg.get('file'))
     if cfg.get('hf_hub_id'):
-        return f"Hub repo {cfg['hf_hub_id']} (cached file model.safetensors)"
+        return f'Hub repo {cfg["hf_hub_id"]} (cached file model.safetensors)'
     return 'the checkpoint'
 
 
 def _config_location(cfg: Mapping[str, Any]) -> str:
     if cfg.get('source') == 'local-dir':
         return str(Path(cfg['file']) / CONFIG_NAME)
-    return f"{CONFIG_NAME} of hf-hub:{cfg.get('hf_hub_id')}"
+    return f'{CONFIG_NAME} of hf-hub:{cfg.get("hf_hub_id")}'
 
 
 def _not_found_reason(error: Exception, repo: str) -> Optional[str]:
     """Why the Hub gave no weights, when that is what ``error`` says; None for any other failure."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if isinstance(error, LocalEntryNotFoundError):
         mode = 'HF_HUB_OFFLINE=1' if constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
@@ -269,7 +336,8 @@ def _not_found_reason(error: Exception, repo: str) -> Optional[str]:
 
 @contextlib.contextmanager
 def pretrained_guard(
-        variant: str, pretrained: bool, kwargs: Mapping[str, Any], cls: Optional[type] = None) -> Iterator[None]:
+    variant: str, pretrained: bool, kwargs: Mapping[str, Any], cls: Optional[type] = None
+) -> Iterator[None]:
     """Wraps ``build_model_with_cfg`` in the model files:
 
     - a ``config.json`` from ``hf-hub:``/``local-dir:`` is validated before the model is built or any weights
@@ -288,14 +356,20 @@ def pretrained_guard(
     cfg = resolve_pretrained_cfg(variant, given, kwargs.get('pretrained_cfg_overlay')).to_dict() if pretrained else {}
     try:
         if from_file and cls is not None:
-            check_memory_budget(cls, kwargs, _config_location(given), tuple(given.get('input_size') or ()) or None,
-                                named=kwargs.get('pretrained_model_args') or {})
+            check_memory_budget(
+                cls,
+                kwargs,
+                _config_location(given),
+                tuple(given.get('input_size') or ()) or None,
+                named=kwargs.get('pretrained_model_args') or {},
+            )
         yield
     except SafetensorError as error:
         raise WeightsError(
             f'cannot read the weights of {variant} from {_weights_location(cfg)}: the safetensors file is '
             f'corrupted or truncated ({error}). Delete it (for the Hub: its snapshot in the Hugging Face cache) '
-            f'and download or export it again.') from error
+            f'and download or export it again.'
+        ) from error
     except (TypeError, ValueError, AssertionError) as error:
         if not from_file or isinstance(error, ConfigError):
             raise
@@ -305,9 +379,10 @@ def pretrained_guard(
         reason = _not_found_reason(error, repo) if pretrained and repo and cfg.get('source') != 'local-dir' else None
         if reason is None:
             raise
-        tag = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
+        tag = f'{variant}.{cfg["tag"]}' if cfg.get('tag') else variant
         raise WeightsNotPublishedError(
             f'no pretrained weights for {tag}: {reason}. Train them with\n'
             f'    {training_command(variant)}\n'
             f"and load the result with timm.create_model('local-dir:<output_dir>', pretrained=True), "
-            f'or use pretrained=False for random initialisation.') from error
+            f'or use pretrained=False for random initialisation.'
+        ) from error

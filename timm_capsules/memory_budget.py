@@ -1,6 +1,7 @@
 """The memory budget of a model described by someone else's ``config.json``: its parameters plus the tensors
 one forward pass of one image creates, estimated on the meta device, so that nothing is allocated.
 ``timm_capsules.loading`` holds every model built from a ``config.json`` to it."""
+
 import itertools
 import math
 import os
@@ -21,14 +22,14 @@ def memory_limit_bytes() -> int:
     for a value that is not a positive number."""
     text = os.environ.get(MEMORY_LIMIT_ENV)
     if text is None:
-        return int(DEFAULT_MEMORY_LIMIT_GB * 2 ** 30)
+        return int(DEFAULT_MEMORY_LIMIT_GB * 2**30)
     try:
         value = float(text)
     except ValueError:
         value = float('nan')
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f'{MEMORY_LIMIT_ENV}={text!r}: expected a positive number of GiB')
-    return int(value * 2 ** 30)
+    return int(value * 2**30)
 
 
 class _TensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
@@ -47,8 +48,8 @@ class _TensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def estimate_memory(
-        build: Callable[[], torch.nn.Module],
-        input_size: Optional[Tuple[int, int, int]] = None,
+    build: Callable[[], torch.nn.Module],
+    input_size: Optional[Tuple[int, int, int]] = None,
 ) -> Tuple[int, Optional[int]]:
     """(parameter and buffer bytes, bytes of the tensors one forward pass at batch 1 creates) of the model
     ``build()`` makes, built on the meta device. The activations are None when the parameters alone are over

