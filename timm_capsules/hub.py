@@ -3,7 +3,8 @@ publishing checkpoints (model cards: ``hub_cards.py``; loading them back: ``load
 
 One JSON file per model tag lives in ``hub_configs/<model>.<tag>.json``, for any registered family. It holds
 what the tag's Hub repo needs beyond the weights and the training recipe (repo id, dataset, training preset,
-measured results, the paper's results, parameter count, routing iterations, license, citation, tags) and its
+measured results, the paper's results, parameter count, routing iterations, license, tags; the paper's citation is
+``citation.py``'s) and its
 ``status``: ``"published"`` or ``"not yet published"``, which the model cards and the README table show. The
 recipe itself is the preset's (``timm_capsules.presets``). Loading never reads these files: ``pretrained=True``
 asks the Hub (or the local cache), so weights published later load with any installed version.
@@ -85,7 +86,7 @@ def validate_hub_config(cfg: Mapping[str, Any], where: str = 'hub config') -> Di
     _require(isinstance(cfg, Mapping), where, 'expected a JSON object')
     cfg = dict(cfg)
     for key in ('tag', 'model', 'repo_id', 'status', 'dataset', 'architecture', 'training', 'results',
-                'paper_results', 'license', 'tags', 'citation'):
+                'paper_results', 'license', 'tags'):
         _require(key in cfg, where, f'missing field {key!r}')
     model, tag = split_model_name_tag(cfg['tag'])
     _require(bool(tag) and model == cfg['model'], where, f"tag {cfg['tag']!r} must be '<model>.<tag>' of model {cfg['model']!r}")
@@ -128,8 +129,6 @@ def validate_hub_config(cfg: Mapping[str, Any], where: str = 'hub config') -> Di
                  'results.mean/std/best need results.per_seed')
     _require(isinstance(cfg['tags'], list) and {'timm', 'image-classification'} <= set(cfg['tags']), where,
              "tags must be a list containing 'timm' and 'image-classification'")
-    _require(isinstance(cfg['citation'], str) and cfg['citation'].lstrip().startswith('@'), where,
-             'citation must be a BibTeX entry')
     return cfg
 
 

@@ -9,7 +9,9 @@ from typing import Any, Dict, Mapping, Optional
 
 import timm
 
-from .loading import _require, model_class, training_command
+from .citation import BIBTEX
+from .config_checks import _require, model_class
+from .loading import training_command
 from .presets import get_preset
 
 __all__ = ['PUBLISHED', 'NOT_PUBLISHED', 'model_card', 'validate_card']
@@ -212,7 +214,7 @@ def model_card(cfg: Mapping[str, Any], published: bool) -> str:
             metric_name=cfg['results']['metric'], metric_value=checkpoint)]
     body = CARD_TEMPLATE.format(
         tag=cfg['tag'], description=description, details=_bullets(details), usage=_usage(cfg),
-        comparison=_results_table(cfg, published), citation=cfg['citation'])
+        comparison=_results_table(cfg, published), citation=BIBTEX)
     text = str(ModelCard(f'---\n{data.to_yaml()}\n---\n\n{body}'))
     validate_card(text, cfg)
     return text
@@ -230,7 +232,7 @@ def validate_card(text: str, cfg: Mapping[str, Any]):
     _require(set(cfg['tags']) <= set(data.tags or []), where, f'tags {data.tags} miss some of {cfg["tags"]}')
     _require(list(data.datasets or []) == list(cfg['dataset']['hub_ids']), where, f'datasets are {data.datasets}')
     needles = [f"# Model card for {cfg['tag']}", '## Model Details', '## Model Usage', 'features_only=True',
-               '## Citation', cfg['citation'], training_command(cfg['model'], cfg['training']['preset'])]
+               '## Citation', BIBTEX, training_command(cfg['model'], cfg['training']['preset'])]
     if hasattr(model_class(cfg['model']), 'forward_routing'):
         needles.append('forward_routing')
     for needle in needles:
