@@ -7,8 +7,8 @@ every finished run is one JSON record. Finished runs are skipped, so a study goe
     python experiments.py all --scale cpu --list             # the runs and their commands, nothing trained
     python experiments.py table1 iterations ablations --scale gpu --shard 0/4 --time-limit 300   # one GPU shard
     accelerate config                                        # once, on a machine with many GPUs; then
-    accelerate launch experiments.py all --scale paper       # on all of them (README: other launches)
-    python experiments.py report --write README.md           # tables and plots from the records
+    accelerate launch experiments.py all --scale paper       # on all of them (docs/training.md: other launches)
+    python experiments.py report --write docs/results.md     # tables and plots from the records
 
 Studies: ``table1`` (routing kinds and CNN baselines: accuracy, parameters), ``iterations`` (accuracy vs
 routing iterations per routing kind), ``ablations`` (A: no LayerNorm, B: sequential routing, C: EM-style
@@ -19,7 +19,7 @@ Scales. ``paper``: the paper's recipes as they are (``timm_capsules.presets``: C
 DiverseMultiMNIST, 350 epochs). ``cpu``: a reduced protocol for a 2-core machine with no network, described
 in ``CPU_PROTOCOL`` and printed beside every result: real Fashion-MNIST (Debian's ``dataset-fashion-mnist``)
 in place of CIFAR with a fixed image budget, DiverseMultiMNIST and Affine MNIST from the built-in MNIST
-sample, small capsule and CNN models where the paper's would not fit; 3 seeds by default, as in the README's tables.
+sample, small capsule and CNN models where the paper's would not fit; 3 seeds by default, as in docs/results.md.
 ``gpu``: ``table1``, ``iterations`` and ``ablations`` on the full Fashion-MNIST for one GPU (``GPU_PROTOCOL``), sized by
 ``gpu_estimate`` to about 6 minutes of an H200 over 4 shards (``benchmarks/gpu_check.sh full`` runs it); 2 seeds by
 default there and at paper scale.
@@ -459,8 +459,8 @@ BEGIN, END = '<!-- experiments:begin -->', '<!-- experiments:end -->'
 
 
 def markers(scale: str):
-    """The README block a scale's report replaces: each scale has its own, so a GPU report never mixes with the
-    CPU's."""
+    """The docs/results.md block a scale's report replaces: each scale has its own, so a GPU report never mixes with
+    the CPU's."""
     return (BEGIN, END) if scale == 'cpu' else (f'<!-- experiments-{scale}:begin -->',
                                                 f'<!-- experiments-{scale}:end -->')
 CLAIMS = {
@@ -820,7 +820,7 @@ def _save(fig, path: Path) -> Path:
 
 def render_report(scale: str, records_dir: Path, plots_dir: Path, link_base: Path = ROOT, data_dir: Path = DATA,
                   train_args: Sequence[str] = ()) -> str:
-    """The README's results section (Markdown) for one scale, with its plots written to ``plots_dir`` and linked
+    """The results of docs/results.md (Markdown) for one scale, with its plots written to ``plots_dir`` and linked
     relative to ``link_base`` (the folder of the file it goes into)."""
     runs = plan(scale, STUDIES, range(100), data_dir, train_args)
     records = load_records(records_dir, scale, runs)
@@ -892,7 +892,7 @@ def report_main(argv: Sequence[str], train_args: Sequence[str] = ()) -> int:
     parser.add_argument('--scale', choices=['cpu', 'gpu', 'paper'], default='cpu')
     parser.add_argument('--records', type=Path, default=RECORDS)
     parser.add_argument('--plots', type=Path, default=RECORDS / 'plots', help='where the PNG plots go')
-    parser.add_argument('--write', type=Path, metavar='README.md',
+    parser.add_argument('--write', type=Path, metavar='docs/results.md',
                         help=f'replace the text between {BEGIN} and {END} (gpu: experiments-gpu) in this file '
                              f'(else print it)')
     parser.add_argument('--data-dir', type=Path, default=DATA, help="the runs' --data-dir (part of their ids)")
@@ -910,7 +910,8 @@ def report_main(argv: Sequence[str], train_args: Sequence[str] = ()) -> int:
         runs = plan(args.scale, STUDIES, range(100), args.data_dir, train_args)
         if not load_records(args.records, args.scale, runs, warn=False):
             raise SystemExit(f'{folder}: no sound run record of this scale; {args.write} left as it is')
-    text = render_report(args.scale, args.records, args.plots, (args.write or ROOT / 'README.md').resolve().parent,
+    target = args.write or ROOT / 'docs' / 'results.md'  # the plots are linked relative to its folder
+    text = render_report(args.scale, args.records, args.plots, target.resolve().parent,
                          data_dir=args.data_dir, train_args=train_args)
     if args.record_hub:
         tags = record_hub_results(args.records, args.scale, train_args)
@@ -949,7 +950,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--scale', choices=['cpu', 'gpu', 'paper'], default='cpu',
                         help='reduced CPU protocol, the Fashion-MNIST studies for one GPU, or the paper')
     parser.add_argument('--seeds', type=int, help="seeds per configuration (0, 1, ...; default 3 at cpu scale, as the "
-                        "README's tables, else 2)")
+                        "tables of docs/results.md, else 2)")
     parser.add_argument('--only', nargs='+', metavar='WORD', help='only runs whose id contains one of these')
     parser.add_argument('--list', action='store_true', help='list the runs and their commands, run nothing')
     parser.add_argument('--records', type=Path, default=RECORDS, help='where run records go (one JSON per run)')

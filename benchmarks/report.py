@@ -1,7 +1,7 @@
-"""Renders the README's performance table from the harness's JSON results (benchmarks/results/*.json).
+"""Renders docs/performance.md's tables from the harness's JSON results (benchmarks/results/*.json).
 
     python benchmarks/report.py                 # print the table
-    python benchmarks/report.py --write README.md   # replace the block between the perf-table markers
+    python benchmarks/report.py --write docs/performance.md   # replace the block between the perf-table markers
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ def _threads(count):
 
 
 def render_record(name, result):
-    """The README lines of one result file: bench_em.py, bench_routing.py or bench_models.py."""
+    """The Markdown lines of one result file: bench_em.py, bench_routing.py or bench_models.py."""
     if 'em_over_ida' in result:  # bench_em.py: EM vs IDA CapsNet training throughput
         return '\n'.join([
             f"**`{name}`** — {result['cpu']}, torch {result['torch']}, {_threads(result['threads'])}"
@@ -78,7 +78,7 @@ def render_record(name, result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--write', help='README to update between the perf-table markers')
+    parser.add_argument('--write', metavar='docs/performance.md', help='replace its perf-table block')
     parser.add_argument('results', nargs='*', type=Path, help='result files (default: benchmarks/results/*.json)')
     args = parser.parse_args(argv)
     table = render(args.results or sorted(RESULTS.glob('*.json')))

@@ -100,7 +100,7 @@ def test_routing_kernel_benchmark_smoke(capsys, monkeypatch):
 
 
 def test_report_renders_every_committed_result():
-    """The README's performance block is rendered from every file in benchmarks/results, EM's throughput included."""
+    """docs/performance.md's tables are rendered from every file in benchmarks/results, EM's throughput included."""
     results = sorted((BENCHMARKS / 'results').glob('*.json'))
     table = load('report').render(results)
     for path in results:

@@ -1,11 +1,11 @@
-"""Releasing models on the Hugging Face Hub: ``hub_configs/``, the README table, recording results, checking and
+"""Releasing models on the Hugging Face Hub: ``hub_configs/``, the model table, recording results, checking and
 publishing checkpoints (model cards: ``hub_cards.py``; loading them back: ``loading.py``).
 
 One JSON file per model tag lives in ``hub_configs/<model>.<tag>.json``, for any registered family. It holds
 what the tag's Hub repo needs beyond the weights and the training recipe (repo id, dataset, training preset,
-measured results, the paper's results, parameter count, routing iterations, license, tags; the paper's citation is
-``citation.py``'s) and its
-``status``: ``"published"`` or ``"not yet published"``, which the model cards and the README table show. The
+measured results, the paper's results, parameter count, routing iterations, license, tags; the citation is
+``citation.py``'s) and its ``status``: ``"published"`` or ``"not yet published"``, which the model cards and the
+model table show. The
 recipe itself is the preset's (``timm_capsules.presets``). Loading never reads these files: ``pretrained=True``
 asks the Hub (or the local cache), so weights published later load with any installed version.
 
@@ -17,7 +17,7 @@ Command line (``python -m timm_capsules.hub -h``)::
 
     push   --config hub_configs/<tag>.json --checkpoint DIR [--dry-run OUT] [--repo-id ORG/NAME]
     card   --config hub_configs/<tag>.json [--output README.md]
-    table  [--check README.md | --write README.md]
+    table  [--check docs/hub.md | --write docs/hub.md]
     check  --checkpoint DIR
     record --config hub_configs/<tag>.json --top1 ACC [ACC ...] [--checkpoint-top1 ACC]
     cache  --folder DIR --repo-id ORG/NAME [--cache-dir DIR]
@@ -204,11 +204,11 @@ def render_card(cfg: Union[Mapping[str, Any], str, os.PathLike], published: Opti
     return model_card(cfg, cfg['status'] == PUBLISHED if published is None else published)
 
 
-# ---- README model table ----------------------------------------------------------------------------
+# ---- the model table (docs/hub.md) -------------------------------------------------------------------------
 
 
 def render_model_table(configs: Optional[Sequence[Mapping[str, Any]]] = None) -> str:
-    """The README's model table (Markdown), from the hub configs only."""
+    """The model table of docs/hub.md (Markdown), from the hub configs only."""
     configs = list_hub_configs() if configs is None else [validate_hub_config(c) for c in configs]
     lines = [
         '| tag | dataset | params | iterations | status | metric | ours: mean ± std (best), seeds | paper: mean (best) | train with |',
@@ -236,7 +236,7 @@ def _table_block(table: str) -> str:
 
 
 def readme_table(readme_text: str) -> Optional[str]:
-    """The table between the README's markers (None if the markers are missing)."""
+    """The table between a document's markers (None if the markers are missing)."""
     start, end = readme_text.find(TABLE_BEGIN), readme_text.find(TABLE_END)
     if start < 0 or end < start:
         return None
@@ -244,7 +244,7 @@ def readme_table(readme_text: str) -> Optional[str]:
 
 
 def update_readme_table(readme: Union[str, os.PathLike], write: bool = False) -> bool:
-    """True if the README's table equals ``render_model_table()``; with ``write``, replaces it."""
+    """True if the document's table equals ``render_model_table()``; with ``write``, replaces it."""
     path = Path(readme)
     text = path.read_text(encoding='utf-8')
     current, table = readme_table(text), render_model_table()
@@ -446,10 +446,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     card.add_argument('--config', required=True)
     card.add_argument('--output')
     card.add_argument('--published', action='store_true', help='render it as the published card')
-    table = sub.add_parser('table', help='print the README model table')
+    table = sub.add_parser('table', help='print the model table (docs/hub.md)')
     group = table.add_mutually_exclusive_group()
-    group.add_argument('--check', metavar='README', help='exit 1 if the README table is out of date')
-    group.add_argument('--write', metavar='README', help='replace the table between the markers')
+    group.add_argument('--check', metavar='DOC', help='exit 1 if the table in DOC (docs/hub.md) is out of date')
+    group.add_argument('--write', metavar='DOC', help='replace the table between the markers in DOC')
     check = sub.add_parser('check', help='validate a checkpoint folder')
     check.add_argument('--checkpoint', required=True)
     record = sub.add_parser('record', help='write measured accuracies (one per seed) into a hub config')
@@ -485,8 +485,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == 'table':
         if args.check or args.write:
             ok = update_readme_table(args.check or args.write, write=bool(args.write))
-            print('README model table is up to date' if ok else
-                  ('README model table rewritten' if args.write else 'README model table is out of date'))
+            print('model table is up to date' if ok else
+                  ('model table rewritten' if args.write else 'model table is out of date'))
             return 0 if ok or args.write else 1
         sys.stdout.write(_table_block(render_model_table()) + '\n')
     elif args.command == 'check':

@@ -5,7 +5,9 @@
 ROUTING = 'tests/test_routing.py'
 DATA = 'tests/test_data.py'
 BASELINES = 'tests/test_baselines.py'
-HUB = 'tests/test_hub.py'
+LOADING = 'tests/test_loading.py'
+HUB_RELEASE = 'tests/test_hub_release.py'
+HUB_CARDS = 'tests/test_hub_cards.py'
 PARSE = 'tests/test_parse_tree.py'
 AFFINE = 'tests/test_affine_mnist.py'
 TRAIN = 'tests/test_train.py'
@@ -149,47 +151,47 @@ MUTATIONS = [
          what='a missing Hub file no longer becomes WeightsNotPublishedError with the training command',
          old="reason = _not_found_reason(error, repo) if pretrained and repo and cfg.get('source') != 'local-dir' else None",
          new='reason = None',
-         tests=[f'{HUB}::test_weights_not_in_the_cache_say_how_to_train_them']),
+         tests=[f'{LOADING}::test_weights_not_in_the_cache_say_how_to_train_them']),
     dict(name='non_finite_weights_pass', file='timm_capsules/loading.py',
          what='hub check / push no longer notice NaN or inf weights',
          old='bad += non_finite_tensors({key: tensor})',
          new='bad += []',
-         tests=[f'{HUB}::test_check_and_push_reject_non_finite_weights']),
+         tests=[f'{HUB_RELEASE}::test_check_and_push_reject_non_finite_weights']),
     dict(name='config_json_unchecked', file='timm_capsules/loading.py',
          what='a broken config.json reaches timm as a bare JSONDecodeError naming no file',
          old='\n_install_config_json_check()\n',
          new='\n',
-         tests=[f'{HUB}::test_unparseable_config_names_the_file']),
+         tests=[f'{LOADING}::test_unparseable_config_names_the_file']),
     dict(name='iterations_unbounded_in_config', file='timm_capsules/config_checks.py',
          what='config.json may ask for any number of routing iterations',
          old='_require(1 <= value <= MAX_ITERATIONS, where,',
          new='_require(1 <= value, where,',
-         tests=[f'{HUB}::test_malformed_config_is_rejected_before_weights_are_read']),
+         tests=[f'{LOADING}::test_malformed_config_is_rejected_before_weights_are_read']),
     dict(name='bool_accepts_int', file='timm_capsules/config_checks.py',
          what='a boolean model argument accepts integers',
          old='    if hint is bool:\n        return isinstance(value, bool)',
          new='    if hint is bool:\n        return isinstance(value, (bool, int))',
-         tests=[f'{HUB}::test_model_argument_types_come_from_the_constructor']),
+         tests=[f'{LOADING}::test_model_argument_types_come_from_the_constructor']),
     dict(name='card_recipe_drops_lr', file='timm_capsules/hub_cards.py',
          what="the model card's recipe leaves out the learning rate",
          old="if key not in ('model', 'dataset')}",
          new="if key not in ('model', 'dataset', 'lr')}",
-         tests=[f'{HUB}::test_card_recipe_is_the_preset']),
+         tests=[f'{HUB_CARDS}::test_card_recipe_is_the_preset']),
     dict(name='push_ignores_iterations', file='timm_capsules/hub.py',
          what='push accepts a checkpoint whose routing iterations differ from the carded model',
          old="if params != arch['params'] or iterations != arch.get('routing_iterations'):",
          new="if params != arch['params']:",
-         tests=[f'{HUB}::test_push_rejects_a_checkpoint_that_is_not_the_carded_model']),
+         tests=[f'{HUB_RELEASE}::test_push_rejects_a_checkpoint_that_is_not_the_carded_model']),
     dict(name='record_mean_floors', file='timm_capsules/hub.py',
          what='recorded results are floored instead of rounded',
          old='mean=round(statistics.fmean(values), 2),',
          new='mean=int(statistics.fmean(values) * 100) / 100,',
-         tests=[f'{HUB}::test_cli_record_reaches_config_card_and_readme_table']),
+         tests=[f'{HUB_RELEASE}::test_cli_record_reaches_config_card_and_readme_table']),
     dict(name='shape_check_by_rank', file='timm_capsules/loading.py',
          what='the state-dict check compares ranks, not shapes',
          old='elif tuple(tensor.shape) != tuple(want.shape):',
          new='elif tensor.ndim != want.ndim:',
-         tests=[f'{HUB}::test_weights_of_another_architecture_are_rejected']),
+         tests=[f'{LOADING}::test_weights_of_another_architecture_are_rejected']),
     # ---- the parse tree ------------------------------------------------------------------------------------
     dict(name='used_iteration_last', file='timm_capsules/parse_tree/analysis.py',
          what="the 'used' iteration is always the last one, not the one that fed the logits",

@@ -1,5 +1,5 @@
 """``python -m timm_capsules.parse_tree``: routing introspection of a CapsNet on image files and DiverseMultiMNIST
-test images, written as JSON, raw coefficients and pictures (see the README's "Seeing the parse tree")."""
+test images, written as JSON, raw coefficients and pictures (see docs/parse_tree.md)."""
 import argparse
 import json
 import re
