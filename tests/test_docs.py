@@ -53,6 +53,18 @@ def test_the_printed_report_is_the_results_docs(experiments, tmp_path, capsys, m
     assert '\n' + capsys.readouterr().out == committed + '\n'
 
 
+def test_the_studies_table_states_the_claims_the_report_tests():
+    """docs/results.md's table of the studies gives each study's claim in the words the report heads its table with
+    (``CLAIMS``, their one home), so the two cannot drift apart."""
+    from timm_capsules.experiments.plans import CLAIMS, STUDIES
+
+    rows = {line.split(' | ')[0][3:-1]: line for line in (DOCS / 'results.md').read_text().splitlines()
+            if line.startswith('| `')}
+    assert set(STUDIES) <= set(rows)
+    for study in STUDIES:
+        assert rows[study].endswith(f' | {CLAIMS[study]} |'), study
+
+
 def test_performance_doc_is_the_report_of_the_committed_results():
     spec = importlib.util.spec_from_file_location('bench_report', ROOT / 'benchmarks' / 'report.py')
     report = importlib.util.module_from_spec(spec)

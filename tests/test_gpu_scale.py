@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ci import unavailable
+from timm_capsules.experiments import budget, plans, protocols, records, report
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_STUDIES = ['table1', 'iterations', 'ablations']
@@ -41,7 +42,7 @@ def fashion_parquet(tmp_path_factory):
 
 def test_gpu_plan_is_the_documented_protocol(experiments):
     import train_accelerate
-    runs = experiments.plan('gpu', experiments.STUDIES, range(2))
+    runs = plans.plan('gpu', plans.STUDIES, range(2))
     assert len({run.run_id for run in runs}) == len(runs) == 40  # 20 configurations, 2 seeds
     assert {run.dataset for run in runs} == {'fashion_mnist'}
     assert set().union(*(run.studies for run in runs)) == set(GPU_STUDIES)
@@ -49,20 +50,20 @@ def test_gpu_plan_is_the_documented_protocol(experiments):
         assert {run.row['iterations'] for run in runs
                 if 'iterations' in run.studies and run.row['kind'] == kind} == {1, 2, 3, 4, 5}
     assert {run.row['kind'] for run in runs if 'table1' in run.studies} == {'IDA', 'DR', 'EM', 'CNN', 'ResNet-18'}
-    protocol = experiments.GPU_PROTOCOL['fashion_mnist']
+    protocol = protocols.GPU_PROTOCOL['fashion_mnist']
     for run in runs:
         args = train_accelerate.parse_args(run.train_args + ['--seed', str(run.seed)])
         assert args.model == run.row['model'] and args.train_split == 'train' and args.test_split == 'test'
         assert (args.epochs, args.batch_size, args.mixed_precision, args.augment) == (2, 128, 'bf16', 'crop-flip')
         assert (args.opt, args.sched, args.warmup_epochs) == ('adam', 'cosine', 0)
-        assert args.lr == experiments.GPU_LR[run.row['kind']] and f'{args.lr:g}' in protocol
+        assert args.lr == protocols.GPU_LR[run.row['kind']] and f'{args.lr:g}' in protocol
         assert args.model_kwargs['in_chans'] == 1 and args.model_kwargs.get('img_size', 28) == 28
         assert args.model_kwargs.get('iterations', 2) == run.row.get('iterations', 2)
         assert run.image_budget == args.epochs * 60000
-    assert f'{experiments.GPU_EPOCHS} epochs' in protocol and 'batch 128' in protocol and 'bf16' in protocol
+    assert f'{protocols.GPU_EPOCHS} epochs' in protocol and 'batch 128' in protocol and 'bf16' in protocol
     # the CPU's records are never the GPU's: each scale has its own folder and its own README block
-    assert experiments.record_path(Path('r'), 'gpu', runs[0]).parent == Path('r/gpu')
-    assert experiments.markers('gpu') != experiments.markers('cpu') == (experiments.BEGIN, experiments.END)
+    assert records.record_path(Path('r'), 'gpu', runs[0]).parent == Path('r/gpu')
+    assert report.markers('gpu') != report.markers('cpu') == (report.BEGIN, report.END)
 
 
 def test_gflop_count_on_meta_equals_a_real_step(experiments, monkeypatch):
@@ -71,33 +72,33 @@ def test_gflop_count_on_meta_equals_a_real_step(experiments, monkeypatch):
     import timm
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    run = next(run for run in experiments.plan('gpu', ['iterations'], [0]) if run.row == dict(
+    run = next(run for run in plans.plan('gpu', ['iterations'], [0]) if run.row == dict(
         kind='EM', model='em_capsnet_simple_cifar10', iterations=3, variant='IDA (concurrent, LayerNorm)'))
     monkeypatch.setenv('TIMM_CAPSULES_FUSED_ROUTING', '0')
     model = timm.create_model('em_capsnet_simple_cifar10', iterations=3, in_chans=1, img_size=28, num_classes=10)
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(2, 1, 28, 28)).float().sum().backward()
-    assert experiments.train_gflop_per_image(run.train_args) == pytest.approx(counter.get_total_flops() / 2 / 1e9)
+    assert budget.train_gflop_per_image(run.train_args) == pytest.approx(counter.get_total_flops() / 2 / 1e9)
 
 
 def test_gpu_estimate_is_its_formula_and_agrees_with_the_measured_runs(experiments):
     """Each run's estimate is the slower of its data and its GPU work (routing FLOPs beyond t = 1 at the routing rate,
     the rest at the dense rate), plus the fixed cost; and the estimates agree, within a third, with the wall time of
     every run the H200 has measured (results/gpu/: the assumptions are those measurements)."""
-    a = experiments.GPU_ASSUMPTIONS
-    runs = {run.run_id: run for run in experiments.plan('gpu', experiments.STUDIES, range(2))}
+    a = budget.GPU_ASSUMPTIONS
+    runs = {run.run_id: run for run in plans.plan('gpu', plans.STUDIES, range(2))}
     ida5 = next(run for run in runs.values() if run.row['kind'] == 'IDA' and run.row['iterations'] == 5)
     images = ida5.image_budget + 2 * 10000 / 3
-    total = experiments.train_gflop_per_image(ida5.train_args)
-    dense = experiments.train_gflop_per_image(ida5.train_args, iterations=1)
+    total = budget.train_gflop_per_image(ida5.train_args)
+    dense = budget.train_gflop_per_image(ida5.train_args, iterations=1)
     assert 0 < dense < total
     gpu_s = images * 1e9 * a['shards'] * (dense / a['dense_tflops'] + (total - dense) / a['routing_tflops']) / 1e12
     data_s = (ida5.image_budget + 2 * 10000) / (a['images_per_s_per_worker'] * a['workers'])
-    assert experiments.gpu_estimate(ida5) == pytest.approx(max(gpu_s, data_s) + a['overhead_s'])
+    assert budget.gpu_estimate(ida5) == pytest.approx(max(gpu_s, data_s) + a['overhead_s'])
     measured = [json.loads(path.read_text()) for path in (ROOT / 'results' / 'gpu').glob('*.json')]
     assert measured, 'no GPU records committed'
     for record in measured:
-        estimate = experiments.gpu_estimate(runs[record['run_id']])
+        estimate = budget.gpu_estimate(runs[record['run_id']])
         assert abs(estimate - record['wall_time_s']) < record['wall_time_s'] / 3, (record['run_id'], estimate)
 
 
@@ -111,7 +112,7 @@ def test_shards_split_the_runs_and_the_first_seeds_come_first(experiments, tmp_p
         seeds = [int(run_id.rsplit('seed', 1)[1]) for run_id in ids]
         assert seeds == sorted(seeds), ids  # a shard cut off early has run every configuration's seed 0 it could
         listed.append(ids)
-    every = [run.run_id for run in experiments.plan('gpu', GPU_STUDIES, range(2))]
+    every = [run.run_id for run in plans.plan('gpu', GPU_STUDIES, range(2))]
     assert sorted(sum(listed, [])) == sorted(every) and all(9 <= len(ids) <= 11 for ids in listed)
     for bad in ('4/4', '1', 'a/b'):
         with pytest.raises(SystemExit):
@@ -150,15 +151,15 @@ def test_gpu_check_dry_run_on_the_cpu(experiments, fashion_parquet, tmp_path):
     records = [json.loads(path.read_text()) for path in (tmp_path / 'results' / 'gpu').glob('*.json')]
     assert sorted(r['row']['kind'] + str(r['row']['iterations']) + r['row']['variant'][0] for r in records) == [
         'DR3I', 'EM2I', 'IDA2C', 'IDA5I']
-    assert all(r['scale'] == 'gpu' and r['protocol'] == experiments.GPU_PROTOCOL['fashion_mnist'] for r in records)
+    assert all(r['scale'] == 'gpu' and r['protocol'] == protocols.GPU_PROTOCOL['fashion_mnist'] for r in records)
     assert all(r['estimated_s'] > 0 and r['metrics']['num_images'] == 256 for r in records)
     with tarfile.open(out / 'logs.tgz') as logs:
         assert {'logs/test_cuda.log', 'logs/studies_0.log', 'logs/speed_triton.log'} <= set(logs.getnames())
 
     # the report renders the GPU block, beside (never inside) the CPU one
     readme = tmp_path / 'README.md'
-    cpu_begin, cpu_end = experiments.markers('cpu')
-    gpu_begin, gpu_end = experiments.markers('gpu')
+    cpu_begin, cpu_end = report.markers('cpu')
+    gpu_begin, gpu_end = report.markers('gpu')
     readme.write_text(f'{cpu_begin}\nCPU TABLES\n{cpu_end}\n{gpu_begin}\n{gpu_end}\n')
     assert experiments.main(['report', '--scale', 'gpu', '--records', str(tmp_path / 'results'), '--plots',
                              str(tmp_path / 'plots'), '--data-dir', str(fashion_parquet), '--write', str(readme),

@@ -1,6 +1,6 @@
 """The periphery by value, on hand-made inputs: the EM class capsules' coordinate addition for one child, the
 part-whole probe's `separated` and the normalised routing entropy, the model card's usage snippet run for a
-1-channel and a 3-channel model, and experiments.py's choice of records for its tables and the hub configs."""
+1-channel and a 3-channel model, and timm_capsules.experiments' choice of records for its tables and the hub configs."""
 import dataclasses
 import json
 import math
@@ -16,6 +16,8 @@ from PIL import Image
 
 from timm_capsules import em_capsnet, hub, hub_cards
 from timm_capsules.capsnet import CapsNet
+from timm_capsules.experiments import plans, report
+from timm_capsules.experiments import records as run_records
 from timm_capsules.layers import Capsules
 from timm_capsules.parse_tree import analysis, part_whole_probe
 
@@ -149,23 +151,15 @@ def test_card_numbers_and_family_by_hand():
     assert hub_cards._family('resnet18_cifar10')  # names even a model class of timm's own
 
 
-# ------------------------------------------------------------------------------------ experiments.py records
-@pytest.fixture
-def experiments(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))  # experiments.py imports train_accelerate.py from beside it
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    import experiments
-    return experiments
-
-
+# ------------------------------------------------------------------------ timm_capsules.experiments: the records
 ABLATION_KWARGS = {'A': {'layer_norm': False}, 'B': {'routing': 'sequential'}, 'C': {'activations': True}}
 
 
-def paper_records(experiments, folder, seeds=range(3)):
+def paper_records(folder, seeds=range(3)):
     """A record for every paper-scale run, written where the runner writes it, with the model arguments the
     script records for its command line and a metric that names the run."""
     records = []
-    for k, run in enumerate(experiments.plan('paper', experiments.STUDIES, seeds)):
+    for k, run in enumerate(plans.plan('paper', plans.STUDIES, seeds)):
         kwargs = {'num_classes': 100 if 'cifar100' in run.dataset else 10}
         if '--iterations' in run.train_args:
             kwargs['iterations'] = int(run.train_args[run.train_args.index('--iterations') + 1])
@@ -176,43 +170,43 @@ def paper_records(experiments, folder, seeds=range(3)):
         record = dict(run_id=run.run_id, studies=list(run.studies), row=run.row, model=run.row['model'],
                       model_kwargs=kwargs, dataset=run.dataset, seed=run.seed, metric=metric,
                       metrics={metric: round(0.001 * (k + 1), 6)}, num_parameters=1000 + k,
-                      machine='a test', wall_time_s=1.0)  # what a sound record holds (experiments.read_record)
-        path = experiments.record_path(folder, 'paper', run)
+                      machine='a test', wall_time_s=1.0)  # what a sound record holds (run_records.read_record)
+        path = run_records.record_path(folder, 'paper', run)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
         records.append(record)
     return records
 
 
-def test_each_table_takes_the_records_of_its_rows(experiments, tmp_path):
-    records = paper_records(experiments, tmp_path)
+def test_each_table_takes_the_records_of_its_rows(tmp_path):
+    records = paper_records(tmp_path)
     (tmp_path / 'paper' / 'cifar10-IDA-t2-00000000-seed0.json').write_text(json.dumps(records[0]))  # not planned
-    runs = experiments.plan('paper', experiments.STUDIES, range(3))
-    loaded = experiments.load_records(tmp_path, 'paper', runs)
+    runs = plans.plan('paper', plans.STUDIES, range(3))
+    loaded = run_records.load_records(tmp_path, 'paper', runs)
     assert len(loaded) == len(records) == len(runs)  # the unplanned record is left out
-    for study in experiments.STUDIES:
+    for study in plans.STUDIES:
         expected = {}
         for record in records:  # from the records' own fields, not from the plan
             if study in record['studies']:
                 expected.setdefault(json.dumps(record['row'], sort_keys=True), []).append(record['seed'])
         got = {json.dumps(row, sort_keys=True): sorted(r['seed'] for r in found)
-               for row, found in experiments.rows_of(study, runs, loaded)}
+               for row, found in run_records.rows_of(study, runs, loaded)}
         assert got == expected and all(seeds == [0, 1, 2] for seeds in got.values()), study
-    iterations = [row for row, _ in experiments.rows_of('iterations', runs, loaded)]
+    iterations = [row for row, _ in run_records.rows_of('iterations', runs, loaded)]
     assert sorted((row['kind'], row['iterations']) for row in iterations) == [
         (kind, t) for kind in ('DR', 'EM', 'IDA') for t in range(1, 6)]  # the CIFAR-10 ResNet sweep, Fig. 3
     assert {row['model'] for row in iterations} == {'capsnet_resnet_cifar10', 'dynamic_capsnet_resnet_cifar10',
                                                      'em_capsnet_resnet_cifar10'}
-    table1 = [row for row, _ in experiments.rows_of('table1', runs, loaded)]
+    table1 = [row for row, _ in run_records.rows_of('table1', runs, loaded)]
     assert all(row.get('iterations', 0) == {'IDA': 2, 'DR': 3, 'EM': 3}.get(row['kind'], 0) for row in table1)
 
 
-def test_hub_configs_get_the_runs_of_their_model_as_registered(experiments, tmp_path, monkeypatch):
+def test_hub_configs_get_the_runs_of_their_model_as_registered(tmp_path, monkeypatch):
     """Per hub config: the runs of its model on its dataset at its routing iterations, no ablation, by seed."""
-    records = paper_records(experiments, tmp_path)
+    records = paper_records(tmp_path)
     written = {}
     monkeypatch.setattr(hub, 'record_results', lambda tag, values: written.setdefault(tag, values))
-    tags = experiments.record_hub_results(tmp_path, 'paper')
+    tags = report.record_hub_results(tmp_path, 'paper')
     expected = {}
     for cfg in hub.list_hub_configs():
         dataset = cfg['tag'].partition('.')[2]  # 'capsnet_resnet_cifar10.cifar10' -> cifar10

@@ -12,6 +12,7 @@ PARSE = 'tests/test_parse_tree.py'
 AFFINE = 'tests/test_affine_mnist.py'
 TRAIN = 'tests/test_train.py'
 EXPERIMENTS = 'tests/test_experiments.py'
+EXPERIMENT_REPORT = 'tests/test_experiment_report.py'
 TRITON = 'tests/test_routing_triton.py'
 
 
@@ -304,20 +305,20 @@ MUTATIONS = [
          old='todo = [run for run in runs if read_record(record_path(args.records, args.scale, run))[0] is None]',
          new='todo = list(runs)',
          tests=[f'{EXPERIMENTS}::test_runs_write_records_skip_finished_and_resume_stopped_runs']),
-    dict(name='stopped_runs_restart', file='experiments.py',
+    dict(name='stopped_runs_restart', file='timm_capsules/experiments/runner.py',
          what='a stopped run starts again from scratch instead of resuming',
-         old="'--checkpointing-steps', 'epoch', '--resume-from-checkpoint', 'latest']",
-         new="'--checkpointing-steps', 'epoch']",
+         old="argv += ['--checkpointing-steps', 'epoch', '--resume-from-checkpoint', 'latest']",
+         new="argv += ['--checkpointing-steps', 'epoch']",
          tests=[f'{EXPERIMENTS}::test_runs_write_records_skip_finished_and_resume_stopped_runs']),
-    dict(name='report_population_std', file='experiments.py',
+    dict(name='report_population_std', file='timm_capsules/experiments/intervals.py',
          what="the report's spread over seeds is the population std, not the sample std",
          old='statistics.stdev(values)', new='statistics.pstdev(values)',
-         tests=[f'{EXPERIMENTS}::test_report_computes_tables_and_plots_from_records']),
-    dict(name='shared_run_duplicated', file='experiments.py',
+         tests=[f'{EXPERIMENT_REPORT}::test_report_computes_tables_and_plots_from_records']),
+    dict(name='shared_run_duplicated', file='timm_capsules/experiments/plans.py',
          what='one configuration used by several studies is planned once per study',
-         old="    studies = ('iterations',) + (('table1',) if t == default_t else ()) + (\n"
-             "        ('ablations',) if kind == 'IDA' and t == 2 else ())",
-         new="    studies = ('iterations',)",
+         old="        ('iterations',) + (('table1',) if t == default_t else ())"
+             " + (('ablations',) if kind == 'IDA' and t == 2 else ())",
+         new="        ('iterations',)",
          tests=[f'{EXPERIMENTS}::test_cpu_plan_has_every_study_kind_and_seed']),
     # ---- the fused kernels' window gathering and vector reductions ------------------------------------------
     dict(name='window_stride_ignored', file='timm_capsules/csrc/windows.h',
