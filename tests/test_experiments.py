@@ -24,9 +24,9 @@ def experiments(monkeypatch):
 
 
 @pytest.fixture
-def train(experiments):
-    import train_accelerate
-    return train_accelerate
+def train_config():
+    from timm_capsules.train import TrainConfig
+    return TrainConfig
 
 
 def test_cpu_plan_has_every_study_kind_and_seed(experiments):
@@ -46,11 +46,11 @@ def test_cpu_plan_has_every_study_kind_and_seed(experiments):
     assert {run.dataset for run in runs} == {'fashion_mnist', 'diverse_multimnist', 'affine_mnist'}
 
 
-def test_cpu_plan_arguments_parse_to_the_documented_protocol(experiments, train):
+def test_cpu_plan_arguments_parse_to_the_documented_protocol(experiments, train_config):
     import timm
     built = set()
     for run in experiments.plan('cpu', experiments.STUDIES, [0]):
-        args = train.parse_args(run.train_args + ['--seed', '0'])
+        args = train_config.from_argv(run.train_args + ['--seed', '0'])
         kwargs = dict(args.model_kwargs, num_classes=10)
         if repr((args.model, kwargs)) not in built:  # every model builds with its arguments (on meta: no memory)
             timm.create_model(args.model, device='meta', **kwargs)
@@ -66,11 +66,11 @@ def test_cpu_plan_arguments_parse_to_the_documented_protocol(experiments, train)
     assert '12,800' in protocol and 'batch 64' in protocol and 'Adam 2e-3' in protocol
 
 
-def test_paper_plan_is_the_papers_recipes(experiments, train):
+def test_paper_plan_is_the_papers_recipes(experiments, train_config):
     from timm_capsules.presets import PRESETS
     runs = experiments.plan('paper', experiments.STUDIES, [0])
     for run in runs:
-        args = train.parse_args(run.train_args + ['--seed', '0'])
+        args = train_config.from_argv(run.train_args + ['--seed', '0'])
         if args.preset:
             preset = PRESETS[args.preset]
             assert (args.model, args.epochs, args.lr, args.opt) == (
