@@ -12,6 +12,9 @@ from timm_suite.fetch import fetch_timm_model_tests  # noqa: E402
 # the Hub tests' published model (test_loading.py, test_hub_release.py, test_hub_cards.py)
 from hub_published import offline, resnet, simple  # noqa: E402,F401
 
+# the training tests' (test_train_*.py, test_run_safety.py, ...): a command line run in-process, a CPU Accelerator
+from train_fixtures import accelerator, run  # noqa: E402,F401
+
 
 def pytest_configure(config):
     if hasattr(config, 'workerinput'):

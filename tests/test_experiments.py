@@ -28,10 +28,10 @@ def experiments(monkeypatch):
 
 
 @pytest.fixture
-def train(experiments):
-    import train_accelerate
+def train_config():
+    from timm_capsules.train import TrainConfig
 
-    return train_accelerate
+    return TrainConfig
 
 
 def test_cpu_plan_has_every_study_kind_and_seed(experiments):
@@ -54,12 +54,12 @@ def test_cpu_plan_has_every_study_kind_and_seed(experiments):
     assert {run.dataset for run in runs} == {'fashion_mnist', 'diverse_multimnist', 'affine_mnist'}
 
 
-def test_cpu_plan_arguments_parse_to_the_documented_protocol(experiments, train):
+def test_cpu_plan_arguments_parse_to_the_documented_protocol(experiments, train_config):
     import timm
 
     built = set()
     for run in plans.plan('cpu', plans.STUDIES, [0]):
-        args = train.parse_args(run.train_args + ['--seed', '0'])
+        args = train_config.from_argv(run.train_args + ['--seed', '0'])
         kwargs = dict(args.model_kwargs, num_classes=10)
         if repr((args.model, kwargs)) not in built:  # every model builds with its arguments (on meta: no memory)
             timm.create_model(args.model, device='meta', **kwargs)
@@ -75,12 +75,12 @@ def test_cpu_plan_arguments_parse_to_the_documented_protocol(experiments, train)
     assert '12,800' in protocol and 'batch 64' in protocol and 'Adam 2e-3' in protocol
 
 
-def test_paper_plan_is_the_papers_recipes(experiments, train):
+def test_paper_plan_is_the_papers_recipes(experiments, train_config):
     from timm_capsules.presets import PRESETS
 
     runs = plans.plan('paper', plans.STUDIES, [0])
     for run in runs:
-        args = train.parse_args(run.train_args + ['--seed', '0'])
+        args = train_config.from_argv(run.train_args + ['--seed', '0'])
         if args.preset:
             preset = PRESETS[args.preset]
             assert (args.model, args.epochs, args.lr, args.opt) == (preset['model'], 350, preset['lr'], preset['opt'])
@@ -90,11 +90,11 @@ def test_paper_plan_is_the_papers_recipes(experiments, train):
     assert {run.dataset for run in runs if 'table1' in run.studies} == {'cifar10', 'cifar100'}
 
 
-def test_a_recipe_makes_both_the_runs_arguments_and_the_protocols_words(train):
+def test_a_recipe_makes_both_the_runs_arguments_and_the_protocols_words(train_config):
     """Each cpu and gpu recipe: its arguments parse to its values, its prose names the same numbers, and a changed
     fact changes the arguments, the prose and the image budget together (nothing is written twice)."""
     for recipe in [*protocols.CPU_RECIPES.values(), *protocols.GPU_RECIPES.values()]:
-        args = train.parse_args(recipe.argv(Path('data'), 'DR') + ['--model', 'capsnet_simple_cifar10'])
+        args = train_config.from_argv(recipe.argv(Path('data'), 'DR') + ['--model', 'capsnet_simple_cifar10'])
         prose, values = recipe.protocol(), recipe.arguments
         assert (args.epochs, args.batch_size, args.opt, args.sched) == (
             values['epochs'],
@@ -105,13 +105,16 @@ def test_a_recipe_makes_both_the_runs_arguments_and_the_protocols_words(train):
         assert f'batch {args.batch_size}' in prose and f'{recipe.facts["epoch_images"]:,}' in prose
         assert args.dataset in (recipe.dataset, f'hf:{Path("data") / recipe.facts.get("folder", "")}')
         assert f'{args.lr:g}' in prose.replace('2e-3', '0.002')  # the CPU's rate is written as on the command line
-    assert train.parse_args(protocols.GPU_RECIPES['fashion_mnist'].argv(Path('d'), 'DR')).lr == protocols.GPU_LR['DR']
+    assert (
+        train_config.from_argv(protocols.GPU_RECIPES['fashion_mnist'].argv(Path('d'), 'DR')).lr
+        == protocols.GPU_LR['DR']
+    )
     fashion = protocols.CPU_RECIPES['fashion_mnist']
     halved = dataclasses.replace(fashion, facts=dict(fashion.facts, epoch_images=6400))
     assert 'train[:6400]' in halved.argv(Path('data')) and 'the first 6,400 training images' in halved.protocol()
     assert (halved.image_budget(), fashion.image_budget()) == (6400, 12800)
     multimnist = protocols.CPU_RECIPES['diverse_multimnist']
-    args = train.parse_args(multimnist.argv(Path('data')))
+    args = train_config.from_argv(multimnist.argv(Path('data')))
     assert (args.epoch_size, args.test_size) == (8192, 2000) and multimnist.image_budget() == 8 * 8192
     affine = protocols.CPU_RECIPES['affine_mnist']
     nine = affine.argv(Path('data'), epochs=9)

@@ -41,7 +41,8 @@ def fashion_parquet(tmp_path_factory):
 
 
 def test_gpu_plan_is_the_documented_protocol(experiments):
-    import train_accelerate
+    from timm_capsules.train import TrainConfig
+
     runs = plans.plan('gpu', plans.STUDIES, range(2))
     assert len({run.run_id for run in runs}) == len(runs) == 40  # 20 configurations, 2 seeds
     assert {run.dataset for run in runs} == {'fashion_mnist'}
@@ -52,7 +53,7 @@ def test_gpu_plan_is_the_documented_protocol(experiments):
     assert {run.row['kind'] for run in runs if 'table1' in run.studies} == {'IDA', 'DR', 'EM', 'CNN', 'ResNet-18'}
     protocol = protocols.GPU_PROTOCOL['fashion_mnist']
     for run in runs:
-        args = train_accelerate.parse_args(run.train_args + ['--seed', str(run.seed)])
+        args = TrainConfig.from_argv(run.train_args + ['--seed', str(run.seed)])
         assert args.model == run.row['model'] and args.train_split == 'train' and args.test_split == 'test'
         assert (args.epochs, args.batch_size, args.mixed_precision, args.augment) == (2, 128, 'bf16', 'crop-flip')
         assert (args.opt, args.sched, args.warmup_epochs) == ('adam', 'cosine', 0)

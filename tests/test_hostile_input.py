@@ -20,7 +20,7 @@ from timm_capsules import hub, loading
 from timm_capsules.loading import ConfigError
 
 from hub_cache import offline_hub_cache
-from test_train import ENV, SCRIPT  # the training script and its offline environment
+from train_fixtures import ENV, SCRIPT  # the training script and its offline environment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,13 +18,17 @@ import timm_capsules  # noqa: F401
 from timm_capsules import hub, loading
 
 from hub_cache import offline_hub_cache
-from test_train import ENV, SCRIPT, TINY, run, train  # noqa: F401  (the tiny capsule net on the built-in MNIST
-# sample; the script loaded once, and main() run in-process with accelerate's state reset after it)
+from timm_capsules.train.output_dir import write_json
+
+# the tiny capsule net on the built-in MNIST sample (the fixture `run`, from conftest.py: a command line run
+# in-process, with accelerate's state reset after it)
+from train_fixtures import ENV, SCRIPT, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- the output folder: checked before training, locked for the run, write failures named ------------------
+
 
 def _refused(run, argv, capsys) -> str:
     with pytest.raises(SystemExit) as stop:
@@ -77,7 +81,7 @@ def _fill(disk: Path, leave: int):
     (disk / 'filler').write_bytes(b'\0' * max(0, free - leave))
 
 
-def test_full_disk_is_named_and_loses_nothing(run, train, tmp_path, capsys, small_disk, monkeypatch):
+def test_full_disk_is_named_and_loses_nothing(run, tmp_path, capsys, small_disk, monkeypatch):
     """A previous run's model, then a run whose second checkpoint does not fit: one line 'no space left on device'
     naming the folder, no temporary folder left, the last complete checkpoint resumable, the previous model intact.
     On a real 1 MiB tmpfs as root; else accelerate's writer raises ENOSPC from the second checkpoint on."""
@@ -88,26 +92,44 @@ def test_full_disk_is_named_and_loses_nothing(run, train, tmp_path, capsys, smal
         _fill(small_disk, 200 << 10)  # one checkpoint (~150 KiB) fits, two do not
     else:
         import accelerate.checkpointing
+
         real_save = accelerate.checkpointing.save
 
         def save(obj, path, *args, **kwargs):
             if '.tmp_step_00000004' in str(path):
                 raise OSError(errno.ENOSPC, 'No space left on device', str(path))
             return real_save(obj, path, *args, **kwargs)
+
         monkeypatch.setattr(accelerate.checkpointing, 'save', save)
-    message = _refused_after_training(run, TINY + ['--output-dir', out, '--max-train-steps', 6,
-                                                   '--checkpointing-steps', 2, '--checkpoints-total-limit', 0])
+    message = _refused_after_training(
+        run,
+        TINY
+        + ['--output-dir', out, '--max-train-steps', 6, '--checkpointing-steps', 2, '--checkpoints-total-limit', 0],
+    )
     tmp = out / 'checkpoints' / '.tmp_step_00000004'
-    assert message == (f'train_accelerate.py: error: no space left on device: {tmp}; the last complete checkpoint '
-                       f'is {out / "checkpoints" / "step_00000002"}')
+    assert message == (
+        f'train_accelerate.py: error: no space left on device: {tmp}; the last complete checkpoint '
+        f'is {out / "checkpoints" / "step_00000002"}'
+    )
     assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['step_00000002']
     assert {name: (out / name).read_bytes() for name in previous} == previous
     assert not (out / '.tmp_model').exists()
     if small_disk:
         (small_disk / 'filler').unlink()
     monkeypatch.undo()
-    result = run(TINY + ['--output-dir', out, '--max-train-steps', 6, '--checkpointing-steps', 2,
-                         '--resume-from-checkpoint', 'latest'])
+    result = run(
+        TINY
+        + [
+            '--output-dir',
+            out,
+            '--max-train-steps',
+            6,
+            '--checkpointing-steps',
+            2,
+            '--resume-from-checkpoint',
+            'latest',
+        ]
+    )
     assert result['completed_steps'] == 6
     assert 'resuming from' in capsys.readouterr().out
 
@@ -120,27 +142,38 @@ def _refused_after_training(run, argv) -> str:
     return message
 
 
-def test_too_little_free_space_is_found_before_training(run, tmp_path, capsys, small_disk, monkeypatch, train):
+def test_too_little_free_space_is_found_before_training(run, tmp_path, capsys, small_disk, monkeypatch):
     if small_disk:
         out = small_disk / 'out'
         _fill(small_disk, 40 << 10)
     else:
         out = tmp_path / 'out'
         usage = shutil._ntuple_diskusage(1 << 30, 1 << 30, 40 << 10)
-        monkeypatch.setattr(train.shutil, 'disk_usage', lambda path: usage)
+        monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage)
     message = _refused(run, TINY + ['--output-dir', out, '--checkpointing-steps', 2], capsys)
-    assert re.search(rf'--output-dir {out}: 0\.0\d MiB free on its disk, a checkpoint of this model needs about '
-                     rf'0\.1\d MiB$', message), message
+    assert re.search(
+        rf'--output-dir {out}: 0\.0\d MiB free on its disk, a checkpoint of this model needs about '
+        rf'0\.1\d MiB$',
+        message,
+    ), message
 
 
 def _cli(*argv, **kwargs):
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, argv)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *map(str, argv)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_two_runs_cannot_share_an_output_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
     import signal
     import time
+
     out = tmp_path / 'out'
     first = _cli(*TINY, '--output-dir', out, '--max-train-steps', 100000)
     try:
@@ -152,8 +185,11 @@ def test_two_runs_cannot_share_an_output_dir_and_a_killed_runs_lock_is_taken_ove
         second = _cli(*TINY, '--output-dir', out, '--max-train-steps', 2)
         _, err = second.communicate(timeout=120)
         assert second.returncode == 1
-        assert err.strip().splitlines()[-1].startswith(
-            f'train_accelerate.py: error: --output-dir {out} is in use by another run (PID {first.pid} on ')
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .startswith(f'train_accelerate.py: error: --output-dir {out} is in use by another run (PID {first.pid} on ')
+        )
         assert 'Traceback' not in err and not (out / 'model.safetensors').exists()
     finally:
         first.send_signal(signal.SIGKILL)  # killed: it never releases anything itself
@@ -174,25 +210,35 @@ def checkpointed(tmp_path_factory):
     """A 4-step tiny run (Adam) with checkpoints at steps 2 and 4, and its final model."""
     out = tmp_path_factory.mktemp('checkpointed')
     argv = [*TINY, '--max-train-steps', 4, '--opt', 'adam', '--checkpointing-steps', 2, '--output-dir', out]
-    done = subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, argv)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
 
 BAD_STATES = {  # case: (how to change training_state.json of step 4, what the error says)
-    'completed_steps 10**15': (lambda s: s.update(completed_steps=10 ** 15),
-                               'completed_steps is 1000000000000000, but the checkpoint is step_00000004'),
-    'completed_steps true': (lambda s: s.update(completed_steps=True),
-                             'completed_steps must be an int >= 0, got True'),
-    'running strings': (lambda s: s.update(running=['a', 'b', 'c']),
-                        r"running must be 3 finite numbers >= 0 \(loss sum, correct, images\), got \['a', 'b', 'c'\]"),
-    'running NaN': (lambda s: s.update(running=[float('nan'), 0, float('inf')]),
-                    r'running must be 3 finite numbers >= 0 .*, got \[nan, 0, inf\]'),
-    'history entry not a number': (lambda s: s['history']['train'][0].update(loss='low'),
-                                   "history.train: loss must be a finite number, got 'low' \\(step 2\\)"),
-    'history from the future': (lambda s: s['history']['train'][0].update(step=99),
-                                'history.train: each record needs a step from 0 to 4'),
+    'completed_steps 10**15': (
+        lambda s: s.update(completed_steps=10**15),
+        'completed_steps is 1000000000000000, but the checkpoint is step_00000004',
+    ),
+    'completed_steps true': (lambda s: s.update(completed_steps=True), 'completed_steps must be an int >= 0, got True'),
+    'running strings': (
+        lambda s: s.update(running=['a', 'b', 'c']),
+        r"running must be 3 finite numbers >= 0 \(loss sum, correct, images\), got \['a', 'b', 'c'\]",
+    ),
+    'running NaN': (
+        lambda s: s.update(running=[float('nan'), 0, float('inf')]),
+        r'running must be 3 finite numbers >= 0 .*, got \[nan, 0, inf\]',
+    ),
+    'history entry not a number': (
+        lambda s: s['history']['train'][0].update(loss='low'),
+        "history.train: loss must be a finite number, got 'low' \\(step 2\\)",
+    ),
+    'history from the future': (
+        lambda s: s['history']['train'][0].update(step=99),
+        'history.train: each record needs a step from 0 to 4',
+    ),
     # step 4's weights and optimizer under step 2's progress, in a folder not named by its step: Adam says 4
     'progress of another step': (None, 'completed_steps is 2, but the optimizer state was saved after 4 steps'),
 }
@@ -221,18 +267,21 @@ def test_training_state_is_validated_by_schema(run, checkpointed, tmp_path, case
     assert not (out / 'model.safetensors').exists()
 
 
-def test_metrics_json_is_strict_json_with_non_finite_values_flagged(train, checkpointed, tmp_path):
+def test_metrics_json_is_strict_json_with_non_finite_values_flagged(checkpointed, tmp_path):
     def strict(text):
         return json.loads(text, parse_constant=lambda name: pytest.fail(f'{name} in metrics.json'))
+
     assert 'non_finite_values' not in strict((checkpointed / 'metrics.json').read_text())
     path = tmp_path / 'metrics.json'
-    train.write_json(path, dict(final=dict(loss=float('nan'), top1=0.5), history=[1.0, float('inf')]))
-    assert strict(path.read_text()) == dict(final=dict(loss=None, top1=0.5), history=[1.0, None],
-                                            non_finite_values=['final.loss', 'history[1]'])
+    write_json(path, dict(final=dict(loss=float('nan'), top1=0.5), history=[1.0, float('inf')]))
+    assert strict(path.read_text()) == dict(
+        final=dict(loss=None, top1=0.5), history=[1.0, None], non_finite_values=['final.loss', 'history[1]']
+    )
 
 
 def _nan_weights(folder: Path) -> Path:
     from safetensors.torch import load_file, save_file
+
     weights = load_file(folder / 'model.safetensors')
     weights['primary.norm.bias'][0] = float('nan')
     weights['head.fc.bias'][0] = float('inf')
@@ -252,18 +301,32 @@ def test_non_finite_weights_are_named_at_load(run, checkpointed, tmp_path):
         with pytest.warns(loading.NonFiniteWeightsWarning, match=f'someone/diverged: {names}'):
             timm.create_model('hf-hub:someone/diverged', pretrained=True)
     with pytest.raises(SystemExit) as stop:
-        run(TINY + ['--model', f'local-dir:{folder}', '--pretrained', '--max-train-steps', 2,
-                    '--output-dir', tmp_path / 'out'])
+        run(
+            TINY
+            + [
+                '--model',
+                f'local-dir:{folder}',
+                '--pretrained',
+                '--max-train-steps',
+                2,
+                '--output-dir',
+                tmp_path / 'out',
+            ]
+        )
     assert str(stop.value.code) == (
         f'train_accelerate.py: error: the pretrained weights of local-dir:{folder} hold NaN or infinity in 2 '
-        f'tensor(s): primary.norm.bias, head.fc.bias; training cannot start from them')
+        f'tensor(s): primary.norm.bias, head.fc.bias; training cannot start from them'
+    )
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--seed', str(2 ** 64)], f'argument --seed: must be <= 4294967295, got {2 ** 64}'),
-    (['--data-seed', '-1'], 'argument --data-seed/--data_seed: must be >= 0, got -1'),
-    (['--test-size', str(10 ** 8)], 'argument --test-size/--test_size: must be <= 1000000, got 100000000'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--seed', str(2**64)], f'argument --seed: must be <= 4294967295, got {2**64}'),
+        (['--data-seed', '-1'], 'argument --data-seed/--data_seed: must be >= 0, got -1'),
+        (['--test-size', str(10**8)], 'argument --test-size/--test_size: must be <= 1000000, got 100000000'),
+    ],
+)
 def test_training_seeds_and_sizes_are_bounded_before_anything_runs(run, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
         run(TINY + argv + ['--output-dir', tmp_path / 'out'])

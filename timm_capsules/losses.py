@@ -5,13 +5,27 @@
 - ``'lengths'`` (dynamic routing, Sabour et al. 2017): class-capsule lengths in [0, 1), margin loss;
 - ``'activations'`` (EM routing, Hinton et al. 2018): class activations in (0, 1), spread loss.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['margin_loss', 'spread_loss', 'classification_loss', 'predicted_present', 'OUTPUT_TYPES']
+__all__ = [
+    'margin_loss',
+    'spread_loss',
+    'classification_loss',
+    'predicted_present',
+    'spread_margin',
+    'output_type_of',
+    'OUTPUT_TYPES',
+    'EVALUATION_SPREAD_MARGIN',
+]
 
 OUTPUT_TYPES = ('logits', 'lengths', 'activations')
+# Hinton et al. raise the spread loss's margin from 0.2 to 0.9 during training (spread_margin); a model is scored
+# at the final margin
+SPREAD_MARGIN_START, SPREAD_MARGIN_RISE = 0.2, 0.7
+EVALUATION_SPREAD_MARGIN = 0.9
 
 
 def _multi_hot(target: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -22,12 +36,12 @@ def _multi_hot(target: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
 
 
 def margin_loss(
-        lengths: Tensor,
-        target: Tensor,
-        m_pos: float = 0.9,
-        m_neg: float = 0.1,
-        down_weight: float = 0.5,
-        reduction: str = 'mean',
+    lengths: Tensor,
+    target: Tensor,
+    m_pos: float = 0.9,
+    m_neg: float = 0.1,
+    down_weight: float = 0.5,
+    reduction: str = 'mean',
 ) -> Tensor:
     """Sabour et al.'s margin loss on class-capsule lengths (B, classes), averaged over the batch
     (``reduction='none'``: one value per image).
@@ -57,8 +71,14 @@ def spread_loss(activations: Tensor, target: Tensor, margin: float = 0.2, reduct
     return loss.mean() if reduction == 'mean' else loss
 
 
-def classification_loss(outputs: Tensor, targets: Tensor, output_type: str = 'logits', multi_label: bool = False,
-                        margin: float = 0.2, reduction: str = 'mean') -> Tensor:
+def classification_loss(
+    outputs: Tensor,
+    targets: Tensor,
+    output_type: str = 'logits',
+    multi_label: bool = False,
+    margin: float = 0.2,
+    reduction: str = 'mean',
+) -> Tensor:
     """The paper's loss for a model's outputs (B, classes): see the module docstring. ``margin`` is the
     spread loss's, which grows during training; ``reduction='none'`` gives one value per image."""
     outputs = outputs.float()
@@ -78,3 +98,14 @@ def classification_loss(outputs: Tensor, targets: Tensor, output_type: str = 'lo
 def predicted_present(outputs: Tensor, output_type: str = 'logits') -> Tensor:
     """The classes predicted present in each image: logit > 0, or capsule length / activation > 0.5."""
     return outputs > (0.0 if output_type == 'logits' else 0.5)
+
+
+def spread_margin(step: int, total_steps: int) -> float:
+    """The spread loss's margin at optimizer step ``step`` of ``total_steps``: 0.2 at the start, rising linearly
+    to 0.9 at the last step (and staying there). Only the spread loss ('activations') reads it."""
+    return SPREAD_MARGIN_START + SPREAD_MARGIN_RISE * min(1.0, step / total_steps)
+
+
+def output_type_of(model) -> str:
+    """What ``model`` returns (see OUTPUT_TYPES): its ``output_type``; timm's own models return logits."""
+    return getattr(model, 'output_type', 'logits')

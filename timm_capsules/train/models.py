@@ -1,0 +1,57 @@
+"""The run's model: created from the config with timm (pretrained weights checked for NaN/infinity), and its
+fused CPU routing kernel built or loaded before training, so that the one-off build is timed apart."""
+
+import time
+import warnings
+
+import timm
+from timm_capsules.loading import NonFiniteWeightsWarning, non_finite_tensors
+from timm_capsules.losses import output_type_of
+from timm_capsules.routing import routing_kernel, use_fused_routing
+from timm_capsules.routing_baselines import em_routing_kernel
+
+from .config import fail
+from .data_sources import hub_reachable
+
+__all__ = ['create_model', 'load_routing_kernel']
+
+
+def create_model(args, num_classes):
+    kwargs = dict(args.model_kwargs)
+    if kwargs.setdefault('num_classes', num_classes) != num_classes:
+        fail(f'num_classes={kwargs["num_classes"]} but the dataset has {num_classes} classes')
+    if args.pretrained and not args.model.startswith('local-dir:'):
+        hub_reachable()  # offline: the cache at once, not a minute of retries
+    try:
+        with warnings.catch_warnings():  # said below, as the error it is for training
+            warnings.simplefilter('ignore', NonFiniteWeightsWarning)
+            model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError, OSError) as error:
+        fail(f'cannot create {args.model} with {kwargs}: {error}')
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        fail(
+            f'the pretrained weights of {args.model} hold NaN or infinity in {len(bad)} tensor(s): '
+            f'{", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}; training cannot start from them'
+        )
+    return model, kwargs
+
+
+def load_routing_kernel(model, accelerator):
+    """Builds (first use on a machine, about a minute) or loads the fused CPU routing kernel the model uses
+    (inverted dot-product attention, or EM routing) before training starts, so that its one-off build is timed
+    apart from training. Returns the seconds it took."""
+    if accelerator.device.type != 'cpu':
+        return 0.0
+    # the model says which kernel it routes with: a CapsNet its fused_routing switch; a model returning class
+    # activations (the spread loss's, see losses.py) routes with EM, whose CPU kernel follows use_fused_routing()
+    if getattr(model, 'fused_routing', False):
+        load = routing_kernel
+    elif output_type_of(model) == 'activations' and use_fused_routing():
+        load = em_routing_kernel
+    else:
+        return 0.0
+    started = time.time()
+    with accelerator.main_process_first():  # one process builds, the others load the cached build
+        load()
+    return time.time() - started
