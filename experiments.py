@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The paper's comparisons as one experiment runner, the command line of ``timm_capsules.experiments``: every run
-goes through the training script's own code path (``timm_capsules/experiments/runner.py``), so ``accelerate
-launch`` spreads every study over many GPUs, and every finished run is one JSON record. Finished runs are skipped,
-so a study goes on across sessions.
+is one ``timm_capsules.train.run`` call (the training script's code path), all of a call's runs on one Accelerator,
+so ``accelerate launch`` spreads every study over many GPUs; every finished run is one JSON record. Finished runs
+are skipped, so a study goes on across sessions.
 
     python experiments.py table1 iterations --scale cpu     # run studies (all: every study)
     python experiments.py all --scale cpu --list             # the runs and their commands, nothing trained
@@ -37,7 +37,7 @@ from timm_capsules.experiments.budget import GPU_ASSUMPTIONS, gpu_estimate
 from timm_capsules.experiments.plans import DATA, STUDIES, plan
 from timm_capsules.experiments.records import damaged_records, load_records, read_record, record_path
 from timm_capsules.experiments.report import BEGIN, END, markers, record_hub_results, render_report
-from timm_capsules.experiments.runner import command, execute, prepare_data
+from timm_capsules.experiments.runner import command, execute, prepare_data, shared_accelerator
 
 ROOT = Path(__file__).resolve().parent
 RECORDS = ROOT / 'results'
@@ -90,33 +90,43 @@ def run_studies(args) -> int:
     prepare_data(args.scale, todo, args.data_dir)
     if args.prepare:
         return 0
-    failed, started = [], time.time()
-    for index, run in enumerate(todo):
-        needed = gpu_estimate(run) if args.scale == 'gpu' else 0.0
-        if args.time_limit is not None and time.time() - started + needed > args.time_limit:
-            print(
-                f'== time limit: {len(todo) - index} runs left for a next call (a finished run is never rerun)',
-                flush=True,
-            )
-            break
-        print(f'== run {index + 1}/{len(todo)}: {run.run_id}', flush=True)
-        try:
-            record = execute(run, args.scale, args.records, args.outputs, args.probe_images, args.stop_after_steps)
-        except SystemExit as error:  # the script's one-line errors: the other runs go on; a signal stops all
-            if not isinstance(error.code, str) or len(todo) == 1:
-                raise
-            print(f'== {run.run_id} failed: {error}', flush=True)
-            failed.append(run.run_id)
-            continue
-        if record:
-            metric = record['metric']
-            print(
-                f'== {run.run_id}: {metric} {record["metrics"][metric]:.4f}, {record["training_time_s"]:.0f} s',
-                flush=True,
-            )
+    failed = train_runs(args, todo)
     if failed:
         raise SystemExit(f'{len(failed)} of {len(todo)} runs failed: {", ".join(failed)}')
     return 0
+
+
+def train_runs(args, todo) -> list:
+    """Trains the runs in order, every one with the one Accelerator made when the first starts (accelerate's state
+    is the process's), until the time limit; the ids of those that stopped with a one-line error (the others go
+    on; a signal stops all)."""
+    failed, started, accelerator = [], time.time(), None
+    try:
+        for index, run in enumerate(todo):
+            needed = gpu_estimate(run) if args.scale == 'gpu' else 0.0
+            if args.time_limit is not None and time.time() - started + needed > args.time_limit:
+                left = len(todo) - index
+                print(f'== time limit: {left} runs left for a next call (a finished run is never rerun)', flush=True)
+                break
+            print(f'== run {index + 1}/{len(todo)}: {run.run_id}', flush=True)
+            try:
+                accelerator = accelerator or shared_accelerator(run, args.outputs / args.scale / run.run_id)
+                record = execute(
+                    run, args.scale, args.records, args.outputs, args.probe_images, accelerator, args.stop_after_steps
+                )
+            except SystemExit as error:  # the training's one-line errors
+                if not isinstance(error.code, str) or len(todo) == 1:
+                    raise
+                print(f'== {run.run_id} failed: {error}', flush=True)
+                failed.append(run.run_id)
+                continue
+            if record:
+                metric, seconds = record['metric'], record['training_time_s']
+                print(f'== {run.run_id}: {metric} {record["metrics"][metric]:.4f}, {seconds:.0f} s', flush=True)
+    finally:
+        if accelerator is not None:  # the runs' trackers finished; a launched job's process group ends here
+            accelerator.end_training()
+    return failed
 
 
 def report_main(argv: Sequence[str], train_args: Sequence[str] = ()) -> int:

@@ -19,7 +19,7 @@ ENV_OFFLINE = dict(HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
 
 @pytest.fixture
 def experiments(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))  # experiments.py imports train_accelerate.py from beside it
+    monkeypatch.syspath_prepend(str(ROOT))  # experiments.py, the command line, is at the checkout's root
     for key, value in ENV_OFFLINE.items():
         monkeypatch.setenv(key, value)
     import experiments
@@ -208,6 +208,50 @@ def test_runs_write_records_skip_finished_and_resume_stopped_runs(experiments, t
     assert 'resuming from' in capsys.readouterr().out
     resumed = [json.loads(p.read_text()) for p in (tmp_path / 'records' / 'cpu').glob('*.json') if p != path]
     assert len(resumed) == 1 and resumed[0]['image_budget'] == 96
+
+
+@pytest.mark.slow
+def test_one_accelerator_trains_every_run_of_a_call(experiments, tmp_path, monkeypatch):
+    """Two runs in one call train on the one Accelerator the runner made (no private accelerate state is reset
+    between them), and the second learns exactly what it learns alone in a fresh call: nothing of the first leaks."""
+    from accelerate import Accelerator
+
+    made, real_init = [], Accelerator.__init__
+
+    def counted_init(self, *args, **kwargs):  # the real constructor, counted
+        made.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, '__init__', counted_init)
+    small_affine_data(tmp_path / 'data')
+    tiny = ['--', '--epochs', '1', '--batch-size', '16']
+    second = next(
+        run.run_id
+        for run in plans.plan('cpu', ['affine'], [1], tmp_path / 'data', tiny[1:])
+        if run.row['kind'] == 'CNN'
+    )
+    common = ['affine', '--seeds', '2', '--data-dir', str(tmp_path / 'data')]
+    together, alone = tmp_path / 'together', tmp_path / 'alone'
+    assert (
+        experiments.main(
+            common
+            + ['--only', second.replace('seed1', ''), '--records', str(together), '--outputs', str(together / 'out')]
+            + tiny
+        )
+        == 0
+    )
+    assert len(made) == 1
+    records = {p.name: json.loads(p.read_text()) for p in (together / 'cpu').glob('*.json')}
+    assert sorted(r['seed'] for r in records.values()) == [0, 1]
+    assert (
+        experiments.main(common + ['--only', second, '--records', str(alone), '--outputs', str(alone / 'out')] + tiny)
+        == 0
+    )
+    assert len(made) == 2
+    [fresh] = [json.loads(p.read_text()) for p in (alone / 'cpu').glob('*.json')]
+    shared = records[f'{second}.json']
+    assert fresh['metrics'] == shared['metrics'] and fresh['eval_history'] == shared['eval_history']
+    assert records[f'{second.replace("seed1", "seed0")}.json']['metrics'] != shared['metrics']
 
 
 @pytest.mark.slow

@@ -29,9 +29,10 @@ def train_gflop_per_image(train_args: Sequence[str], **override) -> float:
         import timm
         import torch
         from torch.utils.flop_counter import FlopCounterMode
-        import train_accelerate
 
-        args = train_accelerate.parse_args(list(train_args))
+        from timm_capsules.train import TrainConfig
+
+        args = TrainConfig.from_argv(list(train_args))
         model = timm.create_model(args.model, device='meta', **dict(args.model_kwargs, num_classes=10, **override))
         images = torch.zeros(2, args.model_kwargs.get('in_chans', 3), 28, 28, device='meta')
         with FlopCounterMode(display=False) as counter:

@@ -95,30 +95,40 @@ def make_record(run: Run, scale: str, results: Dict[str, Any], resumed: bool, wa
     return record
 
 
+def shared_accelerator(run: Run, output_dir: Path):
+    """The one Accelerator every run of a call trains with, made from the first run's settings (device, precision):
+    accelerate holds its state per process, so a second Accelerator in the same process would only be the first
+    again. A later run that asks for another precision or device stops with one line (``timm_capsules.train``)."""
+    from timm_capsules.train import TrainConfig, make_accelerator
+
+    return make_accelerator(TrainConfig.from_argv(run_argv(run, output_dir)))
+
+
 def execute(
-    run: Run, scale: str, records: Path, outputs: Path, probe_samples: int, stop_after_steps: Optional[int] = None
+    run: Run,
+    scale: str,
+    records: Path,
+    outputs: Path,
+    probe_samples: int,
+    accelerator,
+    stop_after_steps: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Trains ``run`` (continuing its last checkpoint) and writes its record; {} on a process that is not the main
-    one. A run stopped by ``stop_after_steps`` ends the call (SystemExit 3) and has no record."""
-    import train_accelerate
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    """Trains ``run`` with the call's ``accelerator`` (continuing its last checkpoint) and writes its record; {} on a
+    process that is not the main one. A run stopped by ``stop_after_steps`` ends the call (SystemExit 3) and has no
+    record."""
+    from timm_capsules.train import TrainConfig
+    from timm_capsules.train import run as train
 
     output_dir = outputs / scale / run.run_id
     resumed = (output_dir / 'checkpoints').is_dir() and any((output_dir / 'checkpoints').iterdir())
     started = time.time()
-    try:
-        results = train_accelerate.main(run_argv(run, output_dir, stop_after_steps))
-        main_process = PartialState().is_main_process
-    finally:  # the next run starts accelerate afresh (end_training may have ended the process group)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    model = results.pop('model_object')
-    if results.get('stopped'):  # --stop-after-steps (a signal already ended the process above)
+    result = train(TrainConfig.from_argv(run_argv(run, output_dir, stop_after_steps)), accelerator)
+    if result.metrics.get('stopped'):  # --stop-after-steps (a signal already ended the process in train)
         raise SystemExit(3)
-    if not main_process:
+    if not accelerator.is_main_process:
         return {}
-    record = make_record(run, scale, results, resumed, time.time() - started)
+    record = make_record(run, scale, result.metrics, resumed, time.time() - started)
     if run.probe:
-        record['part_whole_probe'] = probe(model, probe_samples)
+        record['part_whole_probe'] = probe(result.model, probe_samples)
     write_record(record_path(records, scale, run), record)
     return record
