@@ -6,6 +6,7 @@ both ``train_accelerate.py`` and the experiment runner go through.
 Nothing here knows a model family: what a model returns and the loss it trains with come from its
 ``output_type`` and ``timm_capsules.losses``."""
 
+import contextlib
 import math
 import signal
 import sys
@@ -19,19 +20,17 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm_capsules.base import model_data_config
 from timm_capsules.losses import classification_loss, output_type_of, spread_margin
 
 from .checkpoints import TrainState, find_checkpoint, save_checkpoint
 from .config import PROG, TrainConfig, fail
 from .data_sources import load_data
-from .models import create_model, load_routing_kernel
-from .metrics import cnn_reference, cnn_reference_record, correct, evaluate, plot_curves
-from .output_dir import check_free_space, output_dir_for_the_run, write_json
+from .models import create_model, create_optimizer, create_scheduler, load_routing_kernel
+from .metrics import cnn_reference, correct, evaluate
+from .output_dir import check_free_space, output_dir_for_the_run
 from .run_safety import StopOnSignal, check_finite, refuse_non_finite, stop_with_the_launcher
-from .saving import push_to_hub, save_model, weights_digest
+from .saving import save_results, weights_digest
 
 __all__ = ['run', 'RunResult', 'make_accelerator', 'train']
 
@@ -58,9 +57,15 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
-def use_shared_accelerator(config, accelerator):
-    """A caller's Accelerator runs this config: its gradient accumulation is set to the config's; a precision or
-    device the config asks for and the Accelerator does not have stops the run."""
+@contextlib.contextmanager
+def accelerator_for_the_run(config, accelerator=None):
+    """(accelerator, shared): the caller's Accelerator, set to this config's gradient accumulation (a precision or
+    device the config asks for and it does not have stops the run), and left after the run as it was found: no
+    trackers, no prepared objects, step 0, its process group alive. Without one, a new one (make_accelerator),
+    which the run ends itself."""
+    if accelerator is None:
+        yield make_accelerator(config), False
+        return
     if config.mixed_precision is not None and config.mixed_precision != accelerator.mixed_precision:
         fail(
             f'--mixed_precision {config.mixed_precision}, but the Accelerator passed to run() uses '
@@ -69,18 +74,13 @@ def use_shared_accelerator(config, accelerator):
     if config.cpu and accelerator.device.type != 'cpu':
         fail(f'--cpu, but the Accelerator passed to run() uses {accelerator.device}')
     accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
-
-
-def end_run(accelerator, shared):
-    """The run's end on its Accelerator: trackers finished; its own Accelerator ended (that ends the process
-    group: last), a shared one left usable for the next run, holding nothing of this one."""
-    if not shared:
-        accelerator.end_training()
-        return
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    accelerator.trackers = []
-    accelerator.free_memory()
+    try:
+        yield accelerator, True
+    finally:  # also after a run that stopped with an error: the next run starts clean
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        accelerator.trackers = []
+        accelerator.free_memory()
 
 
 def run(config: TrainConfig, accelerator: Optional[Accelerator] = None) -> RunResult:
@@ -88,12 +88,9 @@ def run(config: TrainConfig, accelerator: Optional[Accelerator] = None) -> RunRe
     wrong, before training where it can be told. ``accelerator``: one to share between runs (several run()
     calls in one process); it is left usable, its process group alive. Without one, the run makes its own
     (``make_accelerator``) and ends it when done."""
-    with output_dir_for_the_run(config):  # checked and locked before anything is loaded
-        started, shared = time.time(), accelerator is not None
-        if shared:
-            use_shared_accelerator(config, accelerator)
-        else:
-            accelerator = make_accelerator(config)
+    started = time.time()
+    # the output folder is checked and locked before anything is loaded
+    with output_dir_for_the_run(config), accelerator_for_the_run(config, accelerator) as (accelerator, shared):
         if accelerator.mixed_precision == 'fp16' and accelerator.device.type == 'cpu':  # accelerate: silently fp32
             fail('--mixed_precision fp16 needs a GPU (on the CPU accelerate trains in float32); use bf16 or no')
         set_seed(config.seed)
@@ -128,12 +125,11 @@ def run(config: TrainConfig, accelerator: Optional[Accelerator] = None) -> RunRe
         # ---- the loop and its evaluations
         if config.with_tracking:
             accelerator.init_trackers(config.project_name, config.for_trackers())
-        num_params = sum(p.numel() for p in model.parameters())
         accelerator.print(
-            f'{config.model} {model_kwargs} ({num_params:,} parameters) on {config.dataset} ({data.source}): '
-            f'{epochs} epochs x {updates_per_epoch} steps, batch {config.batch_size} x {accelerator.num_processes} '
-            f'processes x {config.gradient_accumulation_steps} accumulation, {accelerator.device}, '
-            f'mixed precision {accelerator.mixed_precision}'
+            f'{config.model} {model_kwargs} ({sum(p.numel() for p in model.parameters()):,} parameters) on '
+            f'{config.dataset} ({data.source}): {epochs} epochs x {updates_per_epoch} steps, batch '
+            f'{config.batch_size} x {accelerator.num_processes} processes x {config.gradient_accumulation_steps} '
+            f'accumulation, {accelerator.device}, mixed precision {accelerator.mixed_precision}'
         )
         stopped = train(config, accelerator, model, optimizer, scheduler, data, state, updates_per_epoch, epochs)
         unwrapped = accelerator.unwrap_model(model)
@@ -142,43 +138,33 @@ def run(config: TrainConfig, accelerator: Optional[Accelerator] = None) -> RunRe
             digest_file = Path(config.output_dir) / f'digest_rank{accelerator.process_index}.txt'
             digest_file.write_text(weights_digest(unwrapped))
         if stopped:
-            end_run(accelerator, shared)
+            if not shared:
+                accelerator.end_training()  # last: it ends the process group
             if stopped != '--stop_after_steps':
                 raise SystemExit(128 + signal.Signals[stopped].value)
             accelerator.print(f'stopped after {state.completed_steps} steps (--stop_after_steps)')
-            metrics = dict(stopped=True, completed_steps=state.completed_steps)
-            return RunResult(metrics, unwrapped, Path(config.output_dir))
+            return RunResult(
+                dict(stopped=True, completed_steps=state.completed_steps), unwrapped, Path(config.output_dir)
+            )
 
         # ---- the final evaluations, then saving
-        metric_name = 'exact_match' if data.multi_label else 'top1'
-        final = state.history['eval'][-1] if state.history['eval'] else {}
-        output_type = output_type_of(unwrapped)
         extra_tests = {
             split: evaluate(
-                model, data.test_batches(split), accelerator, data.multi_label, data.num_classes, output_type
+                model,
+                data.test_batches(split),
+                accelerator,
+                data.multi_label,
+                data.num_classes,
+                output_type_of(unwrapped),
             )
             for split in config.extra_test_splits
         }
+        metric_name = 'exact_match' if data.multi_label else 'top1'
         for split, metrics in extra_tests.items():
             accelerator.print(f'{split}: {metric_name} {metrics[metric_name]:.4f} ({metrics["num_images"]} images)')
         finished = time.time()
-        steps = state.completed_steps
-        results = dict(
-            model=config.model,
-            model_kwargs=model_kwargs,
-            preset=config.preset,
-            dataset=config.dataset,
-            data_source=data.source,
-            task='multi-label' if data.multi_label else 'single-label',
-            metric=metric_name,
-            final=final,
-            extra_tests=extra_tests,
-            chance_level=data.chance,
-            completed_steps=steps,
-            epochs=epochs,
-            images_seen=steps * config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes,
-            num_processes=accelerator.num_processes,
-            num_parameters=num_params,
+        results = results_record(config, accelerator, data, unwrapped, model_kwargs, state, epochs, extra_tests)
+        results.update(
             training_time_s=finished - training_started,
             kernel_load_s=kernel_load_s,
             wall_time_s=finished - started,
@@ -191,71 +177,50 @@ def run(config: TrainConfig, accelerator: Optional[Accelerator] = None) -> RunRe
         if accelerator.is_main_process:
             save_results(config, unwrapped, model_kwargs, data, data_cfg, results, accelerator.num_processes)
         accelerator.wait_for_everyone()
-        end_run(accelerator, shared)
-        kernel_note = f', routing kernel built/loaded in {kernel_load_s:.0f} s' if kernel_load_s >= 1 else ''
-        reference = cnn_reference(config, metric_name, data.source, accelerator.num_processes)
-        label = 'label set' if data.multi_label else 'label'
-        accelerator.print(
-            '\n'.join(
-                [
-                    f'final test {metric_name}: {final.get(metric_name, float("nan")):.4f} on '
-                    f'{final.get("num_images", 0)} images after {steps} steps',
-                    f'chance level: {data.chance:.4f} (always the most frequent {label})',
-                    *([reference] if reference else []),
-                    f'{results["training_time_s"]:.0f} s of training{kernel_note}; saved to {config.output_dir}',
-                ]
-            )
-        )
+        if not shared:
+            accelerator.end_training()  # last: it ends the process group
+        accelerator.print(summary(config, data, results, accelerator.num_processes))
         return RunResult(dict(results, stopped=False), unwrapped, Path(config.output_dir))
 
 
-def create_optimizer(config, model):
-    try:
-        return create_optimizer_v2(
-            model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
-        )
-    except ValueError as error:
-        fail(f'--opt {config.opt}: {error}')
-
-
-def create_scheduler(config, optimizer, epochs, updates_per_epoch):
-    """timm's scheduler of --sched over the run's epochs, stepped once per optimizer step; None for none."""
-    if not config.sched or config.sched == 'none':
-        return None
-    try:
-        scheduler, _ = create_scheduler_v2(
-            optimizer,
-            sched=config.sched,
-            num_epochs=epochs,
-            decay_milestones=config.decay_milestones or [],
-            decay_rate=config.decay_rate,
-            warmup_epochs=config.warmup_epochs or 0,
-            step_on_epochs=False,
-            updates_per_epoch=updates_per_epoch,
-        )
-    except ValueError as error:
-        fail(f'--sched {config.sched}: {error}')
-    return scheduler
-
-
-def save_results(config, model, model_kwargs, data, data_cfg, results, num_processes):
-    """On the main process: the model, metrics.json and the curves into --output-dir; the push when asked."""
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, out, data.label_names, data_cfg)
-    write_json(out / 'metrics.json', results)
-    metric_name = results['metric']
-    reference = cnn_reference_record(config, data.source, num_processes)
-    plot_curves(
-        results['history'],
-        out / 'training_curves.png',
-        metric_name,
-        f'{config.model} on {config.dataset} ({data.source})',
-        data.chance,
-        reference and ('CNN of similar size, same recipe', reference['final'][metric_name]),
+def results_record(config, accelerator, data, model, model_kwargs, state, epochs, extra_tests):
+    """metrics.json's contents up to the times: the run's model, data, final and extra evaluations and size."""
+    steps = state.completed_steps
+    return dict(
+        model=config.model,
+        model_kwargs=model_kwargs,
+        preset=config.preset,
+        dataset=config.dataset,
+        data_source=data.source,
+        task='multi-label' if data.multi_label else 'single-label',
+        metric='exact_match' if data.multi_label else 'top1',
+        final=state.history['eval'][-1] if state.history['eval'] else {},
+        extra_tests=extra_tests,
+        chance_level=data.chance,
+        completed_steps=steps,
+        epochs=epochs,
+        images_seen=steps * config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes,
+        num_processes=accelerator.num_processes,
+        num_parameters=sum(p.numel() for p in model.parameters()),
     )
-    if config.push_to_hub:
-        push_to_hub(model, model_kwargs, out, config.push_to_hub, config.hub_private, data.label_names)
+
+
+def summary(config, data, results, num_processes):
+    """The closing lines: the final metric, the chance level, the CNN reference of exactly this recipe (if it is
+    one), the training time and where everything went."""
+    metric, final, load_s = results['metric'], results['final'], results['kernel_load_s']
+    kernel_note = f', routing kernel built/loaded in {load_s:.0f} s' if load_s >= 1 else ''
+    reference = cnn_reference(config, metric, data.source, num_processes)
+    label = 'label set' if data.multi_label else 'label'
+    return '\n'.join(
+        [
+            f'final test {metric}: {final.get(metric, float("nan")):.4f} on {final.get("num_images", 0)} images '
+            f'after {results["completed_steps"]} steps',
+            f'chance level: {data.chance:.4f} (always the most frequent {label})',
+            *([reference] if reference else []),
+            f'{results["training_time_s"]:.0f} s of training{kernel_note}; saved to {config.output_dir}',
+        ]
+    )
 
 
 def train(args, accelerator, model, optimizer, scheduler, data, state, updates_per_epoch, epochs):

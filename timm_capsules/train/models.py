@@ -1,10 +1,13 @@
-"""The run's model: created from the config with timm (pretrained weights checked for NaN/infinity), and its
-fused CPU routing kernel built or loaded before training, so that the one-off build is timed apart."""
+"""The run's model: created from the config with timm (pretrained weights checked for NaN/infinity), its fused CPU
+routing kernel built or loaded before training (so that the one-off build is timed apart), and timm's optimizer and
+scheduler for it."""
 
 import time
 import warnings
 
 import timm
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from timm_capsules.loading import NonFiniteWeightsWarning, non_finite_tensors
 from timm_capsules.losses import output_type_of
 from timm_capsules.routing import routing_kernel, use_fused_routing
@@ -13,7 +16,7 @@ from timm_capsules.routing_baselines import em_routing_kernel
 from .config import fail
 from .data_sources import hub_reachable
 
-__all__ = ['create_model', 'load_routing_kernel']
+__all__ = ['create_model', 'load_routing_kernel', 'create_optimizer', 'create_scheduler']
 
 
 def create_model(args, num_classes):
@@ -55,3 +58,33 @@ def load_routing_kernel(model, accelerator):
     with accelerator.main_process_first():  # one process builds, the others load the cached build
         load()
     return time.time() - started
+
+
+def create_optimizer(config, model):
+    """timm's optimizer of --opt for the model's parameters (timm's weight-decay groups)."""
+    try:
+        return create_optimizer_v2(
+            model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
+        )
+    except ValueError as error:
+        fail(f'--opt {config.opt}: {error}')
+
+
+def create_scheduler(config, optimizer, epochs, updates_per_epoch):
+    """timm's scheduler of --sched over the run's epochs, stepped once per optimizer step; None for none."""
+    if not config.sched or config.sched == 'none':
+        return None
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=config.sched,
+            num_epochs=epochs,
+            decay_milestones=config.decay_milestones or [],
+            decay_rate=config.decay_rate,
+            warmup_epochs=config.warmup_epochs or 0,
+            step_on_epochs=False,
+            updates_per_epoch=updates_per_epoch,
+        )
+    except ValueError as error:
+        fail(f'--sched {config.sched}: {error}')
+    return scheduler

@@ -1,4 +1,5 @@
-"""The run's results leaving it: the final model the timm way (config.json + model.safetensors, loadable with
+"""The run's results leaving it: metrics.json and the training curves, the final model the timm way
+(config.json + model.safetensors, loadable with
 ``create_model('local-dir:<dir>')``), a push to the Hugging Face Hub, and a digest of the weights."""
 
 import hashlib
@@ -10,10 +11,11 @@ import timm
 from timm_capsules import hub
 
 from .config import fail
-from .output_dir import write_failure
+from .metrics import cnn_reference_record, plot_curves
+from .output_dir import write_failure, write_json
 from .run_safety import refuse_non_finite
 
-__all__ = ['save_model', 'push_to_hub', 'weights_digest']
+__all__ = ['save_results', 'save_model', 'push_to_hub', 'weights_digest']
 
 
 def weights_digest(model):
@@ -58,3 +60,23 @@ def push_to_hub(model, model_kwargs, output_dir, repo_id, private, label_names):
     else:
         model_config = dict(label_names=list(label_names)) if label_names else None
         timm.models.push_to_hf_hub(model, repo_id, model_config=model_config, private=private, safe_serialization=True)
+
+
+def save_results(config, model, model_kwargs, data, data_cfg, results, num_processes):
+    """On the main process: the model, metrics.json and the curves into --output-dir; the push when asked."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, out, data.label_names, data_cfg)
+    write_json(out / 'metrics.json', results)
+    metric_name = results['metric']
+    reference = cnn_reference_record(config, data.source, num_processes)
+    plot_curves(
+        results['history'],
+        out / 'training_curves.png',
+        metric_name,
+        f'{config.model} on {config.dataset} ({data.source})',
+        data.chance,
+        reference and ('CNN of similar size, same recipe', reference['final'][metric_name]),
+    )
+    if config.push_to_hub:
+        push_to_hub(model, model_kwargs, out, config.push_to_hub, config.hub_private, data.label_names)
