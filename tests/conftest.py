@@ -12,6 +12,9 @@ from timm_suite.fetch import fetch_timm_model_tests  # noqa: E402
 # the Hub tests' published model (test_loading.py, test_hub_release.py, test_hub_cards.py)
 from hub_published import offline, resnet, simple  # noqa: E402,F401
 
+# the compiled routing kernel, or a skip (test_routing.py, test_kernels.py)
+from naive_routing import kernel  # noqa: E402,F401
+
 
 def pytest_configure(config):
     if hasattr(config, 'workerinput'):
@@ -19,8 +22,7 @@ def pytest_configure(config):
     fetch_timm_model_tests()
     # build the fused routing kernels once, up front (about a minute each on a fresh machine), instead of
     # inside whichever test, or subprocess with its own timeout, routes first
-    from timm_capsules.routing import routing_kernel
-    from timm_capsules.routing_baselines import em_routing_kernel
+    from timm_capsules.kernels import em_routing_kernel, routing_kernel
 
     routing_kernel()
     em_routing_kernel()
