@@ -15,6 +15,9 @@ from hub_published import offline, resnet, simple  # noqa: E402,F401
 # the training tests' (test_train_*.py, test_run_safety.py, ...): a command line run in-process, a CPU Accelerator
 from train_fixtures import accelerator, run  # noqa: E402,F401
 
+# the compiled routing kernel, or a skip (test_routing.py, test_kernels.py)
+from naive_routing import kernel  # noqa: E402,F401
+
 
 def pytest_configure(config):
     if hasattr(config, 'workerinput'):
@@ -22,8 +25,7 @@ def pytest_configure(config):
     fetch_timm_model_tests()
     # build the fused routing kernels once, up front (about a minute each on a fresh machine), instead of
     # inside whichever test, or subprocess with its own timeout, routes first
-    from timm_capsules.routing import routing_kernel
-    from timm_capsules.routing_baselines import em_routing_kernel
+    from timm_capsules.kernels import em_routing_kernel, routing_kernel
 
     routing_kernel()
     em_routing_kernel()

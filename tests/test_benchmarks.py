@@ -1,4 +1,5 @@
 """The benchmark harnesses run in a seconds-long smoke mode, so they cannot rot. No timing is asserted."""
+
 import importlib.util
 import json
 import sys
@@ -50,8 +51,9 @@ def test_model_benchmark_smoke_bf16():
 @pytest.mark.slow
 def test_model_benchmark_smoke_channels_last():
     """--channels-last converts every model and the input, as timm's train.py flag does, and says so per row."""
-    result = load('bench_models').main(['--smoke', '--channels-last', '--models', 'capsnet_simple_cifar10',
-                                        'resnet18_cifar10'])
+    result = load('bench_models').main(
+        ['--smoke', '--channels-last', '--models', 'capsnet_simple_cifar10', 'resnet18_cifar10']
+    )
     rows = {row['model']: row for row in result['results']}
     assert set(rows) == {'capsnet_simple_cifar10', 'resnet18_cifar10'}
     for row in rows.values():
@@ -85,7 +87,8 @@ def test_routing_kernel_benchmark_smoke(capsys, monkeypatch):
     monkeypatch.setenv('GLIBC_TUNABLES', tunables)
     monkeypatch.delenv('LD_PRELOAD', raising=False)
     record = load('bench_routing').main(['--smoke', '--threads', '1'])
-    from timm_capsules.routing import KERNEL_CFLAGS
+    from timm_capsules.kernels import KERNEL_CFLAGS
+
     assert record['machine']['kernel_cflags'] == ' '.join(KERNEL_CFLAGS)
     assert record['machine']['environment']['GLIBC_TUNABLES'] == tunables
     assert 'LD_PRELOAD' not in record['machine']['environment']
@@ -106,4 +109,4 @@ def test_report_renders_every_committed_result():
     for path in results:
         assert f'**`{path.name}`**' in table
     em = json.loads((BENCHMARKS / 'results' / 'em_throughput_cpu.json').read_text())
-    assert f"**{em['em_over_ida']:.2f}×**" in table
+    assert f'**{em["em_over_ida"]:.2f}×**' in table

@@ -1,4 +1,4 @@
-""" Capsule networks with inverted dot-product attention routing
+"""Capsule networks with inverted dot-product attention routing
 
 Paper: `Capsules with Inverted Dot-Product Attention Routing` - https://arxiv.org/abs/2002.04764
 (Tsai, Srivastava, Goh, Salakhutdinov, ICLR 2020)
@@ -15,8 +15,8 @@ snapshot for the paper's default of t=2). Updates that cannot reach the output (
 own last update) are skipped; ``forward_routing`` runs the complete schedule and returns every routing
 coefficient and pose for inspection, with the same logits.
 """
-from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,13 +26,37 @@ from timm.models._features import feature_take_indices
 
 from .backbones import CifarResNetBackbone
 from .base import (
-    CapsuleModel, backbone_grid, build_capsule_model, capsule_cfg, check_input, check_timm_args, create_backbone,
-    set_batchnorm_args)
-from .data.constants import CIFAR10_LABELS, CIFAR100_LABELS, DIGIT_LABELS, MULTIMNIST_MEAN, MULTIMNIST_STD
+    CapsuleModel,
+    backbone_grid,
+    build_capsule_model,
+    capsule_cfg,
+    check_input,
+    check_timm_args,
+    create_backbone,
+    set_batchnorm_args,
+)
+from .data.registry import dataset_cfg
 from .loading import MAX_ITERATIONS  # a hostile config.json must not ask for more, so loading checks it too
 from .layers import (
-    Capsules, ConvCapsules, FCCapsules, PoseNorm, PrimaryCapsules, RoutedCapsules, capsules_to_nchw, conv_output_size)
-from .routing import DEFAULT_MAX_VOTES, use_fused_routing
+    Capsules,
+    ConvCapsules,
+    FCCapsules,
+    PrimaryCapsules,
+    RoutedCapsules,
+    capsules_to_nchw,
+    conv_output_size,
+)
+from . import kernels
+from .kernels import use_fused_routing
+from .routing import DEFAULT_MAX_VOTES
+from .schedule import (
+    RoutingGeometry,
+    RoutingTrace,
+    children_fixed,
+    last_useful_iteration,
+    layer_iterations,
+    routing_rounds,
+)
 
 __all__ = ['CapsNet', 'RoutingTrace', 'RoutingGeometry', 'last_useful_iteration', 'MAX_ITERATIONS']
 
@@ -44,54 +68,12 @@ torch.fx.wrap('check_input')
 LayerSpec = Union[Tuple[str, int, int, int], Tuple[str, int]]
 
 
-class RoutingGeometry(NamedTuple):
-    """How one routed capsule layer connects its children to its parents."""
-    kind: str  # 'conv': each parent position routes a kernel x kernel window; 'fc': every child to every parent
-    kernel_size: Optional[int]
-    stride: Optional[int]
-    child_grid: Tuple[int, int, int]  # (H, W, capsule types) of the children
-    parent_grid: Tuple[int, int, int]  # (H, W, capsule types) of the parents
-
-
-def last_useful_iteration(layer_depth: int, depth: int, iterations: int, routing: str) -> int:
-    """The last iteration (1-based) whose update of the routed layer at ``layer_depth`` (1 = the first
-    capsule layer above the primary capsules, ``depth`` = the class capsules) reaches the logits.
-
-    Concurrent routing: layer l at iteration k reaches the class capsules at iteration t only if
-    k + (depth - l) <= t; anything later is never read. Sequential routing: every layer's last iteration.
-    """
-    if routing == 'sequential':
-        return iterations
-    return max(1, iterations - (depth - layer_depth))
-
-
-@dataclass
-class RoutingTrace:
-    """Everything one forward pass routed, for inspection (see ``CapsNet.forward_routing``).
-
-    ``layer_names[l]`` names capsule layer l (0 is the primary capsules, the last the class capsules).
-    ``poses[k][l]``: poses (B, H, W, N, d) of layer l after iteration k (layer 0 never changes).
-    ``coefficients[k][l-1]``: routing coefficients of iteration k from layer l-1 to layer l,
-    (B, H, W, children, parents) with H, W the parent grid, children ordered (ky, kx, child type) in
-    a window for conv layers and (type, h, w) for fully connected layers; rows sum to 1 over parents.
-    Iteration 0 is the uniform first pass (every coefficient 1/parents).
-    ``activations[k][l]`` are the capsule activations (B, H, W, N) with ``activations=True``, else None.
-    ``geometry[l-1]`` describes how layer l routes from layer l-1, and ``used_iterations[l-1]`` is the index k
-    of the iteration whose coefficients of that layer the logits depend on (``last_useful_iteration`` - 1).
-    """
-    logits: Tensor
-    layer_names: List[str]
-    poses: List[List[Tensor]]
-    coefficients: List[List[Tensor]]
-    activations: List[List[Optional[Tensor]]]
-    geometry: List[RoutingGeometry]
-    used_iterations: List[int]
-
-
 class ClassCapsules(nn.Module):
     """Class capsules (a fully connected capsule layer) and the classifier shared by all of them."""
 
-    def __init__(self, in_caps: int, num_classes: int, pose_dim: int, layer_kwargs: Dict[str, Any], device=None, dtype=None):
+    def __init__(
+        self, in_caps: int, num_classes: int, pose_dim: int, layer_kwargs: Dict[str, Any], device=None, dtype=None
+    ):
         super().__init__()
         # class capsules weigh their children's votes by the children's activations (if any) but carry
         # none of their own: the logits come from the poses, so parent activations would never be used
@@ -135,34 +117,34 @@ class CapsNet(CapsuleModel):
     """
 
     def __init__(
-            self,
-            num_classes: int = 10,
-            in_chans: int = 3,
-            img_size: Union[int, Tuple[int, int]] = 32,
-            backbone: str = 'simple',
-            backbone_args: Optional[Dict[str, Any]] = None,
-            backbone_pretrained: bool = False,
-            backbone_out_index: Optional[int] = None,
-            primary_caps: int = 32,
-            pose_dim: int = 16,
-            primary_kernel_size: int = 1,
-            primary_stride: int = 1,
-            primary_padding: int = 0,
-            capsule_layers: Sequence[LayerSpec] = (('conv', 32, 3, 2), ('conv', 32, 3, 1)),
-            matrix_pose: bool = True,
-            iterations: int = 2,
-            routing: str = 'concurrent',
-            layer_norm: bool = True,
-            activations: bool = False,
-            global_pool: str = 'avg',
-            max_votes: Optional[int] = DEFAULT_MAX_VOTES,
-            drop_rate: float = 0.,
-            drop_path_rate: Optional[float] = None,
-            drop_block_rate: Optional[float] = None,
-            bn_momentum: Optional[float] = None,
-            bn_eps: Optional[float] = None,
-            device=None,
-            dtype=None,
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        img_size: Union[int, Tuple[int, int]] = 32,
+        backbone: str = 'simple',
+        backbone_args: Optional[Dict[str, Any]] = None,
+        backbone_pretrained: bool = False,
+        backbone_out_index: Optional[int] = None,
+        primary_caps: int = 32,
+        pose_dim: int = 16,
+        primary_kernel_size: int = 1,
+        primary_stride: int = 1,
+        primary_padding: int = 0,
+        capsule_layers: Sequence[LayerSpec] = (('conv', 32, 3, 2), ('conv', 32, 3, 1)),
+        matrix_pose: bool = True,
+        iterations: int = 2,
+        routing: str = 'concurrent',
+        layer_norm: bool = True,
+        activations: bool = False,
+        global_pool: str = 'avg',
+        max_votes: Optional[int] = DEFAULT_MAX_VOTES,
+        drop_rate: float = 0.0,
+        drop_path_rate: Optional[float] = None,
+        drop_block_rate: Optional[float] = None,
+        bn_momentum: Optional[float] = None,
+        bn_eps: Optional[float] = None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         if not 1 <= iterations <= MAX_ITERATIONS:
@@ -174,28 +156,48 @@ class CapsNet(CapsuleModel):
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, to_2tuple(img_size)
         self.iterations, self.routing = iterations, routing
         self.pose_dim, self.has_activations = pose_dim, activations
-        layer_kwargs = dict(matrix_pose=matrix_pose, layer_norm=layer_norm, activations=activations,
-                            max_votes=max_votes, fused_routing=use_fused_routing())
+        layer_kwargs = dict(
+            matrix_pose=matrix_pose,
+            layer_norm=layer_norm,
+            activations=activations,
+            max_votes=max_votes,
+            fused_routing=use_fused_routing(),
+        )
 
         # the capsule stack decides how large a feature map it needs; build it on sizes, not tensors
         self.primary_args = dict(kernel_size=primary_kernel_size, stride=primary_stride, padding=primary_padding)
         self.layer_specs = [tuple(spec) for spec in capsule_layers]
         self.backbone = create_backbone(
-            backbone, in_chans, self.img_size, backbone_args, timm_models=True, drop_path_rate=drop_path_rate,
-            pretrained=backbone_pretrained, out_index=backbone_out_index,
-            fits=lambda h, w: self._stack_grids(h, w) is not None, **dd)
+            backbone,
+            in_chans,
+            self.img_size,
+            backbone_args,
+            timm_models=True,
+            drop_path_rate=drop_path_rate,
+            pretrained=backbone_pretrained,
+            out_index=backbone_out_index,
+            fits=lambda h, w: self._stack_grids(h, w) is not None,
+            **dd,
+        )
         feature_reduction = self.backbone.feature_info[-1]['reduction']
         feature_grid = backbone_grid(self.backbone, self.img_size)
         grids = self._stack_grids(*feature_grid)
         if grids is None:
             raise ValueError(
                 f'input size {self.img_size} gives a {feature_grid[0]}x{feature_grid[1]} feature map, too small '
-                f'for the capsule stack {self.layer_specs}')
+                f'for the capsule stack {self.layer_specs}'
+            )
 
         self.primary = PrimaryCapsules(
-            self.backbone.num_features, primary_caps, pose_dim, **self.primary_args,
-            layer_norm=layer_norm, activations=activations, **dd)
-        self.feature_info = [dict(info, module=f"backbone.{info['module']}") for info in self.backbone.feature_info]
+            self.backbone.num_features,
+            primary_caps,
+            pose_dim,
+            **self.primary_args,
+            layer_norm=layer_norm,
+            activations=activations,
+            **dd,
+        )
+        self.feature_info = [dict(info, module=f'backbone.{info["module"]}') for info in self.backbone.feature_info]
         reduction = feature_reduction * primary_stride
         self.feature_info.append(dict(num_chs=primary_caps * pose_dim, reduction=reduction, module='primary'))
         layers = []
@@ -206,7 +208,8 @@ class CapsNet(CapsuleModel):
                 layers.append(ConvCapsules(in_caps, out_caps, pose_dim, kernel_size, stride, **layer_kwargs, **dd))
                 reduction *= stride
                 self.feature_info.append(
-                    dict(num_chs=out_caps * pose_dim, reduction=reduction, module=f'capsule_layers.{index}'))
+                    dict(num_chs=out_caps * pose_dim, reduction=reduction, module=f'capsule_layers.{index}')
+                )
             elif spec[0] == 'fc':
                 out_caps = spec[1]
                 layers.append(FCCapsules(in_caps * grid[0] * grid[1], out_caps, pose_dim, **layer_kwargs, **dd))
@@ -236,18 +239,16 @@ class CapsNet(CapsuleModel):
 
     def set_fused_routing(self, enable: bool = True):
         """Route on the CPU with the fused kernel (the default; see ``routing.fused_attention_routing``)
-        or with plain tensor ops, the reference it is tested against."""
-        self._set_routing_option('fused_routing', enable)
+        or with plain tensor ops, the reference it is tested against (``kernels.set_fused_routing``)."""
+        self.head_layer_kwargs['fused_routing'] = enable  # class capsules made later by reset_classifier get it too
+        kernels.set_fused_routing(self, enable)
 
     def set_max_votes(self, max_votes: Optional[int]):
         """Vote-tensor size above which plain tensor-op routing runs in memory-bounded chunks (None: never)."""
-        self._set_routing_option('max_votes', max_votes)
-
-    def _set_routing_option(self, name: str, value: Any):
-        self.head_layer_kwargs[name] = value  # class capsules made later by reset_classifier get it too
+        self.head_layer_kwargs['max_votes'] = max_votes
         for module in self.modules():
-            if isinstance(module, RoutedCapsules) or (name == 'fused_routing' and isinstance(module, PoseNorm)):
-                setattr(module, name, value)  # the pose norms run in the kernel's extension too
+            if isinstance(module, RoutedCapsules):
+                module.max_votes = max_votes
 
     # ---- construction helpers -------------------------------------------------------------------
 
@@ -255,7 +256,9 @@ class CapsNet(CapsuleModel):
         """Grid sizes of the primary and hidden capsule layers for a feature map, or None if too small."""
         grids = [tuple(conv_output_size(size, **self.primary_args) for size in (height, width))]
         for spec in self.layer_specs:
-            grids.append(tuple(conv_output_size(size, *spec[2:]) for size in grids[-1]) if spec[0] == 'conv' else (1, 1))
+            grids.append(
+                tuple(conv_output_size(size, *spec[2:]) for size in grids[-1]) if spec[0] == 'conv' else (1, 1)
+            )
         return grids if min(min(grid) for grid in grids) >= 1 else None
 
     # ---- timm model contract (the rest is CapsuleModel's) --------------------------------------
@@ -269,63 +272,58 @@ class CapsNet(CapsuleModel):
         if num_classes:
             reference = next(self.parameters())
             self.head = ClassCapsules(
-                self.head_in_caps, num_classes, self.pose_dim, self.head_layer_kwargs,
-                device=reference.device, dtype=reference.dtype).train(self.training)
+                self.head_in_caps,
+                num_classes,
+                self.pose_dim,
+                self.head_layer_kwargs,
+                device=reference.device,
+                dtype=reference.dtype,
+            ).train(self.training)
         else:
             self.head = None
 
     # ---- routing ------------------------------------------------------------------------------
 
-    def _route(self, layer: nn.Module, children: Capsules, parents: Optional[Capsules] = None,
-               votes: Optional[Tensor] = None) -> Tuple[Capsules, Optional[Tensor]]:
+    def _route(
+        self, layer: nn.Module, children: Capsules, parents: Optional[Capsules] = None, votes: Optional[Tensor] = None
+    ) -> Tuple[Capsules, Optional[Tensor]]:
         if parents is not None and self.grad_checkpointing:  # votes recomputed in the backward pass, never stored
             return self._checkpointed(layer, children, parents)
         return layer(children, parents, votes)
 
-    def _needed(self, layer_depth: int, iteration: int) -> bool:
-        return iteration <= last_useful_iteration(layer_depth, self.depth, self.iterations, self.routing)
-
     def _route_hidden(self, primary: Capsules, num_layers: int) -> Tuple[List[Capsules], List[Capsules]]:
-        """Routes the first ``num_layers`` hidden layers. Returns every layer's latest capsules
-        (primary first) and the snapshots of the last one at each iteration it is routed."""
+        """Routes the first ``num_layers`` hidden layers as ``schedule.routing_rounds`` orders them. Returns every
+        layer's latest capsules (primary first) and the snapshots of the last one that the class capsules read:
+        after each round (concurrent), or its final poses (sequential)."""
         layers = self.capsule_layers[:num_layers]
-        capsules = [primary]
-        if self.routing == 'sequential':
-            for layer in layers:
-                children = capsules[-1]
-                parents, _ = layer(children)
-                votes = layer.fixed_votes(children) if self.iterations > 1 and not self.grad_checkpointing else None
-                for _ in range(1, self.iterations):
-                    parents, _ = self._route(layer, children, parents, votes)
-                capsules.append(parents)
-            return capsules, [capsules[-1]]
-
-        for layer in layers:  # iteration 1: feed-forward, uniform routing
-            capsules.append(layer(capsules[-1])[0])
-        snapshots = [capsules[-1]]
-        first_votes: Optional[Tensor] = None  # the primary capsules never change: vote once
-        for iteration in range(2, self.iterations + 1):
-            if not self._needed(num_layers, iteration):
-                break
+        capsules: List[Optional[Capsules]] = [primary] + [None] * num_layers
+        snapshots: List[Capsules] = []
+        fixed_votes: Dict[int, Optional[Tensor]] = {}  # per layer whose children never change: voted once
+        for iteration, depths in routing_rounds(num_layers, self.depth, self.iterations, self.routing):
             previous = list(capsules)
-            for depth, layer in enumerate(layers, 1):
-                if not self._needed(depth, iteration):
+            for depth in depths:
+                layer = layers[depth - 1]
+                if iteration == 1:  # the uniform pass, feed-forward
+                    capsules[depth] = layer(capsules[depth - 1])[0]
                     continue
+                children = previous[depth - 1]
                 votes = None
-                if depth == 1 and not self.grad_checkpointing:
-                    if first_votes is None:
-                        first_votes = layer.fixed_votes(primary)
-                    votes = first_votes
-                capsules[depth] = self._route(layer, previous[depth - 1], previous[depth], votes)[0]
-            snapshots.append(capsules[-1])
-        return capsules, snapshots
+                if children_fixed(depth, self.routing) and not self.grad_checkpointing:
+                    if depth not in fixed_votes:
+                        fixed_votes[depth] = layer.fixed_votes(children)
+                    votes = fixed_votes[depth]
+                capsules[depth] = self._route(layer, children, previous[depth], votes)[0]
+            if self.routing == 'concurrent':
+                snapshots.append(capsules[-1])
+        return capsules, snapshots or [capsules[-1]]
 
     def _classify(self, snapshots: List[Capsules]) -> Tensor:
-        """Routes the class capsules from the hidden snapshots (see the module docstring)."""
+        """Routes the class capsules from the hidden snapshots (see the module docstring): at iteration k they
+        read the snapshot of iteration k - 1 (the last one once the hidden layers stop)."""
         layer = self.head.capsules
         parents, _ = layer(snapshots[0])
         votes: Optional[Tensor] = None
-        for iteration in range(2, self.iterations + 1):
+        for iteration in layer_iterations(self.depth, self.depth, self.iterations, self.routing)[1:]:
             index = min(iteration - 2, len(snapshots) - 1)
             if len(snapshots) == 1 and votes is None and not self.grad_checkpointing:
                 votes = layer.fixed_votes(snapshots[0])  # children fixed across iterations: vote once
@@ -358,13 +356,13 @@ class CapsNet(CapsuleModel):
         return conv_layers[conv_index] + 1 if conv_index >= 0 else 0
 
     def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = 'NCHW',
+        intermediates_only: bool = False,
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """Feature maps of the backbone levels, the primary capsules and each convolutional capsule
         layer (its poses as the class capsules' routing last read them), as NCHW maps with channel
@@ -392,22 +390,22 @@ class CapsNet(CapsuleModel):
         return torch.cat([capsules_to_nchw(s) for s in snapshots], dim=1), intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         """Drops the layers after the deepest requested feature level (and, by default, the head)."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         num_backbone = len(self.backbone.feature_info)
         if max_index < len(self.feature_info) - 1:
             self.pruned = True
-            self.capsule_layers = self.capsule_layers[:self._layers_for_level(max_index)]
+            self.capsule_layers = self.capsule_layers[: self._layers_for_level(max_index)]
             if max_index < num_backbone:
                 self.primary = None
                 if isinstance(self.backbone, CifarResNetBackbone):
-                    self.backbone.stages = self.backbone.stages[:max_index + 1]
-                    self.backbone.feature_info = self.backbone.feature_info[:max_index + 1]
+                    self.backbone.stages = self.backbone.stages[: max_index + 1]
+                    self.backbone.feature_info = self.backbone.feature_info[: max_index + 1]
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices
@@ -422,7 +420,7 @@ class CapsNet(CapsuleModel):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if pre_logits or self.head is None:
-            return self.head_drop(self.global_pool(x[:, -self.head_hidden_size:]))
+            return self.head_drop(self.global_pool(x[:, -self.head_hidden_size :]))
         return self._classify(self._from_nchw(self.head_drop(x)))
 
     @torch.jit.ignore
@@ -434,29 +432,23 @@ class CapsNet(CapsuleModel):
         check_input(x, self.in_chans, self.img_size)
         layers = list(self.capsule_layers) + [self.head.capsules]
         primary = self.primary(self.backbone(x)[-1])
-        history = [[primary] for _ in range(self.iterations)]
-        routing: List[List[Tensor]] = [[] for _ in range(self.iterations)]
-        if self.routing == 'concurrent':
-            for layer in layers:  # iteration 1: feed-forward, uniform routing
-                history[0].append(layer(history[0][-1])[0])
-                routing[0].append(self._uniform_coefficients(layer, history[0][-1]))
-            for k in range(1, self.iterations):  # every layer at once, from the previous iteration
-                for depth, layer in enumerate(layers, 1):
-                    parents, coefficients = layer(
-                        history[k - 1][depth - 1], history[k - 1][depth], return_coefficients=True)
-                    history[k].append(parents)
-                    routing[k].append(self._unflatten_coefficients(coefficients, parents))
-        else:  # sequential: each layer finishes its iterations before the next starts
-            children = primary
-            for layer in layers:
-                parents = layer(children)[0]
-                history[0].append(parents)
-                routing[0].append(self._uniform_coefficients(layer, parents))
-                for k in range(1, self.iterations):
-                    parents, coefficients = layer(children, parents, return_coefficients=True)
-                    history[k].append(parents)
-                    routing[k].append(self._unflatten_coefficients(coefficients, parents))
-                children = parents
+        # history[k][l]: layer l after iteration k + 1; routing[k][l - 1]: its coefficients
+        history: List[List[Any]] = [[primary] + [None] * len(layers) for _ in range(self.iterations)]
+        routing: List[List[Any]] = [[None] * len(layers) for _ in range(self.iterations)]
+        for iteration, depths in routing_rounds(len(layers), len(layers), self.iterations, self.routing, True):
+            k = iteration - 1
+            for depth in depths:
+                layer = layers[depth - 1]
+                # concurrent: the layer below as this (uniform pass) or the previous iteration left it; sequential:
+                # as it finished
+                below = history[max(k - 1, 0) if self.routing == 'concurrent' else -1][depth - 1]
+                if k == 0:  # the uniform pass, feed-forward
+                    parents = layer(below)[0]
+                    coefficients = self._uniform_coefficients(layer, parents)
+                else:
+                    parents, coefficients = layer(below, history[k - 1][depth], return_coefficients=True)
+                    coefficients = self._unflatten_coefficients(coefficients, parents)
+                history[k][depth], routing[k][depth - 1] = parents, coefficients
         names = ['primary'] + [f'capsule_layers.{i}' for i in range(len(self.capsule_layers))] + ['head.capsules']
         grids = [tuple(c.poses.shape[1:4]) for c in history[0]]
         return RoutingTrace(
@@ -465,10 +457,20 @@ class CapsNet(CapsuleModel):
             poses=[[c.poses for c in step] for step in history],
             coefficients=routing,
             activations=[[c.activations for c in step] for step in history],
-            geometry=[RoutingGeometry(layer.kind, getattr(layer, 'kernel_size', None), getattr(layer, 'stride', None),
-                                      grids[depth - 1], grids[depth]) for depth, layer in enumerate(layers, 1)],
-            used_iterations=[last_useful_iteration(depth, len(layers), self.iterations, self.routing) - 1
-                             for depth in range(1, len(layers) + 1)],
+            geometry=[
+                RoutingGeometry(
+                    layer.kind,
+                    getattr(layer, 'kernel_size', None),
+                    getattr(layer, 'stride', None),
+                    grids[depth - 1],
+                    grids[depth],
+                )
+                for depth, layer in enumerate(layers, 1)
+            ],
+            used_iterations=[
+                last_useful_iteration(depth, len(layers), self.iterations, self.routing) - 1
+                for depth in range(1, len(layers) + 1)
+            ],
         )
 
     @staticmethod
@@ -491,26 +493,30 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return capsule_cfg(url, **{'pool_size': (5, 5), 'classifier': ('head.capsules', 'head.fc'), **kwargs})
 
 
-_cifar10 = dict(num_classes=10, label_names=CIFAR10_LABELS)
-_cifar100 = dict(num_classes=100, label_names=CIFAR100_LABELS, pool_size=(1, 1))
-_multimnist = dict(
-    num_classes=10, label_names=DIGIT_LABELS, input_size=(1, 36, 36), pool_size=(6, 6),
-    mean=MULTIMNIST_MEAN, std=MULTIMNIST_STD)
+_cifar10 = dataset_cfg('cifar10')
+_cifar100 = dataset_cfg('cifar100', pool_size=(1, 1))
+_multimnist = dataset_cfg('diverse_multimnist', pool_size=(6, 6))
 
-default_cfgs = generate_default_cfgs({
-    'capsnet_simple_cifar10.cifar10': _cfg(
-        hf_hub_id='timm-capsules/capsnet_simple_cifar10.cifar10', **_cifar10),
-    'capsnet_simple_cifar100.cifar100': _cfg(
-        hf_hub_id='timm-capsules/capsnet_simple_cifar100.cifar100', **_cifar100),
-    'capsnet_resnet_cifar10.cifar10': _cfg(
-        hf_hub_id='timm-capsules/capsnet_resnet_cifar10.cifar10', first_conv='backbone.conv1', **_cifar10),
-    'capsnet_resnet_cifar100.cifar100': _cfg(
-        hf_hub_id='timm-capsules/capsnet_resnet_cifar100.cifar100', first_conv='backbone.conv1', **_cifar100),
-    'capsnet_matrix_multimnist.diverse_multimnist': _cfg(
-        hf_hub_id='timm-capsules/capsnet_matrix_multimnist.diverse_multimnist', **_multimnist),
-    'capsnet_vector_multimnist.diverse_multimnist': _cfg(
-        hf_hub_id='timm-capsules/capsnet_vector_multimnist.diverse_multimnist', **_multimnist),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        'capsnet_simple_cifar10.cifar10': _cfg(hf_hub_id='timm-capsules/capsnet_simple_cifar10.cifar10', **_cifar10),
+        'capsnet_simple_cifar100.cifar100': _cfg(
+            hf_hub_id='timm-capsules/capsnet_simple_cifar100.cifar100', **_cifar100
+        ),
+        'capsnet_resnet_cifar10.cifar10': _cfg(
+            hf_hub_id='timm-capsules/capsnet_resnet_cifar10.cifar10', first_conv='backbone.conv1', **_cifar10
+        ),
+        'capsnet_resnet_cifar100.cifar100': _cfg(
+            hf_hub_id='timm-capsules/capsnet_resnet_cifar100.cifar100', first_conv='backbone.conv1', **_cifar100
+        ),
+        'capsnet_matrix_multimnist.diverse_multimnist': _cfg(
+            hf_hub_id='timm-capsules/capsnet_matrix_multimnist.diverse_multimnist', **_multimnist
+        ),
+        'capsnet_vector_multimnist.diverse_multimnist': _cfg(
+            hf_hub_id='timm-capsules/capsnet_vector_multimnist.diverse_multimnist', **_multimnist
+        ),
+    }
+)
 
 _CIFAR10_STACK = (('conv', 32, 3, 2), ('conv', 32, 3, 1))
 _CIFAR100_STACK = (('conv', 32, 3, 2), ('conv', 32, 3, 1), ('fc', 20))
@@ -521,8 +527,8 @@ _MULTIMNIST_STACK = (('conv', 16, 3, 1),)
 def capsnet_simple_cifar10(pretrained: bool = False, **kwargs) -> CapsNet:
     """Simple backbone (conv3x3 s2, 256 ch), 4x4 matrix poses, 561,297 parameters."""
     model_args = dict(
-        backbone='simple', backbone_args=dict(out_chs=256), primary_caps=32, pose_dim=16,
-        capsule_layers=_CIFAR10_STACK)
+        backbone='simple', backbone_args=dict(out_chs=256), primary_caps=32, pose_dim=16, capsule_layers=_CIFAR10_STACK
+    )
     return _create_capsnet('capsnet_simple_cifar10', pretrained, **dict(model_args, **kwargs))
 
 
@@ -530,8 +536,13 @@ def capsnet_simple_cifar10(pretrained: bool = False, **kwargs) -> CapsNet:
 def capsnet_simple_cifar100(pretrained: bool = False, **kwargs) -> CapsNet:
     """Simple backbone (conv3x3 s2, 128 ch), 6x6 matrix poses, 1,462,989 parameters."""
     model_args = dict(
-        num_classes=100, backbone='simple', backbone_args=dict(out_chs=128), primary_caps=32, pose_dim=36,
-        capsule_layers=_CIFAR100_STACK)
+        num_classes=100,
+        backbone='simple',
+        backbone_args=dict(out_chs=128),
+        primary_caps=32,
+        pose_dim=36,
+        capsule_layers=_CIFAR100_STACK,
+    )
     return _create_capsnet('capsnet_simple_cifar100', pretrained, **dict(model_args, **kwargs))
 
 
@@ -546,8 +557,7 @@ def capsnet_resnet_cifar10(pretrained: bool = False, **kwargs) -> CapsNet:
 @register_model
 def capsnet_resnet_cifar100(pretrained: bool = False, **kwargs) -> CapsNet:
     """CIFAR ResNet backbone, 6x6 matrix poses, 2,799,629 parameters."""
-    model_args = dict(
-        num_classes=100, backbone='resnet', primary_caps=32, pose_dim=36, capsule_layers=_CIFAR100_STACK)
+    model_args = dict(num_classes=100, backbone='resnet', primary_caps=32, pose_dim=36, capsule_layers=_CIFAR100_STACK)
     return _create_capsnet('capsnet_resnet_cifar100', pretrained, **dict(model_args, **kwargs))
 
 
@@ -555,8 +565,16 @@ def capsnet_resnet_cifar100(pretrained: bool = False, **kwargs) -> CapsNet:
 def capsnet_matrix_multimnist(pretrained: bool = False, **kwargs) -> CapsNet:
     """DiverseMultiMNIST CapsNet, 8x8 matrix poses, 9,963,969 parameters."""
     model_args = dict(
-        in_chans=1, img_size=36, backbone='simple', backbone_args=dict(out_chs=1024), primary_caps=16,
-        pose_dim=64, primary_kernel_size=3, primary_stride=2, capsule_layers=_MULTIMNIST_STACK)
+        in_chans=1,
+        img_size=36,
+        backbone='simple',
+        backbone_args=dict(out_chs=1024),
+        primary_caps=16,
+        pose_dim=64,
+        primary_kernel_size=3,
+        primary_stride=2,
+        capsule_layers=_MULTIMNIST_STACK,
+    )
     return _create_capsnet('capsnet_matrix_multimnist', pretrained, **dict(model_args, **kwargs))
 
 
@@ -564,7 +582,15 @@ def capsnet_matrix_multimnist(pretrained: bool = False, **kwargs) -> CapsNet:
 def capsnet_vector_multimnist(pretrained: bool = False, **kwargs) -> CapsNet:
     """DiverseMultiMNIST CapsNet, 64-d vector poses, 42,478,017 parameters."""
     model_args = dict(
-        in_chans=1, img_size=36, backbone='simple', backbone_args=dict(out_chs=1024), primary_caps=16,
-        pose_dim=64, primary_kernel_size=3, primary_stride=2, capsule_layers=_MULTIMNIST_STACK,
-        matrix_pose=False)
+        in_chans=1,
+        img_size=36,
+        backbone='simple',
+        backbone_args=dict(out_chs=1024),
+        primary_caps=16,
+        pose_dim=64,
+        primary_kernel_size=3,
+        primary_stride=2,
+        capsule_layers=_MULTIMNIST_STACK,
+        matrix_pose=False,
+    )
     return _create_capsnet('capsnet_vector_multimnist', pretrained, **dict(model_args, **kwargs))

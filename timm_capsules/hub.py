@@ -1,13 +1,13 @@
-"""Releasing models on the Hugging Face Hub: ``hub_configs/``, the model table, recording results, checking and
-publishing checkpoints (model cards: ``hub_cards.py``; loading them back: ``loading.py``).
+"""Releasing models on the Hugging Face Hub: checking and publishing checkpoints, the offline cache and the command
+line (the hub configs, recording results and the model table: ``hub_config_files.py``, whose names are re-exported here;
+model cards: ``hub_cards.py``; loading them back: ``loading.py``).
 
 One JSON file per model tag lives in ``hub_configs/<model>.<tag>.json``, for any registered family. It holds
 what the tag's Hub repo needs beyond the weights and the training recipe (repo id, dataset, training preset,
 measured results, the paper's results, parameter count, routing iterations, license, tags; the citation is
 ``citation.py``'s) and its ``status``: ``"published"`` or ``"not yet published"``, which the model cards and the
-model table show. The
-recipe itself is the preset's (``timm_capsules.presets``). Loading never reads these files: ``pretrained=True``
-asks the Hub (or the local cache), so weights published later load with any installed version.
+model table show. The recipe itself is the preset's (``timm_capsules.presets``). Loading never reads these files:
+``pretrained=True`` asks the Hub (or the local cache), so weights published later load with any installed version.
 
 Publishing builds the exact folder that is uploaded (``config.json`` + ``model.safetensors`` + ``README.md``,
 never a pickle) with timm's ``save_for_hf``; ``--dry-run DIR`` writes that folder and stops. ``check`` and
@@ -22,240 +22,76 @@ Command line (``python -m timm_capsules.hub -h``)::
     record --config hub_configs/<tag>.json --top1 ACC [ACC ...] [--checkpoint-top1 ACC]
     cache  --folder DIR --repo-id ORG/NAME [--cache-dir DIR]
 """
+
 import argparse
 import hashlib
 import json
 import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file
 
 import timm
-from timm.models import model_entrypoint, save_for_hf, split_model_name_tag
+from timm.models import save_for_hf
 
-from .hub_cards import PUBLISHED, NOT_PUBLISHED, mean_std, fmt, model_card
-from .config_checks import MAX_ITERATIONS, ConfigError, _is_int, _is_number, _require, our_architectures
+from .config_checks import ConfigError
+from .hub_cards import NOT_PUBLISHED, PUBLISHED, model_card  # noqa: F401  (NOT_PUBLISHED: callers read it here)
 from .loading import (
-    CONFIG_NAME, WEIGHTS_NAME, NonFiniteWeightsWarning, WeightsError, WeightsNotPublishedError, check_weights_file,
-    read_config_json)
-from .presets import PRESETS
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    NonFiniteWeightsWarning,
+    WeightsError,
+    WeightsNotPublishedError,
+    check_weights_file,
+    read_config_json,
+)
+from .hub_config_files import (  # noqa: F401  (re-exported: hub is where callers find the hub configs too)
+    CONFIG_DIR_ENV,
+    STATUSES,
+    TABLE_BEGIN,
+    TABLE_END,
+    _config_path,
+    _table_block,
+    hub_configs_dir,
+    list_hub_configs,
+    load_hub_config,
+    readme_table,
+    record_results,
+    render_card,
+    render_model_table,
+    update_readme_table,
+    validate_hub_config,
+)
 
 __all__ = [
-    'ConfigError', 'WeightsError', 'WeightsNotPublishedError',
-    'hub_configs_dir', 'list_hub_configs', 'load_hub_config', 'validate_hub_config', 'render_card',
-    'render_model_table', 'update_readme_table', 'check_checkpoint', 'push_checkpoint', 'install_in_cache',
+    'ConfigError',
+    'WeightsError',
+    'WeightsNotPublishedError',
+    'hub_configs_dir',
+    'list_hub_configs',
+    'load_hub_config',
+    'validate_hub_config',
+    'render_card',
+    'render_model_table',
+    'update_readme_table',
+    'check_checkpoint',
+    'push_checkpoint',
+    'install_in_cache',
     'record_results',
 ]
 
 _logger = logging.getLogger(__name__)
 
-CONFIG_DIR_ENV = 'TIMM_CAPSULES_HUB_CONFIGS'
-STATUSES = (PUBLISHED, NOT_PUBLISHED)
 CARD_NAME = 'README.md'
 UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt', '.tar', '.npz', '.h5')
-TABLE_BEGIN, TABLE_END = '<!-- model-table -->', '<!-- /model-table -->'
-
-
-# ---- hub_configs -----------------------------------------------------------------------------------
-
-
-def hub_configs_dir() -> Optional[Path]:
-    """Where the hub configs live: ``$TIMM_CAPSULES_HUB_CONFIGS``, else ``hub_configs/`` of the source
-    checkout (editable installs), else ``timm_capsules/hub_configs`` (wheels that ship them)."""
-    override = os.environ.get(CONFIG_DIR_ENV)
-    if override:
-        return Path(override)
-    package = Path(__file__).resolve().parent
-    for candidate in (package.parent / 'hub_configs', package / 'hub_configs'):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def validate_hub_config(cfg: Mapping[str, Any], where: str = 'hub config') -> Dict[str, Any]:
-    """Checks a hub config's fields and types; returns it as a dict. Raises ``ConfigError``."""
-    _require(isinstance(cfg, Mapping), where, 'expected a JSON object')
-    cfg = dict(cfg)
-    for key in ('tag', 'model', 'repo_id', 'status', 'dataset', 'architecture', 'training', 'results',
-                'paper_results', 'license', 'tags'):
-        _require(key in cfg, where, f'missing field {key!r}')
-    model, tag = split_model_name_tag(cfg['tag'])
-    _require(bool(tag) and model == cfg['model'], where, f"tag {cfg['tag']!r} must be '<model>.<tag>' of model {cfg['model']!r}")
-    _require(model in our_architectures(), where, f'{model!r} is not a registered timm_capsules architecture')
-    _require(cfg['status'] in STATUSES, where, f"status must be one of {STATUSES}, got {cfg['status']!r}")
-    _require(isinstance(cfg['repo_id'], str) and cfg['repo_id'].count('/') == 1, where, 'repo_id must be "org/name"')
-    dataset = cfg['dataset']
-    _require(isinstance(dataset, Mapping) and isinstance(dataset.get('name'), str), where, 'dataset.name missing')
-    _require(isinstance(dataset.get('hub_ids'), list) and all(isinstance(d, str) for d in dataset['hub_ids']),
-             where, 'dataset.hub_ids must be a list of Hub dataset ids')
-    _require(_is_int(dataset.get('num_classes')) and dataset['num_classes'] > 0, where, 'dataset.num_classes must be a positive int')
-    arch = cfg['architecture']
-    _require(_is_int(arch.get('params')) and arch['params'] > 0, where, 'architecture.params must be a positive int')
-    iterations = arch.get('routing_iterations')
-    _require(iterations is None or (_is_int(iterations) and 1 <= iterations <= MAX_ITERATIONS), where,
-             f'architecture.routing_iterations must be null (no routing) or an int in 1..{MAX_ITERATIONS}')
-    preset = cfg['training'].get('preset') if isinstance(cfg['training'], Mapping) else None
-    _require(preset in PRESETS, where, f'training.preset must be one of timm_capsules.presets.PRESETS, got {preset!r}')
-    _require(PRESETS[preset]['model'] == model, where, f"training.preset {preset!r} trains {PRESETS[preset]['model']!r}, not {model!r}")
-    for key in ('results', 'paper_results'):
-        results = cfg[key]
-        _require(isinstance(results, Mapping), where, f'{key} must be an object')
-        for stat in ('mean', 'std', 'best') + (('checkpoint',) if key == 'results' else ()):
-            value = results.get(stat)
-            _require(value is None or (_is_number(value) and 0 <= value <= 100), where,
-                     f'{key}.{stat} must be null or a percentage, got {value!r}')
-    results = cfg['results']
-    seeds = results.get('num_seeds')
-    per_seed = results.get('per_seed') or []
-    _require(seeds is None or (_is_int(seeds) and seeds == len(per_seed)), where,
-             'results.num_seeds must equal the number of results.per_seed entries')
-    if per_seed:  # the summary must be computed from the per-seed numbers, not typed in
-        summary = _summarise(per_seed)
-        for stat in ('mean', 'std', 'best'):
-            _require(results.get(stat) == summary[stat], where,
-                     f'results.{stat}={results.get(stat)!r} does not match results.per_seed (expected {summary[stat]!r}); '
-                     f'use `python -m timm_capsules.hub record`')
-    else:
-        _require(all(results.get(s) is None for s in ('mean', 'std', 'best')), where,
-                 'results.mean/std/best need results.per_seed')
-    _require(isinstance(cfg['tags'], list) and {'timm', 'image-classification'} <= set(cfg['tags']), where,
-             "tags must be a list containing 'timm' and 'image-classification'")
-    return cfg
-
-
-def _config_path(tag_or_path: Union[str, os.PathLike], directory: Optional[Path] = None) -> Path:
-    path = Path(tag_or_path)
-    if path.suffix == '.json' and (path.exists() or path.parent != Path('.')):
-        return path
-    directory = directory or hub_configs_dir()
-    if directory is None:
-        raise ConfigError(f'no hub_configs directory found (set ${CONFIG_DIR_ENV})')
-    return directory / f'{tag_or_path}.json'
-
-
-def load_hub_config(tag_or_path: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
-    """Reads and validates a hub config, given a tag (``capsnet_resnet_cifar10.cifar10``), a path or a dict."""
-    if isinstance(tag_or_path, Mapping):
-        return validate_hub_config(tag_or_path)
-    path = _config_path(tag_or_path)
-    if not path.is_file():
-        raise ConfigError(f'no hub config {path}')
-    try:
-        cfg = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f'{path}: not valid JSON ({error})') from error
-    cfg = validate_hub_config(cfg, str(path))
-    _require(path.stem == cfg['tag'], str(path), f"file name must be {cfg['tag']}.json")
-    return cfg
-
-
-def _registry_order(cfg: Mapping[str, Any]) -> tuple:
-    """(model file, position in its ``default_cfgs``): the order the model files list their models in."""
-    module = sys.modules[model_entrypoint(cfg['model']).__module__]
-    models = list(getattr(module, 'default_cfgs', {}))
-    return module.__name__, models.index(cfg['model']) if cfg['model'] in models else len(models), cfg['tag']
-
-
-def list_hub_configs(directory: Optional[Union[str, os.PathLike]] = None) -> List[Dict[str, Any]]:
-    """Every hub config in ``directory`` (default ``hub_configs_dir()``), in the model files' order."""
-    directory = Path(directory) if directory else hub_configs_dir()
-    if directory is None:
-        return []
-    return sorted((load_hub_config(path) for path in directory.glob('*.json')), key=_registry_order)
-
-
-def _summarise(values: Sequence[float]) -> Dict[str, Optional[float]]:
-    values = [float(v) for v in values]
-    return dict(
-        mean=round(statistics.fmean(values), 2),
-        std=round(statistics.stdev(values), 2) if len(values) > 1 else None,  # sample std over seeds
-        best=round(max(values), 2),
-    )
-
-
-def record_results(config: Union[str, os.PathLike], top1: Sequence[float], checkpoint: Optional[float] = None) -> Dict[str, Any]:
-    """Writes measured accuracies (one per seed, in %) into a hub config file: ``per_seed``, ``num_seeds``
-    and the mean, sample std and best computed from them; ``checkpoint`` is the accuracy of the weights
-    that are (or will be) uploaded."""
-    path = _config_path(config)
-    cfg = load_hub_config(path)
-    if not top1 or not all(_is_number(v) and 0 <= v <= 100 for v in top1):
-        raise ConfigError(f'accuracies must be percentages in [0, 100], got {list(top1)!r}')
-    cfg['results'].update(per_seed=[float(v) for v in top1], num_seeds=len(top1), **_summarise(top1))
-    if checkpoint is not None:
-        cfg['results']['checkpoint'] = float(checkpoint)
-    validate_hub_config(cfg, str(path))
-    path.write_text(json.dumps(cfg, indent=2) + '\n', encoding='utf-8')
-    return cfg
-
-
-def render_card(cfg: Union[Mapping[str, Any], str, os.PathLike], published: Optional[bool] = None) -> str:
-    """The model card (README.md) of a hub config (tag, path or dict); ``published`` defaults to its status."""
-    cfg = load_hub_config(cfg)
-    return model_card(cfg, cfg['status'] == PUBLISHED if published is None else published)
-
-
-# ---- the model table (docs/hub.md) -------------------------------------------------------------------------
-
-
-def render_model_table(configs: Optional[Sequence[Mapping[str, Any]]] = None) -> str:
-    """The model table of docs/hub.md (Markdown), from the hub configs only."""
-    configs = list_hub_configs() if configs is None else [validate_hub_config(c) for c in configs]
-    lines = [
-        '| tag | dataset | params | iterations | status | metric | ours: mean ± std (best), seeds | paper: mean (best) | train with |',
-        '|---|---|---:|---:|---|---|---|---|---|',
-    ]
-    for cfg in configs:
-        results, paper = cfg['results'], cfg['paper_results']
-        ours = '—'
-        if results.get('mean') is not None:
-            ours = f"{mean_std(results)} ({fmt(results['best'])}), {results['num_seeds']}"
-        paper_text = '—' if paper.get('mean') is None and paper.get('best') is None else \
-            f"{fmt(paper.get('mean'))} ({fmt(paper.get('best'))})"
-        status = (f"[published](https://huggingface.co/{cfg['repo_id']})" if cfg['status'] == PUBLISHED
-                  else 'not yet published')
-        iterations = cfg['architecture'].get('routing_iterations')
-        lines.append(
-            f"| `{cfg['tag']}` | {cfg['dataset']['name']} | {cfg['architecture']['params']:,} | "
-            f"{'—' if iterations is None else iterations} | {status} | {results['metric'].split(':')[0]} | "
-            f"{ours} | {paper_text} | `--preset {cfg['training']['preset']}` |")
-    return '\n'.join(lines) + '\n'
-
-
-def _table_block(table: str) -> str:
-    return f'{TABLE_BEGIN}\n{table}{TABLE_END}'
-
-
-def readme_table(readme_text: str) -> Optional[str]:
-    """The table between a document's markers (None if the markers are missing)."""
-    start, end = readme_text.find(TABLE_BEGIN), readme_text.find(TABLE_END)
-    if start < 0 or end < start:
-        return None
-    return readme_text[start + len(TABLE_BEGIN):end].strip('\n') + '\n'
-
-
-def update_readme_table(readme: Union[str, os.PathLike], write: bool = False) -> bool:
-    """True if the document's table equals ``render_model_table()``; with ``write``, replaces it."""
-    path = Path(readme)
-    text = path.read_text(encoding='utf-8')
-    current, table = readme_table(text), render_model_table()
-    if current is None:
-        raise ConfigError(f'{path} has no {TABLE_BEGIN} ... {TABLE_END} markers')
-    if current == table:
-        return True
-    if write:
-        start, end = text.find(TABLE_BEGIN), text.find(TABLE_END) + len(TABLE_END)
-        path.write_text(text[:start] + _table_block(table) + text[end:], encoding='utf-8')
-    return False
 
 
 # ---- checking and publishing ---------------------------------------------------------------------------
@@ -273,9 +109,15 @@ def check_checkpoint(checkpoint_dir: Union[str, os.PathLike], **model_kwargs) ->
     if not weights.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         raise WeightsError(
-            f'{folder}: no {WEIGHTS_NAME}' + (f' (found pickle files {pickles}; only safetensors are '
-                                              f'published: re-export with timm.models.save_for_hf(..., '
-                                              f'safe_serialization=True))' if pickles else ''))
+            f'{folder}: no {WEIGHTS_NAME}'
+            + (
+                f' (found pickle files {pickles}; only safetensors are '
+                f'published: re-export with timm.models.save_for_hf(..., '
+                f'safe_serialization=True))'
+                if pickles
+                else ''
+            )
+        )
     with warnings.catch_warnings():  # the error below names them
         warnings.simplefilter('ignore', NonFiniteWeightsWarning)
         model = timm.create_model(f'local-dir:{folder}', pretrained=True, **model_kwargs)
@@ -296,15 +138,17 @@ def _find_hub_config(repo_id: Optional[str], architecture: str, tag: Optional[st
         return matches[0]
     raise ConfigError(
         f'no hub config for repo {repo_id!r} / architecture {architecture!r}: pass config= '
-        f"(one of {[c['tag'] for c in configs]}) or add hub_configs/<model>.<tag>.json")
+        f'(one of {[c["tag"] for c in configs]}) or add hub_configs/<model>.<tag>.json'
+    )
 
 
 def _check_upload_folder(folder: Path, model: torch.nn.Module) -> None:
     names = sorted(p.name for p in folder.iterdir())
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if pickles or names != sorted(UPLOAD_FILES):
-        raise WeightsError(f'{folder}: the upload folder must hold exactly {sorted(UPLOAD_FILES)} (never a pickle), '
-                           f'got {names}')
+        raise WeightsError(
+            f'{folder}: the upload folder must hold exactly {sorted(UPLOAD_FILES)} (never a pickle), got {names}'
+        )
     check_weights_file(folder / WEIGHTS_NAME)
     reloaded, original = load_file(folder / WEIGHTS_NAME), model.state_dict()
     if reloaded.keys() != original.keys() or not all(torch.equal(reloaded[k], original[k]) for k in original):
@@ -312,15 +156,15 @@ def _check_upload_folder(folder: Path, model: torch.nn.Module) -> None:
 
 
 def push_checkpoint(
-        checkpoint_dir: Union[str, os.PathLike],
-        repo_id: Optional[str] = None,
-        config: Optional[Union[str, os.PathLike, Mapping[str, Any]]] = None,
-        dry_run: Optional[Union[str, os.PathLike]] = None,
-        commit_message: Optional[str] = None,
-        token: Optional[str] = None,
-        private: bool = False,
-        revision: Optional[str] = None,
-        update_config: bool = True,
+    checkpoint_dir: Union[str, os.PathLike],
+    repo_id: Optional[str] = None,
+    config: Optional[Union[str, os.PathLike, Mapping[str, Any]]] = None,
+    dry_run: Optional[Union[str, os.PathLike]] = None,
+    commit_message: Optional[str] = None,
+    token: Optional[str] = None,
+    private: bool = False,
+    revision: Optional[str] = None,
+    update_config: bool = True,
 ):
     """Publishes a trained checkpoint folder to the Hub (or, with ``dry_run``, writes the folder that
     would be uploaded and returns its path).
@@ -344,12 +188,17 @@ def push_checkpoint(
         raise FileExistsError(f'{dry_run}: the dry-run folder is a file (give a new or empty folder)')
     checkpoint_cfg = read_config_json(folder)
     tag = checkpoint_cfg['pretrained_cfg'].get('tag')
-    hub_cfg = load_hub_config(config) if config is not None else _find_hub_config(
-        repo_id, checkpoint_cfg['architecture'], tag)
+    hub_cfg = (
+        load_hub_config(config)
+        if config is not None
+        else _find_hub_config(repo_id, checkpoint_cfg['architecture'], tag)
+    )
     repo_id = repo_id or hub_cfg['repo_id']
     if checkpoint_cfg['architecture'] != hub_cfg['model']:
-        raise ConfigError(f"checkpoint architecture {checkpoint_cfg['architecture']!r} is not {hub_cfg['model']!r} "
-                          f"of hub config {hub_cfg['tag']}")
+        raise ConfigError(
+            f'checkpoint architecture {checkpoint_cfg["architecture"]!r} is not {hub_cfg["model"]!r} '
+            f'of hub config {hub_cfg["tag"]}'
+        )
 
     model = check_checkpoint(folder)  # readable, finite weights that fit the architecture
     params = sum(p.numel() for p in model.parameters())
@@ -357,12 +206,15 @@ def push_checkpoint(
     arch = hub_cfg['architecture']
     if params != arch['params'] or iterations != arch.get('routing_iterations'):
         raise ConfigError(
-            f"checkpoint ({params:,} params, {iterations} routing iterations) does not match hub config "
-            f"{hub_cfg['tag']} ({arch['params']:,} params, {arch.get('routing_iterations')} "
-            f"iterations): its card would describe another model")
+            f'checkpoint ({params:,} params, {iterations} routing iterations) does not match hub config '
+            f'{hub_cfg["tag"]} ({arch["params"]:,} params, {arch.get("routing_iterations")} '
+            f'iterations): its card would describe another model'
+        )
     if model.num_classes != hub_cfg['dataset']['num_classes']:
-        raise ConfigError(f"checkpoint has {model.num_classes} classes, {hub_cfg['dataset']['name']} has "
-                          f"{hub_cfg['dataset']['num_classes']}")
+        raise ConfigError(
+            f'checkpoint has {model.num_classes} classes, {hub_cfg["dataset"]["name"]} has '
+            f'{hub_cfg["dataset"]["num_classes"]}'
+        )
     if hub_cfg['results'].get('mean') is None:
         _logger.warning('%s: no measured results in its hub config; the card will say so', hub_cfg['tag'])
 
@@ -378,13 +230,17 @@ def push_checkpoint(
 
         from huggingface_hub import HfApi
         from . import __version__
+
         api = HfApi(token=token, library_name='timm_capsules', library_version=__version__)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         commit = api.upload_folder(
-            repo_id=repo_id, folder_path=staging, revision=revision,
-            commit_message=commit_message or f"Upload {hub_cfg['tag']} ({hub_cfg['training']['preset']})")
+            repo_id=repo_id,
+            folder_path=staging,
+            revision=revision,
+            commit_message=commit_message or f'Upload {hub_cfg["tag"]} ({hub_cfg["training"]["preset"]})',
+        )
     if update_config and repo_id == hub_cfg['repo_id'] and not isinstance(config, Mapping):
-        path = _config_path(config) if config is not None else hub_configs_dir() / f"{hub_cfg['tag']}.json"
+        path = _config_path(config) if config is not None else hub_configs_dir() / f'{hub_cfg["tag"]}.json'
         hub_cfg['status'] = PUBLISHED
         hub_cfg['hub_commit'] = getattr(commit, 'oid', None)
         path.write_text(json.dumps(hub_cfg, indent=2) + '\n', encoding='utf-8')
@@ -392,10 +248,10 @@ def push_checkpoint(
 
 
 def install_in_cache(
-        folder: Union[str, os.PathLike],
-        repo_id: str,
-        cache_dir: Optional[Union[str, os.PathLike]] = None,
-        revision: str = 'main',
+    folder: Union[str, os.PathLike],
+    repo_id: str,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    revision: str = 'main',
 ) -> Path:
     """Places a repo folder (e.g. a ``push --dry-run`` folder) in a Hugging Face Hub cache, as a download
     would (``models--org--name/refs/<revision>`` holding a 40-hex commit, ``snapshots/<commit>/``), so
@@ -412,7 +268,7 @@ def install_in_cache(
             for chunk in iter(lambda: handle.read(1 << 20), b''):
                 digest.update(chunk)
     commit = digest.hexdigest()
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    repo = cache / f'models--{repo_id.replace("/", "--")}'
     snapshot = repo / 'snapshots' / commit
     snapshot.mkdir(parents=True, exist_ok=True)
     for path in files:
@@ -473,8 +329,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == 'push':
-        result = push_checkpoint(args.checkpoint, repo_id=args.repo_id, config=args.config, dry_run=args.dry_run,
-                                 commit_message=args.commit_message, private=args.private, revision=args.revision)
+        result = push_checkpoint(
+            args.checkpoint,
+            repo_id=args.repo_id,
+            config=args.config,
+            dry_run=args.dry_run,
+            commit_message=args.commit_message,
+            private=args.private,
+            revision=args.revision,
+        )
         print(result if args.dry_run else getattr(result, 'commit_url', result))
     elif args.command == 'card':
         text = render_card(args.config, published=True if args.published else None)
@@ -485,14 +348,19 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == 'table':
         if args.check or args.write:
             ok = update_readme_table(args.check or args.write, write=bool(args.write))
-            print('model table is up to date' if ok else
-                  ('model table rewritten' if args.write else 'model table is out of date'))
+            print(
+                'model table is up to date'
+                if ok
+                else ('model table rewritten' if args.write else 'model table is out of date')
+            )
             return 0 if ok or args.write else 1
         sys.stdout.write(_table_block(render_model_table()) + '\n')
     elif args.command == 'check':
         model = check_checkpoint(args.checkpoint)
-        print(f"{args.checkpoint}: OK ({model.pretrained_cfg.get('architecture')}, "
-              f"{sum(p.numel() for p in model.parameters()):,} params)")
+        print(
+            f'{args.checkpoint}: OK ({model.pretrained_cfg.get("architecture")}, '
+            f'{sum(p.numel() for p in model.parameters()):,} params)'
+        )
     elif args.command == 'record':
         cfg = record_results(args.config, args.top1, args.checkpoint_top1)
         print(json.dumps(cfg['results'], indent=2))

@@ -5,12 +5,14 @@ A card is rendered from a validated hub config (see ``hub.py``), the training pr
 (``timm_capsules.presets``) and the registered model itself (its class, ``pretrained_cfg`` and what it
 returns), so nothing in it is typed twice.
 """
+
 from typing import Any, Dict, Mapping, Optional
 
 import timm
 
 from .citation import BIBTEX
 from .config_checks import _require, model_class
+from .data.registry import dataset_info
 from .loading import training_command
 from .presets import get_preset
 
@@ -21,8 +23,11 @@ PAPER_URL = 'https://arxiv.org/abs/2002.04764'
 PAPER_TITLE = 'Capsules with Inverted Dot-Product Attention Routing'
 ORIGIN_URL = 'https://github.com/apple/ml-capsules-inverted-attention-routing'
 # what each output kind is trained with (see losses.py)
-LOSSES = {'logits': 'cross-entropy', 'lengths': 'margin loss (Sabour et al., 2017)',
-          'activations': 'spread loss (Hinton et al., 2018)'}
+LOSSES = {
+    'logits': 'cross-entropy',
+    'lengths': 'margin loss (Sabour et al., 2017)',
+    'activations': 'spread loss (Hinton et al., 2018)',
+}
 
 CARD_TEMPLATE = """\
 # Model card for {tag}
@@ -52,7 +57,7 @@ def mean_std(results: Mapping[str, Any]) -> str:
         return '—'
     if results.get('std') is None:
         return fmt(results['mean'])
-    return f"{fmt(results['mean'])} ± {fmt(results['std'])}"
+    return f'{fmt(results["mean"])} ± {fmt(results["std"])}'
 
 
 def _family(architecture: str) -> str:
@@ -62,7 +67,7 @@ def _family(architecture: str) -> str:
 
 
 def _multilabel(cfg: Mapping[str, Any]) -> bool:
-    return cfg['dataset']['name'] == 'DiverseMultiMNIST'
+    return dataset_info(cfg['tag'].split('.')[-1]).multi_label  # the tag names the dataset (data/registry.py)
 
 
 def _usage(cfg: Mapping[str, Any]) -> str:
@@ -71,8 +76,9 @@ def _usage(cfg: Mapping[str, Any]) -> str:
     mode = 'L' if channels == 1 else 'RGB'
     predict = (
         'labels = (logits.sigmoid() > 0.5).nonzero()  # multi-label: every digit present in the image'
-        if _multilabel(cfg) else
-        'top5_probabilities, top5_class_indices = logits.softmax(dim=1).topk(5)')
+        if _multilabel(cfg)
+        else 'top5_probabilities, top5_class_indices = logits.softmax(dim=1).topk(5)'
+    )
     text = f"""### Image Classification
 ```python
 import timm
@@ -128,17 +134,17 @@ def _results_table(cfg: Mapping[str, Any], published: bool) -> str:
     rows = [
         '| | metric | mean ± std | best | seeds | these weights |',
         '|---|---|---|---|---|---|',
-        f"| timm_capsules (`{cfg['training']['preset']}`) | {results['metric']} | {mean_std(results)} | "
-        f"{fmt(results.get('best'))} | {results.get('num_seeds') or '—'} | "
-        f"{fmt(results.get('checkpoint')) if published else 'not yet published'} |",
-        f"| paper (Tsai et al., 2020) | {paper['metric']} | {mean_std(paper)} | {fmt(paper.get('best'))} | "
-        f"{paper.get('num_seeds') or '—'} | — |",
+        f'| timm_capsules (`{cfg["training"]["preset"]}`) | {results["metric"]} | {mean_std(results)} | '
+        f'{fmt(results.get("best"))} | {results.get("num_seeds") or "—"} | '
+        f'{fmt(results.get("checkpoint")) if published else "not yet published"} |',
+        f'| paper (Tsai et al., 2020) | {paper["metric"]} | {mean_std(paper)} | {fmt(paper.get("best"))} | '
+        f'{paper.get("num_seeds") or "—"} | — |',
     ]
-    notes = [f"Evaluated on {cfg['dataset']['name']} {results.get('eval_split', 'test')}."]
+    notes = [f'Evaluated on {cfg["dataset"]["name"]} {results.get("eval_split", "test")}.']
     if results.get('mean') is None:
         notes.append('No measured results yet: this project has not trained this model yet (— means no number).')
     if paper.get('source'):
-        notes.append(f"Paper numbers: {paper['source']}.")
+        notes.append(f'Paper numbers: {paper["source"]}.')
     else:
         notes.append('No paper number is recorded for this configuration in its hub config.')
     return '\n'.join(rows) + '\n\n' + ' '.join(notes) + '\n'
@@ -156,11 +162,12 @@ def _training(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     augmentation = cfg['dataset'].get('train_augmentation')
     return {
         'Preset': f'`{preset}`',
-        'Command': f"`{training_command(cfg['model'], preset)}`",
+        'Command': f'`{training_command(cfg["model"], preset)}`',
         **recipe,
         'loss': loss,
         **({'train_augmentation': augmentation} if augmentation else {}),
-        'mean': list(pretrained_cfg.mean), 'std': list(pretrained_cfg.std),
+        'mean': list(pretrained_cfg.mean),
+        'std': list(pretrained_cfg.std),
     }
 
 
@@ -182,16 +189,24 @@ def model_card(cfg: Mapping[str, Any], published: bool) -> str:
     arch, dataset = cfg['architecture'], cfg['dataset']
     channels, height, width = arch['input_size']
     status = (
-        'Weights: published in this repository.' if published else
-        f"**Status: not yet published.** No weights have been trained for this tag yet. Train them with "
-        f"`{training_command(cfg['model'], cfg['training']['preset'])}`.")
+        'Weights: published in this repository.'
+        if published
+        else f'**Status: not yet published.** No weights have been trained for this tag yet. Train them with '
+        f'`{training_command(cfg["model"], cfg["training"]["preset"])}`.'
+    )
     description = (
-        f"{_family(cfg['model'])}, for {dataset['name']}, built as a timm model by the `timm_capsules` package "
-        f"(the models of [Tsai et al., ICLR 2020]({PAPER_URL})). {status}")
-    stats = {'Params (M)': round(arch['params'] / 1e6, 2), 'Params': f"{arch['params']:,}"}
+        f'{_family(cfg["model"])}, for {dataset["name"]}, built as a timm model by the `timm_capsules` package '
+        f'(the models of [Tsai et al., ICLR 2020]({PAPER_URL})). {status}'
+    )
+    stats = {'Params (M)': round(arch['params'] / 1e6, 2), 'Params': f'{arch["params"]:,}'}
     if arch.get('routing_iterations') is not None:
         stats.update({'Routing': arch.get('routing', ''), 'Routing iterations': arch['routing_iterations']})
-    stats.update({'Pose': arch.get('pose', ''), 'Image size': f'{height} x {width} ({channels} channel{"s" if channels > 1 else ""})'})
+    stats.update(
+        {
+            'Pose': arch.get('pose', ''),
+            'Image size': f'{height} x {width} ({channels} channel{"s" if channels > 1 else ""})',
+        }
+    )
     details = {
         'Model Type': ('Multi-label image classification' if _multilabel(cfg) else 'Image classification')
         + ' / feature backbone',
@@ -203,18 +218,35 @@ def model_card(cfg: Mapping[str, Any], published: bool) -> str:
         'Training': _training(cfg),
     }
     data = ModelCardData(
-        library_name='timm', license=cfg['license'], tags=list(cfg['tags']), datasets=list(dataset['hub_ids']),
-        metrics=['accuracy'], pipeline_tag='image-classification')
+        library_name='timm',
+        license=cfg['license'],
+        tags=list(cfg['tags']),
+        datasets=list(dataset['hub_ids']),
+        metrics=['accuracy'],
+        pipeline_tag='image-classification',
+    )
     checkpoint = cfg['results'].get('checkpoint')
     if published and checkpoint is not None:  # only numbers measured on the uploaded weights
         data.model_name = cfg['tag']
-        data.eval_results = [EvalResult(
-            task_type='image-classification', dataset_type=dataset.get('eval_id', dataset['hub_ids'][0]),
-            dataset_name=dataset['name'], dataset_split='test', metric_type='accuracy',
-            metric_name=cfg['results']['metric'], metric_value=checkpoint)]
+        data.eval_results = [
+            EvalResult(
+                task_type='image-classification',
+                dataset_type=dataset.get('eval_id', dataset['hub_ids'][0]),
+                dataset_name=dataset['name'],
+                dataset_split='test',
+                metric_type='accuracy',
+                metric_name=cfg['results']['metric'],
+                metric_value=checkpoint,
+            )
+        ]
     body = CARD_TEMPLATE.format(
-        tag=cfg['tag'], description=description, details=_bullets(details), usage=_usage(cfg),
-        comparison=_results_table(cfg, published), citation=BIBTEX)
+        tag=cfg['tag'],
+        description=description,
+        details=_bullets(details),
+        usage=_usage(cfg),
+        comparison=_results_table(cfg, published),
+        citation=BIBTEX,
+    )
     text = str(ModelCard(f'---\n{data.to_yaml()}\n---\n\n{body}'))
     validate_card(text, cfg)
     return text
@@ -225,14 +257,21 @@ def validate_card(text: str, cfg: Mapping[str, Any]):
     from huggingface_hub import ModelCard
 
     card = ModelCard(text)
-    data, where = card.data, f"model card of {cfg['tag']}"
+    data, where = card.data, f'model card of {cfg["tag"]}'
     _require(data.library_name == 'timm', where, f'library_name is {data.library_name!r}, not timm')
     _require(data.license == cfg['license'], where, f'license is {data.license!r}')
     _require(data.pipeline_tag == 'image-classification', where, f'pipeline_tag is {data.pipeline_tag!r}')
     _require(set(cfg['tags']) <= set(data.tags or []), where, f'tags {data.tags} miss some of {cfg["tags"]}')
     _require(list(data.datasets or []) == list(cfg['dataset']['hub_ids']), where, f'datasets are {data.datasets}')
-    needles = [f"# Model card for {cfg['tag']}", '## Model Details', '## Model Usage', 'features_only=True',
-               '## Citation', BIBTEX, training_command(cfg['model'], cfg['training']['preset'])]
+    needles = [
+        f'# Model card for {cfg["tag"]}',
+        '## Model Details',
+        '## Model Usage',
+        'features_only=True',
+        '## Citation',
+        BIBTEX,
+        training_command(cfg['model'], cfg['training']['preset']),
+    ]
     if hasattr(model_class(cfg['model']), 'forward_routing'):
         needles.append('forward_routing')
     for needle in needles:

@@ -4,6 +4,7 @@ Capsules are kept as a grid ``poses (B, H, W, N, d)`` (N capsule types of pose d
 position), with optional activations ``(B, H, W, N)`` for the EM-style ablation. A fully connected
 capsule layer outputs a 1x1 grid, so every layer speaks the same layout.
 """
+
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -11,15 +12,12 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from .routing import (
-    DEFAULT_MAX_VOTES, attention_routing, capsule_votes, chunked_attention_routing, fused_attention_routing,
-    routing_kernel, supports_triton, triton_routing_enabled, uniform_routing, uniform_window_routing, use_fused_routing,
-    window_children)
+from .kernels import is_tracing, norms_fused, plain_ops_only, pose_norm, routes_fused, use_fused_routing
+from .routing import DEFAULT_MAX_VOTES, attention_routing, capsule_votes, chunked_attention_routing
+from .routing import fused_attention_routing, uniform_routing, uniform_window_routing, window_children
 
-__all__ = [
-    'Capsules', 'PrimaryCapsules', 'RoutedCapsules', 'ConvCapsules', 'FCCapsules', 'pose_shape', 'capsules_to_nchw',
-    'conv_output_size',
-]
+__all__ = ['Capsules', 'PrimaryCapsules', 'RoutedCapsules', 'ConvCapsules', 'FCCapsules', 'PoseNorm', 'pose_shape']
+__all__ += ['capsules_to_nchw', 'conv_output_size']
 
 
 class Capsules(NamedTuple):
@@ -43,18 +41,6 @@ def capsules_to_nchw(capsules: Capsules) -> Tensor:
     return x.permute(0, 3, 1, 2)
 
 
-def _is_tracing() -> bool:
-    return torch.jit.is_scripting() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-
-
-def _plain_ops_only() -> bool:
-    """Whether routing must be recorded as plain tensor ops, unchunked: under fx tracing, and under
-    torch.export (which torch.onnx.export runs), so that an exported program runs where this package is
-    not installed (the fused kernel is its own custom op) and keeps a symbolic batch size (the number of
-    chunks would depend on it)."""
-    return _is_tracing() or torch.compiler.is_exporting()
-
-
 def pose_shape(pose_dim: int, matrix_pose: bool) -> Tuple[int, int]:
     """(rows, cols) a pose is stored as: (sqrt(d), sqrt(d)) for matrix poses, (1, d) for vectors."""
     if not matrix_pose:
@@ -70,63 +56,26 @@ class PoseNorm(nn.LayerNorm):
     in at least float32 so that bf16/fp16 training keeps a stable normalisation.
 
     On the CPU, 16-entry poses (the paper's 4x4) are normalised in the fused routing kernel's extension
-    (``pose_norm``; ``fused_routing=None`` follows ``TIMM_CAPSULES_FUSED_ROUTING``): torch's layer_norm pays a
-    fixed cost per row that rows of 16 values do not amortise."""
+    (``kernels.pose_norm``; ``fused_routing=None`` follows ``TIMM_CAPSULES_FUSED_ROUTING``): torch's layer_norm
+    pays a fixed cost per row that rows of 16 values do not amortise."""
 
-    def __init__(self, pose_dim: int, eps: float = 1e-5, fused_routing: Optional[bool] = None, device=None,
-                 dtype=None):
+    fused_kernel = 'routing'  # the extension it normalises in (see kernels.preload)
+
+    def __init__(self, pose_dim: int, eps: float = 1e-5, fused_routing: Optional[bool] = None, device=None, dtype=None):
         super().__init__(pose_dim, eps=eps, device=device, dtype=dtype)
         self.fused_routing = use_fused_routing() if fused_routing is None else fused_routing
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
         weight, bias = self.weight.to(dtype), self.bias.to(dtype)
-        # tracers and exporters record plain ops (see _plain_ops_only), and must not look at the sizes
-        if (not _plain_ops_only() and self.fused_routing and x.device.type == 'cpu' and x.shape[-1] == 16
-                and routing_kernel() is not None):
+        if norms_fused(x, self.fused_routing):
             return pose_norm(x.to(dtype), weight, bias, self.eps).to(x.dtype)
         return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
-@torch.library.custom_op('timm_capsules::pose_norm', mutates_args=())
-def pose_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """``F.layer_norm(x, x.shape[-1:], weight, bias, eps)`` in the package's CPU kernel (``csrc/routing.cpp``)."""
-    return routing_kernel().pose_norm_forward(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
-
-
-@pose_norm.register_fake
-def _(x, weight, bias, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op('timm_capsules::pose_norm_backward', mutates_args=())
-def _pose_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    grad_x, grad_weight, grad_bias = routing_kernel().pose_norm_backward(
-        grad.contiguous(), x.contiguous(), weight.contiguous(), eps)
-    return grad_x, grad_weight, grad_bias
-
-
-@_pose_norm_backward.register_fake
-def _(grad, x, weight, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
-
-
-def _pose_norm_setup_context(ctx, inputs, output):
-    x, weight, _, eps = inputs
-    ctx.save_for_backward(x, weight)  # the statistics are recomputed, not kept
-    ctx.eps = eps
-
-
-def _pose_norm_grad(ctx, grad):
-    x, weight = ctx.saved_tensors
-    return *_pose_norm_backward(grad, x, weight, ctx.eps), None
-
-
-pose_norm.register_autograd(_pose_norm_grad, setup_context=_pose_norm_setup_context)
-
-
-def _capsule_norm(pose_dim: int, layer_norm: bool, fused_routing: Optional[bool] = None, device=None,
-                  dtype=None) -> nn.Module:
+def _capsule_norm(
+    pose_dim: int, layer_norm: bool, fused_routing: Optional[bool] = None, device=None, dtype=None
+) -> nn.Module:
     if not layer_norm:
         return nn.Identity()
     return PoseNorm(pose_dim, eps=1e-5, fused_routing=fused_routing, device=device, dtype=dtype)
@@ -136,24 +85,23 @@ class PrimaryCapsules(nn.Module):
     """A bias-free conv whose channel c becomes entry c % d of capsule c // d, then LayerNorm."""
 
     def __init__(
-            self,
-            in_chs: int,
-            num_caps: int,
-            pose_dim: int,
-            kernel_size: int = 1,
-            stride: int = 1,
-            padding: int = 0,
-            layer_norm: bool = True,
-            activations: bool = False,
-            device=None,
-            dtype=None,
+        self,
+        in_chs: int,
+        num_caps: int,
+        pose_dim: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        layer_norm: bool = True,
+        activations: bool = False,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         self.num_caps, self.pose_dim, self.stride = num_caps, pose_dim, stride
         self.has_activations = activations
         out_chs = num_caps * pose_dim + (num_caps if activations else 0)
-        self.conv = nn.Conv2d(
-            in_chs, out_chs, kernel_size, stride, padding, bias=False, device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, bias=False, device=device, dtype=dtype)
         self.norm = _capsule_norm(pose_dim, layer_norm, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Capsules:
@@ -177,22 +125,24 @@ class RoutedCapsules(nn.Module):
     On the CPU, attention passes run in the fused kernel, which never stores votes
     (``routing.fused_attention_routing``; ``fused_routing=None`` follows ``TIMM_CAPSULES_FUSED_ROUTING``);
     otherwise a pass whose vote tensor would exceed ``max_votes`` elements is formed chunk by chunk
-    (``routing.chunked_attention_routing``; None never chunks).
+    (``routing.chunked_attention_routing``; None never chunks). ``kernels.routes_fused`` decides.
     """
 
+    fused_kernel = 'routing'  # the extension it routes in (see kernels.preload)
+
     def __init__(
-            self,
-            children_per_group: int,
-            in_dim: int,
-            out_caps: int,
-            out_dim: int,
-            matrix_pose: bool,
-            layer_norm: bool,
-            activations: bool,
-            max_votes: Optional[int] = DEFAULT_MAX_VOTES,
-            fused_routing: Optional[bool] = None,
-            device=None,
-            dtype=None,
+        self,
+        children_per_group: int,
+        in_dim: int,
+        out_caps: int,
+        out_dim: int,
+        matrix_pose: bool,
+        layer_norm: bool,
+        activations: bool,
+        max_votes: Optional[int] = DEFAULT_MAX_VOTES,
+        fused_routing: Optional[bool] = None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         if matrix_pose and in_dim != out_dim:
@@ -201,8 +151,9 @@ class RoutedCapsules(nn.Module):
         _, self.parent_cols = pose_shape(out_dim, matrix_pose)
         self.matrix_pose = matrix_pose
         self.out_caps, self.out_dim = out_caps, out_dim
-        self.weight = nn.Parameter(torch.empty(
-            children_per_group, out_caps, self.child_cols, self.parent_cols, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(children_per_group, out_caps, self.child_cols, self.parent_cols, device=device, dtype=dtype)
+        )
         self.norm = _capsule_norm(out_dim, layer_norm, fused_routing, device, dtype)
         if activations:
             # EM-style activations (the paper's ablation C): a parent is active when the children
@@ -219,7 +170,7 @@ class RoutedCapsules(nn.Module):
         # the authors' init: N(0, 1) * sqrt(#parents / (pose columns * #children))
         children, parents, cols, _ = self.weight.shape
         with torch.no_grad():
-            self.weight.normal_(0., math.sqrt(parents / (cols * children)))
+            self.weight.normal_(0.0, math.sqrt(parents / (cols * children)))
 
     def _children(self, capsules: Capsules) -> Tuple[Tensor, Optional[Tensor], Tuple[int, int, int]]:
         """Groups of children (groups, children, rows, cols), their activations (groups, children) and the
@@ -238,14 +189,10 @@ class RoutedCapsules(nn.Module):
         return uniform_routing(child_poses, self.weight, child_activations), grid
 
     def _fused(self, poses: Tensor) -> bool:
-        if not self.fused_routing or _plain_ops_only():
-            return False
-        if poses.device.type == 'cuda':  # the Triton kernels: opt-in until they are measured on a GPU
-            return triton_routing_enabled() and supports_triton(self.child_rows, self.weight.shape)
-        return poses.device.type == 'cpu'
+        return routes_fused(poses, self.child_rows, self.weight.shape, self.fused_routing)
 
     def _too_many_votes(self, child_poses: Tensor) -> bool:
-        if self.max_votes is None or _plain_ops_only():
+        if self.max_votes is None or plain_ops_only():
             return False
         groups, children, rows = child_poses.shape[:3]
         return groups * children * rows * self.weight[0, :, 0].numel() > self.max_votes
@@ -263,11 +210,11 @@ class RoutedCapsules(nn.Module):
         return None if self._too_many_votes(child_poses) else capsule_votes(child_poses, self.weight)
 
     def forward(
-            self,
-            children: Capsules,
-            parents: Optional[Capsules] = None,
-            votes: Optional[Tensor] = None,
-            return_coefficients: bool = False,
+        self,
+        children: Capsules,
+        parents: Optional[Capsules] = None,
+        votes: Optional[Tensor] = None,
+        return_coefficients: bool = False,
     ) -> Tuple[Capsules, Optional[Tensor]]:
         """One routing pass: uniform when ``parents`` is None, else attention to the given parents.
 
@@ -284,14 +231,16 @@ class RoutedCapsules(nn.Module):
             parent_poses = parents.poses.reshape(-1, self.out_caps, self.child_rows, self.parent_cols)
             with_routing = return_coefficients or self.beta_a is not None
             poses, coefficients, agreement = fused_attention_routing(
-                grid, self.weight, parent_poses, grid_activations, with_routing, window)
+                grid, self.weight, parent_poses, grid_activations, with_routing, window
+            )
             child_activations = None if grid_activations is None else window_children(grid_activations, *window)
         else:
             child_poses, child_activations, (B, H, W) = self._children(children)
             parent_poses = parents.poses.reshape(-1, self.out_caps, self.child_rows, self.parent_cols)
             if votes is None and self._too_many_votes(child_poses):
                 poses, coefficients, agreement = chunked_attention_routing(
-                    child_poses, self.weight, parent_poses, child_activations, self.max_votes)
+                    child_poses, self.weight, parent_poses, child_activations, self.max_votes
+                )
             else:
                 if votes is None:
                     votes = capsule_votes(child_poses, self.weight)
@@ -315,31 +264,44 @@ class RoutedCapsules(nn.Module):
 class ConvCapsules(RoutedCapsules):
     """Convolutional capsule layer: every k x k window (stride s, no padding) of the child grid is
     routed to the parent types at one output position; a window's children are (ky, kx, child type)."""
+
     kind = 'conv'
 
     def __init__(
-            self,
-            in_caps: int,
-            out_caps: int,
-            pose_dim: int,
-            kernel_size: int = 3,
-            stride: int = 1,
-            matrix_pose: bool = True,
-            out_dim: Optional[int] = None,
-            layer_norm: bool = True,
-            activations: bool = False,
-            max_votes: Optional[int] = DEFAULT_MAX_VOTES,
-            fused_routing: Optional[bool] = None,
-            device=None,
-            dtype=None,
+        self,
+        in_caps: int,
+        out_caps: int,
+        pose_dim: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        matrix_pose: bool = True,
+        out_dim: Optional[int] = None,
+        layer_norm: bool = True,
+        activations: bool = False,
+        max_votes: Optional[int] = DEFAULT_MAX_VOTES,
+        fused_routing: Optional[bool] = None,
+        device=None,
+        dtype=None,
     ):
         self.in_caps, self.kernel_size, self.stride = in_caps, kernel_size, stride
         super().__init__(
-            kernel_size * kernel_size * in_caps, pose_dim, out_caps, out_dim or pose_dim,
-            matrix_pose, layer_norm, activations, max_votes, fused_routing, device, dtype)
+            kernel_size * kernel_size * in_caps,
+            pose_dim,
+            out_caps,
+            out_dim or pose_dim,
+            matrix_pose,
+            layer_norm,
+            activations,
+            max_votes,
+            fused_routing,
+            device,
+            dtype,
+        )
 
     def output_grid(self, height: int, width: int) -> Tuple[int, int]:
-        return conv_output_size(height, self.kernel_size, self.stride), conv_output_size(width, self.kernel_size, self.stride)
+        return conv_output_size(height, self.kernel_size, self.stride), conv_output_size(
+            width, self.kernel_size, self.stride
+        )
 
     def _uniform(self, children: Capsules) -> Tuple[Tensor, Tuple[int, int, int]]:
         poses, activations = children
@@ -348,16 +310,17 @@ class ConvCapsules(RoutedCapsules):
         if activations is not None:
             poses = poses * activations[..., None]
         grid = poses.reshape(B, H, W, N, self.child_rows, self.child_cols)
-        poses = uniform_window_routing(grid, self.weight, self.kernel_size, self.stride, keep_copy=_plain_ops_only())
+        poses = uniform_window_routing(grid, self.weight, self.kernel_size, self.stride, keep_copy=plain_ops_only())
         return poses, (B, *self.output_grid(H, W))
 
     def _check_grid(self, poses: Tensor):
         H, W = poses.shape[1], poses.shape[2]
         k, s = self.kernel_size, self.stride
-        if not _is_tracing() and (H < k or W < k):
+        if not is_tracing() and (H < k or W < k):
             raise ValueError(
                 f'{type(self).__name__}(kernel_size={k}, stride={s}) needs a child grid of at least {k}x{k}, '
-                f'got {H}x{W}: the input image is too small for this capsule stack')
+                f'got {H}x{W}: the input image is too small for this capsule stack'
+            )
 
     def _child_grid(self, capsules: Capsules):
         poses, activations = capsules
@@ -375,26 +338,37 @@ class ConvCapsules(RoutedCapsules):
 class FCCapsules(RoutedCapsules):
     """Fully connected capsule layer: every child capsule of the grid (flattened type-major, i.e.
     in (type, h, w) order) is routed to every parent; the output is a 1x1 grid."""
+
     kind = 'fc'
 
     def __init__(
-            self,
-            in_caps: int,
-            out_caps: int,
-            pose_dim: int,
-            matrix_pose: bool = True,
-            out_dim: Optional[int] = None,
-            layer_norm: bool = True,
-            activations: bool = False,
-            max_votes: Optional[int] = DEFAULT_MAX_VOTES,
-            fused_routing: Optional[bool] = None,
-            device=None,
-            dtype=None,
+        self,
+        in_caps: int,
+        out_caps: int,
+        pose_dim: int,
+        matrix_pose: bool = True,
+        out_dim: Optional[int] = None,
+        layer_norm: bool = True,
+        activations: bool = False,
+        max_votes: Optional[int] = DEFAULT_MAX_VOTES,
+        fused_routing: Optional[bool] = None,
+        device=None,
+        dtype=None,
     ):
         self.in_caps = in_caps
         super().__init__(
-            in_caps, pose_dim, out_caps, out_dim or pose_dim, matrix_pose, layer_norm, activations,
-            max_votes, fused_routing, device, dtype)
+            in_caps,
+            pose_dim,
+            out_caps,
+            out_dim or pose_dim,
+            matrix_pose,
+            layer_norm,
+            activations,
+            max_votes,
+            fused_routing,
+            device,
+            dtype,
+        )
 
     def output_grid(self, height: int, width: int) -> Tuple[int, int]:
         return 1, 1
@@ -402,10 +376,11 @@ class FCCapsules(RoutedCapsules):
     def _children(self, capsules: Capsules):
         poses, activations = capsules
         B, H, W, N, _ = poses.shape
-        if not _is_tracing() and N * H * W != self.in_caps:
+        if not is_tracing() and N * H * W != self.in_caps:
             raise ValueError(
                 f'{type(self).__name__} was built for {self.in_caps} child capsules, got a {H}x{W} grid of '
-                f'{N} types = {N * H * W}: the input image size differs from the one the model was built for')
+                f'{N} types = {N * H * W}: the input image size differs from the one the model was built for'
+            )
         children = poses.permute(0, 3, 1, 2, 4).reshape(B, N * H * W, self.child_rows, self.child_cols)
         if activations is not None:
             activations = activations.permute(0, 3, 1, 2).reshape(B, N * H * W)

@@ -3,7 +3,8 @@
 The plain tensor-op functions (``capsule_votes``, ``uniform_routing``, ``attention_routing``,
 ``chunked_attention_routing``) are the reference (``uniform_window_routing`` is ``uniform_routing`` as one
 convolution over a grid); ``fused_attention_routing`` runs an attention pass in
-one CPU kernel (``csrc/routing.cpp``) that never stores the votes, and is tested against them.
+one CPU kernel (``csrc/routing.cpp``, built and chosen in ``kernels.py``) that never stores the votes, and is
+tested against them.
 
 Every function works on *groups* of children routed to the same set of parents: one group is one
 image for a fully connected capsule layer, or one (image, output position) window for a convolutional
@@ -19,16 +20,7 @@ Axis names used in the einsums:
     c  child pose columns
     t  parent pose columns
 """
-import hashlib
-import importlib.util
-import logging
-import os
-import platform
-import sys
-import threading
-import time
-import warnings
-from pathlib import Path
+
 from typing import Optional, Tuple
 
 import torch
@@ -36,9 +28,22 @@ import torch.utils.checkpoint
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from . import kernels
+
+# thin re-exports: these moved to kernels.py (the build, the switches); callers should import them from there
+from .kernels import (  # noqa: F401
+    KERNEL_CFLAGS,
+    KERNEL_SOURCE,
+    load_extension,
+    routing_kernel,
+    supports_triton,
+    triton_routing_enabled,
+    use_fused_routing,
+)
+
 
 # the plain tensor-op path routes a pass whose vote tensor would hold more elements in chunks (256 MB of fp32)
-DEFAULT_MAX_VOTES = 2 ** 26
+DEFAULT_MAX_VOTES = 2**26
 
 
 def capsule_votes(children: Tensor, weight: Tensor) -> Tensor:
@@ -78,8 +83,12 @@ def _copy_permuted(x: Tensor, dims: Tuple[int, ...], out: Optional[Tensor] = Non
     so a copy that autograd records moves values one by one, as does a compiled one: the compiler writes its
     own copy.)"""
     wide = _WIDE_DTYPES.get(x.shape[-1] * x.element_size())
-    if (torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()) or not _views_as(x, wide)
-            or (out is not None and not _views_as(out, wide))):
+    if (
+        torch.compiler.is_compiling()
+        or (x.requires_grad and torch.is_grad_enabled())
+        or not _views_as(x, wide)
+        or (out is not None and not _views_as(out, wide))
+    ):
         moved = x.permute(dims)
         return moved.contiguous() if out is None else out.copy_(moved)
     moved = x.view(wide).permute(dims)
@@ -123,23 +132,37 @@ class _RowsAsBatchConv(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         chunk = max(1, _BACKWARD_CHUNK_ELEMENTS // grid[0].numel())
         for start in range(0, B, chunk):
-            rows = _rows_as_batch(grid[start:start + chunk]).to(grad.dtype)
+            rows = _rows_as_batch(grid[start : start + chunk]).to(grad.dtype)
             grad_rows, grad_weight_part, _ = torch.ops.aten.convolution_backward(
-                grad[start * R:(start + chunk) * R], rows, weight, None, [ctx.stride] * 2, [0, 0], [1, 1], False,
-                [0, 0], 1, [grad_grid is not None, grad_weight is not None, False])
+                grad[start * R : (start + chunk) * R],
+                rows,
+                weight,
+                None,
+                [ctx.stride] * 2,
+                [0, 0],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                [grad_grid is not None, grad_weight is not None, False],
+            )
             if grad_grid is not None:  # (b R, N C, h, w) -> (b, h, w, N, R, C)
-                _copy_permuted(grad_rows.permute(0, 2, 3, 1).reshape(-1, R, H, W, N, C), (0, 2, 3, 4, 1, 5),
-                               out=grad_grid[start:start + chunk])
+                _copy_permuted(
+                    grad_rows.permute(0, 2, 3, 1).reshape(-1, R, H, W, N, C),
+                    (0, 2, 3, 4, 1, 5),
+                    out=grad_grid[start : start + chunk],
+                )
             if grad_weight is not None:
                 grad_weight += grad_weight_part
         return grad_grid, grad_weight, None
 
 
-_BACKWARD_CHUNK_ELEMENTS = 2 ** 22  # of the grid per chunk of images (16 MB of fp32)
+_BACKWARD_CHUNK_ELEMENTS = 2**22  # of the grid per chunk of images (16 MB of fp32)
 
 
-def uniform_window_routing(grid: Tensor, weight: Tensor, kernel_size: int, stride: int,
-                           keep_copy: bool = False) -> Tensor:
+def uniform_window_routing(
+    grid: Tensor, weight: Tensor, kernel_size: int, stride: int, keep_copy: bool = False
+) -> Tensor:
     """``uniform_routing`` over a grid's k x k windows (stride s), as a convolutional capsule layer cuts them,
     without cutting them: with r = 1/#parents the pose update is one strided convolution whose input channels
     are (child type, pose column) and output channels (parent type, pose column), pose rows folded into the
@@ -162,9 +185,9 @@ def uniform_window_routing(grid: Tensor, weight: Tensor, kernel_size: int, strid
 
 
 def attention_routing(
-        votes: Tensor,
-        parents: Tensor,
-        child_activations: Optional[Tensor] = None,
+    votes: Tensor,
+    parents: Tensor,
+    child_activations: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """One routing pass given the parents' current poses.
 
@@ -175,7 +198,7 @@ def attention_routing(
     The softmax runs in at least float32 so that routing stays stable under bf16/fp16.
     """
     pose_dim = votes.shape[-1] * votes.shape[-2]
-    agreement = torch.einsum('gijrt,gjrt->gij', votes, parents) * pose_dim ** -0.5
+    agreement = torch.einsum('gijrt,gjrt->gij', votes, parents) * pose_dim**-0.5
     coefficients = agreement.softmax(dim=-1, dtype=torch.promote_types(agreement.dtype, torch.float32))
     coefficients = coefficients.to(votes.dtype)
     weights = coefficients if child_activations is None else coefficients * child_activations[..., None]
@@ -184,11 +207,11 @@ def attention_routing(
 
 
 def chunked_attention_routing(
-        children: Tensor,
-        weight: Tensor,
-        parents: Tensor,
-        child_activations: Optional[Tensor] = None,
-        max_votes: int = DEFAULT_MAX_VOTES,
+    children: Tensor,
+    weight: Tensor,
+    parents: Tensor,
+    child_activations: Optional[Tensor] = None,
+    max_votes: int = DEFAULT_MAX_VOTES,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``attention_routing(capsule_votes(children, weight), parents)`` with bounded memory.
 
@@ -204,8 +227,11 @@ def chunked_attention_routing(
 
     chunks = []
     for start in range(0, groups, size):
-        args = (children[start:start + size], parents[start:start + size],
-                None if child_activations is None else child_activations[start:start + size])
+        args = (
+            children[start : start + size],
+            parents[start : start + size],
+            None if child_activations is None else child_activations[start : start + size],
+        )
         if torch.is_grad_enabled():
             chunks.append(torch.utils.checkpoint.checkpoint(route, *args, use_reentrant=False))
         else:
@@ -215,156 +241,6 @@ def chunked_attention_routing(
 
 
 # ---- the fused CPU kernel ---------------------------------------------------------------------------
-
-def triton_routing_enabled() -> bool:
-    """``TIMM_CAPSULES_TRITON_ROUTING=1`` (CUDA tensors route through ``routing_triton``'s kernels; off by
-    default until they are measured on a GPU) and Triton installed (CPU-only torch builds come without it)."""
-    return os.environ.get('TIMM_CAPSULES_TRITON_ROUTING', '0') == '1' and importlib.util.find_spec('triton') is not None
-
-
-# a child's votes for every parent, and their products, are held by one Triton program: J x R x C x T values at most
-TRITON_MAX_PRODUCT_VALUES = 4096
-
-
-def supports_triton(rows: int, weight_shape: Tuple[int, ...]) -> bool:
-    """Whether a layer whose child poses have ``rows`` rows and whose weight is (I, J, C, T) fits the Triton
-    kernels: pose rows, columns and parent columns powers of 2 (Triton's block sizes; the paper's 4x4 poses), and
-    a child's products for every parent in registers."""
-    _, J, C, T = weight_shape
-    powers = all(n & (n - 1) == 0 for n in (rows, C, T))
-    return powers and (1 << max(0, J - 1).bit_length()) * rows * C * T <= TRITON_MAX_PRODUCT_VALUES
-
-
-def use_fused_routing() -> bool:
-    """Whether capsule layers route on the CPU with the fused kernel (``csrc/routing.cpp``) by default.
-    Set ``TIMM_CAPSULES_FUSED_ROUTING=0`` to use plain tensor ops (the reference) everywhere."""
-    return os.environ.get('TIMM_CAPSULES_FUSED_ROUTING', '1') != '0'
-
-
-_kernel = None  # the compiled extension once loaded; False when it cannot be built here
-KERNEL_SOURCE = Path(__file__).parent / 'csrc' / 'routing.cpp'
-# -march=native picks the instructions (AVX-512 where the CPU has it). On x86-64, -mtune=generic keeps the
-# compiler's tuning for current Intel and AMD cores alike instead of -march=native's nearest CPU that the
-# compiler knows, which for a CPU newer than the compiler is an older core's model: GCC 12 tunes a Zen 4 as a
-# Zen 3 (a core without AVX-512), and both kernels ran 3-9% slower so (measured 2026-12-01, routing forward
-# and backward, and an EM training step)
-KERNEL_CFLAGS = ['-O3', '-march=native', *(['-mtune=generic'] if platform.machine() == 'x86_64' else []),
-                 '-fopenmp']
-
-
-def routing_kernel():
-    """The fused routing extension, or None when this machine cannot build it (no C++ compiler).
-
-    Compiled on first use (about a minute), in ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``.
-    A build is verified before it is loaded: a checksum of the library is written after a successful build,
-    and a library that no longer matches it (a truncated file would crash the process with SIGBUS) or
-    that was built from another source or with other flags is built again.
-    """
-    global _kernel
-    if _kernel is None:
-        _kernel = load_extension(KERNEL_SOURCE, 'routing')
-    return _kernel or None
-
-
-def load_extension(source: Path, kind: str):
-    """Builds (or loads a verified build of) one of the package's C++ sources as ``routing_kernel`` describes;
-    False, with a warning, when it cannot be built. ``kind`` names the build folder and the library."""
-    folder, name = _kernel_build_folder(kind)
-    library, stamp = folder / f'{name}.so', folder / f'{name}.sha256'
-    # the headers the sources share (csrc/*.h) are part of every build
-    sources = [source, *sorted(source.parent.glob('*.h'))]
-    expected = f"{' '.join(_sha256(path) for path in sources)} {library.name} {' '.join(KERNEL_CFLAGS)}"
-    try:
-        verified = stamp.read_text().split('\n')[:2] == [expected, _sha256(library)]
-    except OSError:
-        verified = False
-    try:
-        return _import_library(name, library) if verified else _build_kernel(name, folder, library, stamp, expected,
-                                                                             source, kind)
-    except Exception as error:  # a compiler or header missing: route with plain tensor ops instead
-        warnings.warn(f'the fused {kind} kernel could not be built ({error}); routing falls back to plain '
-                      f'tensor ops (slower, more memory). Set TIMM_CAPSULES_FUSED_ROUTING=0 to silence this.')
-        return False
-
-
-def _kernel_build_folder(kind: str = 'routing') -> Tuple[Path, str]:
-    """One build folder per (Python, torch, CPU, environment). -march=native: a cache shared with another
-    CPU must not hand it this build, so the CPU's instruction sets are in the name; two virtual environments
-    with the same torch would rewrite each other's build.ninja (include paths differ), so torch's install
-    path is in it too."""
-    key = f'{_cpu_description()}\n{Path(torch.__file__).resolve().parent}'
-    name = f'timm_capsules_{kind}_{hashlib.sha1(key.encode()).hexdigest()[:8]}'
-    version = f'py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}'
-    root = (os.environ.get('TORCH_EXTENSIONS_DIR')
-            or Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'torch_extensions')
-    return Path(root) / version / name, name
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _import_library(name: str, library: Path):
-    """Loads a verified build directly: torch.utils.cpp_extension (which prints CUDA notices on CPU-only
-    machines and checks the compiler) is only imported to build."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, library)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class _NoCudaNotice(logging.Filter):
-    def filter(self, record):
-        return not str(record.msg).startswith('No CUDA runtime is found')
-
-
-def _import_cpp_extension():
-    """torch.utils.cpp_extension without the "No CUDA runtime is found, using CUDA_HOME=..." notice it logs at
-    import on a machine without a GPU: it looks for CUDA there, and a CPU kernel never uses it."""
-    logger, notice = logging.getLogger('torch.utils.cpp_extension'), _NoCudaNotice()
-    logger.addFilter(notice)
-    try:
-        import torch.utils.cpp_extension
-    finally:
-        logger.removeFilter(notice)
-    return torch.utils.cpp_extension
-
-
-def _build_kernel(name: str, folder: Path, library: Path, stamp: Path, expected: str,
-                  source: Path = KERNEL_SOURCE, kind: str = 'routing'):
-    load = _import_cpp_extension().load
-    print(f'timm_capsules: compiling the fused CPU {kind} kernel (first use, about a minute) ...',
-          file=sys.stderr, flush=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp.unlink(missing_ok=True)
-    # a damaged library must be linked again, and objects compiled again (a changed header), not trusted by
-    # ninja's timestamps
-    for stale in (library, *folder.glob('*.o')):
-        stale.unlink(missing_ok=True)
-    done = threading.Event()
-
-    def sign_of_life():
-        start = time.monotonic()
-        while not done.wait(15):
-            print(f'timm_capsules: still compiling the {kind} kernel ({time.monotonic() - start:.0f} s)',
-                  file=sys.stderr, flush=True)
-    threading.Thread(target=sign_of_life, daemon=True).start()
-    try:
-        kernel = load(name=name, sources=[str(source)], extra_cflags=KERNEL_CFLAGS,
-                      extra_ldflags=['-fopenmp'], build_directory=str(folder))
-    finally:
-        done.set()
-    stamp.write_text(f'{expected}\n{_sha256(library)}\n')
-    return kernel
-
-
-def _cpu_description() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            return ''.join(line for line in f if line.startswith(('model name', 'flags')))[:4096] or platform.processor()
-    except OSError:
-        return platform.processor()
 
 
 def window_children(grid: Tensor, kernel_size: int, stride: int) -> Tensor:
@@ -377,12 +253,12 @@ def window_children(grid: Tensor, kernel_size: int, stride: int) -> Tensor:
 
 
 def fused_attention_routing(
-        children: Tensor,
-        weight: Tensor,
-        parents: Tensor,
-        child_activations: Optional[Tensor] = None,
-        with_routing: bool = True,
-        window: Optional[Tuple[int, int]] = None,
+    children: Tensor,
+    weight: Tensor,
+    parents: Tensor,
+    child_activations: Optional[Tensor] = None,
+    with_routing: bool = True,
+    window: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``attention_routing(capsule_votes(children, weight), parents, child_activations)`` as one CPU kernel
     that never writes the votes to memory: each child's votes are formed, compared with the parents and
@@ -402,7 +278,8 @@ def fused_attention_routing(
         child_activations = None if child_activations is None else child_activations[:, None, None]
         window = (1, 1)
     poses, coefficients, agreement = torch.ops.timm_capsules.attention_routing(
-        children, weight, parents, child_activations, *window, with_routing)
+        children, weight, parents, child_activations, *window, with_routing
+    )
     return (poses, coefficients, agreement) if with_routing else (poses, None, None)
 
 
@@ -420,24 +297,30 @@ def _kernel_layouts(children: Tensor, weight: Tensor, parents: Tensor, activatio
 
 @torch.library.custom_op('timm_capsules::attention_routing', mutates_args=())
 def _attention_routing_op(
-        children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor], kernel_size: int,
-        stride: int, with_routing: bool,
+    children: Tensor,
+    weight: Tensor,
+    parents: Tensor,
+    activations: Optional[Tensor],
+    kernel_size: int,
+    stride: int,
+    with_routing: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    kernel = routing_kernel()
+    kernel = kernels.routing_kernel()
     if kernel is None:  # the fake kernel below promises contiguous outputs, so the fallback gives them too
         windows = window_children(children, kernel_size, stride)
         window_activations = None if activations is None else window_children(activations, kernel_size, stride)
         poses, coefficients, agreement = (
             t.clone(memory_format=torch.contiguous_format)
-            for t in attention_routing(capsule_votes(windows, weight), parents, window_activations))
+            for t in attention_routing(capsule_votes(windows, weight), parents, window_activations)
+        )
         if not with_routing:
             return poses, children.new_empty(0), children.new_empty(0)
         return poses, coefficients, agreement
     I, J, C, T = weight.shape
     G, _, R, _ = parents.shape
     poses, coefficients, agreement = kernel.forward(
-        *_kernel_layouts(children, weight, parents, activations), kernel_size, stride, T, (R * T) ** -0.5,
-        with_routing)
+        *_kernel_layouts(children, weight, parents, activations), kernel_size, stride, T, (R * T) ** -0.5, with_routing
+    )
     poses = poses.reshape(G, R, T, J).permute(0, 3, 1, 2)  # (g, r, t*j) -> (g, j, r, t)
     dtype = parents.dtype
     return poses.to(dtype).contiguous(), coefficients.to(dtype), agreement.to(dtype)
@@ -452,49 +335,76 @@ def _(children, weight, parents, activations, kernel_size, stride, with_routing)
 
 @torch.library.custom_op('timm_capsules::attention_routing_backward', mutates_args=())
 def _attention_routing_backward_op(
-        grad_poses: Tensor, grad_coefficients: Optional[Tensor], grad_agreement: Optional[Tensor],
-        children: Tensor, weight: Tensor, parents: Tensor, activations: Optional[Tensor], kernel_size: int,
-        stride: int,
+    grad_poses: Tensor,
+    grad_coefficients: Optional[Tensor],
+    grad_agreement: Optional[Tensor],
+    children: Tensor,
+    weight: Tensor,
+    parents: Tensor,
+    activations: Optional[Tensor],
+    kernel_size: int,
+    stride: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for children, weight, parents and activations (empty when there are none)."""
-    kernel = routing_kernel()
+    kernel = kernels.routing_kernel()
     if kernel is None:
         return _attention_routing_backward_reference(
-            grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations, kernel_size, stride)
+            grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations, kernel_size, stride
+        )
     I, J, C, T = weight.shape
     G, _, R, _ = parents.shape
     dtype = children.dtype if children.dtype in (torch.float32, torch.float64) else torch.float32
     flat = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
     grad_poses = grad_poses.to(dtype).permute(0, 2, 3, 1).reshape(G, R, T * J).contiguous()
     d_children, d_weight, d_parents, d_activations = kernel.backward(
-        grad_poses, flat(grad_coefficients), flat(grad_agreement),
-        *_kernel_layouts(children, weight, parents, activations), kernel_size, stride, T, (R * T) ** -0.5)
+        grad_poses,
+        flat(grad_coefficients),
+        flat(grad_agreement),
+        *_kernel_layouts(children, weight, parents, activations),
+        kernel_size,
+        stride,
+        T,
+        (R * T) ** -0.5,
+    )
     d_weight = d_weight.reshape(I, C, T, J).permute(0, 3, 1, 2)  # (i, c, t*j) -> (i, j, c, t)
     d_parents = d_parents.reshape(G, R, T, J).permute(0, 3, 1, 2)  # (g, r, t*j) -> (g, j, r, t)
-    return (d_children.to(children.dtype), d_weight.to(weight.dtype).contiguous(),
-            d_parents.to(parents.dtype).contiguous(), d_activations.to(children.dtype))
+    return (
+        d_children.to(children.dtype),
+        d_weight.to(weight.dtype).contiguous(),
+        d_parents.to(parents.dtype).contiguous(),
+        d_activations.to(children.dtype),
+    )
 
 
 def _attention_routing_backward_reference(
-        grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations, kernel_size, stride):
+    grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations, kernel_size, stride
+):
     """What the kernel's backward pass computes, in plain tensor ops (windows copied, votes materialised)."""
     windows = window_children(children, kernel_size, stride)
     votes = capsule_votes(windows, weight)
     scale = (votes.shape[-1] * votes.shape[-2]) ** -0.5
     coefficients = (torch.einsum('gijrt,gjrt->gij', votes, parents) * scale).softmax(-1)
-    act = torch.ones_like(coefficients[..., 0]) if activations is None else window_children(activations, kernel_size, stride)
+    act = (
+        torch.ones_like(coefficients[..., 0])
+        if activations is None
+        else window_children(activations, kernel_size, stride)
+    )
     d_mass = torch.einsum('gjrt,gijrt->gij', grad_poses, votes)
     d_coefficients = d_mass * act[..., None] + (0 if grad_coefficients is None else grad_coefficients)
     d_logits = coefficients * (d_coefficients - (coefficients * d_coefficients).sum(-1, keepdim=True))
     pull = (d_logits + (0 if grad_agreement is None else grad_agreement)) * scale
-    d_votes = (torch.einsum('gij,gjrt->gijrt', coefficients * act[..., None], grad_poses)
-               + torch.einsum('gij,gjrt->gijrt', pull, parents))
+    d_votes = torch.einsum('gij,gjrt->gijrt', coefficients * act[..., None], grad_poses) + torch.einsum(
+        'gij,gjrt->gijrt', pull, parents
+    )
     d_windows = torch.einsum('gijrt,ijct->girc', d_votes, weight)
     d_children = _add_windows_back(d_windows, children.shape, kernel_size, stride)
     d_weight = torch.einsum('girc,gijrt->ijct', windows, d_votes)
     d_parents = torch.einsum('gij,gijrt->gjrt', pull, votes)
-    d_activations = children.new_empty(0) if activations is None else _add_windows_back(
-        (d_mass * coefficients).sum(-1), activations.shape, kernel_size, stride)
+    d_activations = (
+        children.new_empty(0)
+        if activations is None
+        else _add_windows_back((d_mass * coefficients).sum(-1), activations.shape, kernel_size, stride)
+    )
     # contiguous, as the op's fake kernel (empty_like of contiguous inputs) tells torch.compile
     return tuple(t.contiguous() for t in (d_children, d_weight, d_parents, d_activations))
 
@@ -508,7 +418,7 @@ def _add_windows_back(windows: Tensor, grid_shape: torch.Size, kernel_size: int,
     grid = windows.new_zeros(grid_shape)
     for ky in range(k):
         for kx in range(k):
-            grid[:, ky:ky + s * (Ho - 1) + 1:s, kx:kx + s * (Wo - 1) + 1:s] += windows[:, :, :, ky, kx]
+            grid[:, ky : ky + s * (Ho - 1) + 1 : s, kx : kx + s * (Wo - 1) + 1 : s] += windows[:, :, :, ky, kx]
     return grid
 
 
@@ -532,8 +442,15 @@ def _backward(ctx, grad_poses, grad_coefficients, grad_agreement):
         grad_poses = torch.zeros_like(parents)
     unused = lambda grad: grad is None or grad.numel() == 0  # noqa: E731
     d_children, d_weight, d_parents, d_activations = _attention_routing_backward_op(
-        grad_poses, None if unused(grad_coefficients) else grad_coefficients,
-        None if unused(grad_agreement) else grad_agreement, children, weight, parents, activations, *ctx.window)
+        grad_poses,
+        None if unused(grad_coefficients) else grad_coefficients,
+        None if unused(grad_agreement) else grad_agreement,
+        children,
+        weight,
+        parents,
+        activations,
+        *ctx.window,
+    )
     return d_children, d_weight, d_parents, None if activations is None else d_activations, None, None, None
 
 
@@ -545,14 +462,17 @@ _attention_routing_op.register_autograd(_backward, setup_context=_setup_context)
 @_attention_routing_op.register_kernel('cuda')
 def _(children, weight, parents, activations, kernel_size, stride, with_routing):
     from .routing_triton import routing_forward
+
     return routing_forward(children, weight, parents, activations, kernel_size, stride, with_routing)
 
 
 @_attention_routing_backward_op.register_kernel('cuda')
 def _(grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations, kernel_size, stride):
     from .routing_triton import routing_backward
-    return routing_backward(grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations,
-                            kernel_size, stride)
+
+    return routing_backward(
+        grad_poses, grad_coefficients, grad_agreement, children, weight, parents, activations, kernel_size, stride
+    )
 
 
 # what torch.utils.flop_counter counts for the kernel (one multiply-add = 2 FLOPs): per child-parent pair,
@@ -566,8 +486,9 @@ def _forward_flops(children_shape, weight_shape, parents_shape, *args, **kwargs)
 
 
 @register_flop_formula(torch.ops.timm_capsules.attention_routing_backward)
-def _backward_flops(grad_poses_shape, grad_coefficients_shape, grad_agreement_shape, children_shape, weight_shape,
-                    *args, **kwargs) -> int:
+def _backward_flops(
+    grad_poses_shape, grad_coefficients_shape, grad_agreement_shape, children_shape, weight_shape, *args, **kwargs
+) -> int:
     I, J, C, T = weight_shape
     G, _, R, _ = grad_poses_shape
     return 2 * G * I * J * R * T * (3 * C + 5)

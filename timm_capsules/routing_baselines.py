@@ -19,8 +19,8 @@ under bf16/fp16 autocast; results are returned in the votes' dtype.
 (``csrc/em_routing.cpp``) that never stores the votes and reads a convolutional layer's windows from the child
 grid; the plain tensor ops of ``em_routing`` (on ``routing.window_children``) are its reference and its fallback.
 """
+
 import contextlib
-from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from timm.layers import register_notrace_function
 
-from .routing import capsule_votes, load_extension, use_fused_routing, window_children
+from . import kernels
+from .kernels import em_routing_kernel  # noqa: F401  (a thin re-export: it moved to kernels.py)
+from .routing import capsule_votes, window_children
 
 __all__ = ['squash', 'dynamic_routing', 'em_routing', 'em_routing_from_poses', 'inverse_temperature_schedule']
 
@@ -37,7 +39,7 @@ def squash(s: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     """Sabour et al.'s non-linearity v = |s|^2 / (1 + |s|^2) * s / |s|: keeps the direction, maps the
     length into [0, 1). Written so that s = 0 has a finite gradient (eps guards the division)."""
     sq = s.float().pow(2).sum(dim, keepdim=True)
-    factor = sq / ((1. + sq) * torch.sqrt(sq + eps))
+    factor = sq / ((1.0 + sq) * torch.sqrt(sq + eps))
     return (s.float() * factor).to(s.dtype)
 
 
@@ -68,13 +70,13 @@ def inverse_temperature_schedule(iterations: int, final: float = 1.0) -> List[fl
 @register_notrace_function  # torch.fx records it as one call: it switches autocast off inside
 @torch.jit.ignore  # and timm's fx + TorchScript test scripts that graph: the call stays Python
 def em_routing(
-        votes: Tensor,
-        child_activations: Tensor,
-        beta_u: Tensor,
-        beta_a: Tensor,
-        inverse_temperatures: List[float] = (1 / 3, 2 / 3, 1.),
-        normalize_cost: bool = True,
-        eps: float = 1e-6,
+    votes: Tensor,
+    child_activations: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    inverse_temperatures: List[float] = (1 / 3, 2 / 3, 1.0),
+    normalize_cost: bool = True,
+    eps: float = 1e-6,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """EM routing (Hinton et al., 2018, Procedure 1), one iteration per inverse temperature.
 
@@ -98,8 +100,15 @@ def em_routing(
     routing stays finite for poses of any magnitude. Guards: ``eps`` is added to the routed mass, and
     sigma^2 is floored at ``eps * s^2``.
     """
-    args = (votes.float(), child_activations.float(), beta_u.float(), beta_a.float(),
-            [float(t) for t in inverse_temperatures], normalize_cost, eps)
+    args = (
+        votes.float(),
+        child_activations.float(),
+        beta_u.float(),
+        beta_a.float(),
+        [float(t) for t in inverse_temperatures],
+        normalize_cost,
+        eps,
+    )
     device_type = votes.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type=device_type, enabled=False):
@@ -109,8 +118,9 @@ def em_routing(
     return poses.to(votes.dtype), activations.to(votes.dtype), assignments.to(votes.dtype)
 
 
-def _em_routing_fp32(v, a_in, beta_u, beta_a, inverse_temperatures: List[float], normalize_cost: bool,
-                     eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+def _em_routing_fp32(
+    v, a_in, beta_u, beta_a, inverse_temperatures: List[float], normalize_cost: bool, eps: float
+) -> Tuple[Tensor, Tensor, Tensor]:
     G, I, J, D = v.shape
     # (g, j, i, d): every sum over children below is then one batched matmul, with no big temporaries
     # (free when the caller's votes already lie in that layout, as the layers' do)
@@ -129,7 +139,7 @@ def _em_routing_fp32(v, a_in, beta_u, beta_a, inverse_temperatures: List[float],
         mass = routed.sum(-1)  # (g, j)
         weights = (routed / (mass[..., None] + eps))[:, :, None, :]  # (g, j, 1, i)
         mu = torch.matmul(weights, v)  # (g, j, 1, d)
-        var = (torch.matmul(weights, v_sq) - mu * mu).clamp_min(0.) + eps  # E[V^2] - mu^2, floored
+        var = (torch.matmul(weights, v_sq) - mu * mu).clamp_min(0.0) + eps  # E[V^2] - mu^2, floored
         log_sigma = 0.5 * var.log() + log_scale[..., None]  # log sigma in the votes' own units
         if normalize_cost:
             relative_mass = mass / (mass.mean(-1, keepdim=True) + eps)
@@ -144,8 +154,9 @@ def _em_routing_fp32(v, a_in, beta_u, beta_a, inverse_temperatures: List[float],
         # E-step: sum_d (V - mu)^2 / var = V^2 . (1/var) - 2 V . (mu/var) + mu^2 . (1/var), as matmuls;
         # the constant -d/2 log(2 pi) and the per-group log s cancel in the softmax over parents
         inv_var = 1.0 / var  # (g, j, 1, d)
-        mahalanobis = (torch.matmul(v_sq, inv_var.transpose(-1, -2))
-                       - 2 * torch.matmul(v, (mu * inv_var).transpose(-1, -2)))[..., 0] + (mu * mu * inv_var).sum(-1)
+        mahalanobis = (
+            torch.matmul(v_sq, inv_var.transpose(-1, -2)) - 2 * torch.matmul(v, (mu * inv_var).transpose(-1, -2))
+        )[..., 0] + (mu * mu * inv_var).sum(-1)
         log_p = -0.5 * mahalanobis - 0.5 * var.log().sum(-1)  # (g, j, i)
         assignments = (F.logsigmoid(logits)[..., None] + log_p).softmax(dim=1)
     poses = mu[:, :, 0] * scale[:, 0]
@@ -154,33 +165,21 @@ def _em_routing_fp32(v, a_in, beta_u, beta_a, inverse_temperatures: List[float],
 
 # ---- EM routing from child poses: the fused CPU kernel ----------------------------------------------------
 
-_em_kernel = None  # the compiled extension once loaded; False when it cannot be built here
-EM_KERNEL_SOURCE = Path(__file__).parent / 'csrc' / 'em_routing.cpp'
-
-
-def em_routing_kernel():
-    """The EM routing extension, or None when this machine cannot build it (built, verified and cached
-    like ``routing.routing_kernel``)."""
-    global _em_kernel
-    if _em_kernel is None:
-        _em_kernel = load_extension(EM_KERNEL_SOURCE, 'em_routing')
-    return _em_kernel or None
-
 
 @register_notrace_function
 @torch.jit.ignore
 def em_routing_from_poses(
-        children: Tensor,
-        weight: Tensor,
-        child_activations: Tensor,
-        beta_u: Tensor,
-        beta_a: Tensor,
-        inverse_temperatures: List[float] = (1 / 3, 2 / 3, 1.),
-        normalize_cost: bool = True,
-        eps: float = 1e-6,
-        offset: Optional[Tensor] = None,
-        window: Optional[Tuple[int, int]] = None,
-        with_assignments: bool = True,
+    children: Tensor,
+    weight: Tensor,
+    child_activations: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    inverse_temperatures: List[float] = (1 / 3, 2 / 3, 1.0),
+    normalize_cost: bool = True,
+    eps: float = 1e-6,
+    offset: Optional[Tensor] = None,
+    window: Optional[Tuple[int, int]] = None,
+    with_assignments: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``em_routing`` of the votes ``capsule_votes(children, weight) (+ offset)``, flattened to (g, i, j, d).
 
@@ -200,14 +199,15 @@ def em_routing_from_poses(
     temperatures = [float(t) for t in inverse_temperatures]
     if window is None:  # every group is one 1 x 1 window of its own
         children, child_activations, window = children[:, None, None], child_activations[:, None, None], (1, 1)
-    if not _use_em_kernel(children):
+    if not kernels.em_kernel_applies(children):
         children = window_children(children, *window)
         child_activations = window_children(child_activations, *window)
         votes = capsule_votes(children, weight)
         if offset is not None:
             votes = votes + offset[:, None].to(votes.dtype)  # (i, 1, r, t) onto (g, i, j, r, t)
         poses, activations, assignments = em_routing(
-            votes.flatten(-2), child_activations, beta_u, beta_a, temperatures, normalize_cost, eps)
+            votes.flatten(-2), child_activations, beta_u, beta_a, temperatures, normalize_cost, eps
+        )
         return poses, activations, assignments if with_assignments else assignments.new_empty(0)
     device_type = children.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
@@ -216,62 +216,109 @@ def em_routing_from_poses(
         # contiguous here, so that the op saves the copy it routes and its backward does not copy again
         cast = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
         outputs = torch.ops.timm_capsules.em_routing(
-            cast(children), cast(weight), cast(offset), cast(child_activations), cast(beta_u), cast(beta_a),
-            *window, temperatures, normalize_cost, eps, with_assignments)
+            cast(children),
+            cast(weight),
+            cast(offset),
+            cast(child_activations),
+            cast(beta_u),
+            cast(beta_a),
+            *window,
+            temperatures,
+            normalize_cost,
+            eps,
+            with_assignments,
+        )
     return tuple(t.to(children.dtype) for t in outputs)
-
-
-def _use_em_kernel(children: Tensor) -> bool:
-    if children.device.type != 'cpu' or not use_fused_routing():
-        return False
-    if torch.compiler.is_exporting() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.jit.is_scripting():
-        return False
-    # under torch.compile the op is traced through its fake kernel; it falls back inside when it has no build
-    return torch.compiler.is_compiling() or em_routing_kernel() is not None
 
 
 def _kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a):
     """The kernel's layouts: weight (i, j, c, t) -> (i, c, t, j), offset (i, r, t) -> (i, r t)."""
     weight = weight.permute(0, 2, 3, 1).contiguous()
     offset = None if offset is None else offset.reshape(offset.shape[0], -1).contiguous()
-    return (children.contiguous(), weight, offset, child_activations.contiguous(), beta_u.contiguous(),
-            beta_a.contiguous())
+    return (
+        children.contiguous(),
+        weight,
+        offset,
+        child_activations.contiguous(),
+        beta_u.contiguous(),
+        beta_a.contiguous(),
+    )
 
 
-def _em_reference(children, weight, offset, child_activations, beta_u, beta_a, kernel_size, stride, temperatures,
-                  normalize_cost, eps):
+def _em_reference(
+    children, weight, offset, child_activations, beta_u, beta_a, kernel_size, stride, temperatures, normalize_cost, eps
+):
     """The op in plain tensor ops: the windows copied out, the votes materialised."""
     votes = capsule_votes(window_children(children, kernel_size, stride), weight)
     child_activations = window_children(child_activations, kernel_size, stride)
     if offset is not None:
         votes = votes + offset[:, None]
-    return _em_routing_fp32(votes.flatten(-2), child_activations, beta_u, beta_a, temperatures, normalize_cost,
-                            eps)
+    return _em_routing_fp32(votes.flatten(-2), child_activations, beta_u, beta_a, temperatures, normalize_cost, eps)
 
 
 @torch.library.custom_op('timm_capsules::em_routing', mutates_args=())
 def _em_routing_op(
-        children: Tensor, weight: Tensor, offset: Optional[Tensor], child_activations: Tensor, beta_u: Tensor,
-        beta_a: Tensor, kernel_size: int, stride: int, inverse_temperatures: List[float], normalize_cost: bool,
-        eps: float, with_assignments: bool,
+    children: Tensor,
+    weight: Tensor,
+    offset: Optional[Tensor],
+    child_activations: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    kernel_size: int,
+    stride: int,
+    inverse_temperatures: List[float],
+    normalize_cost: bool,
+    eps: float,
+    with_assignments: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    kernel = em_routing_kernel()
+    kernel = kernels.em_routing_kernel()
     if kernel is None:  # only under torch.compile without a build: the fake kernel promised contiguous outputs
         with torch.no_grad():
             poses, activations, assignments = _em_reference(
-                children, weight, offset, child_activations, beta_u, beta_a, kernel_size, stride,
-                inverse_temperatures, normalize_cost, eps)
-        return (poses.contiguous(), activations.contiguous(),
-                assignments.contiguous() if with_assignments else assignments.new_empty(0))
+                children,
+                weight,
+                offset,
+                child_activations,
+                beta_u,
+                beta_a,
+                kernel_size,
+                stride,
+                inverse_temperatures,
+                normalize_cost,
+                eps,
+            )
+        return (
+            poses.contiguous(),
+            activations.contiguous(),
+            assignments.contiguous() if with_assignments else assignments.new_empty(0),
+        )
     poses, activations, assignments = kernel.forward(
-        *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a), kernel_size, stride,
-        inverse_temperatures, normalize_cost, eps, with_assignments)
+        *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a),
+        kernel_size,
+        stride,
+        inverse_temperatures,
+        normalize_cost,
+        eps,
+        with_assignments,
+    )
     return poses, activations, assignments
 
 
 @_em_routing_op.register_fake
-def _(children, weight, offset, child_activations, beta_u, beta_a, kernel_size, stride, inverse_temperatures,
-      normalize_cost, eps, with_assignments):
+def _(
+    children,
+    weight,
+    offset,
+    child_activations,
+    beta_u,
+    beta_a,
+    kernel_size,
+    stride,
+    inverse_temperatures,
+    normalize_cost,
+    eps,
+    with_assignments,
+):
     B, H, W, N, R, _ = children.shape
     G = B * ((H - kernel_size) // stride + 1) * ((W - kernel_size) // stride + 1)
     I, J, T = kernel_size * kernel_size * N, weight.shape[1], weight.shape[3]
@@ -281,33 +328,77 @@ def _(children, weight, offset, child_activations, beta_u, beta_a, kernel_size, 
 
 @torch.library.custom_op('timm_capsules::em_routing_backward', mutates_args=())
 def _em_routing_backward_op(
-        grad_poses: Optional[Tensor], grad_activations: Optional[Tensor], grad_assignments: Optional[Tensor],
-        children: Tensor, weight: Tensor, offset: Optional[Tensor], child_activations: Tensor, beta_u: Tensor,
-        beta_a: Tensor, kernel_size: int, stride: int, inverse_temperatures: List[float], normalize_cost: bool,
-        eps: float,
+    grad_poses: Optional[Tensor],
+    grad_activations: Optional[Tensor],
+    grad_assignments: Optional[Tensor],
+    children: Tensor,
+    weight: Tensor,
+    offset: Optional[Tensor],
+    child_activations: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    kernel_size: int,
+    stride: int,
+    inverse_temperatures: List[float],
+    normalize_cost: bool,
+    eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for children, weight, child activations, beta_u and beta_a."""
-    kernel = em_routing_kernel()
+    kernel = kernels.em_routing_kernel()
     if kernel is None:  # torch.func's vjp: autograd's own dispatch is switched off inside a custom op
+
         def reference(*leaves):
-            return _em_reference(leaves[0], leaves[1], offset, *leaves[2:], kernel_size, stride,
-                                 inverse_temperatures, normalize_cost, eps)
+            return _em_reference(
+                leaves[0],
+                leaves[1],
+                offset,
+                *leaves[2:],
+                kernel_size,
+                stride,
+                inverse_temperatures,
+                normalize_cost,
+                eps,
+            )
+
         outputs, vjp = torch.func.vjp(reference, children, weight, child_activations, beta_u, beta_a)
-        grads = [torch.zeros_like(o) if g is None else g for o, g in
-                 zip(outputs, (grad_poses, grad_activations, grad_assignments))]
+        grads = [
+            torch.zeros_like(o) if g is None else g
+            for o, g in zip(outputs, (grad_poses, grad_activations, grad_assignments))
+        ]
         return tuple(g.contiguous() for g in vjp(tuple(grads)))
     flat = lambda t: None if t is None else t.contiguous()  # noqa: E731
     d_children, d_weight, d_activations, d_beta_u, d_beta_a = kernel.backward(
-        flat(grad_poses), flat(grad_activations), flat(grad_assignments),
-        *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a), kernel_size, stride,
-        inverse_temperatures, normalize_cost, eps)
+        flat(grad_poses),
+        flat(grad_activations),
+        flat(grad_assignments),
+        *_kernel_inputs(children, weight, offset, child_activations, beta_u, beta_a),
+        kernel_size,
+        stride,
+        inverse_temperatures,
+        normalize_cost,
+        eps,
+    )
     d_weight = d_weight.permute(0, 3, 1, 2).contiguous()  # (i, c, t, j) -> (i, j, c, t)
     return d_children, d_weight, d_activations, d_beta_u, d_beta_a
 
 
 @_em_routing_backward_op.register_fake
-def _(grad_poses, grad_activations, grad_assignments, children, weight, offset, child_activations, beta_u, beta_a,
-      kernel_size, stride, inverse_temperatures, normalize_cost, eps):
+def _(
+    grad_poses,
+    grad_activations,
+    grad_assignments,
+    children,
+    weight,
+    offset,
+    child_activations,
+    beta_u,
+    beta_a,
+    kernel_size,
+    stride,
+    inverse_temperatures,
+    normalize_cost,
+    eps,
+):
     like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     return like(children), like(weight), like(child_activations), like(beta_u), like(beta_a)
 
@@ -324,8 +415,17 @@ def _em_backward(ctx, grad_poses, grad_activations, grad_assignments):
         grad_assignments = None
     children, weight, offset, child_activations, beta_u, beta_a = ctx.saved_tensors
     d_children, d_weight, d_activations, d_beta_u, d_beta_a = _em_routing_backward_op(
-        grad_poses, grad_activations, grad_assignments, children, weight, offset, child_activations, beta_u, beta_a,
-        *ctx.config)
+        grad_poses,
+        grad_activations,
+        grad_assignments,
+        children,
+        weight,
+        offset,
+        child_activations,
+        beta_u,
+        beta_a,
+        *ctx.config,
+    )
     return d_children, d_weight, None, d_activations, d_beta_u, d_beta_a, None, None, None, None, None, None
 
 

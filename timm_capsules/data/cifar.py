@@ -6,17 +6,17 @@
 normalised ``(image, target)`` pairs for a DataLoader, with the paper's training augmentation
 (pad 4 + random crop + horizontal flip, Tsai et al. 2020, appendix A) drawn reproducibly per image.
 """
+
 import os
 from pathlib import Path
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-# name -> (Hub id, image column, label column)
-KNOWN_DATASETS = {
-    'cifar10': ('uoft-cs/cifar10', 'img', 'label'),
-    'cifar100': ('uoft-cs/cifar100', 'img', 'fine_label'),
-}
+from .registry import DATASETS, hub_columns
+
+# name -> (Hub id, image column, label column): a thin view of the registry (data/registry.py), kept for callers
+KNOWN_DATASETS = {name: hub_columns(name) for name, info in DATASETS.items() if info.hub_id}
 
 
 class LabelInfo(NamedTuple):
@@ -45,8 +45,10 @@ def check_columns(dataset, image_column: str, label_column: str, name: str = 'da
     columns = list(dataset.column_names)
     missing = [c for c in (image_column, label_column) if c not in columns]
     if missing:
-        raise ValueError(f"{name} has no column {' or '.join(map(repr, missing))} (columns: {columns}); "
-                         f"pass --image-column / --label-column")
+        raise ValueError(
+            f'{name} has no column {" or ".join(map(repr, missing))} (columns: {columns}); '
+            f'pass --image-column / --label-column'
+        )
 
 
 def label_info(dataset, label_column: str) -> LabelInfo:
@@ -117,9 +119,21 @@ class ImageClassificationData(torch.utils.data.Dataset):
     exactly the images an uninterrupted one would. Call ``set_epoch`` before each epoch.
     """
 
-    def __init__(self, dataset, transform, image_column: str, label_column: str, labels: LabelInfo, *,
-                 mean: Sequence[float], std: Sequence[float], augment: bool = False, padding: int = 4,
-                 flip: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        dataset,
+        transform,
+        image_column: str,
+        label_column: str,
+        labels: LabelInfo,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool = False,
+        padding: int = 4,
+        flip: bool = True,
+        seed: int = 0,
+    ):
         self.dataset, self.transform = dataset, transform
         self.image_column, self.label_column, self.labels = image_column, label_column, labels
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -136,11 +150,11 @@ class ImageClassificationData(torch.utils.data.Dataset):
         import numpy as np
 
         key = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(key) & (2 ** 63 - 1))
+        generator = torch.Generator().manual_seed(int(key) & (2**63 - 1))
         top, left, flip = torch.randint(0, 2 * self.padding + 1, (3,), generator=generator).tolist()
         height, width = image.shape[-2:]
         padded = torch.nn.functional.pad(image, (self.padding,) * 4)
-        image = padded[:, top:top + height, left:left + width]
+        image = padded[:, top : top + height, left : left + width]
         return image.flip(-1) if self.flip and flip % 2 else image
 
     def __getitem__(self, index: int):

@@ -39,6 +39,7 @@ Definitions (every function below uses them):
   mass of the uniform first pass (no routing preference; it keeps the conv-window geometry), and
   ``area_share`` the same with a constant mass (A's share of the digit area).
 """
+
 import math
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -46,10 +47,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# the image geometry (receptive fields, primary mass onto pixels, digit ownership) is receptive_fields.py's
+from .receptive_fields import digit_ownership, primary_receptive_fields, primary_to_image, receptive_field_matrix
+
 __all__ = [
-    'Iteration', 'routing_trace', 'routing_entropy', 'routing_summary', 'class_names', 'propagate_mass',
-    'class_primary_mass', 'primary_receptive_fields', 'receptive_field_matrix', 'primary_to_image',
-    'class_heatmaps', 'digit_ownership', 'own_fraction', 'part_whole_probe', 'PartWholeTree', 'part_whole_tree',
+    'Iteration',
+    'routing_trace',
+    'routing_entropy',
+    'routing_summary',
+    'class_names',
+    'propagate_mass',
+    'class_primary_mass',
+    'primary_receptive_fields',
+    'receptive_field_matrix',
+    'primary_to_image',
+    'class_heatmaps',
+    'digit_ownership',
+    'own_fraction',
+    'part_whole_probe',
+    'PartWholeTree',
+    'part_whole_tree',
     'entropy_table',
 ]
 
@@ -108,12 +125,13 @@ def propagate_mass(coefficients: Tensor, parent_mass: Tensor, geometry) -> Tenso
     child = flow.new_zeros(B, Hc, Wc, Nc, K)
     for ky in range(k):
         for kx in range(k):
-            child[:, ky:ky + s * (H - 1) + 1:s, kx:kx + s * (W - 1) + 1:s] += flow[:, :, :, ky, kx]
+            child[:, ky : ky + s * (H - 1) + 1 : s, kx : kx + s * (W - 1) + 1 : s] += flow[:, :, :, ky, kx]
     return child
 
 
-def class_primary_mass(trace, classes: Optional[Sequence[int]] = None, iteration: Iteration = -1,
-                       per_layer: bool = False):
+def class_primary_mass(
+    trace, classes: Optional[Sequence[int]] = None, iteration: Iteration = -1, per_layer: bool = False
+):
     """Top-down routing mass of class capsules on every capsule layer.
 
     Returns primary mass (B, Hp, Wp, Np, K) for the K ``classes`` (default: all), or with ``per_layer``
@@ -133,8 +151,14 @@ def class_primary_mass(trace, classes: Optional[Sequence[int]] = None, iteration
     return masses if per_layer else masses[0]
 
 
-def routing_summary(trace, index: int = 0, label_names: Optional[Sequence[str]] = None,
-                    multi_label: bool = False, top_k: int = 1, argmax: bool = True) -> Dict[str, Any]:
+def routing_summary(
+    trace,
+    index: int = 0,
+    label_names: Optional[Sequence[str]] = None,
+    multi_label: bool = False,
+    top_k: int = 1,
+    argmax: bool = True,
+) -> Dict[str, Any]:
     """JSON-ready summary of image ``index`` of a trace: class scores (sigmoid if ``multi_label`` else
     softmax), and per routing layer and iteration the mean / normalised routing entropy, the parent each
     child routes to most (``argmax_parent``, shape (H, W, children); null for the uniform first pass), how
@@ -151,23 +175,35 @@ def routing_summary(trace, index: int = 0, label_names: Optional[Sequence[str]] 
             norms = trace.poses[k][l + 1][index].float().norm(dim=-1)  # parents (H, W, N)
             best = r.argmax(-1)
             uniform = k == 0
-            iterations.append(dict(
-                iteration=k + 1,
-                uniform=uniform,
-                entropy=float(routing_entropy(r).mean()),
-                entropy_normalized=float(routing_entropy(r, normalize=True).mean()),
-                max_coefficient=float(r.max(-1).values.mean()),
-                argmax_parent=None if uniform or not argmax else best.tolist(),
-                argmax_parent_counts=None if uniform else torch.bincount(
-                    best.flatten(), minlength=r.shape[-1]).tolist(),
-                pose_norm_mean=float(norms.mean()),
-                pose_norm_per_type=norms.mean((0, 1)).tolist(),
-            ))
-        out_layers.append(dict(
-            name=trace.layer_names[l + 1], children=trace.layer_names[l], kind=geometry.kind,
-            kernel_size=geometry.kernel_size, stride=geometry.stride, child_grid=list(geometry.child_grid),
-            parent_grid=list(geometry.parent_grid), coefficients_shape=list(trace.coefficients[0][l].shape[1:]),
-            used_iteration=trace.used_iterations[l] + 1, iterations=iterations))
+            iterations.append(
+                dict(
+                    iteration=k + 1,
+                    uniform=uniform,
+                    entropy=float(routing_entropy(r).mean()),
+                    entropy_normalized=float(routing_entropy(r, normalize=True).mean()),
+                    max_coefficient=float(r.max(-1).values.mean()),
+                    argmax_parent=None if uniform or not argmax else best.tolist(),
+                    argmax_parent_counts=None
+                    if uniform
+                    else torch.bincount(best.flatten(), minlength=r.shape[-1]).tolist(),
+                    pose_norm_mean=float(norms.mean()),
+                    pose_norm_per_type=norms.mean((0, 1)).tolist(),
+                )
+            )
+        out_layers.append(
+            dict(
+                name=trace.layer_names[l + 1],
+                children=trace.layer_names[l],
+                kind=geometry.kind,
+                kernel_size=geometry.kernel_size,
+                stride=geometry.stride,
+                child_grid=list(geometry.child_grid),
+                parent_grid=list(geometry.parent_grid),
+                coefficients_shape=list(trace.coefficients[0][l].shape[1:]),
+                used_iteration=trace.used_iterations[l] + 1,
+                iterations=iterations,
+            )
+        )
     primary_norms = trace.poses[0][0][index].float().norm(dim=-1)
     return dict(
         logits=logits.tolist(),
@@ -186,96 +222,15 @@ def class_names(label_names: Optional[Sequence[str]], num_classes: int) -> List[
     return [str(c) for c in range(num_classes)]
 
 
-# ------------------------------------------------------------------------------------ image mapping
-def _primary_level(model) -> int:
-    """The feature level (``feature_info`` / ``forward_intermediates`` index) of the primary capsules."""
-    modules = [info['module'] for info in model.feature_info]
-    if 'primary' not in modules:
-        raise ValueError(f'the model has no primary capsule feature level (feature_info modules: {modules})')
-    return modules.index('primary')
-
-
-def primary_receptive_fields(model, seed: int = 0, chunk: int = 64) -> np.ndarray:
-    """Image box ``(y0, y1, x0, x1)`` (half-open) seen by each primary capsule position: (Hp, Wp, 4) ints.
-
-    Measured with autograd (see the module docstring); the caller keeps the result (it costs a backward
-    pass per ``chunk`` positions)."""
-    level = _primary_level(model)
-
-    def primary_map(x: Tensor) -> Tensor:  # (B, N * d, Hp, Wp)
-        return model.forward_intermediates(x, indices=[level], stop_early=True, intermediates_only=True)[0]
-
-    C, (H, W) = model.in_chans, model.img_size
-    param = next(model.parameters())
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.rand(1, C, H, W, generator=generator).to(param.device, param.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            Hp, Wp = primary_map(base).shape[-2:]
-        positions = [(y, x) for y in range(Hp) for x in range(Wp)]
-        boxes = np.zeros((Hp, Wp, 4), np.int64)
-        for start in range(0, len(positions), chunk):
-            part = positions[start:start + chunk]
-            x_in = base.repeat(len(part), 1, 1, 1).requires_grad_(True)
-            with torch.enable_grad():
-                maps = primary_map(x_in)
-                ys = torch.tensor([p[0] for p in part], device=maps.device)
-                xs = torch.tensor([p[1] for p in part], device=maps.device)
-                picked = maps[torch.arange(len(part), device=maps.device), :, ys, xs]  # (n, N * d)
-                # a random projection, so that no LayerNorm symmetry can cancel the gradient
-                weights = torch.randn(picked.shape[1:], generator=generator).to(picked)
-                (picked * weights).sum().backward()
-            grad = x_in.grad.abs().sum(1)  # (n, H, W)
-            for g, (y, x) in zip(grad, part):
-                rows = torch.nonzero(g.sum(1) > 0).flatten()
-                cols = torch.nonzero(g.sum(0) > 0).flatten()
-                if len(rows) == 0:  # a dead position: fall back to its stride cell
-                    r0, c0 = y * H // Hp, x * W // Wp
-                    boxes[y, x] = (r0, max(r0 + 1, (y + 1) * H // Hp), c0, max(c0 + 1, (x + 1) * W // Wp))
-                else:
-                    boxes[y, x] = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
-    finally:
-        model.train(was_training)
-    return boxes
-
-
-def receptive_field_matrix(boxes: np.ndarray, H: int, W: int) -> Tensor:
-    """(Hp*Wp, H*W) matrix whose row p is 1 on position p's receptive field box."""
-    Hp, Wp = boxes.shape[:2]
-    matrix = torch.zeros(Hp * Wp, H, W)
-    for y in range(Hp):
-        for x in range(Wp):
-            y0, y1, x0, x1 = boxes[y, x]
-            matrix[y * Wp + x, y0:y1, x0:x1] = 1.0
-    return matrix.reshape(Hp * Wp, H * W)
-
-
-def primary_to_image(mass: Tensor, boxes: np.ndarray, image_size: Tuple[int, int], mode: str = 'mean') -> Tensor:
-    """Primary-position mass (B, Hp, Wp[, K]) -> image map (B, H, W[, K]) through the receptive fields.
-
-    ``mode="mean"`` (heat maps): a pixel gets the mean mass of the positions whose receptive field covers it
-    (uniform mass gives a flat map, whatever the receptive-field overlaps). ``mode="sum"``: each position's
-    mass is spread uniformly over its box and boxes add up (the total mass is kept)."""
-    squeeze = mass.ndim == 3
-    if squeeze:
-        mass = mass[..., None]
-    B, Hp, Wp, K = mass.shape
-    H, W = image_size
-    matrix = receptive_field_matrix(boxes, H, W).to(mass.device, torch.float32)
-    if mode == 'sum':
-        matrix = matrix / matrix.sum(1, keepdim=True).clamp_min(1)
-    elif mode == 'mean':
-        matrix = matrix / matrix.sum(0, keepdim=True).clamp_min(1)
-    else:
-        raise ValueError(f"mode must be 'mean' or 'sum', got {mode!r}")
-    image = torch.einsum('bpk,pq->bqk', mass.reshape(B, Hp * Wp, K).float(), matrix).reshape(B, H, W, K)
-    return image[..., 0] if squeeze else image
-
-
-def class_heatmaps(trace, classes: Sequence[int], receptive_fields: np.ndarray, image_size: Tuple[int, int],
-                   iteration: Iteration = -1, mode: str = 'mean', heat: str = 'gain') -> Tensor:
+def class_heatmaps(
+    trace,
+    classes: Sequence[int],
+    receptive_fields: np.ndarray,
+    image_size: Tuple[int, int],
+    iteration: Iteration = -1,
+    mode: str = 'mean',
+    heat: str = 'gain',
+) -> Tensor:
     """Image-resolution heat maps (B, H, W, K) of how much each region routes to each class in ``classes``
     (K = len(classes)); see the module docstring and ``primary_to_image``. ``receptive_fields`` from
     ``primary_receptive_fields``. ``heat="mass"``: the top-down mass itself; ``heat="gain"``: the mass
@@ -290,26 +245,22 @@ def class_heatmaps(trace, classes: Sequence[int], receptive_fields: np.ndarray, 
 
 
 # ------------------------------------------------------------------------------------------- probe
-def digit_ownership(boxes: np.ndarray, digit_masks: Tensor, ownership: str = 'soft') -> Tensor:
-    """How much each primary position belongs to each digit: (N, 2, H, W) masks -> (N, 2, Hp*Wp)."""
-    H, W = digit_masks.shape[-2:]
-    box = receptive_field_matrix(boxes, H, W)  # (P, H*W)
-    seen = torch.einsum('pq,ndq->ndp', box, digit_masks.float().reshape(len(digit_masks), 2, H * W))
-    total = seen.sum(1, keepdim=True)
-    if ownership == 'soft':
-        return torch.where(total > 0, seen / total.clamp_min(1e-12), torch.zeros_like(seen))
-    return torch.stack([seen[:, 0] > seen[:, 1], seen[:, 1] > seen[:, 0]], 1).float()
-
-
 def own_fraction(mass: Tensor, owner: Tensor, digit: int) -> float:
     """Share of a class capsule's digit-borne primary mass (P,) that comes from digit ``digit``."""
     mine, theirs = float((mass * owner[digit]).sum()), float((mass * owner[1 - digit]).sum())
     return mine / max(mine + theirs, 1e-30)
 
 
-def part_whole_probe(model, images: Tensor, digit_masks: Tensor, labels: Tensor, iteration: Iteration = -1,
-                     ownership: str = 'soft', batch_size: int = 64,
-                     receptive_fields: Optional[np.ndarray] = None) -> Dict[str, Any]:
+def part_whole_probe(
+    model,
+    images: Tensor,
+    digit_masks: Tensor,
+    labels: Tensor,
+    iteration: Iteration = -1,
+    ownership: str = 'soft',
+    batch_size: int = 64,
+    receptive_fields: Optional[np.ndarray] = None,
+) -> Dict[str, Any]:
     """How much of each true digit's class-capsule routing mass comes from that digit's own pixels.
 
     images (N, C, H, W) preprocessed for the model; digit_masks (N, 2, H, W) each digit's pixel intensity
@@ -330,7 +281,7 @@ def part_whole_probe(model, images: Tensor, digit_masks: Tensor, labels: Tensor,
     owner = digit_ownership(boxes, digit_masks, ownership)
     own, other, background, baseline, area = [], [], [], [], []
     for start in range(0, len(images), batch_size):
-        trace = routing_trace(model, images[start:start + batch_size])
+        trace = routing_trace(model, images[start : start + batch_size])
         mass = class_primary_mass(trace, None, iteration).sum(3)  # (b, Hp, Wp, classes)
         mass = mass.reshape(mass.shape[0], Hp * Wp, -1)
         uniform = class_primary_mass(trace, None, 0).sum(3).reshape(mass.shape)
@@ -364,6 +315,7 @@ def part_whole_probe(model, images: Tensor, digit_masks: Tensor, labels: Tensor,
 # ------------------------------------------------------------------------------------ tree, entropy
 class PartWholeTree(NamedTuple):
     """The capsules of one image that carry most routing mass to some class capsules (``part_whole_tree``)."""
+
     layer_names: List[str]  # capsule layers, primary first, class capsules last
     nodes: List[List[Tuple[str, int, float]]]  # per layer, most mass first: (label, dominant class k, mass)
     edges: List[Tuple[int, int, int, float]]  # (child layer l, child rank in l, parent rank in l + 1, mass flowing)
@@ -376,8 +328,14 @@ def _node_label(grid: Tuple[int, int, int], index: int) -> str:
     return f'{n}' if (H, W) == (1, 1) else f'({position // W},{position % W})#{n}'
 
 
-def part_whole_tree(trace, index: int, classes: Sequence[int], top: int = 6, iteration: Iteration = -1,
-                    label_names: Optional[Sequence[str]] = None) -> PartWholeTree:
+def part_whole_tree(
+    trace,
+    index: int,
+    classes: Sequence[int],
+    top: int = 6,
+    iteration: Iteration = -1,
+    label_names: Optional[Sequence[str]] = None,
+) -> PartWholeTree:
     """Part-whole tree of image ``index``: the chosen class capsules on top; in each layer below, the ``top``
     capsules that receive most routing mass (r_ij * m_j, summed over the chosen classes) from the capsules
     kept in the layer above. Nodes are named ``(row,col)#type``; a node's class is the one whose mass
@@ -390,7 +348,7 @@ def part_whole_tree(trace, index: int, classes: Sequence[int], top: int = 6, ite
     kept[-1] = list(classes)
     edges = []
     for l in range(L - 2, -1, -1):
-        coefficients = trace.coefficients[_iteration_index(trace, l, iteration)][l][index:index + 1]
+        coefficients = trace.coefficients[_iteration_index(trace, l, iteration)][l][index : index + 1]
         parent_total = masses[l + 1][index].sum(-1).reshape(-1)
         H, W, N = grids[l + 1]
         source = torch.zeros(1, H, W, N, len(kept[l + 1]))
@@ -403,10 +361,19 @@ def part_whole_tree(trace, index: int, classes: Sequence[int], top: int = 6, ite
     nodes = []
     for l in range(L):
         node_mass = masses[l][index].reshape(-1, K)
-        nodes.append([(names[c] if l == L - 1 else _node_label(grids[l], c), int(node_mass[c].argmax()),
-                       float(node_mass[c].sum())) for c in kept[l]])
-    return PartWholeTree(list(trace.layer_names), nodes, [e for e in edges if e[3] > 1e-4 * largest],
-                         [names[c] for c in classes])
+        nodes.append(
+            [
+                (
+                    names[c] if l == L - 1 else _node_label(grids[l], c),
+                    int(node_mass[c].argmax()),
+                    float(node_mass[c].sum()),
+                )
+                for c in kept[l]
+            ]
+        )
+    return PartWholeTree(
+        list(trace.layer_names), nodes, [e for e in edges if e[3] > 1e-4 * largest], [names[c] for c in classes]
+    )
 
 
 def entropy_table(trace) -> np.ndarray:

@@ -1,6 +1,7 @@
 """What ``python -m timm_capsules.parse_tree`` looks at: the dataset a model belongs to, DiverseMultiMNIST test
 images with each digit's own mask (for the part-whole probe), and image files, preprocessed as the model's
 data config says."""
+
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -9,16 +10,13 @@ from torch import Tensor
 import torch.nn.functional as F
 
 from ..base import model_data_config
-from ..data.constants import CIFAR10_LABELS, CIFAR100_LABELS, DIGIT_LABELS
+from ..data.registry import DATASETS as REGISTRY
 
 __all__ = ['DATASETS', 'model_dataset', 'diverse_multimnist_samples', 'load_images', 'prepare_arrays', 'display_image']
 
-# what the analysis needs to know of a dataset: how to score (sigmoid for multi-label) and the class names
-DATASETS = {
-    'diverse_multimnist': dict(multi_label=True, label_names=DIGIT_LABELS),
-    'cifar10': dict(multi_label=False, label_names=CIFAR10_LABELS),
-    'cifar100': dict(multi_label=False, label_names=CIFAR100_LABELS),
-}
+# what the analysis needs to know of a dataset (from the registry, data/registry.py): how to score (sigmoid for
+# multi-label) and the class names
+DATASETS = {name: dict(multi_label=info.multi_label, label_names=info.label_names) for name, info in REGISTRY.items()}
 
 
 def model_dataset(pretrained_cfg: Optional[Dict[str, Any]]) -> Optional[str]:
@@ -32,14 +30,16 @@ def model_dataset(pretrained_cfg: Optional[Dict[str, Any]]) -> Optional[str]:
     return None
 
 
-def diverse_multimnist_samples(count: int, seed: int = 0, source: Optional[str] = None, split: str = 'test',
-                               two_digit_only: bool = False):
+def diverse_multimnist_samples(
+    count: int, seed: int = 0, source: Optional[str] = None, split: str = 'test', two_digit_only: bool = False
+):
     """The first ``count`` (two-digit, with ``two_digit_only``) images of a DiverseMultiMNIST split, as
     ``make_split`` writes it, with their per-digit masks: (images uint8 (n, S, S), masks float32 (n, 2, S, S)
     in [0, 1], each digit's own pixels before overlaying (zeros for an absent second digit), labels (n, 2)
     int64 with -1 for an absent digit, the images' indices in the split, and the MNIST digits' source)."""
     from ..data.diverse_multimnist import DIGIT_SIZE, make_split
     from ..data.mnist import load_mnist
+
     digits = load_mnist(split, source)
     size = count + count // 4 + 8  # a sixth of the images hold one digit
     while True:
@@ -55,14 +55,14 @@ def diverse_multimnist_samples(count: int, seed: int = 0, source: Optional[str] 
         for d in range(2):
             if batch.sources[k, d] >= 0:
                 r, c = batch.offsets[k, d]
-                masks[n, d, r:r + DIGIT_SIZE, c:c + DIGIT_SIZE] = digits.images[batch.sources[k, d]] / 255.0
+                masks[n, d, r : r + DIGIT_SIZE, c : c + DIGIT_SIZE] = digits.images[batch.sources[k, d]] / 255.0
     return batch.images[keep], masks, batch.classes[keep], keep.tolist(), digits.source
 
 
 def load_images(model, paths: Sequence[str]) -> Tensor:
     """Image files preprocessed with timm's ``resolve_data_config`` + ``create_transform`` (eval)."""
-    from PIL import Image
     from timm.data import create_transform
+
     config = model_data_config(model)
     config.pop('fixed_input_size')
     transform = create_transform(**config, is_training=False)
@@ -78,13 +78,16 @@ def _read_image(path, mode: str):
     is truncated, or has more than ``MAX_IMAGE_PIXELS`` pixels (checked from the header, before decoding)."""
     import warnings
     from PIL import Image
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(f'{path}: {image.width}x{image.height} pixels, more than the {MAX_IMAGE_PIXELS} '
-                                     f'this tool reads (resize it first)')
+                    raise ValueError(
+                        f'{path}: {image.width}x{image.height} pixels, more than the {MAX_IMAGE_PIXELS} '
+                        f'this tool reads (resize it first)'
+                    )
                 return image.convert(mode)
     except ValueError:
         raise
@@ -101,8 +104,9 @@ def prepare_arrays(model, images: np.ndarray, masks: Optional[np.ndarray] = None
     if x.shape[-2:] != (H, W):
         x = F.interpolate(x, size=(H, W), mode='bilinear', align_corners=False, antialias=True)
         if masks is not None:
-            masks = F.interpolate(torch.as_tensor(masks), size=(H, W), mode='bilinear', align_corners=False,
-                                  antialias=True).clamp_min(0)
+            masks = F.interpolate(
+                torch.as_tensor(masks), size=(H, W), mode='bilinear', align_corners=False, antialias=True
+            ).clamp_min(0)
     x = x.expand(-1, model.in_chans, -1, -1)
     mean = torch.tensor(config['mean']).view(1, -1, 1, 1)
     std = torch.tensor(config['std']).view(1, -1, 1, 1)
