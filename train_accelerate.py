@@ -18,19 +18,15 @@ import json
 
 from timm_capsules.train import TrainConfig, run
 
-# experiments.py's name for TrainConfig.from_argv, until it calls timm_capsules.train itself
-parse_args = TrainConfig.from_argv
-
 
 def main(argv=None):
-    """One run of the command line ``argv``: metrics.json's contents (with ``model_object``, the trained model),
-    or the resolved configuration with ``--print-config``."""
+    """One run of the command line ``argv`` (a ``RunResult``), or the resolved configuration with
+    ``--print-config``."""
     config = TrainConfig.from_argv(argv)
     if config.print_config:
         print(json.dumps(config.resolved(), indent=2))
         return config.resolved()
-    result = run(config)
-    return dict(result.metrics, model_object=result.model)
+    return run(config)
 
 
 if __name__ == '__main__':

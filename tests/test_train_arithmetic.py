@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from timm_capsules.train import loop, metrics
-from timm_capsules.train.metrics import chance_level, evaluate
+from timm_capsules.data.registry import chance_level
+from timm_capsules.train.metrics import evaluate
 
 from train_fixtures import TINY  # the fixtures run and accelerator come from conftest.py
 

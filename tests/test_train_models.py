@@ -13,7 +13,7 @@ import torch
 import timm
 import timm_capsules  # noqa: F401
 from timm_capsules import hub
-from timm_capsules.train import models as train_models
+from timm_capsules import kernels
 from timm_capsules.train.models import load_routing_kernel
 from timm_capsules.train.saving import push_to_hub, save_model
 
@@ -23,7 +23,15 @@ from train_fixtures import TINY, independent_metrics, assert_metrics, mean_std, 
 def test_kernel_build_is_timed_apart_from_training(run, tmp_path, capsys, monkeypatch):
     """The one-off kernel build (here a stand-in that takes 1 s) is loaded up front and reported on its own."""
     calls = []
-    monkeypatch.setattr(train_models, 'routing_kernel', lambda: (calls.append(1), time.sleep(1.0)))
+    real_preload = kernels.preload
+
+    def slow_preload(model, device):  # the real one, then as long as a first build takes at least
+        calls.append(1)
+        seconds = real_preload(model, device)
+        time.sleep(1.0)
+        return seconds + 1.0
+
+    monkeypatch.setattr(kernels, 'preload', slow_preload)
     results = run(TINY + ['--cpu', '--max-train-steps', 1, '--output-dir', tmp_path])
     assert len(calls) == 1
     metrics = json.loads((tmp_path / 'metrics.json').read_text())
@@ -43,7 +51,7 @@ def test_each_family_loads_its_own_kernel_up_front(monkeypatch, model, kernel):
 
     calls = {name: [] for name in ('routing_kernel', 'em_routing_kernel')}
     for name in calls:
-        monkeypatch.setattr(train_models, name, lambda name=name: calls[name].append(1))
+        monkeypatch.setattr(kernels, name, lambda name=name: calls[name].append(1))
     load_routing_kernel(timm.create_model(model, img_size=28, in_chans=1), Accelerator(cpu=True))
     assert {name: len(c) for name, c in calls.items()} == {n: int(n == kernel) for n in calls}
     monkeypatch.setenv('TIMM_CAPSULES_FUSED_ROUTING', '0')  # plain tensor ops: nothing to build

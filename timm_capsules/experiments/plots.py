@@ -72,7 +72,7 @@ def plot_affine(runs: Sequence[Run], records: Dict[str, Dict[str, Any]], path: P
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(rows), 4.2))
     width = 0.38
     for offset, (name, metric) in zip(
         (-width / 2, width / 2), (('translated', 'test_translated/top1'), ('affine', None))
@@ -86,7 +86,7 @@ def plot_affine(runs: Sequence[Run], records: Dict[str, Dict[str, Any]], path: P
         ax.bar_label(bars, fmt='%.1f', fontsize=8, padding=3)
     ax.set(
         xticks=range(len(rows)),
-        xticklabels=[row['kind'] for row, _ in rows],
+        xticklabels=[row['kind'].replace(', ', '\n') for row, _ in rows],
         ylabel='test top-1 (%)',
         ylim=(0, 130),
         yticks=range(0, 101, 20),

@@ -132,24 +132,24 @@ def verdict(study: str, runs: Sequence[Run], records: Dict[str, Dict[str, Any]])
     def gap(found):
         return [t - a for t, a in zip(metric_values(found, 'test_translated/top1'), metric_values(found))]
 
-    (first, a), (second, b) = found_rows[:2]
+    def translated(found):
+        return metric_values(found, 'test_translated/top1')
+
     parts = [
         f'{kind} gap (translated minus affine test, per seed) {welch(gap(found), [])}' for kind, found in found_rows
     ]
-    parts.append(
-        f'{first} minus {second} on the translated test '
-        + claim(
-            welch(metric_values(a, 'test_translated/top1'), metric_values(b, 'test_translated/top1')),
-            f'the {first}',
-            'beats',
-            'trails',
-            f'the {second} on its own training distribution',
-        )
-    )
-    parts.append(
-        f'{first} gap minus {second} gap '
-        + claim(welch(gap(a), gap(b)), f"the {first}'s gap is", 'wider', 'narrower', f"than the {second}'s")
-    )
+    # each CapsNet against each CNN: first on the translated test (a gap compares generalisation only where the
+    # models are equally trained), then the gaps
+    for caps, a in [(kind, found) for kind, found in found_rows if 'CapsNet' in kind]:
+        for cnn, b in [(kind, found) for kind, found in found_rows if 'CNN' in kind]:
+            on_translated = welch(translated(a), translated(b))
+            matched = on_translated is not None and not on_translated.excludes_zero
+            parts.append(
+                f'{caps} minus {cnn}: translated test '
+                + claim(on_translated, f'the {caps}', 'beats', 'trails', f'the {cnn}')
+                + f', gap{" (at matched translated accuracy)" if matched else ""} '
+                + claim(welch(gap(a), gap(b)), f"the {caps}'s gap is", 'wider', 'narrower', f"than the {cnn}'s")
+            )
     return f'Affine generalisation ({INTERVALS}): {"; ".join(parts)}.'
 
 

@@ -16,14 +16,11 @@ from pathlib import Path
 
 import torch
 
-from timm_capsules.data.cifar import KNOWN_DATASETS
+from timm_capsules.data.registry import ALIASES, DATASETS, chance_level, hub_columns
 
 from .config import fail
-from .metrics import chance_level
 
-__all__ = ['MultiMNISTData', 'ImageDatasetData', 'load_data', 'normalise', 'hub_reachable', 'MULTIMNIST_NAMES']
-
-MULTIMNIST_NAMES = ('diverse_multimnist', 'multimnist')
+__all__ = ['MultiMNISTData', 'ImageDatasetData', 'load_data', 'normalise', 'hub_reachable']
 
 
 def normalise(images, data_cfg):
@@ -142,8 +139,8 @@ class ImageDatasetData:
         from timm_capsules.data.cifar import check_columns, label_info, load_image_dataset
 
         self.args = args
-        if args.dataset in KNOWN_DATASETS:
-            hub_id, image_column, label_column = KNOWN_DATASETS[args.dataset]
+        if args.dataset in DATASETS and DATASETS[args.dataset].hub_id:
+            hub_id, image_column, label_column = hub_columns(args.dataset)
             self.source = args.data_dir or hub_id
         elif args.dataset.startswith('hf:'):
             self.source, image_column, label_column = args.dataset[3:], 'image', 'label'
@@ -247,7 +244,7 @@ class ImageDatasetData:
 
 def load_data(args, accelerator):
     """The dataset of --dataset (the only place that asks which kind it is)."""
-    if args.dataset in MULTIMNIST_NAMES:
+    if ALIASES.get(args.dataset, args.dataset) == 'diverse_multimnist':
         if args.extra_test_splits:
             fail('--extra-test-split needs an image dataset (DiverseMultiMNIST has one test set)')
         return MultiMNISTData(args, accelerator)

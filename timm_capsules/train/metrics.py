@@ -2,7 +2,6 @@
 once across processes), the chance level to beat, the recorded CNN reference for the quick run's exact recipe,
 and the training curves."""
 
-import collections
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from timm_capsules.presets import get_preset
 
 from .config import TrainConfig, build_parser
 
-__all__ = ['correct', 'evaluate', 'chance_level', 'cnn_reference', 'cnn_reference_record', 'plot_curves']
+__all__ = ['correct', 'evaluate', 'cnn_reference', 'cnn_reference_record', 'plot_curves']
 
 # a CNN of about the quick CapsNet's size trained once on the same images with the same recipe (docs/training.md):
 # the metrics of the record CNN_REFERENCE_RECORD, copied into the package (a run reads nothing from benchmarks/)
@@ -85,13 +84,6 @@ def cnn_reference(args, metric_name, data_source, num_processes=1):
         f'a CNN of similar size ({record["num_parameters"]:,} parameters) trained with the same recipe: '
         f'{metric_name} {record["final"][metric_name]:.4f} ({CNN_REFERENCE_RECORD})'
     )
-
-
-def chance_level(labels):
-    """The accuracy (top-1, or exact match) of always answering the most frequent label (set) of ``labels``:
-    what a model has to beat."""
-    counts = collections.Counter(labels)
-    return max(counts.values()) / len(labels) if labels else 0.0
 
 
 def correct(outputs, targets, multi_label, output_type='logits'):

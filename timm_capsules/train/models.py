@@ -2,16 +2,13 @@
 routing kernel built or loaded before training (so that the one-off build is timed apart), and timm's optimizer and
 scheduler for it."""
 
-import time
 import warnings
 
 import timm
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm_capsules.loading import NonFiniteWeightsWarning, non_finite_tensors
-from timm_capsules.losses import output_type_of
-from timm_capsules.routing import routing_kernel, use_fused_routing
-from timm_capsules.routing_baselines import em_routing_kernel
+from timm_capsules import kernels
 
 from .config import fail
 from .data_sources import hub_reachable
@@ -41,23 +38,11 @@ def create_model(args, num_classes):
 
 
 def load_routing_kernel(model, accelerator):
-    """Builds (first use on a machine, about a minute) or loads the fused CPU routing kernel the model uses
-    (inverted dot-product attention, or EM routing) before training starts, so that its one-off build is timed
-    apart from training. Returns the seconds it took."""
-    if accelerator.device.type != 'cpu':
-        return 0.0
-    # the model says which kernel it routes with: a CapsNet its fused_routing switch; a model returning class
-    # activations (the spread loss's, see losses.py) routes with EM, whose CPU kernel follows use_fused_routing()
-    if getattr(model, 'fused_routing', False):
-        load = routing_kernel
-    elif output_type_of(model) == 'activations' and use_fused_routing():
-        load = em_routing_kernel
-    else:
-        return 0.0
-    started = time.time()
+    """Builds (first use on a machine, about a minute) or loads the fused CPU kernels the model routes with
+    (``kernels.preload``) before training starts, so that a one-off build is timed apart from training.
+    Returns the seconds it took."""
     with accelerator.main_process_first():  # one process builds, the others load the cached build
-        load()
-    return time.time() - started
+        return kernels.preload(model, accelerator.device)
 
 
 def create_optimizer(config, model):
