@@ -4,6 +4,7 @@
 
 Uses the built-in MNIST sample (offline). All numbers are images per second in this process.
 """
+
 import argparse
 import json
 import os
@@ -51,8 +52,11 @@ def main(argv=None) -> dict:
     datasets.disable_progress_bars()
     torch.set_num_threads(1)
     digits = load_mnist('train', 'sample')
-    results = {'machine': f'{platform.machine()} {os.cpu_count()} cpus', 'numpy': np.__version__,
-               'datasets': datasets.__version__}
+    results = {
+        'machine': f'{platform.machine()} {os.cpu_count()} cpus',
+        'numpy': np.__version__,
+        'datasets': datasets.__version__,
+    }
 
     chunks = [np.arange(s, min(s + dmm.CHUNK_SIZE, args.images)) for s in range(0, args.images, dmm.CHUNK_SIZE)]
     dmm.generate(digits, chunks[0])  # warm-up
@@ -69,10 +73,12 @@ def main(argv=None) -> dict:
             results[f'builder_write_{feature}_images_per_s'] = rate(args.build, seconds)
             out = dmm.export(f'{scratch}/export-{feature}', cache_dir=f'{scratch}/cache-{feature}', **config)
             results[f'export_parquet_{feature}_bytes_per_image'] = round(
-                sum(p.stat().st_size for p in (out / 'data').iterdir()) / args.build, 1)
+                sum(p.stat().st_size for p in (out / 'data').iterdir()) / args.build, 1
+            )
             for fmt in ('numpy', 'torch'):
-                loaded = datasets.load_dataset(str(out), split='train',
-                                               cache_dir=f'{scratch}/hf-{feature}-{fmt}').with_format(fmt)
+                loaded = datasets.load_dataset(
+                    str(out), split='train', cache_dir=f'{scratch}/hf-{feature}-{fmt}'
+                ).with_format(fmt)
                 _, seconds = timed(lambda: sum(len(b['image']) for b in loaded.iter(batch_size=1000)))
                 results[f'load_dataset_read_{feature}_{fmt}_images_per_s'] = rate(len(loaded), seconds)
     print(json.dumps(results, indent=2))

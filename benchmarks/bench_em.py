@@ -12,6 +12,7 @@ printed (and written with ``--json``).
     python benchmarks/bench_em.py --smoke              # seconds; what the tests run so the harness cannot rot
     python benchmarks/bench_em.py --json benchmarks/results/em_throughput_cpu.json
 """
+
 import argparse
 import platform
 import statistics
@@ -26,8 +27,13 @@ MODELS = {'em': 'em_capsnet_simple_cifar10', 'ida': 'capsnet_simple_cifar10'}
 
 def _commit() -> str:
     try:
-        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ['git', 'rev-parse', '--short', 'HEAD'],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return 'unknown'
 
@@ -47,7 +53,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--steps', type=int, default=3, help='timed training steps per model')
-    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
+    parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument('--img-size', type=int, default=28)
     parser.add_argument('--smoke', action='store_true', help='batch 2, one timed step: checks the harness runs')
     parser.add_argument('--json', dest='json_path', help='also write the result to this file')
@@ -58,6 +64,7 @@ def main(argv=None):
     import torch
     import timm
     import timm_capsules  # noqa: F401  (registers the models)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -73,6 +80,7 @@ def main(argv=None):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
         step()  # warm-up (and the fused kernel's first load)
         steps[key] = step
     times = {key: [] for key in MODELS}
@@ -83,11 +91,22 @@ def main(argv=None):
             times[key].append(time.perf_counter() - start)
     rate = {key: args.batch_size / statistics.median(t) for key, t in times.items()}
     result = dict(
-        em_model=MODELS['em'], ida_model=MODELS['ida'],
-        em_images_per_s=rate['em'], ida_images_per_s=rate['ida'], em_over_ida=rate['em'] / rate['ida'],
-        em_step_s=[round(t, 4) for t in times['em']], ida_step_s=[round(t, 4) for t in times['ida']],
-        batch_size=args.batch_size, img_size=args.img_size, in_chans=1, steps=args.steps,
-        torch=torch.__version__, cpu=_cpu_name(), threads=torch.get_num_threads(), commit=_commit(), **settings(),
+        em_model=MODELS['em'],
+        ida_model=MODELS['ida'],
+        em_images_per_s=rate['em'],
+        ida_images_per_s=rate['ida'],
+        em_over_ida=rate['em'] / rate['ida'],
+        em_step_s=[round(t, 4) for t in times['em']],
+        ida_step_s=[round(t, 4) for t in times['ida']],
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        in_chans=1,
+        steps=args.steps,
+        torch=torch.__version__,
+        cpu=_cpu_name(),
+        threads=torch.get_num_threads(),
+        commit=_commit(),
+        **settings(),
     )
     return emit(result, args.json_path)
 

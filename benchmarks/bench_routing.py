@@ -12,6 +12,7 @@ measured in this run.
 The rate counts what ``torch.utils.flop_counter`` counts for the op (``routing._forward_flops`` /
 ``_backward_flops``); ``of_matmul`` is that rate over a 2048^2 float32 matmul's.
 """
+
 import argparse
 import platform
 import statistics
@@ -93,7 +94,9 @@ def measure(name, batch, size, types, kernel_size, stride, parents, repeats):
         result[f'{label}_step_ms'] = step_s * 1e3
     with torch.no_grad():
         result['forward_gflop'] = flops_of(fused) / 1e9
-    result['step_gflop'] = flops_of(lambda: torch.autograd.grad((fused() * probe).sum(), (grid, weight, parent_poses))) / 1e9
+    result['step_gflop'] = (
+        flops_of(lambda: torch.autograd.grad((fused() * probe).sum(), (grid, weight, parent_poses))) / 1e9
+    )
     result['fused_forward_gflops'] = result['forward_gflop'] / result['fused_forward_ms'] * 1e3
     result['fused_step_gflops'] = result['step_gflop'] / result['fused_step_ms'] * 1e3
     result['step_time_vs_plain'] = result['fused_step_ms'] / result['plain_step_ms']
@@ -104,13 +107,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--threads', type=int, help='torch threads (default: all)')
     parser.add_argument('--repeats', type=int, default=5, help='timed calls per measurement (median)')
-    parser.add_argument('--cpu-time', action='store_true',
-                        help='time by CPU time of this process, not wall time: with --threads 1, a comparison '
-                             'that other work on the machine disturbs less')
+    parser.add_argument(
+        '--cpu-time',
+        action='store_true',
+        help='time by CPU time of this process, not wall time: with --threads 1, a comparison '
+        'that other work on the machine disturbs less',
+    )
     parser.add_argument('--json', dest='json_path', help='also write the results to this file')
     parser.add_argument('--smoke', action='store_true', help='batch 2, one timed call each (seconds)')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'],
-                        help="cuda: the fused pass is the op's Triton kernels (routing_triton.py)")
+    parser.add_argument(
+        '--device',
+        default='cpu',
+        choices=['cpu', 'cuda'],
+        help="cuda: the fused pass is the op's Triton kernels (routing_triton.py)",
+    )
     parser.add_argument('--batch-size', type=int, help='instead of the batch of 32 (the paper setting)')
     args = parser.parse_args(argv)
     global CLOCK, DEVICE
@@ -127,17 +137,29 @@ def main(argv=None):
         r['step_of_matmul'] = r['fused_step_gflops'] / peak
     device_name = torch.cuda.get_device_name() if DEVICE == 'cuda' else f'{platform.machine()} CPU'
     print(f'{device_name}, {torch.get_num_threads()} threads | matmul {peak:.0f} GFLOP/s | torch {torch.__version__}')
-    print(f"{'layer':28s} {'fwd ms':>8s} {'plain':>8s} {'fwd+bwd ms':>11s} {'plain':>8s} {'GFLOP/s fwd':>12s} "
-          f"{'fwd+bwd':>8s} {'% matmul':>9s}")
+    print(
+        f'{"layer":28s} {"fwd ms":>8s} {"plain":>8s} {"fwd+bwd ms":>11s} {"plain":>8s} {"GFLOP/s fwd":>12s} '
+        f'{"fwd+bwd":>8s} {"% matmul":>9s}'
+    )
     for r in results:
-        print(f"{r['layer']:28s} {r['fused_forward_ms']:8.1f} {r['plain_forward_ms']:8.1f} {r['fused_step_ms']:11.1f} "
-              f"{r['plain_step_ms']:8.1f} {r['fused_forward_gflops']:12.1f} {r['fused_step_gflops']:8.1f} "
-              f"{100 * r['step_of_matmul']:8.0f}%")
+        print(
+            f'{r["layer"]:28s} {r["fused_forward_ms"]:8.1f} {r["plain_forward_ms"]:8.1f} {r["fused_step_ms"]:11.1f} '
+            f'{r["plain_step_ms"]:8.1f} {r["fused_forward_gflops"]:12.1f} {r["fused_step_gflops"]:8.1f} '
+            f'{100 * r["step_of_matmul"]:8.0f}%'
+        )
     command = 'benchmarks/bench_routing.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:]))
-    record = dict(machine=dict(device_name=device_name, threads=torch.get_num_threads(),
-                               torch=torch.__version__, matmul_gflops=peak, clock=CLOCK.__name__, command=command,
-                               **settings()),
-                  results=results)
+    record = dict(
+        machine=dict(
+            device_name=device_name,
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            matmul_gflops=peak,
+            clock=CLOCK.__name__,
+            command=command,
+            **settings(),
+        ),
+        results=results,
+    )
     return emit(record, args.json_path)
 
 

@@ -4,6 +4,7 @@
 compiler for the routing kernel) and sets ``TIMM_CAPSULES_CI=1``, so a missing piece there is a broken
 CI, never a silently smaller suite.
 """
+
 import os
 
 import pytest

@@ -1,11 +1,13 @@
 """The check every "compiled equals eager" training test makes, in one place."""
+
 from typing import Optional
 
 import torch
 
 
-def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, tol: float,
-                                  grad_rtol: Optional[float] = None):
+def assert_compiled_matches_eager(
+    model: torch.nn.Module, x: torch.Tensor, tol: float, grad_rtol: Optional[float] = None
+):
     """``torch.compile(model, fullgraph=True)`` gives the eager outputs (to ``tol``) and the eager gradients of
     every parameter for the squared outputs' sum (to ``tol`` of each gradient's largest entry, and ``grad_rtol``,
     default ``tol``, relatively)."""

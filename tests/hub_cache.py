@@ -1,5 +1,6 @@
 """Test helper: point huggingface_hub at a hand-made Hub cache, offline (fill it with
 ``timm_capsules.hub.install_in_cache``)."""
+
 import contextlib
 import os
 from pathlib import Path

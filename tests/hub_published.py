@@ -1,6 +1,7 @@
 """Test helper for the Hub tests (test_loading.py, test_hub_release.py, test_hub_cards.py): a briefly trained model
 pushed with --dry-run and placed in a hand-made Hugging Face cache (the fixtures ``simple``, ``resnet`` and
 ``offline``, which tests/conftest.py makes available), and the hub configs' tags."""
+
 import shutil
 from pathlib import Path
 
@@ -18,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / 'hub_configs'
 TAGS = sorted(p.stem for p in CONFIG_DIR.glob('*.json'))
 OUR_TAGS = sorted(
-    name for name in timm.list_models(module='capsnet', pretrained=True)
-    if timm.models.get_pretrained_cfg(name).hf_hub_id)
+    name
+    for name in timm.list_models(module='capsnet', pretrained=True)
+    if timm.models.get_pretrained_cfg(name).hf_hub_id
+)
 
 
 def _train_few_steps(name: str, steps: int = 3) -> torch.nn.Module:
@@ -80,4 +83,3 @@ def offline(simple):
 def copy_repo(published: Published, folder: Path) -> Path:
     shutil.copytree(published.dry_run, folder)
     return folder
-

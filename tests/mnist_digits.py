@@ -1,4 +1,5 @@
 """Helpers shared by the tests of the MNIST-derived datasets (their fixtures are in conftest.py)."""
+
 import hashlib
 
 import numpy as np

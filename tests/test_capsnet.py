@@ -1,4 +1,5 @@
 """The six paper CapsNets as timm models: exact sizes, the contract beyond timm's own suite, bad input."""
+
 import pytest
 import timm
 import torch
@@ -35,7 +36,7 @@ def test_parameter_counts_match_the_paper(name):
 def test_default_cfg_describes_the_model(name):
     model = timm.create_model(name, device='meta')
     cfg = model.pretrained_cfg
-    assert cfg['hf_hub_id'] == f"timm-capsules/{name}.{cfg['tag']}"
+    assert cfg['hf_hub_id'] == f'timm-capsules/{name}.{cfg["tag"]}'
     assert cfg['input_size'] == (model.in_chans, *model.img_size)
     assert len(cfg['label_names']) == cfg['num_classes'] == model.num_classes
     assert cfg['paper_ids'] == 'arXiv:2002.04764'
@@ -69,12 +70,13 @@ def test_forward_head_of_forward_features_is_forward():
 def test_features_only_returns_every_level():
     model = timm.create_model('capsnet_resnet_cifar10', features_only=True)
     maps = model(torch.randn(2, 3, 32, 32))
-    assert [m.shape[1:] for m in maps] == [
-        (64, 32, 32), (128, 16, 16), (512, 16, 16), (512, 7, 7), (512, 5, 5)]
+    assert [m.shape[1:] for m in maps] == [(64, 32, 32), (128, 16, 16), (512, 16, 16), (512, 7, 7), (512, 5, 5)]
     assert model.feature_info.channels() == [64, 128, 512, 512, 512]
 
 
-@pytest.mark.parametrize('name', ['capsnet_resnet_cifar10', 'dynamic_capsnet_resnet_cifar10', 'em_capsnet_resnet_cifar10'])
+@pytest.mark.parametrize(
+    'name', ['capsnet_resnet_cifar10', 'dynamic_capsnet_resnet_cifar10', 'em_capsnet_resnet_cifar10']
+)
 def test_features_only_counts_the_levels_of_the_model_as_built(name):
     """A ResNet backbone given three stages by ``backbone_args`` has three levels, not the default two: features_only
     returns every level the full model reports, down to the last capsule level (it used to drop the last one)."""
@@ -105,6 +107,7 @@ def test_unknown_kwargs_are_not_swallowed():
 
 
 # ---- bad input ------------------------------------------------------------------------------------
+
 
 def test_wrong_channel_count_names_the_expected_shape():
     model = timm.create_model('capsnet_simple_cifar10')
@@ -142,11 +145,15 @@ def test_unknown_routing_is_rejected():
 
 # ---- any timm model as backbone --------------------------------------------------------------------
 
-@pytest.mark.parametrize('backbone, img_size, level', [
-    ('resnet18', 32, 1),          # deepest ResNet level still >= 7x7 at 32x32: layer1, 8x8
-    ('convnext_atto', 64, 1),     # stride-8 stage, 8x8
-    ('vit_tiny_patch16_224', 128, 11),  # tokens as an 8x8 map through timm's feature getter
-])
+
+@pytest.mark.parametrize(
+    'backbone, img_size, level',
+    [
+        ('resnet18', 32, 1),  # deepest ResNet level still >= 7x7 at 32x32: layer1, 8x8
+        ('convnext_atto', 64, 1),  # stride-8 stage, 8x8
+        ('vit_tiny_patch16_224', 128, 11),  # tokens as an 8x8 map through timm's feature getter
+    ],
+)
 def test_any_timm_model_feeds_the_primary_capsules(backbone, img_size, level):
     model = timm.create_model('capsnet_resnet_cifar10', backbone=backbone, img_size=img_size)
     assert model.backbone.out_index == level
@@ -166,6 +173,7 @@ def test_timm_backbone_level_can_be_chosen():
 
 
 # ---- compile and low precision ---------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
@@ -215,8 +223,13 @@ def test_every_model_compiles_as_one_graph(name):
 
 # ---- the keywords timm's own scripts pass (train.py, validate.py, benchmark.py, inference.py) -------------
 
-FAMILIES = ['capsnet_resnet_cifar10', 'dynamic_capsnet_resnet_cifar10', 'em_capsnet_simple_cifar10',
-            'cnn_baseline_cifar10', 'resnet18_cifar10']
+FAMILIES = [
+    'capsnet_resnet_cifar10',
+    'dynamic_capsnet_resnet_cifar10',
+    'em_capsnet_simple_cifar10',
+    'cnn_baseline_cifar10',
+    'resnet18_cifar10',
+]
 
 
 @pytest.mark.parametrize('name', FAMILIES)
@@ -264,16 +277,20 @@ def test_channels_last_weights_and_input_change_nothing(name):
 @pytest.mark.parametrize('name', ['capsnet_resnet_cifar10', 'dynamic_capsnet_resnet_cifar10', 'resnet18_cifar10'])
 def test_drop_path_rate_gives_residual_backbones_stochastic_depth(name):
     from timm.layers import DropPath
+
     rates = [m.drop_prob for m in timm.create_model(name, drop_path_rate=0.2).modules() if isinstance(m, DropPath)]
     assert rates and max(rates) == pytest.approx(0.2) and rates == sorted(rates)  # rising with depth, as in timm
     assert not [m for m in timm.create_model(name).modules() if isinstance(m, DropPath)]
 
 
-@pytest.mark.parametrize('name, kwargs, message', [
-    ('capsnet_simple_cifar10', dict(drop_path_rate=0.1), 'no residual blocks'),
-    ('cnn_baseline_cifar10', dict(drop_path_rate=0.1), 'no residual blocks'),
-    ('em_capsnet_simple_cifar10', dict(drop_block_rate=0.1), 'no DropBlock'),
-])
+@pytest.mark.parametrize(
+    'name, kwargs, message',
+    [
+        ('capsnet_simple_cifar10', dict(drop_path_rate=0.1), 'no residual blocks'),
+        ('cnn_baseline_cifar10', dict(drop_path_rate=0.1), 'no residual blocks'),
+        ('em_capsnet_simple_cifar10', dict(drop_block_rate=0.1), 'no DropBlock'),
+    ],
+)
 def test_keywords_that_cannot_be_honoured_are_errors(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         timm.create_model(name, **kwargs)
@@ -281,6 +298,7 @@ def test_keywords_that_cannot_be_honoured_are_errors(name, kwargs, message):
 
 def test_model_data_config_is_the_size_the_model_was_built_for():
     from timm_capsules.base import model_data_config
+
     config = model_data_config(timm.create_model('capsnet_resnet_cifar10', img_size=48))
     assert config['input_size'] == (3, 48, 48) and config['fixed_input_size'] is True
     assert config['mean'] == (0.4914, 0.4822, 0.4465)

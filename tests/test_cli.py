@@ -1,4 +1,5 @@
 """``python -m timm_capsules``: lists every registered model with the parameter count timm reports."""
+
 import json
 import os
 import subprocess
@@ -32,16 +33,23 @@ def test_table_rows_give_each_models_parameter_count(monkeypatch, capsys):
     assert footer.startswith('forward ms: median of 2 passes after a warm-up, batch 1,')
     rows = [row.split() for row in rows]
     # the README's counts, and what timm builds
-    assert [row[:3] for row in rows] == [['capsnet_simple_cifar10', '561,297', '3x32x32'],
-                                         ['em_capsnet_simple_cifar10', '452,500', '3x32x32']]
+    assert [row[:3] for row in rows] == [
+        ['capsnet_simple_cifar10', '561,297', '3x32x32'],
+        ['em_capsnet_simple_cifar10', '452,500', '3x32x32'],
+    ]
     for name, params, _, _ in rows:
         assert int(params.replace(',', '')) == _described(name)[0]
 
 
 @pytest.mark.slow  # builds and runs every registered model (about 25 s on 2 cores)
 def test_module_lists_every_registered_model_with_its_parameter_count():
-    result = subprocess.run([sys.executable, '-m', 'timm_capsules', '--json', '--batch-size', '1'],
-                            capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE='1'))
+    result = subprocess.run(
+        [sys.executable, '-m', 'timm_capsules', '--json', '--batch-size', '1'],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE='1'),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     names = timm.list_models(module=MODULES)

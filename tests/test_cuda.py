@@ -5,6 +5,7 @@ Triton kernels are opt-in until measured), so these tests compare the GPU agains
 CI has no GPU: there, and on any machine without one, every test here skips. ``benchmarks/gpu_check.sh`` runs them
 (without the suite's conftest, which builds the CPU kernels), with the GPU benchmarks, on a machine that has one.
 """
+
 import copy
 import json
 import math
@@ -63,13 +64,16 @@ def assert_same_step(cpu, gpu, x):
         torch.testing.assert_close(g.cpu(), e, rtol=1e-3, atol=1e-3 * e.abs().max().item(), msg=name)
 
 
-@pytest.mark.parametrize('name, kwargs', [
-    ('capsnet_resnet_cifar10', dict(iterations=2)),
-    ('capsnet_resnet_cifar10', dict(iterations=5)),
-    ('capsnet_matrix_multimnist', {}),
-    ('em_capsnet_simple_cifar10', {}),
-    ('dynamic_capsnet_simple_cifar10', {}),
-])
+@pytest.mark.parametrize(
+    'name, kwargs',
+    [
+        ('capsnet_resnet_cifar10', dict(iterations=2)),
+        ('capsnet_resnet_cifar10', dict(iterations=5)),
+        ('capsnet_matrix_multimnist', {}),
+        ('em_capsnet_simple_cifar10', {}),
+        ('dynamic_capsnet_simple_cifar10', {}),
+    ],
+)
 def test_gpu_step_matches_the_cpu(name, kwargs):
     cpu, gpu = cpu_and_gpu(name, **kwargs)
     assert_same_step(cpu, gpu, torch.randn(4, *cpu.pretrained_cfg['input_size']))
@@ -80,6 +84,7 @@ def test_triton_routing_matches_the_cpu(monkeypatch):
     which never store votes, and the step still equals the CPU's plain-op reference."""
     from timm_capsules import routing_triton
     from timm_capsules.layers import RoutedCapsules
+
     monkeypatch.setenv('TIMM_CAPSULES_TRITON_ROUTING', '1')
     calls = {'forward': 0, 'backward': 0}
     for kind in calls:
@@ -88,6 +93,7 @@ def test_triton_routing_matches_the_cpu(monkeypatch):
         def counted(*args, kind=kind, original=original, **kwargs):
             calls[kind] += 1
             return original(*args, **kwargs)
+
         monkeypatch.setattr(routing_triton, f'routing_{kind}', counted)
     cpu, gpu = cpu_and_gpu('capsnet_resnet_cifar10', iterations=4)
     for layer in gpu.modules():
@@ -102,7 +108,7 @@ def test_chunked_routing_bounds_gpu_memory():
     """Votes of more than ``max_votes`` elements are formed chunk by chunk and recomputed in the backward pass:
     the peak of a training step falls to a fraction, with the same gradients."""
     peaks, grads = [], []
-    for max_votes in (None, 2 ** 22):  # t = 4: the first layer's pass forms 115M votes at batch 16
+    for max_votes in (None, 2**22):  # t = 4: the first layer's pass forms 115M votes at batch 16
         torch.manual_seed(0)
         model = timm.create_model('capsnet_resnet_cifar10', iterations=4, max_votes=max_votes).to(DEVICE).eval()
         x = torch.randn(16, 3, 32, 32, device=DEVICE)
@@ -140,14 +146,44 @@ def test_training_script_trains_on_the_gpu(tmp_path, precision):
     """train_accelerate.py without --cpu: accelerate puts the model on the GPU; fp16 (refused on the CPU) runs
     with its gradient scaler."""
     pytest.importorskip('datasets')  # a GPU machine may hold torch and timm but not the data side
-    tiny = ['--model-kwargs', "backbone_args={'out_chs': 8}", 'primary_caps=4', 'pose_dim=4',
-            "capsule_layers=[('conv', 4, 3, 1)]", '--mnist-source', 'sample', '--batch-size', '8',
-            '--epoch-size', '40', '--test-size', '37', '--log-every', '2', '--lr', '0.01']
+    tiny = [
+        '--model-kwargs',
+        "backbone_args={'out_chs': 8}",
+        'primary_caps=4',
+        'pose_dim=4',
+        "capsule_layers=[('conv', 4, 3, 1)]",
+        '--mnist-source',
+        'sample',
+        '--batch-size',
+        '8',
+        '--epoch-size',
+        '40',
+        '--test-size',
+        '37',
+        '--log-every',
+        '2',
+        '--lr',
+        '0.01',
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
     done = subprocess.run(
-        [sys.executable, str(ROOT / 'train_accelerate.py'), *tiny, '--mixed_precision', precision,
-         '--max-train-steps', '4', '--output-dir', str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / 'train_accelerate.py'),
+            *tiny,
+            '--mixed_precision',
+            precision,
+            '--max-train-steps',
+            '4',
+            '--output-dir',
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert 'cuda' in done.stdout
     metrics = json.loads((tmp_path / 'metrics.json').read_text())

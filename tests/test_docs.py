@@ -2,6 +2,7 @@
 (``python experiments.py report --write docs/results.md``, and ``--scale gpu``) from the committed run records, and
 the benchmark tables (``python benchmarks/report.py --write docs/performance.md``) from the committed results. (The
 model table of docs/hub.md: tests/test_hub_cards.py.) The README stays a five-minute read."""
+
 import importlib.util
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ def experiments(monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
     import experiments
+
     return experiments
 
 
@@ -33,10 +35,24 @@ def test_results_doc_is_the_report_of_the_committed_records(experiments, scale, 
     (tmp_path / 'docs').mkdir()
     doc = tmp_path / 'docs' / 'results.md'
     doc.write_bytes((DOCS / 'results.md').read_bytes())
-    assert experiments.report_main(['--scale', scale, '--records', str(ROOT / 'results'), '--plots',
-                                    str(tmp_path / 'results' / 'plots'), '--write', str(doc)]) == 0
-    assert doc.read_bytes() == (DOCS / 'results.md').read_bytes(), \
+    assert (
+        experiments.report_main(
+            [
+                '--scale',
+                scale,
+                '--records',
+                str(ROOT / 'results'),
+                '--plots',
+                str(tmp_path / 'results' / 'plots'),
+                '--write',
+                str(doc),
+            ]
+        )
+        == 0
+    )
+    assert doc.read_bytes() == (DOCS / 'results.md').read_bytes(), (
         f'docs/results.md is stale: python experiments.py report --scale {scale} --write docs/results.md'
+    )
     committed = block(doc.read_text(), *experiments.markers(scale))
     plots = sorted((tmp_path / 'results' / 'plots').glob('*.png'))
     assert plots
@@ -47,8 +63,10 @@ def test_results_doc_is_the_report_of_the_committed_records(experiments, scale, 
 def test_the_printed_report_is_the_results_docs(experiments, tmp_path, capsys, monkeypatch):
     """Without --write the report is what docs/results.md holds: its plots linked from docs/ by default."""
     monkeypatch.setattr(experiments, 'ROOT', tmp_path)  # the layout's root: results/plots beside docs/
-    assert experiments.report_main(['--records', str(ROOT / 'results'), '--plots',
-                                    str(tmp_path / 'results' / 'plots')]) == 0
+    assert (
+        experiments.report_main(['--records', str(ROOT / 'results'), '--plots', str(tmp_path / 'results' / 'plots')])
+        == 0
+    )
     committed = block((DOCS / 'results.md').read_text(), *experiments.markers('cpu'))
     assert '\n' + capsys.readouterr().out == committed + '\n'
 
@@ -58,8 +76,11 @@ def test_the_studies_table_states_the_claims_the_report_tests():
     (``CLAIMS``, their one home), so the two cannot drift apart."""
     from timm_capsules.experiments.plans import CLAIMS, STUDIES
 
-    rows = {line.split(' | ')[0][3:-1]: line for line in (DOCS / 'results.md').read_text().splitlines()
-            if line.startswith('| `')}
+    rows = {
+        line.split(' | ')[0][3:-1]: line
+        for line in (DOCS / 'results.md').read_text().splitlines()
+        if line.startswith('| `')
+    }
     assert set(STUDIES) <= set(rows)
     for study in STUDIES:
         assert rows[study].endswith(f' | {CLAIMS[study]} |'), study
@@ -71,8 +92,9 @@ def test_performance_doc_is_the_report_of_the_committed_results():
     spec.loader.exec_module(report)
     table = report.render(sorted((ROOT / 'benchmarks' / 'results').glob('*.json')))
     committed = block((DOCS / 'performance.md').read_text(), report.BEGIN, report.END)
-    assert committed == '\n' + table + '\n', 'docs/performance.md is stale: python benchmarks/report.py --write ' \
-                                             'docs/performance.md'
+    assert committed == '\n' + table + '\n', (
+        'docs/performance.md is stale: python benchmarks/report.py --write docs/performance.md'
+    )
 
 
 def test_the_readme_is_a_five_minute_read():

@@ -6,6 +6,7 @@ tensor ops (the fused CPU kernel is this package's own custom op, and chunking w
 size), and the eager reference keeps the default settings, so the fused kernel's logits are compared with
 the exported plain ops'.
 """
+
 import fnmatch
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from torch.export import Dim
 import timm_capsules  # noqa: F401  (registers the models)
 
 OUR_MODELS = sorted(
-    name for name in timm.list_models() if timm.models.model_entrypoint(name).__module__.startswith('timm_capsules.'))
+    name for name in timm.list_models() if timm.models.model_entrypoint(name).__module__.startswith('timm_capsules.')
+)
 PAPER_MODELS = fnmatch.filter(OUR_MODELS, 'capsnet_*')
 # one model of each baseline family, by the name pattern of the family
 BASELINE_FAMILIES = {
@@ -31,27 +33,31 @@ BASELINE_FAMILIES = {
 }
 EXPORTED = PAPER_MODELS + list(BASELINE_FAMILIES.values())
 SLOW_TORCH_EXPORT = {'em_capsnet_simple_cifar10'}
-SLOW_ONNX = {'capsnet_resnet_cifar10', 'capsnet_resnet_cifar100', 'capsnet_vector_multimnist',
-             'em_capsnet_simple_cifar10'}
+SLOW_ONNX = {
+    'capsnet_resnet_cifar10',
+    'capsnet_resnet_cifar100',
+    'capsnet_vector_multimnist',
+    'em_capsnet_simple_cifar10',
+}
 EXAMPLE_BATCH, CHECKED_BATCHES = 2, (1, 3)  # the batch sizes run differ from the one exported with
 
 # run an exported program (argv[1]) on saved inputs (argv[2:]) in a fresh interpreter
-RUN_ONNX = textwrap.dedent('''
+RUN_ONNX = textwrap.dedent("""
     import numpy as np
     import onnxruntime
     session = onnxruntime.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])
     for path in sys.argv[2:]:
         logits, = session.run(None, {session.get_inputs()[0].name: np.load(path)})
         np.save(path + '.out.npy', logits)
-''')
-RUN_PT2 = textwrap.dedent('''
+""")
+RUN_PT2 = textwrap.dedent("""
     import numpy as np
     import torch
     module = torch.export.load(sys.argv[1]).module()
     for path in sys.argv[2:]:
         with torch.no_grad():
             np.save(path + '.out.npy', module(torch.from_numpy(np.load(path))).numpy())
-''')
+""")
 
 
 def _params(names, slow):
@@ -89,7 +95,10 @@ def _run_isolated(script: str, program, batch_inputs, tmp_path, blocked):
     block = f'import sys\nfor name in {list(blocked)!r}:\n    sys.modules[name] = None  # import fails\n'
     result = subprocess.run(
         [sys.executable, '-c', block + script, str(program), *map(str, paths)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return {batch: np.load(f'{path}.out.npy') for batch, path in zip(batch_inputs, paths)}
 
@@ -106,8 +115,11 @@ def test_every_registered_model_is_in_an_exported_family():
 def test_torch_export_dynamic_batch(model_name):
     model, inputs = _model_and_inputs(model_name)
     program = torch.export.export(model, (inputs[EXAMPLE_BATCH],), dynamic_shapes=_dynamic_batch())
-    namespaces = {node.target.namespace for node in program.graph.nodes
-                  if node.op == 'call_function' and isinstance(node.target, torch._ops.OpOverload)}
+    namespaces = {
+        node.target.namespace
+        for node in program.graph.nodes
+        if node.op == 'call_function' and isinstance(node.target, torch._ops.OpOverload)
+    }
     assert namespaces == {'aten'}, 'the exported program needs ops from outside PyTorch'
     with torch.no_grad():
         for batch in CHECKED_BATCHES:

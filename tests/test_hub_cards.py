@@ -1,5 +1,6 @@
 """The hub configs, the model cards (``timm_capsules/hub_cards.py``) and the model table of docs/hub.md, all
 generated from ``hub_configs/`` and the presets."""
+
 import shutil
 
 import pytest
@@ -36,8 +37,14 @@ def test_hub_config_describes_the_registered_model(tag):
 
 def test_paper_results_are_the_papers():
     paper = {tag: hub.load_hub_config(tag)['paper_results'] for tag in TAGS}
-    assert (paper['capsnet_resnet_cifar10.cifar10']['mean'], paper['capsnet_resnet_cifar10.cifar10']['best']) == (94.85, 95.14)
-    assert (paper['capsnet_resnet_cifar100.cifar100']['mean'], paper['capsnet_resnet_cifar100.cifar100']['best']) == (76.27, 78.02)
+    assert (paper['capsnet_resnet_cifar10.cifar10']['mean'], paper['capsnet_resnet_cifar10.cifar10']['best']) == (
+        94.85,
+        95.14,
+    )
+    assert (paper['capsnet_resnet_cifar100.cifar100']['mean'], paper['capsnet_resnet_cifar100.cifar100']['best']) == (
+        76.27,
+        78.02,
+    )
 
 
 @pytest.mark.parametrize('tag', TAGS)
@@ -52,13 +59,22 @@ def test_cards_render_and_parse(tag, published):
     assert card.data.eval_results is None  # no measured accuracy exists yet
     assert ('not yet published' in card.text) is not published
     command = loading.training_command(cfg['model'], cfg['training']['preset'])
-    assert command == f"accelerate launch train_accelerate.py --preset {cfg['training']['preset']} --output_dir <output_dir>"
-    for needle in ('forward_routing', 'features_only=True', 'RoutingTrace', f"{cfg['architecture']['params']:,}",
-                   command, 'Capsules with Inverted Dot-Product Attention Routing'):
+    assert (
+        command
+        == f'accelerate launch train_accelerate.py --preset {cfg["training"]["preset"]} --output_dir <output_dir>'
+    )
+    for needle in (
+        'forward_routing',
+        'features_only=True',
+        'RoutingTrace',
+        f'{cfg["architecture"]["params"]:,}',
+        command,
+        'Capsules with Inverted Dot-Product Attention Routing',
+    ):
         assert needle in card.text
     paper = cfg['paper_results']
     if paper['best'] is not None:
-        assert f"{paper['mean']:.2f}" in card.text and f"{paper['best']:.2f}" in card.text
+        assert f'{paper["mean"]:.2f}' in card.text and f'{paper["best"]:.2f}' in card.text
 
 
 def test_recorded_results_reach_card_and_table(tmp_path):
@@ -82,9 +98,11 @@ def test_docs_model_table_is_generated_from_hub_configs():
     table = hub.readme_table(doc)
     assert table is not None, (
         f'docs/hub.md needs the model table between {hub.TABLE_BEGIN} and {hub.TABLE_END}: '
-        f'python -m timm_capsules.hub table')
-    assert table == hub.render_model_table(), \
+        f'python -m timm_capsules.hub table'
+    )
+    assert table == hub.render_model_table(), (
         'the model table of docs/hub.md is stale: python -m timm_capsules.hub table --write docs/hub.md'
+    )
     for tag in TAGS:
         assert f'`{tag}`' in table
 
@@ -94,7 +112,7 @@ def test_card_recipe_is_the_preset(tag):
     """The card states the recipe of the preset its hub config names, read from timm_capsules.presets."""
     cfg = hub.load_hub_config(tag)
     text = ModelCard(hub.render_card(cfg)).text
-    training = text[text.index('- **Training:**'):text.index('## Model Usage')]
+    training = text[text.index('- **Training:**') : text.index('## Model Usage')]
     preset = get_preset(cfg['training']['preset'])
     assert preset['model'] == cfg['model']
     for key, value in preset.items():
@@ -111,6 +129,8 @@ def test_hub_config_training_section_names_a_preset_of_its_model(tmp_path):
     assert cfg['training'] == {'preset': 'cifar10_resnet'}  # the recipe itself lives in timm_capsules.presets
     with pytest.raises(ConfigError, match=r"training.preset must be one of timm_capsules.presets.PRESETS, got 'c10'"):
         hub.validate_hub_config(dict(cfg, training={'preset': 'c10'}))
-    with pytest.raises(ConfigError, match="training.preset 'cifar10_simple' trains 'capsnet_simple_cifar10', not 'capsnet_resnet_cifar10'"):
+    with pytest.raises(
+        ConfigError,
+        match="training.preset 'cifar10_simple' trains 'capsnet_simple_cifar10', not 'capsnet_resnet_cifar10'",
+    ):
         hub.validate_hub_config(dict(cfg, training={'preset': 'cifar10_simple'}))
-

@@ -1,6 +1,7 @@
 """Releasing (``timm_capsules/hub.py``): the dry-run folder that is exactly what is published, what push and
 check refuse (pickles, another model, NaN or infinity), a real push with HfApi replaced (no network), the
 command line (``python -m timm_capsules.hub``) and the other model families."""
+
 import json
 import os
 import shutil
@@ -42,7 +43,11 @@ def test_cache_layout(simple):
     repo = simple.cache / 'models--timm-capsules--capsnet_simple_cifar10.cifar10'
     commit = (repo / 'refs' / 'main').read_text()
     assert len(commit) == 40 and int(commit, 16) >= 0
-    assert sorted(p.name for p in (repo / 'snapshots' / commit).iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in (repo / 'snapshots' / commit).iterdir()) == [
+        'README.md',
+        'config.json',
+        'model.safetensors',
+    ]
 
 
 def test_dry_run_refuses_a_non_empty_folder(simple, tmp_path):
@@ -83,10 +88,14 @@ def test_check_and_push_reject_non_finite_weights(simple, tmp_path, capsys):
     repo = _with_non_finite(simple, tmp_path / 'diverged')
     assert hub.main(['check', '--checkpoint', str(repo)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: {repo / 'model.safetensors'}: 2 tensor(s) hold NaN or infinity (a diverged run?): "
-                   f"capsule_layers.1.weight, primary.norm.bias\n")
+    assert err == (
+        f'error: {repo / "model.safetensors"}: 2 tensor(s) hold NaN or infinity (a diverged run?): '
+        f'capsule_layers.1.weight, primary.norm.bias\n'
+    )
     out = tmp_path / 'upload'
-    with pytest.raises(WeightsError, match=r'2 tensor\(s\) hold NaN or infinity .*: capsule_layers.1.weight, primary.norm.bias'):
+    with pytest.raises(
+        WeightsError, match=r'2 tensor\(s\) hold NaN or infinity .*: capsule_layers.1.weight, primary.norm.bias'
+    ):
         hub.push_checkpoint(repo, config=simple.full_tag, dry_run=out)
     assert not out.exists()  # nothing staged
 
@@ -104,7 +113,7 @@ def test_cli_never_ends_in_a_traceback(simple, tmp_path, capsys):
     (repo / 'config.json').write_text(json.dumps(config))
     assert hub.main(['check', '--checkpoint', str(repo)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {repo / 'config.json'}: its model_args do not build capsnet_simple_cifar10: ")
+    assert err.startswith(f'error: {repo / "config.json"}: its model_args do not build capsnet_simple_cifar10: ')
     assert err.count('\n') == 1 and 'Traceback' not in err
 
 
@@ -152,8 +161,10 @@ def test_cli_record_reaches_config_card_and_readme_table(tmp_path, monkeypatch, 
     monkeypatch.setenv(hub.CONFIG_DIR_ENV, str(configs))
     config = configs / 'capsnet_resnet_cifar10.cifar10.json'
     # mean 93.5567 rounds up to 93.56, sample std 0.4600 (the population std would be 0.38)
-    assert hub.main(['record', '--config', str(config), '--top1', '93.10', '93.55', '94.02',
-                     '--checkpoint-top1', '93.55']) == 0
+    assert (
+        hub.main(['record', '--config', str(config), '--top1', '93.10', '93.55', '94.02', '--checkpoint-top1', '93.55'])
+        == 0
+    )
     results = json.loads(config.read_text())['results']
     expected = dict(per_seed=[93.10, 93.55, 94.02], num_seeds=3, mean=93.56, std=0.46, best=94.02, checkpoint=93.55)
     assert {key: results[key] for key in expected} == expected
@@ -174,8 +185,16 @@ def test_cli_record_reaches_config_card_and_readme_table(tmp_path, monkeypatch, 
     text = readme.read_text()
     assert text.startswith(f'# intro\n\n{hub.TABLE_BEGIN}\n| tag |') and text.endswith(f'{hub.TABLE_END}\n\nafter\n')
     assert _cells(text, 'capsnet_resnet_cifar10.cifar10') == [
-        '`capsnet_resnet_cifar10.cifar10`', 'CIFAR-10', '1,828,817', '2', 'not yet published', 'top-1 accuracy (%)',
-        '93.56 ± 0.46 (94.02), 3', '94.85 (95.14)', '`--preset cifar10_resnet`']
+        '`capsnet_resnet_cifar10.cifar10`',
+        'CIFAR-10',
+        '1,828,817',
+        '2',
+        'not yet published',
+        'top-1 accuracy (%)',
+        '93.56 ± 0.46 (94.02), 3',
+        '94.85 (95.14)',
+        '`--preset cifar10_resnet`',
+    ]
     assert _cells(text, 'capsnet_simple_cifar10.cifar10')[6] == '—'  # nothing recorded there
     capsys.readouterr()
     assert hub.main(['table', '--check', str(readme)]) == 0
@@ -193,18 +212,30 @@ def test_cli_check_says_ok_or_names_the_bad_tensor(simple, tmp_path, capsys):
     del weights['primary.norm.bias']
     (bad / 'model.safetensors').unlink()
     save_file(weights, bad / 'model.safetensors')
-    result = subprocess.run([sys.executable, '-m', 'timm_capsules.hub', 'check', '--checkpoint', str(bad)],
-                            capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE='1'))
+    result = subprocess.run(
+        [sys.executable, '-m', 'timm_capsules.hub', 'check', '--checkpoint', str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE='1'),
+    )
     assert result.returncode == 2 and result.stdout == '' and 'Traceback' not in result.stderr, result.stderr
     assert result.stderr.startswith('error: ') and str(bad) in result.stderr
-    assert 'shape mismatches (1):\n    backbone.conv.weight: checkpoint (128, 3, 3, 3), model (256, 3, 3, 3)' in result.stderr
+    assert (
+        'shape mismatches (1):\n    backbone.conv.weight: checkpoint (128, 3, 3, 3), model (256, 3, 3, 3)'
+        in result.stderr
+    )
     assert 'missing from the checkpoint (1):\n    primary.norm.bias' in result.stderr
 
 
 def test_cli_cache_makes_a_folder_loadable_offline(simple, tmp_path, capsys):
     cache = tmp_path / 'cache'
-    assert hub.main(['cache', '--folder', str(simple.dry_run), '--repo-id', 'someone/my-capsnet',
-                     '--cache-dir', str(cache)]) == 0
+    assert (
+        hub.main(
+            ['cache', '--folder', str(simple.dry_run), '--repo-id', 'someone/my-capsnet', '--cache-dir', str(cache)]
+        )
+        == 0
+    )
     snapshot = Path(capsys.readouterr().out.strip())
     repo = cache / 'models--someone--my-capsnet'
     assert snapshot.parent == repo / 'snapshots' and (repo / 'refs' / 'main').read_text() == snapshot.name
@@ -223,10 +254,17 @@ def _family_hub_config(name: str, model: torch.nn.Module) -> dict:
     tag = timm.models.get_pretrained_cfg(name).tag
     base = hub.load_hub_config('capsnet_simple_cifar10.cifar10')
     return dict(
-        base, tag=f'{name}.{tag}', model=name, repo_id=f'timm-capsules/{name}.{tag}',
-        architecture=dict(params=sum(p.numel() for p in model.parameters()), input_size=[3, 32, 32],
-                          routing_iterations=getattr(model, 'iterations', None)),
-        training={'preset': 'cifar10_em_simple' if name.startswith('em_') else 'cifar10_cnn'})
+        base,
+        tag=f'{name}.{tag}',
+        model=name,
+        repo_id=f'timm-capsules/{name}.{tag}',
+        architecture=dict(
+            params=sum(p.numel() for p in model.parameters()),
+            input_size=[3, 32, 32],
+            routing_iterations=getattr(model, 'iterations', None),
+        ),
+        training={'preset': 'cifar10_em_simple' if name.startswith('em_') else 'cifar10_cnn'},
+    )
 
 
 @pytest.mark.parametrize('name', ['em_capsnet_simple_cifar10', 'cnn_baseline_cifar10'])
@@ -236,16 +274,16 @@ def test_other_families_are_carded_pushed_and_loaded(name, tmp_path, monkeypatch
     cfg = _family_hub_config(name, model)
     configs = tmp_path / 'hub_configs'
     configs.mkdir()
-    (configs / f"{cfg['tag']}.json").write_text(json.dumps(cfg))
+    (configs / f'{cfg["tag"]}.json').write_text(json.dumps(cfg))
     monkeypatch.setenv(hub.CONFIG_DIR_ENV, str(configs))
     save_for_hf(model, tmp_path / 'checkpoint', safe_serialization=True)
     upload = hub.push_checkpoint(tmp_path / 'checkpoint', dry_run=tmp_path / 'upload')
     card = ModelCard((upload / 'README.md').read_text())
-    assert card.text.lstrip().startswith(f"# Model card for {cfg['tag']}") and ('forward_routing' in card.text) is False
-    assert f"--preset {cfg['training']['preset']} --output_dir" in card.text
+    assert card.text.lstrip().startswith(f'# Model card for {cfg["tag"]}') and ('forward_routing' in card.text) is False
+    assert f'--preset {cfg["training"]["preset"]} --output_dir' in card.text
     row = hub.render_model_table().splitlines()[2]
     iterations = '—' if cfg['architecture']['routing_iterations'] is None else '3'
-    assert row.startswith(f"| `{cfg['tag']}` | CIFAR-10 | {cfg['architecture']['params']:,} | {iterations} |")
+    assert row.startswith(f'| `{cfg["tag"]}` | CIFAR-10 | {cfg["architecture"]["params"]:,} | {iterations} |')
     hub.install_in_cache(upload, cfg['repo_id'], tmp_path / 'cache')
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with offline_hub_cache(tmp_path / 'cache'), torch.no_grad():

@@ -3,6 +3,7 @@ Hugging Face cache (HF_HUB_OFFLINE=1), and every way of loading it (``pretrained
 ``local-dir:``) gives the original model back, although its hub config still says "not yet published". Plus
 what ``timm_capsules/loading.py`` checks: weights that are not there, config.json validation and the integrity
 errors."""
+
 import ast
 import json
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_features_only_pretrained(offline):
 
 
 def _follow_the_advice(message: str, output_dir: Path) -> torch.nn.Module:
-    call = message[message.index('timm.create_model('):].split(', or use')[0]
+    call = message[message.index('timm.create_model(') :].split(', or use')[0]
     assert call == "timm.create_model('local-dir:<output_dir>', pretrained=True)"
     return eval(call.replace('<output_dir>', str(output_dir)), {'timm': timm})
 
@@ -114,14 +115,19 @@ def test_weights_not_in_the_cache_say_how_to_train_them(tag, simple, tmp_path):
     message = str(info.value)
     assert f'no pretrained weights for {tag}: HF_HUB_OFFLINE=1 and the Hugging Face cache' in message
     assert str(tmp_path / 'empty_cache') in message and cfg['repo_id'] in message
-    assert f"accelerate launch train_accelerate.py --preset {cfg['training']['preset']} --output_dir <output_dir>" in message
+    assert (
+        f'accelerate launch train_accelerate.py --preset {cfg["training"]["preset"]} --output_dir <output_dir>'
+        in message
+    )
     if cfg['model'] == simple.name:  # the advice, followed to the letter, loads what the training command writes
         with torch.no_grad():
             assert torch.equal(_follow_the_advice(message, simple.checkpoint).eval()(simple.x), simple.logits)
 
 
-@pytest.mark.parametrize('name, preset', [('resnet18_cifar10', 'cifar10_resnet18'),
-                                          ('dynamic_capsnet_simple_cifar100', 'cifar100_dynamic_simple')])
+@pytest.mark.parametrize(
+    'name, preset',
+    [('resnet18_cifar10', 'cifar10_resnet18'), ('dynamic_capsnet_simple_cifar100', 'cifar100_dynamic_simple')],
+)
 def test_every_family_says_how_to_train_missing_weights(name, preset, tmp_path):
     with offline_hub_cache(tmp_path):
         with pytest.raises(WeightsNotPublishedError, match=f'--preset {preset} --output_dir'):
@@ -144,7 +150,7 @@ def _corrupt(path: Path, how: str):
     data = path.read_bytes()
     path.unlink()  # the cache snapshot may hard-link the dry-run file: never write through the link
     if how == 'truncated':
-        path.write_bytes(data[:len(data) // 2])
+        path.write_bytes(data[: len(data) // 2])
     else:  # a damaged header
         path.write_bytes(b'\xff' * 8 + data[8:])
 
@@ -198,50 +204,86 @@ MALFORMED = {  # case: (how to break config.json, what the error says[, what it 
     'num_classes is a string': (lambda c: c.update(num_classes='ten'), "num_classes must be an int >= 0, got 'ten'"),
     'input_size has two entries': (
         lambda c: (c['pretrained_cfg'].update(input_size=[3, 32]), c['model_args'].pop('img_size')),
-        r'input_size must be \[channels, height, width\] of positive ints, got [\[(]3, 32[\])]'),  # timm: tuple
-    'mean has the wrong length': (lambda c: c['pretrained_cfg'].update(mean=[0.5, 0.5]),
-                                  r'mean must hold 3 numbers \(one per input channel\), got [\[(]0.5, 0.5[\])]'),
-    'label_names has the wrong length': (lambda c: c['pretrained_cfg'].update(label_names=['cat', 'dog']),
-                                         'label_names must have num_classes=10 entries, got 2'),
-    'unknown model argument': (lambda c: c['model_args'].update(capsule_magic=3),
-                               r"model_args has unknown arguments \['capsule_magic'\] \(CapsNet takes \["),
+        r'input_size must be \[channels, height, width\] of positive ints, got [\[(]3, 32[\])]',
+    ),  # timm: tuple
+    'mean has the wrong length': (
+        lambda c: c['pretrained_cfg'].update(mean=[0.5, 0.5]),
+        r'mean must hold 3 numbers \(one per input channel\), got [\[(]0.5, 0.5[\])]',
+    ),
+    'label_names has the wrong length': (
+        lambda c: c['pretrained_cfg'].update(label_names=['cat', 'dog']),
+        'label_names must have num_classes=10 entries, got 2',
+    ),
+    'unknown model argument': (
+        lambda c: c['model_args'].update(capsule_magic=3),
+        r"model_args has unknown arguments \['capsule_magic'\] \(CapsNet takes \[",
+    ),
     'model_args in_chans disagrees': (  # timm builds for 4 channels first, so loading trips over the mean
-        lambda c: c['model_args'].update(in_chans=4), r'model_args.in_chans=4 disagrees with input_size\[0\]=3',
-        r'mean must hold 4 numbers'),
-    'iterations is not an int': (lambda c: c['model_args'].update(iterations='2'),
-                                 "model_args.iterations must be int, got '2'"),
-    'iterations is huge': (lambda c: c['model_args'].update(iterations=10 ** 9),
-                           'model_args.iterations must be between 1 and 64, got 1000000000'),
-    'backbone is unknown': (lambda c: c['model_args'].update(backbone='resnet9000'),
-                            "model_args.backbone must be 'simple', 'resnet' or a timm model name, got 'resnet9000'"),
-    'backbone_args is a list': (lambda c: c['model_args'].update(backbone_args=[256]),
-                                r'model_args.backbone_args must be Optional\[Dict\[str, Any\]\], got \[256\]'),
+        lambda c: c['model_args'].update(in_chans=4),
+        r'model_args.in_chans=4 disagrees with input_size\[0\]=3',
+        r'mean must hold 4 numbers',
+    ),
+    'iterations is not an int': (
+        lambda c: c['model_args'].update(iterations='2'),
+        "model_args.iterations must be int, got '2'",
+    ),
+    'iterations is huge': (
+        lambda c: c['model_args'].update(iterations=10**9),
+        'model_args.iterations must be between 1 and 64, got 1000000000',
+    ),
+    'backbone is unknown': (
+        lambda c: c['model_args'].update(backbone='resnet9000'),
+        "model_args.backbone must be 'simple', 'resnet' or a timm model name, got 'resnet9000'",
+    ),
+    'backbone_args is a list': (
+        lambda c: c['model_args'].update(backbone_args=[256]),
+        r'model_args.backbone_args must be Optional\[Dict\[str, Any\]\], got \[256\]',
+    ),
     'capsule layer of an unknown kind': (
         lambda c: c['model_args'].update(capsule_layers=[['conv', 32, 3, 2], ['pool', 32]]),
         r"model_args.capsule_layers: each layer is \['conv', capsules, kernel, stride\] or \['fc', capsules\], "
-        r"got \['pool', 32\]"),
-    'capsule layer with a negative size': (lambda c: c['model_args'].update(capsule_layers=[['conv', -32, 3, 2]]),
-                                           r"model_args.capsule_layers: sizes must be positive, got \['conv', -32, 3, 2\]"),
-    'no primary capsules': (lambda c: c['model_args'].update(primary_caps=0),
-                            'model_args.primary_caps must be positive, got 0'),
-    'backbone without channels': (lambda c: c['model_args'].update(backbone_args={'out_chs': 0}),
-                                  'model_args.backbone_args.out_chs must be positive, got 0'),
-    'negative padding': (lambda c: c['model_args'].update(primary_padding=-1),
-                         'model_args.primary_padding must not be negative, got -1'),
-    'global_pool is unknown': (lambda c: c['model_args'].update(global_pool='median'),
-                               "model_args.global_pool: unknown pool type 'median'"),
-    'max_votes is zero': (lambda c: c['model_args'].update(max_votes=0), 'model_args.max_votes must be positive, got 0'),
+        r"got \['pool', 32\]",
+    ),
+    'capsule layer with a negative size': (
+        lambda c: c['model_args'].update(capsule_layers=[['conv', -32, 3, 2]]),
+        r"model_args.capsule_layers: sizes must be positive, got \['conv', -32, 3, 2\]",
+    ),
+    'no primary capsules': (
+        lambda c: c['model_args'].update(primary_caps=0),
+        'model_args.primary_caps must be positive, got 0',
+    ),
+    'backbone without channels': (
+        lambda c: c['model_args'].update(backbone_args={'out_chs': 0}),
+        'model_args.backbone_args.out_chs must be positive, got 0',
+    ),
+    'negative padding': (
+        lambda c: c['model_args'].update(primary_padding=-1),
+        'model_args.primary_padding must not be negative, got -1',
+    ),
+    'global_pool is unknown': (
+        lambda c: c['model_args'].update(global_pool='median'),
+        "model_args.global_pool: unknown pool type 'median'",
+    ),
+    'max_votes is zero': (
+        lambda c: c['model_args'].update(max_votes=0),
+        'model_args.max_votes must be positive, got 0',
+    ),
     'img_size is negative': (  # timm copies img_size into input_size before any model code runs
-        lambda c: c['model_args'].update(img_size=[-32, 32]), r'model_args.img_size must be positive, got \[-32, 32\]',
-        r'input_size must be \[channels, height, width\] of positive ints, got [\[(]3, -32, 32[\])]'),
+        lambda c: c['model_args'].update(img_size=[-32, 32]),
+        r'model_args.img_size must be positive, got \[-32, 32\]',
+        r'input_size must be \[channels, height, width\] of positive ints, got [\[(]3, -32, 32[\])]',
+    ),
     'device is set': (lambda c: c['model_args'].update(device='cuda'), r"model_args must not set \['device'\]"),
     'dtype is set': (lambda c: c['model_args'].update(dtype='float16'), r"model_args must not set \['dtype'\]"),
-    'drop_rate above one': (lambda c: c['model_args'].update(drop_rate=1.5),
-                            r'model_args.drop_rate must be in \[0, 1\], got 1.5'),
+    'drop_rate above one': (
+        lambda c: c['model_args'].update(drop_rate=1.5),
+        r'model_args.drop_rate must be in \[0, 1\], got 1.5',
+    ),
     # right types and ranges, but no such model: the constructor's own objection, naming the file
     'capsule stack too large for the grid': (
         lambda c: c['model_args'].update(capsule_layers=[['conv', 32, 17, 1]]),
-        'its model_args do not build capsnet_simple_cifar10: input size .* too small for the capsule stack'),
+        'its model_args do not build capsnet_simple_cifar10: input size .* too small for the capsule stack',
+    ),
 }
 
 
@@ -260,13 +302,19 @@ def test_malformed_config_is_rejected_before_weights_are_read(simple, tmp_path, 
 
 
 UNPARSEABLE = {  # case: (config.json text from the original, the error)
-    'unknown architecture': (lambda c: json.dumps(dict(c, architecture='capsnet_does_not_exist')),
-                             r"unknown architecture 'capsnet_does_not_exist' \(import the package"),
-    'not json': (lambda c: '{"architecture": "capsnet_simple_cifar10",',
-                 r'not valid JSON \(Expecting property name enclosed in double quotes: line 1 column 43'),
+    'unknown architecture': (
+        lambda c: json.dumps(dict(c, architecture='capsnet_does_not_exist')),
+        r"unknown architecture 'capsnet_does_not_exist' \(import the package",
+    ),
+    'not json': (
+        lambda c: '{"architecture": "capsnet_simple_cifar10",',
+        r'not valid JSON \(Expecting property name enclosed in double quotes: line 1 column 43',
+    ),
     'not an object': (lambda c: '["capsnet_simple_cifar10"]', 'expected a JSON object'),
-    'no architecture': (lambda c: json.dumps({k: v for k, v in c.items() if k != 'architecture'}),
-                        'missing "architecture"'),
+    'no architecture': (
+        lambda c: json.dumps({k: v for k, v in c.items() if k != 'architecture'}),
+        'missing "architecture"',
+    ),
     'model_args is a list': (lambda c: json.dumps(dict(c, model_args=[1])), '"model_args" must be an object'),
 }
 
@@ -296,6 +344,7 @@ def test_unparseable_config_names_the_file(simple, tmp_path, case, source):
 def test_valid_config_json_reads_as_before(simple):
     """The reader that names broken files gives timm exactly what json.load gives for a valid one."""
     from timm.models import _hub
+
     path = simple.dry_run / 'config.json'
     assert _hub.load_cfg_from_json(path) == json.loads(path.read_text())
     assert _hub.load_cfg_from_json is loading._read_config_json_for_timm
@@ -303,8 +352,17 @@ def test_valid_config_json_reads_as_before(simple):
 
 def test_model_argument_types_come_from_the_constructor():
     validate = loading.validate_model_args
-    validate({'iterations': 3, 'img_size': [32, 40], 'capsule_layers': [['conv', 8, 3, 1], ['fc', 4]],
-              'backbone_args': {'out_chs': 64}, 'max_votes': None, 'global_pool': 'fast'}, 'capsnet_simple_cifar10')
+    validate(
+        {
+            'iterations': 3,
+            'img_size': [32, 40],
+            'capsule_layers': [['conv', 8, 3, 1], ['fc', 4]],
+            'backbone_args': {'out_chs': 64},
+            'max_votes': None,
+            'global_pool': 'fast',
+        },
+        'capsnet_simple_cifar10',
+    )
     # a family whose class passes **kwargs on to timm's ResNet: the base class's arguments count too
     validate({'layers': [1, 1, 1, 1], 'num_classes': 3, 'drop_rate': 0.2}, 'resnet18_cifar10', 'x.json')
     with pytest.raises(ConfigError, match=r"^x.json: model_args.block must be .*, got 'BasicBlock'"):
@@ -316,10 +374,12 @@ def test_model_argument_types_come_from_the_constructor():
     with pytest.raises(ConfigError, match=r'model_args.matrix_pose must be bool, got 1'):
         validate({'matrix_pose': 1}, 'capsnet_simple_cifar10', 'x.json')
     validate({'global_pool': None, 'drop_rate': 0.0, 'bn_eps': 1e-5, 'bn_momentum': 0.1}, 'cnn_baseline_cifar10')
-    for args, message in [({'bn_eps': 0.0}, 'bn_eps must be positive, got 0.0'),
-                          ({'drop_rate': -0.1}, 'drop_rate must not be negative, got -0.1'),
-                          ({'bn_momentum': 2.0}, r'bn_momentum must be in \[0, 1\], got 2.0'),
-                          ({'head_hidden_size': 0}, 'head_hidden_size must be positive, got 0')]:
+    for args, message in [
+        ({'bn_eps': 0.0}, 'bn_eps must be positive, got 0.0'),
+        ({'drop_rate': -0.1}, 'drop_rate must not be negative, got -0.1'),
+        ({'bn_momentum': 2.0}, r'bn_momentum must be in \[0, 1\], got 2.0'),
+        ({'head_hidden_size': 0}, 'head_hidden_size must be positive, got 0'),
+    ]:
         with pytest.raises(ConfigError, match=f'^x.json: model_args.{message}$'):
             validate(args, 'cnn_baseline_cifar10', 'x.json')
 
@@ -327,6 +387,7 @@ def test_model_argument_types_come_from_the_constructor():
 def test_config_and_constructor_share_the_iterations_bound():
     """config.json validation refuses exactly what the constructor refuses (one bound, no drift)."""
     from timm_capsules.capsnet import CapsNet
+
     top = loading.MAX_ITERATIONS
     loading.validate_model_args({'iterations': top}, 'capsnet_simple_cifar10')
     assert CapsNet(backbone_args={'out_chs': 8}, iterations=top, device='meta').iterations == top

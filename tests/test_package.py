@@ -1,5 +1,6 @@
 """The package's shape: an acyclic import graph (imports inside functions count), modules a reader can
 hold in their head, and no test helpers in the library."""
+
 import ast
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def imported_modules(name, path, known):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ''
             if node.level:
-                anchor = package.split('.')[:len(package.split('.')) - node.level + 1]
+                anchor = package.split('.')[: len(package.split('.')) - node.level + 1]
                 base = '.'.join(anchor + ([base] if base else []))
             for alias in node.names:
                 module = f'{base}.{alias.name}'
@@ -46,7 +47,7 @@ def find_cycle(graph):
         stack.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == 'open':
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         state[node] = 'done'
@@ -86,6 +87,7 @@ def test_no_test_helpers_in_the_library():
 
 def test_no_module_shadows_the_standard_library():
     import sys
+
     shadowing = [name for name in modules() if name.rpartition('.')[2] in sys.stdlib_module_names]
     assert not shadowing, f'{shadowing} share a name with a standard-library module'
 
@@ -104,6 +106,7 @@ def test_every_dependency_has_a_tested_upper_bound():
     from importlib.metadata import PackageNotFoundError, version
     from packaging.requirements import Requirement
     from packaging.version import Version
+
     tomllib = pytest.importorskip('tomllib')
     project = tomllib.loads((PACKAGE.parent / 'pyproject.toml').read_text())['project']
     problems = []

@@ -1,4 +1,5 @@
 """Routing introspection (timm_capsules.parse_tree): coefficients, top-down mass, pictures and the probe."""
+
 import dataclasses
 import json
 import re
@@ -15,15 +16,35 @@ import torch
 
 from timm_capsules.capsnet import CapsNet, RoutingGeometry
 from timm_capsules.parse_tree import (
-    class_heatmaps, class_primary_mass, diverse_multimnist_samples, load_images, model_dataset, part_whole_probe,
-    part_whole_tree, prepare_arrays, primary_receptive_fields, primary_to_image, propagate_mass, routing_entropy,
-    routing_summary, routing_trace)
+    class_heatmaps,
+    class_primary_mass,
+    diverse_multimnist_samples,
+    load_images,
+    model_dataset,
+    part_whole_probe,
+    part_whole_tree,
+    prepare_arrays,
+    primary_receptive_fields,
+    primary_to_image,
+    propagate_mass,
+    routing_entropy,
+    routing_summary,
+    routing_trace,
+)
 from timm_capsules.parse_tree.cli import PROG, main, tree_file_names
 from timm_capsules.layers import Capsules
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(num_classes=3, in_chans=1, img_size=12, backbone='simple', backbone_args=dict(out_chs=8),
-            primary_caps=4, pose_dim=4, capsule_layers=(('conv', 4, 3, 1), ('conv', 3, 2, 1)))
+TINY = dict(
+    num_classes=3,
+    in_chans=1,
+    img_size=12,
+    backbone='simple',
+    backbone_args=dict(out_chs=8),
+    primary_caps=4,
+    pose_dim=4,
+    capsule_layers=(('conv', 4, 3, 1), ('conv', 3, 2, 1)),
+)
 
 
 def _recompute(layer, children: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
@@ -51,8 +72,12 @@ def test_coefficients_shapes_sum_and_reproduce_the_logits(routing, iterations):
         for r in step:
             torch.testing.assert_close(r.sum(-1), torch.ones(r.shape[:-1]))
             assert (r >= 0).all()
-    assert [tuple(p.shape) for p in trace.poses[-1]] == [(2, 6, 6, 4, 4), (2, 4, 4, 4, 4), (2, 3, 3, 3, 4),
-                                                         (2, 1, 1, 3, 4)]
+    assert [tuple(p.shape) for p in trace.poses[-1]] == [
+        (2, 6, 6, 4, 4),
+        (2, 4, 4, 4, 4),
+        (2, 3, 3, 3, 4),
+        (2, 1, 1, 3, 4),
+    ]
     assert all((r == 1 / r.shape[-1]).all() for r in trace.coefficients[0])  # uniform first pass
     assert not torch.allclose(trace.coefficients[-1][0], trace.coefficients[0][0])  # attention did route
 
@@ -67,14 +92,20 @@ def test_coefficients_shapes_sum_and_reproduce_the_logits(routing, iterations):
                     children = trace.poses[-1][l]
                 poses = _recompute(layer, children, trace.coefficients[k][l])
                 torch.testing.assert_close(poses, trace.poses[k][l + 1], rtol=1e-4, atol=1e-5)
-        logits = model.head.fc(_recompute(layers[-1], (trace.poses[-2] if routing == 'concurrent' else
-                                                        trace.poses[-1])[-2], trace.coefficients[-1][-1])).flatten(1)
+        logits = model.head.fc(
+            _recompute(
+                layers[-1],
+                (trace.poses[-2] if routing == 'concurrent' else trace.poses[-1])[-2],
+                trace.coefficients[-1][-1],
+            )
+        ).flatten(1)
         torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(trace.logits, model(x), rtol=1e-4, atol=1e-5)
         # and other coefficients would have given other logits
         shuffled = trace.coefficients[-1][-1].flip(-1)
-        other = model.head.fc(_recompute(layers[-1], (trace.poses[-2] if routing == 'concurrent' else
-                                                       trace.poses[-1])[-2], shuffled)).flatten(1)
+        other = model.head.fc(
+            _recompute(layers[-1], (trace.poses[-2] if routing == 'concurrent' else trace.poses[-1])[-2], shuffled)
+        ).flatten(1)
         assert not torch.allclose(other, logits, atol=1e-3)
 
     summary = routing_summary(trace, index=1)
@@ -111,8 +142,9 @@ def test_propagate_mass_matches_a_loop():
     m = torch.rand(B, 1, 1, J, K)
     out = propagate_mass(r, m, RoutingGeometry('fc', None, None, (2, 3, N), (1, 1, J)))
     for n, h, w in [(0, 0, 0), (1, 0, 2), (1, 1, 1)]:
-        torch.testing.assert_close(out[:, h, w, n], torch.einsum('bj,bjk->bk', r[:, 0, 0, n * 6 + h * 3 + w],
-                                                                 m[:, 0, 0]))
+        torch.testing.assert_close(
+            out[:, h, w, n], torch.einsum('bj,bjk->bk', r[:, 0, 0, n * 6 + h * 3 + w], m[:, 0, 0])
+        )
 
 
 @pytest.mark.parametrize('routing', ['concurrent', 'sequential'])
@@ -123,8 +155,11 @@ def test_used_iteration_is_the_one_that_fed_the_logits(routing):
     model = CapsNet(**TINY, routing=routing, iterations=3).eval()
     trace = routing_trace(model, torch.randn(2, 1, 12, 12))
     # routing layers: capsule_layers.0 (conv k3 s1), capsule_layers.1 (conv k2 s1), head.capsules (fc)
-    layers = [RoutingGeometry('conv', 3, 1, (6, 6, 4), (4, 4, 4)), RoutingGeometry('conv', 2, 1, (4, 4, 4), (3, 3, 3)),
-              RoutingGeometry('fc', None, None, (3, 3, 3), (1, 1, 3))]
+    layers = [
+        RoutingGeometry('conv', 3, 1, (6, 6, 4), (4, 4, 4)),
+        RoutingGeometry('conv', 2, 1, (4, 4, 4), (3, 3, 3)),
+        RoutingGeometry('fc', None, None, (3, 3, 3), (1, 1, 3)),
+    ]
     assert trace.geometry == layers
     used = [0, 1, 2] if routing == 'concurrent' else [2, 2, 2]
     mass = torch.zeros(2, 1, 1, 3, 1)
@@ -161,9 +196,16 @@ def test_heat_map_of_a_constant_is_flat_and_sum_keeps_the_mass():
 def _halves_model():
     """Primary capsules tiling a 16x16 image in 2x2 cells (8x8 grid), fully connected to 2 class capsules."""
     torch.manual_seed(0)
-    return CapsNet(num_classes=2, in_chans=1, img_size=16, backbone='simple',
-                   backbone_args=dict(out_chs=4, kernel_size=2, stride=2, padding=0), primary_caps=2, pose_dim=4,
-                   capsule_layers=()).eval()
+    return CapsNet(
+        num_classes=2,
+        in_chans=1,
+        img_size=16,
+        backbone='simple',
+        backbone_args=dict(out_chs=4, kernel_size=2, stride=2, padding=0),
+        primary_caps=2,
+        pose_dim=4,
+        capsule_layers=(),
+    ).eval()
 
 
 def _fixed_routing(model, left_to_a: float):
@@ -181,6 +223,7 @@ def _fixed_routing(model, left_to_a: float):
         trace = real(x)
         assert trace.layer_names == ['primary', 'head.capsules'] and len(trace.coefficients) == 2
         return dataclasses.replace(trace, coefficients=[[torch.full_like(r, 0.5)], [r]])
+
     model.forward_routing = forward_routing
     return model
 
@@ -241,14 +284,37 @@ def test_command_line_writes_pictures_json_and_raw(tmp_path):
     picture = tmp_path / 'noise.png'
     Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(picture)
     out = tmp_path / 'out'
-    kwargs = dict(backbone_args=dict(out_chs=8), primary_caps=4, pose_dim=4, capsule_layers=[['conv', 4, 3, 1]],
-                  iterations=3)
+    kwargs = dict(
+        backbone_args=dict(out_chs=8), primary_caps=4, pose_dim=4, capsule_layers=[['conv', 4, 3, 1]], iterations=3
+    )
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', MPLBACKEND='Agg')
     result = subprocess.run(
-        [sys.executable, '-m', 'timm_capsules.parse_tree', '--model', 'capsnet_matrix_multimnist',
-         '--model-kwargs', json.dumps(kwargs), str(picture), '--diverse-multimnist', '2', '--mnist-source',
-         'sample', '--probe', '4', '--save-raw', 'safetensors', '--out', str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            '-m',
+            'timm_capsules.parse_tree',
+            '--model',
+            'capsnet_matrix_multimnist',
+            '--model-kwargs',
+            json.dumps(kwargs),
+            str(picture),
+            '--diverse-multimnist',
+            '2',
+            '--mnist-source',
+            'sample',
+            '--probe',
+            '4',
+            '--save-raw',
+            'safetensors',
+            '--out',
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     summary = json.loads((out / 'summary.json').read_text())
@@ -257,8 +323,9 @@ def test_command_line_writes_pictures_json_and_raw(tmp_path):
     trees = ['tree_noise.png'] + [f'tree_diverse_multimnist_test_{i}.png' for i in ids]
     # each tree is named after its image, and the summary says which image each picture shows
     assert [(item['image'], item['tree']) for item in summary['images']] == list(zip(images, trees))
-    assert summary['pictures'] == dict({'heatmaps.png': images, 'entropy.png': images},
-                                       **{tree: [image] for tree, image in zip(trees, images)})
+    assert summary['pictures'] == dict(
+        {'heatmaps.png': images, 'entropy.png': images}, **{tree: [image] for tree, image in zip(trees, images)}
+    )
     assert summary['mnist_source'] == source
     assert sorted(p.name for p in out.glob('*.png')) == sorted(['heatmaps.png', 'entropy.png', *trees])
     sizes = {}
@@ -299,7 +366,8 @@ def test_command_line_writes_pictures_json_and_raw(tmp_path):
             for l, name in enumerate(trace.layer_names[1:]):
                 torch.testing.assert_close(raw[f'image{b}/iteration{k + 1}/{name}'], trace.coefficients[k][l][b])
     assert [sorted(item['true']) for item in summary['images'][1:]] == [
-        sorted(str(c) for c in label) for label in labels]
+        sorted(str(c) for c in label) for label in labels
+    ]
     digits, masks, labels, _, _ = diverse_multimnist_samples(4, source='sample', two_digit_only=True)
     x, masks = prepare_arrays(model, digits, masks)
     expected = part_whole_probe(model, x, masks, torch.from_numpy(labels))
@@ -319,7 +387,7 @@ def test_part_whole_tree_of_the_fixed_routing():
     assert tree.nodes[1] == [('zero', 0, pytest.approx(1.0))]
     assert len(tree.nodes[0]) == 3
     for label, owner, mass in tree.nodes[0]:
-        row, col = (int(v) for v in label[1:label.index(')')].split(','))
+        row, col = (int(v) for v in label[1 : label.index(')')].split(','))
         assert col < 4 and 0 <= row < 8 and owner == 0 and mass == pytest.approx(0.75)
     assert [(l, child, parent) for l, child, parent, _ in tree.edges] == [(0, 0, 0), (0, 1, 0), (0, 2, 0)]
     assert [flow for *_, flow in tree.edges] == pytest.approx([0.75] * 3)
@@ -369,7 +437,12 @@ def test_the_analysis_leaves_the_model_as_it_was():
 
 def test_tree_file_names_follow_the_images():
     assert tree_file_names(['cat.png', 'diverse_multimnist_test_7', 'a/b c.jpg', 'other/cat.png', 'cat.png']) == [
-        'tree_cat.png', 'tree_diverse_multimnist_test_7.png', 'tree_b_c.png', 'tree_cat_2.png', 'tree_cat_3.png']
+        'tree_cat.png',
+        'tree_diverse_multimnist_test_7.png',
+        'tree_b_c.png',
+        'tree_cat_2.png',
+        'tree_cat_3.png',
+    ]
 
 
 def test_dataset_comes_from_the_pretrained_cfg_or_the_option(tmp_path, capsys):
@@ -377,6 +450,7 @@ def test_dataset_comes_from_the_pretrained_cfg_or_the_option(tmp_path, capsys):
     from pretrained_cfg ('dataset' field, else the pretrained tag) or --dataset, never from the model name."""
     from PIL import Image
     from timm_capsules.data.constants import CIFAR10_LABELS
+
     assert model_dataset({'tag': 'cifar10'}) == 'cifar10'
     assert model_dataset({'dataset': 'diverse_multimnist', 'tag': 'cifar10'}) == 'diverse_multimnist'
     assert model_dataset({'tag': 'in1k', 'architecture': 'capsnet_matrix_multimnist'}) is None
@@ -385,10 +459,22 @@ def test_dataset_comes_from_the_pretrained_cfg_or_the_option(tmp_path, capsys):
     picture = tmp_path / 'noise.png'
     Image.fromarray((np.random.default_rng(0).random((36, 36)) * 255).astype(np.uint8)).save(picture)
     # a DiverseMultiMNIST architecture whose pretrained_cfg says CIFAR-10: the cfg wins over the name
-    kwargs = dict(backbone_args=dict(out_chs=4), primary_caps=2, pose_dim=4, capsule_layers=[],
-                  pretrained_cfg_overlay=dict(tag='cifar10', label_names=None))
-    common = ['--model', 'capsnet_matrix_multimnist', '--model-kwargs', json.dumps(kwargs), str(picture),
-              '--tree-top', '2']
+    kwargs = dict(
+        backbone_args=dict(out_chs=4),
+        primary_caps=2,
+        pose_dim=4,
+        capsule_layers=[],
+        pretrained_cfg_overlay=dict(tag='cifar10', label_names=None),
+    )
+    common = [
+        '--model',
+        'capsnet_matrix_multimnist',
+        '--model-kwargs',
+        json.dumps(kwargs),
+        str(picture),
+        '--tree-top',
+        '2',
+    ]
     summary = main(common + ['--out', str(tmp_path / 'from_cfg')])
     assert (summary['dataset'], summary['dataset_from'], summary['multi_label']) == ('cifar10', 'pretrained_cfg', False)
     item = summary['images'][0]
@@ -399,11 +485,14 @@ def test_dataset_comes_from_the_pretrained_cfg_or_the_option(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         main(common + ['--probe', '2', '--out', str(tmp_path / 'refused')])
     assert error.value.code == 2
-    assert "--dataset diverse_multimnist" in capsys.readouterr().err
+    assert '--dataset diverse_multimnist' in capsys.readouterr().err
 
     summary = main(common + ['--dataset', 'diverse_multimnist', '--out', str(tmp_path / 'by_option')])
     assert (summary['dataset'], summary['dataset_from'], summary['multi_label']) == (
-        'diverse_multimnist', '--dataset', True)
+        'diverse_multimnist',
+        '--dataset',
+        True,
+    )
     item = summary['images'][0]
     assert list(item['scores']) == [str(d) for d in range(10)]
     assert list(item['scores'].values()) == pytest.approx(torch.tensor(item['logits']).sigmoid().tolist())
@@ -413,35 +502,57 @@ def test_dataset_comes_from_the_pretrained_cfg_or_the_option(tmp_path, capsys):
 def test_command_line_runs_under_its_new_name(monkeypatch, capsys):
     import importlib.util
     import runpy
+
     assert importlib.util.find_spec('timm_capsules.inspect') is None  # no module shadows the standard library's
     monkeypatch.setattr(sys, 'argv', ['parse_tree', '--out', 'x'])
     with pytest.raises(SystemExit) as error:
         runpy.run_module('timm_capsules.parse_tree', run_name='__main__')
     assert error.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        'python -m timm_capsules.parse_tree: error: give --model NAME or --checkpoint DIR')
+        'python -m timm_capsules.parse_tree: error: give --model NAME or --checkpoint DIR'
+    )
 
 
 def test_missing_inputs_stop_with_one_line_and_untrained_weights_say_so(tmp_path, capsys):
     """A checkpoint folder, an image or a model name that is not there: one line, no traceback. A model built
     by name without --pretrained has random weights, and its scores say so."""
     from PIL import Image
+
     picture = tmp_path / 'noise.png'
     Image.fromarray((np.random.default_rng(0).random((36, 36)) * 255).astype(np.uint8)).save(picture)
-    for argv, message in ((['--checkpoint', str(tmp_path / 'runs' / 'c10'), str(picture)],
-                           f"--checkpoint {tmp_path / 'runs' / 'c10'}: no trained model there"),
-                          (['--model', 'capsnet_resnet_cifar10', str(tmp_path / 'cat.png')],
-                           f"no such image file: {tmp_path / 'cat.png'}"),
-                          (['--model', 'capsnet_resnet_cifar1', str(picture)],
-                           "unknown model 'capsnet_resnet_cifar1'; closest registered names: capsnet_resnet_cifar10")):
+    for argv, message in (
+        (
+            ['--checkpoint', str(tmp_path / 'runs' / 'c10'), str(picture)],
+            f'--checkpoint {tmp_path / "runs" / "c10"}: no trained model there',
+        ),
+        (
+            ['--model', 'capsnet_resnet_cifar10', str(tmp_path / 'cat.png')],
+            f'no such image file: {tmp_path / "cat.png"}',
+        ),
+        (
+            ['--model', 'capsnet_resnet_cifar1', str(picture)],
+            "unknown model 'capsnet_resnet_cifar1'; closest registered names: capsnet_resnet_cifar10",
+        ),
+    ):
         with pytest.raises(SystemExit) as error:
             main(argv + ['--out', str(tmp_path / 'out')])
         assert isinstance(error.value.code, str) and '\n' not in error.value.code, argv
         assert error.value.code.startswith(f'{PROG}: error: {message}'), error.value.code
     assert not (tmp_path / 'out').exists()
     kwargs = dict(backbone_args=dict(out_chs=4), primary_caps=2, pose_dim=4, capsule_layers=[])
-    summary = main(['--model', 'capsnet_matrix_multimnist', '--model-kwargs', json.dumps(kwargs), str(picture),
-                    '--tree-top', '2', '--out', str(tmp_path / 'untrained')])
+    summary = main(
+        [
+            '--model',
+            'capsnet_matrix_multimnist',
+            '--model-kwargs',
+            json.dumps(kwargs),
+            str(picture),
+            '--tree-top',
+            '2',
+            '--out',
+            str(tmp_path / 'untrained'),
+        ]
+    )
     assert summary['weights'] == 'untrained (random initialisation)'
     printed = capsys.readouterr().out
     assert re.search(r'noise\.png \(tree_noise\.png\): .* \(untrained model: random weights\) \| ', printed)
@@ -451,6 +562,7 @@ def test_samples_are_the_split_images_with_their_digit_masks():
     """The probe's images are the DiverseMultiMNIST test split's own (make_split), and overlaying the two digit
     masks as the split does (sum clipped at 255) gives each image back."""
     from timm_capsules.data import make_split
+
     images, masks, labels, ids, source = diverse_multimnist_samples(6, source='sample', two_digit_only=True)
     split = make_split('test', max(ids) + 1, source='sample')
     assert source == 'sample' and ids == np.flatnonzero(split.num_digits == 2)[:6].tolist()

@@ -1,6 +1,7 @@
 """The periphery by value, on hand-made inputs: the EM class capsules' coordinate addition for one child, the
 part-whole probe's `separated` and the normalised routing entropy, the model card's usage snippet run for a
 1-channel and a 3-channel model, and timm_capsules.experiments' choice of records for its tables and the hub configs."""
+
 import dataclasses
 import json
 import math
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 
@@ -36,8 +36,9 @@ def test_em_class_vote_of_one_child_adds_its_cell_centre_by_hand(monkeypatch):
     routed = []
     real = em_capsnet.em_routing_from_poses
     monkeypatch.setattr(em_capsnet, 'em_routing_from_poses', lambda *a: routed.append(real(*a)) or routed[-1])
-    for h, w, n, row, col in [(0, 2, 0, 0.25, 2.5 / 3)] + [(h, w, n, (h + 0.5) / H, (w + 0.5) / W)
-                                                           for h in range(H) for w in range(W) for n in range(N)]:
+    for h, w, n, row, col in [(0, 2, 0, 0.25, 2.5 / 3)] + [
+        (h, w, n, (h + 0.5) / H, (w + 0.5) / W) for h in range(H) for w in range(W) for n in range(N)
+    ]:
         activations = torch.zeros(1, H, W, N, dtype=torch.float64)
         activations[0, h, w, n] = 1.0
         layer(Capsules(poses, activations))
@@ -54,9 +55,16 @@ def _thirds_model():
     """Primary capsules tiling a 16 x 16 image in 2 x 2 cells (an 8 x 8 grid of 2 types), fully connected to 3
     class capsules."""
     torch.manual_seed(0)
-    return CapsNet(num_classes=3, in_chans=1, img_size=16, backbone='simple',
-                   backbone_args=dict(out_chs=4, kernel_size=2, stride=2, padding=0), primary_caps=2, pose_dim=4,
-                   capsule_layers=()).eval()
+    return CapsNet(
+        num_classes=3,
+        in_chans=1,
+        img_size=16,
+        backbone='simple',
+        backbone_args=dict(out_chs=4, kernel_size=2, stride=2, padding=0),
+        primary_caps=2,
+        pose_dim=4,
+        capsule_layers=(),
+    ).eval()
 
 
 def _route(model, left, right):
@@ -70,6 +78,7 @@ def _route(model, left, right):
         r = r.expand(2, 8, 8, 3).reshape(1, 1, 1, 128, 3).expand(x.shape[0], -1, -1, -1, -1)  # children (n, h, w)
         trace = real(x)
         return dataclasses.replace(trace, coefficients=[[torch.full_like(r, 1 / 3)], [r]])
+
     model.forward_routing = forward_routing
     return model
 
@@ -119,8 +128,9 @@ def card_code(cfg):
     return '\n'.join(re.findall(r'```python\n(.*?)```', text, flags=re.S))
 
 
-@pytest.mark.parametrize('tag, channels', [('capsnet_vector_multimnist.diverse_multimnist', 1),
-                                           ('capsnet_simple_cifar10.cifar10', 3)])
+@pytest.mark.parametrize(
+    'tag, channels', [('capsnet_vector_multimnist.diverse_multimnist', 1), ('capsnet_simple_cifar10.cifar10', 3)]
+)
 def test_model_card_snippet_runs_for_the_models_channels(tag, channels, tmp_path, monkeypatch):
     """The snippet, run as written on an image of the other kind (an RGB photo for the 1-channel model, a grey one
     for the 3-channel model), with the weights it would download replaced by a random initialisation."""
@@ -146,8 +156,10 @@ def test_card_numbers_and_family_by_hand():
     assert hub_cards.mean_std({'mean': 94.851, 'std': None}) == '94.85'
     assert hub_cards.mean_std({'mean': 94.851, 'std': 0.2249}) == '94.85 ± 0.22'
     # the first sentence of the class's docstring, before any colon, without its full stop
-    assert hub_cards._family('em_capsnet_simple_cifar10') == \
-        'Capsule network with 4x4 matrix poses, activations and EM routing (Hinton et al., 2018)'
+    assert (
+        hub_cards._family('em_capsnet_simple_cifar10')
+        == 'Capsule network with 4x4 matrix poses, activations and EM routing (Hinton et al., 2018)'
+    )
     assert hub_cards._family('resnet18_cifar10')  # names even a model class of timm's own
 
 
@@ -167,10 +179,20 @@ def paper_records(folder, seeds=range(3)):
         if variant[:2] in ('A:', 'B:', 'C:'):
             kwargs.update(ABLATION_KWARGS[variant[0]])
         metric = 'exact_match' if run.dataset == 'diverse_multimnist' else 'top1'
-        record = dict(run_id=run.run_id, studies=list(run.studies), row=run.row, model=run.row['model'],
-                      model_kwargs=kwargs, dataset=run.dataset, seed=run.seed, metric=metric,
-                      metrics={metric: round(0.001 * (k + 1), 6)}, num_parameters=1000 + k,
-                      machine='a test', wall_time_s=1.0)  # what a sound record holds (run_records.read_record)
+        record = dict(
+            run_id=run.run_id,
+            studies=list(run.studies),
+            row=run.row,
+            model=run.row['model'],
+            model_kwargs=kwargs,
+            dataset=run.dataset,
+            seed=run.seed,
+            metric=metric,
+            metrics={metric: round(0.001 * (k + 1), 6)},
+            num_parameters=1000 + k,
+            machine='a test',
+            wall_time_s=1.0,
+        )  # what a sound record holds (run_records.read_record)
         path = run_records.record_path(folder, 'paper', run)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
@@ -189,14 +211,20 @@ def test_each_table_takes_the_records_of_its_rows(tmp_path):
         for record in records:  # from the records' own fields, not from the plan
             if study in record['studies']:
                 expected.setdefault(json.dumps(record['row'], sort_keys=True), []).append(record['seed'])
-        got = {json.dumps(row, sort_keys=True): sorted(r['seed'] for r in found)
-               for row, found in run_records.rows_of(study, runs, loaded)}
+        got = {
+            json.dumps(row, sort_keys=True): sorted(r['seed'] for r in found)
+            for row, found in run_records.rows_of(study, runs, loaded)
+        }
         assert got == expected and all(seeds == [0, 1, 2] for seeds in got.values()), study
     iterations = [row for row, _ in run_records.rows_of('iterations', runs, loaded)]
     assert sorted((row['kind'], row['iterations']) for row in iterations) == [
-        (kind, t) for kind in ('DR', 'EM', 'IDA') for t in range(1, 6)]  # the CIFAR-10 ResNet sweep, Fig. 3
-    assert {row['model'] for row in iterations} == {'capsnet_resnet_cifar10', 'dynamic_capsnet_resnet_cifar10',
-                                                     'em_capsnet_resnet_cifar10'}
+        (kind, t) for kind in ('DR', 'EM', 'IDA') for t in range(1, 6)
+    ]  # the CIFAR-10 ResNet sweep, Fig. 3
+    assert {row['model'] for row in iterations} == {
+        'capsnet_resnet_cifar10',
+        'dynamic_capsnet_resnet_cifar10',
+        'em_capsnet_resnet_cifar10',
+    }
     table1 = [row for row, _ in run_records.rows_of('table1', runs, loaded)]
     assert all(row.get('iterations', 0) == {'IDA': 2, 'DR': 3, 'EM': 3}.get(row['kind'], 0) for row in table1)
 
@@ -211,9 +239,17 @@ def test_hub_configs_get_the_runs_of_their_model_as_registered(tmp_path, monkeyp
     for cfg in hub.list_hub_configs():
         dataset = cfg['tag'].partition('.')[2]  # 'capsnet_resnet_cifar10.cifar10' -> cifar10
         t = cfg['architecture']['routing_iterations']
-        chosen = sorted((r for r in records if r['model'] == cfg['model'] and r['dataset'] == dataset
-                         and r['row'].get('iterations', t) == t and not r['row'].get('variant', '')[:2] in
-                         ('A:', 'B:', 'C:')), key=lambda r: r['seed'])
+        chosen = sorted(
+            (
+                r
+                for r in records
+                if r['model'] == cfg['model']
+                and r['dataset'] == dataset
+                and r['row'].get('iterations', t) == t
+                and r['row'].get('variant', '')[:2] not in ('A:', 'B:', 'C:')
+            ),
+            key=lambda r: r['seed'],
+        )
         if chosen:
             expected[cfg['tag']] = [100 * r['metrics'][r['metric']] for r in chosen]
     assert set(expected) == {cfg['tag'] for cfg in hub.list_hub_configs()}  # every config has its runs

@@ -1,5 +1,6 @@
 """timm_capsules.presets: the look-ups by value (the recipes themselves are checked against the paper in
 tests/test_train.py, tests/test_hub_cards.py and tests/test_experiments.py)."""
+
 import pytest
 
 from timm_capsules.presets import PRESETS, QUICK, get_preset, preset_for_model

@@ -5,6 +5,7 @@ The statistical checks are chi-square tests at a false-alarm rate of 1e-6 per ch
 so a run is reproducible); the bugs they are meant to catch move the statistic by hundreds of standard deviations.
 The expected distributions are written here from the modules' documentation, not read from their code.
 """
+
 import math
 
 import numpy as np
@@ -18,8 +19,9 @@ from timm_capsules.data import diverse_multimnist as dmm
 from mnist_digits import digit_hashes
 
 # few examples: each one generates thousands of images; derandomised: CI sees the same seeds every run
-GENERATORS = settings(max_examples=4, deadline=None, derandomize=True, database=None,
-                      suppress_health_check=[HealthCheck.too_slow])
+GENERATORS = settings(
+    max_examples=4, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 VALIDATORS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 SEEDS = st.integers(0, 2**32 - 1)
 
@@ -94,8 +96,9 @@ def test_shifts_are_uniform_in_range_and_independent(train_digits, seed, max_shi
     """Each of the four shifts (row and column of each digit) is uniform over -max_shift..max_shift about the
     canvas's centre, and the row and column shifts of a digit are independent."""
     canvas = 28 + 2 * max_shift + extra
-    batch = dmm.generate(train_digits, np.arange(6000), seed=seed, split='train', max_shift=max_shift,
-                         canvas_size=canvas, p_single=0.0)
+    batch = dmm.generate(
+        train_digits, np.arange(6000), seed=seed, split='train', max_shift=max_shift, canvas_size=canvas, p_single=0.0
+    )
     shifts = batch.offsets - (canvas - 28) // 2  # (n, digit, row/col)
     span = 2 * max_shift + 1
     assert shifts.min() >= -max_shift and shifts.max() <= max_shift
@@ -123,14 +126,17 @@ def test_a_split_uses_only_its_own_bank(train_digits, test_digits, seed, split, 
         layers = np.zeros((2, 36, 36), np.uint16)
         for d in range(batch.num_digits[k]):
             (row, col), source = batch.offsets[k, d], batch.sources[k, d]
-            layers[d, row:row + 28, col:col + 28] = own.images[source]
+            layers[d, row : row + 28, col : col + 28] = own.images[source]
             assert own.labels[source] == batch.classes[k, d]
         np.testing.assert_array_equal(batch.images[k], np.minimum(layers.sum(0), 255))
 
 
 @GENERATORS
-@given(seed=SEEDS, indices=st.lists(st.integers(0, 10**9), min_size=1, max_size=40),
-       split=st.sampled_from(['train', 'test']))
+@given(
+    seed=SEEDS,
+    indices=st.lists(st.integers(0, 10**9), min_size=1, max_size=40),
+    split=st.sampled_from(['train', 'test']),
+)
 def test_image_i_depends_only_on_seed_split_and_i(train_digits, seed, indices, split):
     """Any request (order, repeats, neighbours) gives image i the bytes it has alone; another seed or split, others."""
     together = dmm.generate(train_digits, indices, seed=seed, split=split)
@@ -142,8 +148,10 @@ def test_image_i_depends_only_on_seed_split_and_i(train_digits, seed, indices, s
     np.testing.assert_array_equal(reversed_.images[::-1], together.images)
     many = np.arange(200) + min(indices)
     base = dmm.generate(train_digits, many, seed=seed, split=split).images
-    for other in (dmm.generate(train_digits, many, seed=seed + 1, split=split).images,
-                  dmm.generate(train_digits, many, seed=seed, split={'train': 'test', 'test': 'train'}[split]).images):
+    for other in (
+        dmm.generate(train_digits, many, seed=seed + 1, split=split).images,
+        dmm.generate(train_digits, many, seed=seed, split={'train': 'test', 'test': 'train'}[split]).images,
+    ):
         assert (other != base).any((1, 2)).mean() > 0.9
 
 
@@ -163,7 +171,7 @@ def test_affine_parameters_are_uniform_and_independent(test_digits, seed):
         assert_uniform(np.bincount(np.minimum((unit[name] * 10).astype(int), 9), minlength=10), name)
     names = list(unit)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert_independent(unit[a], unit[b], 4, f'{a} and {b}')
 
 
@@ -193,8 +201,11 @@ def test_affine_ink_box_stays_on_the_canvas(test_digits, seed, indices):
         corners = np.array([[x, y] for x in (cols[0] - 0.5, cols[-1] + 0.5) for y in (rows[0] - 0.5, rows[-1] + 0.5)])
         rotation, shear, scale_x, scale_y = batch.params[k, :4]
         angle = math.radians(rotation)
-        matrix = (np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
-                  @ np.array([[1, shear], [0, 1]]) @ np.diag([scale_x, scale_y]))
+        matrix = (
+            np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
+            @ np.array([[1, shear], [0, 1]])
+            @ np.diag([scale_x, scale_y])
+        )
         moved = (corners - 13.5) @ matrix.T + batch.params[k, 4:] + 19.5  # pixel centres; the canvas's edges
         assert moved.min() >= -0.5 - 1e-9 and moved.max() <= 39.5 + 1e-9, k  # are at -0.5 and 39.5
         ink_rows, ink_cols = np.flatnonzero(batch.images[k].any(1)), np.flatnonzero(batch.images[k].any(0))
@@ -207,17 +218,27 @@ def test_affine_ink_box_stays_on_the_canvas(test_digits, seed, indices):
 # Each numeric model argument's documented bounds (loading.py: sizes and counts positive and at most 2**16, a
 # chunk size (max_votes) at most 2**40; a class count, padding or index may be 0; other numbers non-negative; rates
 # and momenta at most 1; eps positive; t in 1..64).
-SIZE = 2 ** 16
+SIZE = 2**16
 INT_BOUNDS = {
-    'in_chans': (1, SIZE), 'primary_caps': (1, SIZE), 'pose_dim': (1, SIZE), 'primary_kernel_size': (1, SIZE),
-    'primary_stride': (1, SIZE), 'max_votes': (1, 2 ** 40), 'num_classes': (0, SIZE), 'primary_padding': (0, SIZE),
-    'backbone_out_index': (0, SIZE), 'iterations': (1, 64), 'img_size': (1, SIZE),
+    'in_chans': (1, SIZE),
+    'primary_caps': (1, SIZE),
+    'pose_dim': (1, SIZE),
+    'primary_kernel_size': (1, SIZE),
+    'primary_stride': (1, SIZE),
+    'max_votes': (1, 2**40),
+    'num_classes': (0, SIZE),
+    'primary_padding': (0, SIZE),
+    'backbone_out_index': (0, SIZE),
+    'iterations': (1, 64),
+    'img_size': (1, SIZE),
 }
-CNN_INT_BOUNDS = {'in_chans': (1, SIZE), 'num_classes': (0, SIZE), 'head_hidden_size': (1, SIZE),
-                  'img_size': (1, SIZE)}
+CNN_INT_BOUNDS = {'in_chans': (1, SIZE), 'num_classes': (0, SIZE), 'head_hidden_size': (1, SIZE), 'img_size': (1, SIZE)}
 FLOAT_BOUNDS = {  # (low, low included, high)
-    'drop_rate': (0.0, True, 1.0), 'drop_path_rate': (0.0, True, 1.0), 'drop_block_rate': (0.0, True, 1.0),
-    'bn_momentum': (0.0, True, 1.0), 'bn_eps': (0.0, False, None),
+    'drop_rate': (0.0, True, 1.0),
+    'drop_path_rate': (0.0, True, 1.0),
+    'drop_block_rate': (0.0, True, 1.0),
+    'bn_momentum': (0.0, True, 1.0),
+    'bn_eps': (0.0, False, None),
 }
 CAPSNET, CNN = 'capsnet_simple_cifar10', 'cnn_baseline_cifar10'
 
@@ -234,14 +255,18 @@ def accepts(model_args, architecture):
 def ints_near(bounds):
     low, high = bounds
     near = [low - 1, low, low + 1] + ([high - 1, high, high + 1] if high is not None else [10**6])
-    return st.one_of(st.sampled_from(near), st.integers(-10**9, 10**9))
+    return st.one_of(st.sampled_from(near), st.integers(-(10**9), 10**9))
 
 
 def test_the_bound_tables_cover_every_numeric_argument():
     for architecture, ints in ((CAPSNET, INT_BOUNDS), (CNN, CNN_INT_BOUNDS)):
         parameters = config_checks._constructor_parameters(config_checks.model_class(architecture))
-        numeric = {name for name, (hint, _) in parameters.items() if config_checks._type_name(hint) in (
-            'int', 'float', 'Optional[int]', 'Optional[float]', 'Union[int, Tuple[int, int]]')}
+        numeric = {
+            name
+            for name, (hint, _) in parameters.items()
+            if config_checks._type_name(hint)
+            in ('int', 'float', 'Optional[int]', 'Optional[float]', 'Union[int, Tuple[int, int]]')
+        }
         assert numeric == set(ints) | set(FLOAT_BOUNDS), architecture
 
 
@@ -280,8 +305,9 @@ def checkpoint_config(mean, std, channels=3):
 @VALIDATORS
 @given(channels=st.integers(1, 4), data=st.data())
 def test_mean_is_any_finite_number_and_std_a_positive_one_per_channel(channels, data):
-    numbers = st.one_of(st.sampled_from([0.0, -0.0, 5e-324, -5e-324, 1.0, -1.0]),
-                        st.floats(allow_nan=True, allow_infinity=True))
+    numbers = st.one_of(
+        st.sampled_from([0.0, -0.0, 5e-324, -5e-324, 1.0, -1.0]), st.floats(allow_nan=True, allow_infinity=True)
+    )
     mean = data.draw(st.lists(numbers, min_size=channels, max_size=channels))
     std = data.draw(st.lists(numbers, min_size=channels, max_size=channels))
     good = all(map(math.isfinite, mean)) and all(math.isfinite(s) and s > 0 for s in std)

@@ -1,6 +1,7 @@
 """The README's and docs/'s examples as a new user copies them: every Python snippet defines what it uses, every
 ``accelerate launch`` gives the launcher all the values it would otherwise guess, with a warning, and every
 ``python ...`` / ``accelerate ...`` command names a file or module that exists and only options it accepts."""
+
 import ast
 import builtins
 import json
@@ -38,13 +39,16 @@ def undefined_names(source):
             defined.add(node.name)
         elif isinstance(node, ast.arg):
             defined.add(node.arg)
-    return sorted({node.id for node in ast.walk(tree) if isinstance(node, ast.Name)
-                   and isinstance(node.ctx, ast.Load)} - defined)
+    return sorted(
+        {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)} - defined
+    )
 
 
 def test_the_name_check_finds_an_undefined_name():
     assert undefined_names('import numpy as np\nsession.run(None, {"x": images.astype(np.float32)})') == [
-        'images', 'session']
+        'images',
+        'session',
+    ]
 
 
 @pytest.mark.parametrize('index', range(len(code_blocks('python'))))
@@ -73,7 +77,7 @@ def test_the_readme_has_launch_commands():
 def test_every_launch_gives_accelerate_its_values(words):
     """No launch prints accelerate's 'values were not passed ... defaults used' warning: each passes them (on a
     CPU-only machine also the threads per process, which accelerate otherwise sets and warns about)."""
-    launcher = words[:next(i for i, w in enumerate(words) if w.endswith('.py'))]
+    launcher = words[: next(i for i, w in enumerate(words) if w.endswith('.py'))]
     missing = [value for value in LAUNCH_VALUES if value not in launcher]
     if 'ACCELERATE_USE_CPU=1' in launcher and '--num_cpu_threads_per_process' not in launcher:
         missing.append('--num_cpu_threads_per_process')
@@ -81,12 +85,13 @@ def test_every_launch_gives_accelerate_its_values(words):
 
 
 def readme_cpu_launch():
-    """The documented several-processes-on-a-CPU launcher arguments (between `launch` and the script; docs/training.md)."""
+    """The documented several-processes-on-a-CPU launcher arguments (between `launch` and the script; docs/training.md)."""  # noqa: E501
     words = next(words for words in launch_commands() if 'ACCELERATE_USE_CPU=1' in words)
-    return words[words.index('launch') + 1:next(i for i, w in enumerate(words) if w.endswith('.py'))]
+    return words[words.index('launch') + 1 : next(i for i, w in enumerate(words) if w.endswith('.py'))]
 
 
 # ---- every command line names what exists ----------------------------------------------------------------------
+
 
 def command_lines():
     """(document, command) for every command of the bash blocks (continuation lines joined, comments dropped, each
@@ -94,14 +99,18 @@ def command_lines():
     found = []
     for path in DOCUMENTS:
         text = path.read_text()
-        lines = [line for block in re.findall(r'```bash\n(.*?)```', text, re.S)
-                 for line in block.replace('\\\n', ' ').splitlines()]
+        lines = [
+            line
+            for block in re.findall(r'```bash\n(.*?)```', text, re.S)
+            for line in block.replace('\\\n', ' ').splitlines()
+        ]
         lines += re.findall(r'(?<!`)`((?:python|accelerate) [^`]+)`', text)
         for line in lines:
             words = shlex.split(line, comments=True)
             while words:
-                part, words = (words[:words.index('&&')], words[words.index('&&') + 1:]) if '&&' in words else \
-                    (words, [])
+                part, words = (
+                    (words[: words.index('&&')], words[words.index('&&') + 1 :]) if '&&' in words else (words, [])
+                )
                 while part and re.fullmatch(r'[A-Z_]+=\S*', part[0]):  # VAR=value before the command
                     part = part[1:]
                 if part and part[0] in ('python', 'accelerate'):
@@ -136,7 +145,7 @@ def program(words):
         script = next((i for i, word in enumerate(words) if word.endswith('.py')), None)
         if script is None:  # the launcher's own options
             return ('-m', 'accelerate.commands.launch'), words[2:]
-        return (words[script],), words[script + 1:]
+        return (words[script],), words[script + 1 :]
     if words[1] == '-m':
         return ('-m', words[2]), words[3:]
     return (words[1],), words[2:]
@@ -155,22 +164,31 @@ def help_texts():
         if args and not args[0].startswith(('-', '[')):
             wanted.add((*prefix, args[0], '--help'))
     argvs = [(' '.join(argv), list(argv)) for argv in sorted(wanted)]
-    done = subprocess.run([sys.executable, '-c', HELP_RUNNER, json.dumps(argvs)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, '-c', HELP_RUNNER, json.dumps(argvs)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_the_documents_show_commands_of_every_entry_point():
     shown = {program(words)[0] for _, words in command_lines()}
-    for entry in [('train_accelerate.py',), ('experiments.py',), ('-m', 'timm_capsules.parse_tree'),
-                  ('-m', 'timm_capsules.hub'), ('-m', 'timm_capsules.data.diverse_multimnist'),
-                  ('-m', 'timm_capsules.data.affine_mnist'), ('benchmarks/report.py',), ('benchmarks/bench_models.py',)]:
+    for entry in [
+        ('train_accelerate.py',),
+        ('experiments.py',),
+        ('-m', 'timm_capsules.parse_tree'),
+        ('-m', 'timm_capsules.hub'),
+        ('-m', 'timm_capsules.data.diverse_multimnist'),
+        ('-m', 'timm_capsules.data.affine_mnist'),
+        ('benchmarks/report.py',),
+        ('benchmarks/bench_models.py',),
+    ]:
         assert entry in shown, entry
 
 
-@pytest.mark.parametrize('document, words', command_lines(), ids=lambda value: (
-    value if isinstance(value, str) else ' '.join(value)[:70]))
+@pytest.mark.parametrize(
+    'document, words', command_lines(), ids=lambda value: value if isinstance(value, str) else ' '.join(value)[:70]
+)
 def test_every_command_names_an_existing_program_and_its_options(document, words):
     """Each command runs a file of this repository or an importable module, with options its --help lists (either
     spelling, dashes or underscores), and the hub configs it names exist."""
@@ -190,15 +208,16 @@ def test_every_command_names_an_existing_program_and_its_options(document, words
     if args and not args[0].startswith(('-', '[')):
         shown += texts[' '.join((*prefix, args[0], '--help'))]
     if words[0] == 'accelerate' and prefix[0] != '-m':
-        launcher = words[2:words.index(prefix[0])]
+        launcher = words[2 : words.index(prefix[0])]
         shown_launch = texts['-m accelerate.commands.launch --help']
         for option in [w.split('=')[0] for w in launcher if w.startswith('--')]:
             assert option in shown_launch, f'{document}: accelerate launch has no {option}'
     assert 'usage:' in shown, f'{document}: {" ".join(prefix)} --help printed no usage'
     spelled = shown.replace('_', '-')
     for option in [w.strip('[]').split('=')[0] for w in args if w.strip('[]').startswith('--')]:
-        assert re.search(re.escape(option.replace('_', '-')) + r'(?![\w-])', spelled), \
+        assert re.search(re.escape(option.replace('_', '-')) + r'(?![\w-])', spelled), (
             f'{document}: {" ".join(prefix)} has no option {option}'
+        )
     for path in [w for w in args if w.startswith('hub_configs/')]:
         assert (ROOT / path).is_file(), f'{document}: no {path}'
 

@@ -1,4 +1,5 @@
 """The suite cannot shrink silently: what it needs and cannot get is a visible skip, and a failure in CI."""
+
 import os
 import shutil
 import subprocess
@@ -16,8 +17,14 @@ def run_pytest(folder, ci):
     env = {k: v for k, v in os.environ.items() if k != 'TIMM_CAPSULES_CI'}
     if ci:
         env['TIMM_CAPSULES_CI'] = '1'
-    return subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', str(folder)],
-                          cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', str(folder)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_unfetchable_timm_suite_is_a_visible_skip_and_a_ci_failure(tmp_path, monkeypatch):
@@ -49,15 +56,17 @@ def test_unfetchable_timm_suite_is_a_visible_skip_and_a_ci_failure(tmp_path, mon
 
 def test_the_fetched_timm_suite_is_the_installed_versions():
     import timm
+
     if not fetch.TARGET.exists() or not fetch.TARGET.read_text().startswith(f'# timm {timm.__version__}\n'):
         pytest.fail('tests/timm_suite/test_timm_models.py was not fetched for the installed timm at configure time')
-    assert f"FEAT_INTER_FILTERS = [{', '.join(map(repr, fetch.OUR_MODULES))}, " in fetch.TARGET.read_text()
+    assert f'FEAT_INTER_FILTERS = [{", ".join(map(repr, fetch.OUR_MODULES))}, ' in fetch.TARGET.read_text()
 
 
 def test_every_planted_mutation_still_applies_and_names_existing_tests():
     """tools/mutations.py cannot go stale: each snippet occurs exactly once in its file (else tools/mutate.py stops
     there, or edits the wrong spot), the edit changes something, and each test it names exists."""
     import re
+
     sys.path.insert(0, str(TESTS.parent / 'tools'))
     try:
         from mutations import MUTATIONS
@@ -69,15 +78,15 @@ def test_every_planted_mutation_still_applies_and_names_existing_tests():
     for m in MUTATIONS:
         count = (TESTS.parent / m['file']).read_text().count(m['old'])
         if count != 1:
-            problems.append(f"{m['name']}: its snippet occurs {count} times in {m['file']}")
+            problems.append(f'{m["name"]}: its snippet occurs {count} times in {m["file"]}')
         if m['old'] == m['new']:
-            problems.append(f"{m['name']}: the edit changes nothing")
+            problems.append(f'{m["name"]}: the edit changes nothing')
         for test in m['tests']:
             path, _, function = test.partition('::')
             source = (TESTS.parent / path).read_text() if (TESTS.parent / path).is_file() else None
             name = function.partition('[')[0]
             if source is None or (name and not re.search(rf'^def {re.escape(name)}\(', source, re.M)):
-                problems.append(f"{m['name']}: no test {test}")
+                problems.append(f'{m["name"]}: no test {test}')
     assert not problems, '\n'.join(problems)
 
 

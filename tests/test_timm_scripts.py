@@ -7,6 +7,7 @@ What they report is checked against the same computation done here: train.py's l
 validate.py's top-1 against the logits of the saved checkpoint on the validation images, inference.py's
 logits against them too, and every script's parameter count against the model's.
 """
+
 import argparse
 import csv
 import json
@@ -41,9 +42,11 @@ CASES = {
     'cnn_baseline_cifar10': (dict(img_size=16), (3, 16, 16)),
     'resnet18_cifar10': ({}, (3, 16, 16)),
     'capsnet_matrix_multimnist': (
-        dict(img_size=16, backbone_args={'out_chs': 64}, primary_caps=8, pose_dim=16,
-             capsule_layers=[('conv', 8, 3, 1)]),
-        (1, 16, 16)),
+        dict(
+            img_size=16, backbone_args={'out_chs': 64}, primary_caps=8, pose_dim=16, capsule_layers=[('conv', 8, 3, 1)]
+        ),
+        (1, 16, 16),
+    ),
 }
 MODELS = list(CASES)
 # timm's inference.py reads every image as RGB, whatever the model's input channels
@@ -83,6 +86,7 @@ def image_folder(tmp_path_factory):
             def image(bright: bool):
                 low = 128 if bright else 0
                 return Image.fromarray(rng.integers(low, low + 128, shape, dtype=np.uint8))
+
             for split, per_class in (('train', 4), ('validation', 2)):
                 for name in CLASSES:
                     folder = root / split / name
@@ -91,6 +95,7 @@ def image_folder(tmp_path_factory):
                         image(name == 'bright').save(folder / f'{name}_{i}.png')
             image(True).save(root / 'validation' / 'dark' / 'dark_mislabelled.png')
         return roots[input_size]
+
     return write
 
 
@@ -102,8 +107,13 @@ def _model_args(model_name: str):
 
 
 def _run(script: Path, args, cwd: Path) -> str:
-    result = subprocess.run([sys.executable, str(RUNNER), str(script), *map(str, args)],
-                            cwd=cwd, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(RUNNER), str(script), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, f'{script.name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}'
     return result.stdout
 
@@ -116,12 +126,38 @@ def trained(timm_scripts, image_folder, tmp_path_factory):
     def train(model_name: str) -> Path:
         if model_name not in runs:
             output = tmp_path_factory.mktemp(f'train_{model_name}')
-            _run(timm_scripts / 'train.py', [
-                *_model_args(model_name), '--data-dir', image_folder(CASES[model_name][1]), '--epochs', 2,
-                '-b', BATCH, '--lr', 0.01, '--warmup-epochs', 0, '--drop', 0.1, '--no-prefetcher',
-                '--checkpoint-hist', 1, '--seed', 0, '--output', output, '--experiment', 'run', *COMMON], output)
+            _run(
+                timm_scripts / 'train.py',
+                [
+                    *_model_args(model_name),
+                    '--data-dir',
+                    image_folder(CASES[model_name][1]),
+                    '--epochs',
+                    2,
+                    '-b',
+                    BATCH,
+                    '--lr',
+                    0.01,
+                    '--warmup-epochs',
+                    0,
+                    '--drop',
+                    0.1,
+                    '--no-prefetcher',
+                    '--checkpoint-hist',
+                    1,
+                    '--seed',
+                    0,
+                    '--output',
+                    output,
+                    '--experiment',
+                    'run',
+                    *COMMON,
+                ],
+                output,
+            )
             runs[model_name] = output / 'run'
         return runs[model_name]
+
     return train
 
 
@@ -134,8 +170,13 @@ def _reference(model_name: str, checkpoint: Path, image_folder):
     model.load_state_dict(state['state_dict'])
     # the model's eval transform at the input size the scripts are given, as they resolve it
     transform = timm.data.create_transform(**timm.data.resolve_data_config({'input_size': input_size}, model=model))
-    dataset = timm.data.create_dataset('', root=str(image_folder(input_size)), split='validation',
-                                       transform=transform, input_img_mode='RGB' if input_size[0] == 3 else 'L')
+    dataset = timm.data.create_dataset(
+        '',
+        root=str(image_folder(input_size)),
+        split='validation',
+        transform=transform,
+        input_img_mode='RGB' if input_size[0] == 3 else 'L',
+    )
     images, targets = zip(*(dataset[i] for i in range(len(dataset))))
     with torch.no_grad():
         outputs = model(torch.stack(images))
@@ -166,10 +207,27 @@ def test_train_py_trains_two_epochs_and_evaluates_the_checkpoint_it_saves(model_
 @pytest.mark.parametrize('model_name', MODELS)
 def test_validate_py_on_the_training_checkpoint(model_name, timm_scripts, trained, image_folder, tmp_path):
     checkpoint = trained(model_name) / 'last.pth.tar'
-    _run(timm_scripts / 'validate.py', [
-        *_model_args(model_name), '--data-dir', image_folder(CASES[model_name][1]), '--split', 'validation',
-        '--checkpoint', checkpoint, '-b', BATCH, '--no-prefetcher', '--results-file', tmp_path / 'results.json',
-        '--results-format', 'json', *COMMON], tmp_path)
+    _run(
+        timm_scripts / 'validate.py',
+        [
+            *_model_args(model_name),
+            '--data-dir',
+            image_folder(CASES[model_name][1]),
+            '--split',
+            'validation',
+            '--checkpoint',
+            checkpoint,
+            '-b',
+            BATCH,
+            '--no-prefetcher',
+            '--results-file',
+            tmp_path / 'results.json',
+            '--results-format',
+            'json',
+            *COMMON,
+        ],
+        tmp_path,
+    )
     results = json.loads((tmp_path / 'results.json').read_text())
     _, outputs, targets = _reference(model_name, checkpoint, image_folder)
     assert results['model'] == model_name
@@ -182,10 +240,31 @@ def test_validate_py_on_the_training_checkpoint(model_name, timm_scripts, traine
 def test_benchmark_py_inference_and_training(model_name, timm_scripts, tmp_path):
     """benchmark.py builds every model with in_chans=3, so it is given RGB images of the model's size."""
     _, (_, height, width) = CASES[model_name]
-    _run(timm_scripts / 'benchmark.py', [
-        *_model_args(model_name), '--input-size', 3, height, width, '--bench', 'both', '--device', 'cpu', '-b', 2,
-        '--num-warm-iter', 1, '--num-bench-iter', 5, '--results-file', tmp_path / 'results.json',
-        '--results-format', 'json'], tmp_path)
+    _run(
+        timm_scripts / 'benchmark.py',
+        [
+            *_model_args(model_name),
+            '--input-size',
+            3,
+            height,
+            width,
+            '--bench',
+            'both',
+            '--device',
+            'cpu',
+            '-b',
+            2,
+            '--num-warm-iter',
+            1,
+            '--num-bench-iter',
+            5,
+            '--results-file',
+            tmp_path / 'results.json',
+            '--results-format',
+            'json',
+        ],
+        tmp_path,
+    )
     results = json.loads((tmp_path / 'results.json').read_text())
     assert results['model'] == model_name
     assert results['param_count'] == _param_count(model_name, in_chans=3)
@@ -198,21 +277,48 @@ def test_benchmark_py_inference_and_training(model_name, timm_scripts, tmp_path)
 @pytest.mark.parametrize('model_name', RGB_MODELS)
 def test_inference_py_outputs_the_checkpoint_logits(model_name, timm_scripts, trained, image_folder, tmp_path):
     checkpoint = trained(model_name) / 'last.pth.tar'
-    _run(timm_scripts / 'inference.py', [
-        *_model_args(model_name), '--data-dir', image_folder(CASES[model_name][1]), '--split', 'validation',
-        '--checkpoint', checkpoint, '-b', BATCH, '--output-type', 'logit', '--topk', 10, '--include-index',
-        '--label-type', 'none', '--results-dir', tmp_path, '--results-file', 'predictions',
-        '--results-format', 'json', '--no-console-results', *COMMON], tmp_path)
+    _run(
+        timm_scripts / 'inference.py',
+        [
+            *_model_args(model_name),
+            '--data-dir',
+            image_folder(CASES[model_name][1]),
+            '--split',
+            'validation',
+            '--checkpoint',
+            checkpoint,
+            '-b',
+            BATCH,
+            '--output-type',
+            'logit',
+            '--topk',
+            10,
+            '--include-index',
+            '--label-type',
+            'none',
+            '--results-dir',
+            tmp_path,
+            '--results-file',
+            'predictions',
+            '--results-format',
+            'json',
+            '--no-console-results',
+            *COMMON,
+        ],
+        tmp_path,
+    )
     predictions = json.loads((tmp_path / 'predictions.json').read_text())
     filenames, outputs, _ = _reference(model_name, checkpoint, image_folder)
     assert sorted(predictions) == sorted(filenames)
     for filename, expected in zip(filenames, outputs):
         logits = torch.zeros(len(expected)).index_put_(
-            (torch.tensor(predictions[filename]['index']),), torch.tensor(predictions[filename]['logit']))
+            (torch.tensor(predictions[filename]['index']),), torch.tensor(predictions[filename]['logit'])
+        )
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 # ---- where the scripts come from -------------------------------------------------------------------
+
 
 def _write_scripts(folder: Path, scripts=SCRIPTS, version=None):
     folder.mkdir(parents=True, exist_ok=True)
@@ -266,8 +372,9 @@ def test_missing_scripts_skip_with_the_reason_or_fail_in_ci(in_ci, monkeypatch, 
 
 def test_runner_registers_the_models_and_hands_the_script_its_arguments(tmp_path):
     script = tmp_path / 'script.py'
-    script.write_text('import json, sys, timm\n'
-                      'print(json.dumps([sys.argv, __name__, timm.is_model("capsnet_simple_cifar10")]))\n')
+    script.write_text(
+        'import json, sys, timm\nprint(json.dumps([sys.argv, __name__, timm.is_model("capsnet_simple_cifar10")]))\n'
+    )
     argv, name, registered = json.loads(_run(script, ['--model', 'capsnet_simple_cifar10'], tmp_path))
     assert argv == [str(script), '--model', 'capsnet_simple_cifar10']
     assert name == '__main__' and registered

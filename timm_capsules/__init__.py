@@ -4,6 +4,7 @@ Importing this package registers its models with timm's registry: the paper's Ca
 its comparison systems (``dynamic_capsnet``, ``em_capsnet``, ``cnn_baselines``), one timm-style model file
 per family.
 """
+
 from . import capsnet, cnn_baselines, dynamic_capsnet, em_capsnet  # noqa: F401  (registers the models)
 
 __version__ = '0.1.0'

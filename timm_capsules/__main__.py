@@ -1,6 +1,7 @@
 """``python -m timm_capsules``: builds every registered capsule model and prints its parameter count, input
 size and forward time on this machine's CPU: the median of ``--repeats`` passes after one warm-up pass (a
 single pass would mostly time the first call's one-off allocations)."""
+
 import argparse
 import json
 import statistics
@@ -33,20 +34,28 @@ def main(argv=None):
         parser.error('--batch-size and --repeats must be at least 1')
     names = timm.list_models(module=timm_capsules.MODEL_MODULES)
     if not args.json:
-        print(f"{'model':38s} {'params':>12s} {'input':>12s} {'forward ms':>11s}")
+        print(f'{"model":38s} {"params":>12s} {"input":>12s} {"forward ms":>11s}')
     for name in names:
         model = timm.create_model(name).eval()
         x = torch.randn(args.batch_size, *model.pretrained_cfg['input_size'])
         elapsed = forward_ms(model, x, args.repeats)
-        row = dict(model=name, params=sum(p.numel() for p in model.parameters()), input_size=list(x.shape[1:]),
-                   forward_ms=round(elapsed, 1), batch_size=args.batch_size, repeats=args.repeats)
+        row = dict(
+            model=name,
+            params=sum(p.numel() for p in model.parameters()),
+            input_size=list(x.shape[1:]),
+            forward_ms=round(elapsed, 1),
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+        )
         if args.json:
             print(json.dumps(row))
         else:
-            print(f"{name:38s} {row['params']:>12,d} {'x'.join(map(str, x.shape[1:])):>12s} {elapsed:>11.1f}")
+            print(f'{name:38s} {row["params"]:>12,d} {"x".join(map(str, x.shape[1:])):>12s} {elapsed:>11.1f}')
     if not args.json:
-        print(f'forward ms: median of {args.repeats} passes after a warm-up, batch {args.batch_size}, '
-              f'{torch.get_num_threads()} CPU threads')
+        print(
+            f'forward ms: median of {args.repeats} passes after a warm-up, batch {args.batch_size}, '
+            f'{torch.get_num_threads()} CPU threads'
+        )
 
 
 if __name__ == '__main__':

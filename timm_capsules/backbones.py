@@ -4,6 +4,7 @@ Every backbone maps an image (B, C, H, W) to a list of feature maps, one per fea
 describes them in ``feature_info`` (timm's format: ``num_chs``, ``reduction``, ``module``). The
 capsule network reads the last one.
 """
+
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -19,14 +20,14 @@ class SimpleBackbone(nn.Module):
     """The paper's simple backbone: one conv (with bias) and a ReLU."""
 
     def __init__(
-            self,
-            in_chans: int,
-            out_chs: int,
-            kernel_size: int = 3,
-            stride: int = 2,
-            padding: int = 1,
-            device=None,
-            dtype=None,
+        self,
+        in_chans: int,
+        out_chs: int,
+        kernel_size: int = 3,
+        stride: int = 2,
+        padding: int = 1,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         self.conv = nn.Conv2d(in_chans, out_chs, kernel_size, stride, padding, device=device, dtype=dtype)
@@ -46,14 +47,14 @@ class CifarResNetBackbone(nn.Module):
     timm BasicBlocks (3 x 64 channels, then 4 x 128 channels with the first at stride 2)."""
 
     def __init__(
-            self,
-            in_chans: int,
-            widths: Sequence[int] = (64, 128),
-            depths: Sequence[int] = (3, 4),
-            strides: Sequence[int] = (1, 2),
-            drop_path_rate: float = 0.,
-            device=None,
-            dtype=None,
+        self,
+        in_chans: int,
+        widths: Sequence[int] = (64, 128),
+        depths: Sequence[int] = (3, 4),
+        strides: Sequence[int] = (1, 2),
+        drop_path_rate: float = 0.0,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
@@ -74,8 +75,11 @@ class CifarResNetBackbone(nn.Module):
                 # stochastic depth rising linearly to drop_path_rate over the blocks, as in timm's ResNet
                 rate = drop_path_rate * block_number / max(1, num_blocks - 1)
                 block_number += 1
-                blocks.append(BasicBlock(in_chs, width, block_stride, downsample,
-                                         drop_path=DropPath(rate) if rate > 0 else None, **dd))
+                blocks.append(
+                    BasicBlock(
+                        in_chs, width, block_stride, downsample, drop_path=DropPath(rate) if rate > 0 else None, **dd
+                    )
+                )
                 in_chs = width
             reduction *= stride
             stages.append(nn.Sequential(*blocks))
@@ -110,16 +114,16 @@ class TimmBackbone(nn.Module):
     """
 
     def __init__(
-            self,
-            model_name: str,
-            in_chans: int,
-            img_size: Sequence[int],
-            pretrained: bool = False,
-            out_index: Optional[int] = None,
-            fits: Optional[Callable[[int, int], bool]] = None,
-            model_kwargs: Optional[Dict[str, Any]] = None,
-            device=None,
-            dtype=None,
+        self,
+        model_name: str,
+        in_chans: int,
+        img_size: Sequence[int],
+        pretrained: bool = False,
+        out_index: Optional[int] = None,
+        fits: Optional[Callable[[int, int], bool]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         model_kwargs = dict(model_kwargs or {}, in_chans=in_chans)
@@ -132,14 +136,21 @@ class TimmBackbone(nn.Module):
             if not usable:
                 raise ValueError(
                     f'no feature level of {model_name} at input size {tuple(img_size)} is large enough for the '
-                    f'capsule stack (feature map sizes {grids}); use a larger img_size')
+                    f'capsule stack (feature map sizes {grids}); use a larger img_size'
+                )
             out_index = usable[-1]
         if out_index not in levels:
             raise ValueError(f'{model_name} has feature levels {levels}, got backbone_out_index={out_index}')
         self.grid = grids[levels.index(out_index)]
         self.model = timm.create_model(
-            model_name, pretrained=pretrained, features_only=True, out_indices=(out_index,),
-            device=device, dtype=dtype, **model_kwargs)
+            model_name,
+            pretrained=pretrained,
+            features_only=True,
+            out_indices=(out_index,),
+            device=device,
+            dtype=dtype,
+            **model_kwargs,
+        )
         info = self.model.feature_info.get_dicts()[-1]
         self.feature_info = [dict(num_chs=info['num_chs'], reduction=info['reduction'], module='model')]
         self.num_features = info['num_chs']

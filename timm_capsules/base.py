@@ -8,6 +8,7 @@ guard and weight checks. ``CapsuleModel`` holds what the IDA ``CapsNet`` and the
 baselines share; ``LayerwiseCapsuleModel`` adds the walk of models that finish one capsule layer's routing
 before the next starts (dynamic and EM routing).
 """
+
 import math
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -23,12 +24,21 @@ from .layers import Capsules, capsules_to_nchw, conv_output_size
 from .loading import check_state_dict, pretrained_guard
 
 __all__ = [
-    'CapsuleModel', 'LayerwiseCapsuleModel', 'check_input', 'check_timm_args', 'create_backbone', 'backbone_grid',
-    'set_batchnorm_args', 'build_capsule_model', 'capsule_cfg', 'model_data_config',
+    'CapsuleModel',
+    'LayerwiseCapsuleModel',
+    'check_input',
+    'check_timm_args',
+    'create_backbone',
+    'backbone_grid',
+    'set_batchnorm_args',
+    'build_capsule_model',
+    'capsule_cfg',
+    'model_data_config',
 ]
 
 PAPER = dict(
-    license='apache-2.0', paper_ids='arXiv:2002.04764',
+    license='apache-2.0',
+    paper_ids='arXiv:2002.04764',
     paper_name='Capsules with Inverted Dot-Product Attention Routing',
     origin_url='https://github.com/apple/ml-capsules-inverted-attention-routing',
 )
@@ -39,19 +49,23 @@ def check_input(x: Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
     if x.ndim != 4 or x.shape[1] != in_chans or tuple(x.shape[-2:]) != tuple(img_size):
         raise ValueError(
             f'expected images of shape (batch, {in_chans}, {img_size[0]}, {img_size[1]}), got {tuple(x.shape)}; '
-            f'a capsule network is built for one input size (pass img_size=/in_chans= to create_model to change it)')
+            f'a capsule network is built for one input size (pass img_size=/in_chans= to create_model to change it)'
+        )
 
 
-def check_timm_args(model_name: str, drop_path_rate: Optional[float], drop_block_rate: Optional[float],
-                    residual: bool) -> float:
+def check_timm_args(
+    model_name: str, drop_path_rate: Optional[float], drop_block_rate: Optional[float], residual: bool
+) -> float:
     """timm's scripts pass these to every model. Stochastic depth needs residual blocks and DropBlock is
     not implemented here, so a rate that could not be honoured is an error, not a silent no-op."""
     if drop_block_rate:
         raise ValueError(f'{model_name} has no DropBlock; drop_block_rate must be 0 or None, got {drop_block_rate}')
     if drop_path_rate and not residual:
-        raise ValueError(f'{model_name} has no residual blocks for stochastic depth here; drop_path_rate must be '
-                         f'0 or None with this backbone, got {drop_path_rate}')
-    return float(drop_path_rate or 0.)
+        raise ValueError(
+            f'{model_name} has no residual blocks for stochastic depth here; drop_path_rate must be '
+            f'0 or None with this backbone, got {drop_path_rate}'
+        )
+    return float(drop_path_rate or 0.0)
 
 
 def set_batchnorm_args(module: nn.Module, bn_momentum: Optional[float] = None, bn_eps: Optional[float] = None):
@@ -65,14 +79,14 @@ def set_batchnorm_args(module: nn.Module, bn_momentum: Optional[float] = None, b
 
 
 def create_backbone(
-        kind: str,
-        in_chans: int,
-        img_size: Tuple[int, int],
-        args: Optional[Dict[str, Any]] = None,
-        simple: Callable[..., nn.Module] = SimpleBackbone,
-        timm_models: bool = False,
-        drop_path_rate: float = 0.,
-        **timm_kwargs,
+    kind: str,
+    in_chans: int,
+    img_size: Tuple[int, int],
+    args: Optional[Dict[str, Any]] = None,
+    simple: Callable[..., nn.Module] = SimpleBackbone,
+    timm_models: bool = False,
+    drop_path_rate: float = 0.0,
+    **timm_kwargs,
 ) -> nn.Module:
     """'simple' (the paper's one-conv stem, or ``simple``), 'resnet' (the paper's CIFAR ResNet) or, with
     ``timm_models``, the name of any timm model (``TimmBackbone``; ``timm_kwargs`` go to it)."""
@@ -104,6 +118,7 @@ class CapsuleModel(nn.Module):
     """What every capsule network of this package shares. Subclasses build ``backbone``, ``primary``,
     ``capsule_layers``, ``head`` (the class capsules, None without classes) and ``global_pool``, and set
     ``head_drop`` (the dropout timm's ``drop_rate`` puts on the class capsules' input)."""
+
     output_type = 'logits'  # what forward returns: 'logits', 'lengths' or 'activations' (see losses.py)
     grad_checkpointing = False
 
@@ -154,10 +169,12 @@ class LayerwiseCapsuleModel(CapsuleModel):
     (``_capsule_steps``, every step's output a feature level) and classify (``_classify``), and call
     ``_finish_init`` with a factory of class capsules.
     """
+
     has_activations = False
 
-    def _finish_init(self, head_factory: Callable[..., nn.Module], global_pool: str, drop_rate: float,
-                     dd: Dict[str, Any]):
+    def _finish_init(
+        self, head_factory: Callable[..., nn.Module], global_pool: str, drop_rate: float, dd: Dict[str, Any]
+    ):
         self._head_factory = head_factory  # (num_classes, device=, dtype=) -> class capsules
         self.num_features = self.head_hidden_size = self.feature_info[-1]['num_chs']
         self._set_global_pool(global_pool)
@@ -177,8 +194,8 @@ class LayerwiseCapsuleModel(CapsuleModel):
         x = x.permute(0, 2, 3, 1)
         d = self.pose_dim
         n = C // (d + 1) if self.has_activations else C // d
-        activations = x[..., n * d:] if self.has_activations else None
-        return Capsules(x[..., :n * d].reshape(B, H, W, n, d), activations)
+        activations = x[..., n * d :] if self.has_activations else None
+        return Capsules(x[..., : n * d].reshape(B, H, W, n, d), activations)
 
     def _walk(self, x: Tensor, max_index: int) -> List[Tensor]:
         """NCHW maps of the feature levels 0..max_index (fewer when the model was pruned)."""
@@ -187,7 +204,7 @@ class LayerwiseCapsuleModel(CapsuleModel):
         if self.primary is None:
             return levels
         state = levels[-1]
-        for step in self._capsule_steps()[:self.num_capsule_levels]:
+        for step in self._capsule_steps()[: self.num_capsule_levels]:
             if len(levels) > max_index:
                 break
             state = self._checkpointed(step, state)
@@ -195,13 +212,13 @@ class LayerwiseCapsuleModel(CapsuleModel):
         return levels
 
     def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = 'NCHW',
+        intermediates_only: bool = False,
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """Feature maps of the backbone levels and of every capsule level below the class capsules."""
         if output_fmt != 'NCHW':
@@ -209,17 +226,17 @@ class LayerwiseCapsuleModel(CapsuleModel):
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         levels = self._walk(x, max_index if stop_early else len(self.feature_info) - 1)
         if stop_early:
-            levels = levels[:max_index + 1]
+            levels = levels[: max_index + 1]
         intermediates = [level for index, level in enumerate(levels) if index in take_indices]
         if intermediates_only:
             return intermediates
         return levels[-1], intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         """Drops the layers after the deepest requested feature level (and, by default, the head)."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
@@ -229,14 +246,15 @@ class LayerwiseCapsuleModel(CapsuleModel):
             self.pruned = True
             self.num_capsule_levels = max(0, max_index - num_backbone + 1)
             # capsule layers come after the primary levels, one level each
-            num_layers = max(0, self.num_capsule_levels - (len(self.feature_info) - num_backbone
-                                                           - len(self.capsule_layers)))
+            num_layers = max(
+                0, self.num_capsule_levels - (len(self.feature_info) - num_backbone - len(self.capsule_layers))
+            )
             self.capsule_layers = self.capsule_layers[:num_layers]
             if max_index < num_backbone:
                 self.primary = None
                 if isinstance(self.backbone, CifarResNetBackbone):
-                    self.backbone.stages = self.backbone.stages[:max_index + 1]
-                    self.backbone.feature_info = self.backbone.feature_info[:max_index + 1]
+                    self.backbone.stages = self.backbone.stages[: max_index + 1]
+                    self.backbone.feature_info = self.backbone.feature_info[: max_index + 1]
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
             self.reset_classifier(0, '')
@@ -269,18 +287,38 @@ class LayerwiseCapsuleModel(CapsuleModel):
 def capsule_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     """The ``pretrained_cfg`` fields every model of the paper shares (CIFAR input by default)."""
     from .data.constants import CIFAR_MEAN, CIFAR_STD
+
     return {
         'url': url,
-        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (1, 1), 'fixed_input_size': True,
-        'crop_pct': 1.0, 'interpolation': 'bilinear', 'mean': CIFAR_MEAN, 'std': CIFAR_STD,
-        'first_conv': 'backbone.conv', 'classifier': 'head',
-        **PAPER, **kwargs,
+        'num_classes': 10,
+        'input_size': (3, 32, 32),
+        'pool_size': (1, 1),
+        'fixed_input_size': True,
+        'crop_pct': 1.0,
+        'interpolation': 'bilinear',
+        'mean': CIFAR_MEAN,
+        'std': CIFAR_STD,
+        'first_conv': 'backbone.conv',
+        'classifier': 'head',
+        **PAPER,
+        **kwargs,
     }
 
 
 # what timm's build_model_with_cfg takes for itself, never the model class
-_BUILDER_ONLY = ('features_only', 'out_indices', 'feature_cls', 'feature_cfg', 'output_stride', 'pretrained_cfg',
-                 'pretrained_cfg_overlay', 'pretrained_strict', 'cache_dir', 'kwargs_filter', 'flatten_sequential')
+_BUILDER_ONLY = (
+    'features_only',
+    'out_indices',
+    'feature_cls',
+    'feature_cfg',
+    'output_stride',
+    'pretrained_cfg',
+    'pretrained_cfg_overlay',
+    'pretrained_strict',
+    'cache_dir',
+    'kwargs_filter',
+    'flatten_sequential',
+)
 
 
 def build_capsule_model(cls, variant: str, pretrained: bool, feature_getter: bool = True, **kwargs):
@@ -298,13 +336,15 @@ def build_capsule_model(cls, variant: str, pretrained: bool, feature_getter: boo
             feature_cfg['out_indices'] = tuple(range(len(cls(**built).feature_info)))
     with pretrained_guard(variant, pretrained, kwargs, cls):
         model = build_model_with_cfg(
-            cls, variant, pretrained, feature_cfg=feature_cfg, pretrained_filter_fn=check_state_dict, **kwargs)
+            cls, variant, pretrained, feature_cfg=feature_cfg, pretrained_filter_fn=check_state_dict, **kwargs
+        )
     if hasattr(model, 'img_size') and hasattr(model, 'in_chans'):
         # timm's scripts size and normalise their data from pretrained_cfg: make it describe the model as built
         # (img_size= / in_chans= overrides), so that benchmark.py or validate.py need no --input-size
         config = model_data_config(model)
         model.pretrained_cfg = dict(
-            model.pretrained_cfg, input_size=config['input_size'], mean=config['mean'], std=config['std'])
+            model.pretrained_cfg, input_size=config['input_size'], mean=config['mean'], std=config['std']
+        )
     return model
 
 
@@ -314,6 +354,7 @@ def model_data_config(model: nn.Module) -> Dict[str, Any]:
     channel (the average of the cfg's, e.g. for an ImageNet backbone built with ``in_chans=1``). Also says
     whether the model takes only that size (``fixed_input_size``)."""
     from timm.data import resolve_data_config
+
     config = resolve_data_config({}, model=model)
     if hasattr(model, 'img_size') and hasattr(model, 'in_chans'):
         config['input_size'] = (model.in_chans, *to_2tuple(model.img_size))

@@ -15,6 +15,7 @@ Deselected, with the reason:
 - ``test_model_forward_torchscript``: see EXCLUDED_TORCHSCRIPT below.
 - tests written for one named timm model (no ``model_name`` parameter of ours).
 """
+
 import pytest
 import timm
 

@@ -6,6 +6,7 @@ under ~/.cache/timm_capsules and is never committed. One edit is made: our regis
 added to ``FEAT_INTER_FILTERS``, the list of modules whose models timm tests for
 ``forward_intermediates`` and the feature-getter wrapper.
 """
+
 import os
 import re
 import subprocess
@@ -22,13 +23,13 @@ HERE = Path(__file__).parent
 TARGET = HERE / 'test_timm_models.py'
 CACHE = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm_capsules'
 OUR_MODULES = ['capsnet', 'dynamic_capsnet', 'em_capsnet', 'cnn_baselines']  # timm_capsules.MODEL_MODULES
-PLACEHOLDER = '''# placeholder: the real suite could not be fetched; the next test run tries again
+PLACEHOLDER = """# placeholder: the real suite could not be fetched; the next test run tries again
 from ci import unavailable
 
 
 def test_timm_model_suite():
     unavailable({reason!r})
-'''
+"""
 
 
 def _download_sdist(version: str) -> Path:
@@ -37,9 +38,23 @@ def _download_sdist(version: str) -> Path:
         return cached
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '--no-binary', ':all:',
-             f'timm=={version}', '-d', tmp],
-            check=True, capture_output=True, timeout=300)
+            [
+                sys.executable,
+                '-m',
+                'pip',
+                'download',
+                '--quiet',
+                '--no-deps',
+                '--no-binary',
+                ':all:',
+                f'timm=={version}',
+                '-d',
+                tmp,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         archive = next(Path(tmp).glob('timm-*.tar.gz'))
         with tarfile.open(archive) as tar:
             member = next(m for m in tar.getmembers() if m.name.endswith('/tests/test_models.py'))
@@ -95,13 +110,16 @@ def fetch_timm_scripts() -> Tuple[Optional[Path], str]:
         version = timm.__version__
         checkout_version = _checkout_version(folder)
         if checkout_version not in (None, version):
-            return None, (f"TIMM_SCRIPTS_DIR={local} holds timm {checkout_version}'s scripts, "
-                          f'timm {version} is installed')
+            return None, (
+                f"TIMM_SCRIPTS_DIR={local} holds timm {checkout_version}'s scripts, timm {version} is installed"
+            )
         return folder, ''
     missing = [script for script in SCRIPTS if not (SHARED_SCRIPTS / script).is_file()]
     if missing:
-        return None, (f"timm's {', '.join(missing)} not found in {SHARED_SCRIPTS} (they are not in timm's PyPI "
-                      f'distributions): put them there from a checkout of timm, or set TIMM_SCRIPTS_DIR to one')
+        return None, (
+            f"timm's {', '.join(missing)} not found in {SHARED_SCRIPTS} (they are not in timm's PyPI "
+            f'distributions): put them there from a checkout of timm, or set TIMM_SCRIPTS_DIR to one'
+        )
     return SHARED_SCRIPTS, ''
 
 

@@ -4,6 +4,7 @@
 timm's scripts create models by name and never import this package; importing it here, in the same
 interpreter, registers the models before the script parses its ``--model``.
 """
+
 import runpy
 import sys
 

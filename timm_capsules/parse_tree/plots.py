@@ -1,5 +1,6 @@
 """The pictures of ``python -m timm_capsules.parse_tree``: routing heat maps, part-whole trees and routing
 entropy. Each function draws arrays the analysis (``parse_tree.analysis``) computed, into one PNG."""
+
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -13,8 +14,10 @@ DIGIT_COLOURS = ('red', 'deepskyblue')
 
 def _plt():
     import matplotlib
+
     matplotlib.use('Agg')  # files only, never a window
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -24,9 +27,16 @@ def _save(fig, path, dpi: int) -> Path:
     return Path(path)
 
 
-def plot_heatmaps(path, images: np.ndarray, heatmaps: Sequence[Sequence[np.ndarray]],
-                  panel_titles: Sequence[Sequence[str]], row_titles: Sequence[str], colour_label: str,
-                  masks: Optional[np.ndarray] = None, dpi: int = 100) -> Path:
+def plot_heatmaps(
+    path,
+    images: np.ndarray,
+    heatmaps: Sequence[Sequence[np.ndarray]],
+    panel_titles: Sequence[Sequence[str]],
+    row_titles: Sequence[str],
+    colour_label: str,
+    masks: Optional[np.ndarray] = None,
+    dpi: int = 100,
+) -> Path:
     """One row per image: the input, then one heat map per entry of ``heatmaps[b]``, each with its own
     colour bar in the map's units (``colour_label``). Images (B, H, W) grey or (B, H, W, 3) in [0, 1]; heat
     maps (H, W), NaN where no capsule looks. With ``masks`` (B, 2, H, W) (each digit's pixels) the input shows
@@ -75,23 +85,35 @@ def plot_part_whole_tree(path, tree, title: str, dpi: int = 100) -> Path:
     L = len(tree.nodes)
     rows = max(len(layer) for layer in tree.nodes)
     fig, ax = plt.subplots(figsize=(2.8 * L + 1.0, 0.62 * rows + 2.0))
-    position = {(l, rank): (l, 1 - (rank + 0.5) / len(layer)) for l, layer in enumerate(tree.nodes)
-                for rank in range(len(layer))}
+    position = {
+        (l, rank): (l, 1 - (rank + 0.5) / len(layer))
+        for l, layer in enumerate(tree.nodes)
+        for rank in range(len(layer))
+    }
     largest = max((edge[3] for edge in tree.edges), default=1.0) or 1.0
     for l, child, parent, flow in tree.edges:
         (x0, y0), (x1, y1) = position[(l, child)], position[(l + 1, parent)]
-        ax.plot([x0, x1], [y0, y1], color=colours(tree.nodes[l + 1][parent][1] % 10), alpha=0.55,
-                lw=0.4 + 7 * flow / largest, solid_capstyle='round', zorder=1)
+        ax.plot(
+            [x0, x1],
+            [y0, y1],
+            color=colours(tree.nodes[l + 1][parent][1] % 10),
+            alpha=0.55,
+            lw=0.4 + 7 * flow / largest,
+            solid_capstyle='round',
+            zorder=1,
+        )
     for l, layer in enumerate(tree.nodes):
         for rank, (label, owner, _) in enumerate(layer):
             x, y = position[(l, rank)]
             ax.scatter([x], [y], s=110, color=colours(owner % 10), zorder=3, edgecolors='k', linewidths=0.6)
             ax.annotate(label, (x, y), xytext=(0, 9), textcoords='offset points', ha='center', fontsize=9)
         ax.text(l, -0.07, tree.layer_names[l], ha='center', va='top', fontsize=10)
-    handles = [plt.Line2D([], [], color=colours(k % 10), lw=4, label=f'class "{name}"')
-               for k, name in enumerate(tree.classes)]
-    ax.legend(handles=handles, loc='lower center', bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=9,
-              frameon=False)
+    handles = [
+        plt.Line2D([], [], color=colours(k % 10), lw=4, label=f'class "{name}"') for k, name in enumerate(tree.classes)
+    ]
+    ax.legend(
+        handles=handles, loc='lower center', bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=9, frameon=False
+    )
     ax.set_xlim(-0.45, L - 0.55)
     ax.set_ylim(-0.16, 1.04)
     ax.axis('off')
@@ -113,8 +135,7 @@ def plot_entropy(path, table: np.ndarray, layer_titles: Sequence[str], dpi: int 
         mean = table[:, :, l].mean(0)
         ax.plot(iterations, mean, color='tab:blue', marker='o', lw=2, label='mean over images')
         for t, value in zip(iterations, mean):
-            ax.annotate(f'{value:.3f}', (t, value), xytext=(6, 6), textcoords='offset points', ha='left',
-                        fontsize=9)
+            ax.annotate(f'{value:.3f}', (t, value), xytext=(6, 6), textcoords='offset points', ha='left', fontsize=9)
         ax.axhline(1.0, color='grey', ls='--', lw=1, label='uniform routing')
         low = float(table[:, :, l].min())
         margin = max(0.1 * (1.0 - low), 0.005)
