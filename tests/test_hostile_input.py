@@ -240,16 +240,16 @@ DAMAGED = {  # case: (record text from a sound record, what the warning says)
 @pytest.mark.parametrize('case', sorted(DAMAGED))
 def test_damaged_record_is_named_skipped_and_not_done(experiments, tmp_path, capsys, case):
     sys.path.insert(0, str(ROOT / 'tests'))
-    from test_experiments import fake_record
+    from test_experiment_report import fake_record
 
     runs = [run for run in experiments.plan('cpu', experiments.STUDIES, [0]) if 'table1' in run.studies][:2]
     folder = tmp_path / 'records'
     paths = [experiments.record_path(folder, 'cpu', run) for run in runs]
     paths[0].parent.mkdir(parents=True)
     for run, path in zip(runs, paths):
-        path.write_text(json.dumps(fake_record(experiments, run, 'cpu', 0.8)))
+        path.write_text(json.dumps(fake_record(run, 'cpu', 0.8)))
     text, message = DAMAGED[case]
-    paths[1].write_text(text(fake_record(experiments, runs[1], 'cpu', 0.7)))
+    paths[1].write_text(text(fake_record(runs[1], 'cpu', 0.7)))
     readme = _readme(tmp_path, experiments)
     assert (
         experiments.main(
