@@ -296,6 +296,7 @@ class CapsNet(CapsuleModel):
         layer's latest capsules (primary first) and the snapshots of the last one that the class capsules read:
         after each round (concurrent), or its final poses (sequential)."""
         layers = self.capsule_layers[:num_layers]
+        num_layers = len(layers)  # a pruned model holds fewer than its feature levels ask for
         capsules: List[Optional[Capsules]] = [primary] + [None] * num_layers
         snapshots: List[Capsules] = []
         fixed_votes: Dict[int, Optional[Tensor]] = {}  # per layer whose children never change: voted once
