@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The paper's comparisons as one experiment runner, the command line of ``timm_capsules.experiments``: every run
-is one ``timm_capsules.train.run`` call (the training script's code path), all of a call's runs on one Accelerator,
-so ``accelerate launch`` spreads every study over many GPUs; every finished run is one JSON record. Finished runs
-are skipped, so a study goes on across sessions.
+is one call of the training script's ``run(config, accelerator)`` (train_accelerate.py, beside this file), all of
+a call's runs on one Accelerator, so ``accelerate launch`` spreads every study over many GPUs; every finished run is
+one JSON record. Finished runs are skipped, so a study goes on across sessions.
 
     python experiments.py table1 iterations --scale cpu     # run studies (all: every study)
     python experiments.py all --scale cpu --list             # the runs and their commands, nothing trained
@@ -100,6 +100,8 @@ def train_runs(args, todo) -> list:
     """Trains the runs in order, every one with the one Accelerator made when the first starts (accelerate's state
     is the process's), until the time limit; the ids of those that stopped with a one-line error (the others go
     on; a signal stops all)."""
+    from train_accelerate import run as train  # torch and the training parts: only when something trains
+
     failed, started, accelerator = [], time.time(), None
     try:
         for index, run in enumerate(todo):
@@ -112,7 +114,14 @@ def train_runs(args, todo) -> list:
             try:
                 accelerator = accelerator or shared_accelerator(run, args.outputs / args.scale / run.run_id)
                 record = execute(
-                    run, args.scale, args.records, args.outputs, args.probe_images, accelerator, args.stop_after_steps
+                    run,
+                    args.scale,
+                    args.records,
+                    args.outputs,
+                    args.probe_images,
+                    accelerator,
+                    train,
+                    args.stop_after_steps,
                 )
             except SystemExit as error:  # the training's one-line errors
                 if not isinstance(error.code, str) or len(todo) == 1:

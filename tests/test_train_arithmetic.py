@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from timm_capsules.train import loop, metrics
+import train_accelerate  # the script at the checkout's root (pytest's pythonpath)
+from timm_capsules.train import metrics
 from timm_capsules.data.registry import chance_level
 from timm_capsules.train.metrics import evaluate
 
@@ -130,7 +131,7 @@ def test_spread_loss_margin_grows_by_optimizer_step_in_an_em_run(run, tmp_path, 
     steps (Hinton et al., 2018): 0.2 + 0.7 s / S at step s = 0 .. S - 1, the same for every batch of a step;
     evaluation uses 0.9."""
     margins = []
-    real = loop.classification_loss  # training's, and evaluation's below
+    real = train_accelerate.classification_loss  # training's, and evaluation's below
 
     def recording(outputs, targets, output_type, multi_label, margin=0.2, reduction='mean'):
         if reduction == 'mean':  # training; evaluation asks for one loss per image
@@ -140,7 +141,7 @@ def test_spread_loss_margin_grows_by_optimizer_step_in_an_em_run(run, tmp_path, 
             assert margin == 0.9
         return real(outputs, targets, output_type, multi_label, margin, reduction)
 
-    monkeypatch.setattr(loop, 'classification_loss', recording)
+    monkeypatch.setattr(train_accelerate, 'classification_loss', recording)
     monkeypatch.setattr(metrics, 'classification_loss', recording)
     epochs = 2
     results = run(

@@ -1,4 +1,4 @@
-"""Tests of timm_capsules/train/loop.py: run() and its RunResult, two runs on one Accelerator, a tiny run's
+"""Tests of train_accelerate.py's run() and its RunResult, two runs on one Accelerator, a tiny run's
 outputs reloaded and its final metrics recomputed independently, a diverging run stopped, two real processes,
 the default command, and a signal stopping training with a checkpoint."""
 
@@ -18,7 +18,7 @@ import timm
 import timm_capsules  # noqa: F401
 
 from timm_capsules.train import RunResult, TrainConfig
-from timm_capsules.train import run as run_training
+from train_accelerate import run as run_training
 
 from train_fixtures import (
     ROOT,

@@ -1,6 +1,6 @@
 """Shared pieces of the training tests (test_train_*.py, test_run_safety.py, test_train_arithmetic.py, ...): the
 tiny capsule net on the built-in MNIST sample, ``run`` (a command line run in-process through
-``timm_capsules.train.run``) and ``cli`` (the script in a subprocess), metrics written out independently of the
+``train_accelerate.run``) and ``cli`` (the script in a subprocess), metrics written out independently of the
 package, a spy on what reaches the model, and tiny Hub-style image datasets.
 
 Tiny models keep every training step in the milliseconds. Import the fixtures by name
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import timm_capsules  # noqa: F401
-from timm_capsules.train import RunResult, TrainConfig, loop
-from timm_capsules.train import run as run_training
+import train_accelerate  # the script at the checkout's root (pytest's pythonpath)
+from timm_capsules.train import RunResult, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ TINY = TINY_MODEL + [
 @pytest.fixture
 def run():
     """Runs the command line ``argv`` in-process as train_accelerate.py does (``TrainConfig.from_argv``, then
-    ``timm_capsules.train.run``): metrics.json's contents with ``model_object``, the trained model, or the
+    ``run``): metrics.json's contents with ``model_object``, the trained model, or the
     resolved configuration with --print-config. Each call is a fresh process to accelerate: its process-wide
     state (which a second Accelerator with other settings may not change) is reset afterwards."""
     from accelerate.state import AcceleratorState, GradientState
@@ -71,7 +71,7 @@ def run():
             if config.print_config:
                 print(json.dumps(config.resolved(), indent=2))
                 return config.resolved()
-            result = run_training(config)
+            result = train_accelerate.run(config)
             assert isinstance(result, RunResult) and result.output_dir == Path(config.output_dir)
             assert 'model_object' not in result.metrics
             return dict(result.metrics, model_object=result.model)
@@ -186,7 +186,7 @@ def spy_on_model(monkeypatch):
     images it received, and, from inside the first convolution (forward hooks of the top module run outside
     the autocast that accelerate wraps around forward), whether autocast was on and the dtype computed in."""
     calls = []
-    create = loop.create_model
+    create = train_accelerate.create_model
 
     def create_model(args, num_classes):
         model, kwargs = create(args, num_classes)
@@ -201,7 +201,7 @@ def spy_on_model(monkeypatch):
         )
         return model, kwargs
 
-    monkeypatch.setattr(loop, 'create_model', create_model)
+    monkeypatch.setattr(train_accelerate, 'create_model', create_model)
     return calls
 
 

@@ -3,7 +3,7 @@ part-whole probe of a trained model)."""
 
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from .budget import gpu_estimate
 from .plans import Run
@@ -111,13 +111,13 @@ def execute(
     outputs: Path,
     probe_samples: int,
     accelerator,
+    train: Callable,
     stop_after_steps: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Trains ``run`` with the call's ``accelerator`` (continuing its last checkpoint) and writes its record; {} on a
-    process that is not the main one. A run stopped by ``stop_after_steps`` ends the call (SystemExit 3) and has no
-    record."""
+    """Trains ``run`` with ``train`` (train_accelerate.py's ``run(config, accelerator) -> RunResult``) on the call's
+    ``accelerator`` (continuing its last checkpoint) and writes its record; {} on a process that is not the main
+    one. A run stopped by ``stop_after_steps`` ends the call (SystemExit 3) and has no record."""
     from timm_capsules.train import TrainConfig
-    from timm_capsules.train import run as train
 
     output_dir = outputs / scale / run.run_id
     resumed = (output_dir / 'checkpoints').is_dir() and any((output_dir / 'checkpoints').iterdir())

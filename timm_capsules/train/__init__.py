@@ -1,13 +1,14 @@
-"""The training side as a package: ``TrainConfig.from_argv(argv)`` resolves a run's settings (options over a
-preset), ``run(config, accelerator=None) -> RunResult`` trains, evaluates and saves one model. The script
-``train_accelerate.py`` and the experiment runner both go through ``run``.
+"""The parts of a training run, which ``train_accelerate.py`` (``run(config)`` and its loop, read top to bottom)
+puts together; the experiment runner calls that ``run``.
 
-Modules: ``config`` (options, presets), ``data_sources`` (one object per kind of data), ``models`` (creation,
-routing kernel), ``metrics`` (evaluation, chance level, CNN reference, curves), ``checkpoints`` (write, verify,
-find), ``output_dir`` (checks, lock, JSON), ``run_safety`` (signals, finite checks), ``saving`` (model, Hub),
-``loop`` (``run`` and the training loop)."""
+Modules: ``config`` (options, presets: ``TrainConfig.from_argv``), ``accelerators`` (a run's own Accelerator or a
+shared one), ``data_sources`` (one object per kind of data), ``models`` (creation, routing kernel, timm's optimizer
+and scheduler), ``metrics`` (evaluation, chance level, CNN reference, curves), ``checkpoints`` (write, verify, find),
+``output_dir`` (checks, lock, JSON), ``run_safety`` (signals, finite checks), ``results`` (what a run reports,
+``RunResult``), ``saving`` (model, Hub)."""
 
+from .accelerators import make_accelerator
 from .config import TrainConfig
-from .loop import RunResult, make_accelerator, run
+from .results import RunResult
 
-__all__ = ['TrainConfig', 'RunResult', 'run', 'make_accelerator']
+__all__ = ['TrainConfig', 'RunResult', 'make_accelerator']

@@ -15,7 +15,7 @@ from .metrics import cnn_reference_record, plot_curves
 from .output_dir import write_failure, write_json
 from .run_safety import refuse_non_finite
 
-__all__ = ['save_results', 'save_model', 'push_to_hub', 'weights_digest']
+__all__ = ['save_results', 'save_model', 'push_to_hub', 'weights_digest', 'write_digest']
 
 
 def weights_digest(model):
@@ -24,6 +24,12 @@ def weights_digest(model):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def write_digest(output_dir, model, rank):
+    """--debug-digests: each process writes the digest of its weights (processes that trained together agree)."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / f'digest_rank{rank}.txt').write_text(weights_digest(model))
 
 
 def save_model(model, output_dir, label_names, data_cfg):
