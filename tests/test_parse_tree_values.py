@@ -50,7 +50,7 @@ def _trace(geometry=GEOMETRY, B=2, T=3, used=(1, 2), seed=0):
     poses = [[primary] + [torch.randn(B, *grid, 4, generator=g) for grid in grids[1:]] for _ in range(T)]
     return RoutingTrace(
         logits=torch.randn(B, geometry[-1].parent_grid[2], generator=g),
-        layer_names=['primary', 'middle', 'classes'],
+        layer_names=['primary', 'middle'][: len(grids) - 1] + ['classes'],
         poses=poses,
         coefficients=coefficients,
         activations=[[None] * len(grids) for _ in range(T)],
@@ -193,6 +193,13 @@ def test_class_primary_mass_is_the_loop_over_every_layer(iteration):
     torch.testing.assert_close(every.double(), _masses_by_loops(trace, [0, 1, 2, 3], iterations)[0], rtol=1e-5, atol=0)
 
 
+def test_every_layers_mass_is_float32_whatever_the_logits_dtype():
+    trace = dataclasses.replace(_trace(), logits=_trace().logits.bfloat16())  # as under autocast
+    masses = analysis.class_primary_mass(trace, [1, 2], per_layer=True)
+    assert [m.dtype for m in masses] == [torch.float32] * 3
+    torch.testing.assert_close(masses[-1][0, 0, 0], torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+
+
 def test_uniform_first_pass_gives_every_class_the_same_mass():
     """With r = 1 / parents, a class capsule passes 1/4 to every capsule of the middle layer, and each of those
     1/3 of that to every child of its window: a primary capsule gets 3 * 1/12 per window it sits in."""
@@ -303,6 +310,17 @@ def test_routing_summary_field_by_field(index, label_names, multi_label, top_k, 
     _close(summary, _expected_summary(trace, index, names, multi_label, top_k, argmax))
 
 
+def test_routing_summary_defaults_and_a_one_iteration_trace():
+    """By default image 0, the softmax, one predicted class and the argmax parents; a model routed once
+    (iterations=1) has only its uniform first pass."""
+    trace = _trace()
+    _close(analysis.routing_summary(trace), _expected_summary(trace, 0, ['0', '1', '2', '3'], False, 1, True))
+    once = _trace(T=1, used=(0, 0))
+    summary = analysis.routing_summary(once, 1)
+    _close(summary, _expected_summary(once, 1, ['0', '1', '2', '3'], False, 1, True))
+    assert [len(layer['iterations']) for layer in summary['layers']] == [1, 1]
+
+
 def test_class_names_are_the_labels_only_when_there_is_one_per_class():
     assert analysis.class_names([7, 'b', 3.5], 3) == ['7', 'b', '3.5']
     assert analysis.class_names(['a', 'b'], 3) == ['0', '1', '2']
@@ -365,6 +383,23 @@ def test_part_whole_tree_is_the_loop_over_kept_parents(geometry, classes, top, i
     assert [e[:3] for e in tree.edges] == [e[:3] for e in edges]
     assert [e[3] for e in tree.edges] == pytest.approx([e[3] for e in edges], rel=1e-5)
     assert len(tree.nodes[0]) == top and {k for layer in nodes[:2] for _, k, _ in layer} == {0, 1}
+
+
+def test_part_whole_tree_defaults_no_capsule_kept_and_a_class_nobody_routes_to():
+    trace = _trace()
+    nodes, edges = _tree_by_loops(trace, 0, [1], 6, [2, 2], ['0', '1', '2', '3'])
+    tree = analysis.part_whole_tree(trace, 0, [1])  # the 6 capsules of most mass per layer, the last iteration
+    assert [[label for label, *_ in layer] for layer in tree.nodes] == [
+        [label for label, *_ in layer] for layer in nodes
+    ]
+    assert [e[:3] for e in tree.edges] == [e[:3] for e in edges] and len(tree.nodes[0]) == 6
+    bare = analysis.part_whole_tree(_trace(GEOMETRY[1:]), 0, [1, 2], top=0)  # primary -> classes, none kept
+    assert [len(layer) for layer in bare.nodes] == [0, 2] and bare.edges == []
+    # every child routes all of its mass to classes 0-2: class 3 receives nothing, so no edge carries anything
+    one_hot = torch.eye(4)[trace.coefficients[-1][1][..., :3].argmax(-1)]
+    trace.coefficients[-1][1] = one_hot
+    nobody = analysis.part_whole_tree(trace, 0, [3], top=2)
+    assert nobody.edges == [] and [m for layer in nobody.nodes[:2] for *_, m in layer] == [0.0] * 4
 
 
 def test_node_labels_name_position_and_type():
@@ -457,15 +492,15 @@ def test_routing_trace_runs_in_eval_mode_without_gradients_and_restores_the_mode
     assert model.training and torch.is_grad_enabled()
 
 
-def _quarters_model():
+def _quarters_model(left=(0.6, 0.3, 0.1), right=(0.2, 0.2, 0.6)):
     """``_capsnet`` with forward_routing replaced by a trace whose class routing is fixed: primary capsules in
-    columns 0-1 route (0.6, 0.3, 0.1) to the classes, the rest (0.2, 0.2, 0.6)."""
+    columns 0-1 route ``left`` to the classes, the rest ``right``."""
     model = _capsnet()
     real = model.forward_routing
 
     def forward_routing(x):
-        left = (torch.arange(8) < 2).view(1, 8, 1).expand(8, 8, 1)  # (h, w, 1)
-        r = torch.where(left, torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.2, 0.6]))
+        is_left = (torch.arange(8) < 2).view(1, 8, 1).expand(8, 8, 1)  # (h, w, 1)
+        r = torch.where(is_left, torch.tensor(left), torch.tensor(right))
         r = r.expand(2, 8, 8, 3).reshape(1, 1, 1, 128, 3).expand(x.shape[0], -1, -1, -1, -1)  # children (n, h, w)
         return dataclasses.replace(real(x), coefficients=[[torch.full_like(r, 1 / 3)], [r]])
 
@@ -473,33 +508,75 @@ def _quarters_model():
     return model
 
 
+def _masks(n):
+    """Digit 0 in image rows 0-7, columns 0-3; digit 1 in rows 0-7, columns 4-15; the bottom half empty."""
+    masks = torch.zeros(n, 2, 16, 16)
+    masks[:, 0, :8, :4] = 1.0
+    masks[:, 1, :8, 4:] = 1.0
+    return masks
+
+
 def test_probe_per_image_values_follow_the_labels_and_the_masks():
     """Digits fill the top half only: digit 0 image columns 0-3 (8 primary positions), digit 1 the rest of the top
     half (24 positions); the bottom half is background. Image 0 (classes 0, 2): class 0 gets 0.6 per capsule on
     the left, 0.2 on the right: own fraction 0.6 * 8 / (0.6 * 8 + 0.2 * 24) = 1 / 2; class 2: 0.6 * 24 / (0.1 * 8
     + 0.6 * 24) = 18 / 19. Image 1 swaps the classes (label 0 second: still a two-digit image): class 2 on the
-    left 0.1 * 8 / 15.2 = 1 / 19, class 0 on the right 0.2 * 24 / 9.6 = 1 / 2. Image 2 (one digit) is skipped."""
+    left 0.1 * 8 / 15.2 = 1 / 19, class 0 on the right 0.2 * 24 / 9.6 = 1 / 2. Image 2 (one digit) is skipped.
+    Image 3 (classes 1, 2): 0.3 * 8 / (0.3 * 8 + 0.2 * 24) = 1 / 3 and 18 / 19."""
     model = _quarters_model()
-    masks = torch.zeros(3, 2, 16, 16)
-    masks[:, 0, :8, :4] = 1.0
-    masks[:, 1, :8, 4:] = 1.0
-    labels = torch.tensor([[0, 2], [2, 0], [1, -1]])
+    masks = _masks(4)
+    labels = torch.tensor([[0, 2], [2, 0], [1, -1], [1, 2]])
     for batch_size in (1, 64):
-        result = analysis.part_whole_probe(model, torch.rand(3, 1, 16, 16), masks, labels, batch_size=batch_size)
-        assert result['images'] == 2 and result['ownership'] == 'soft' and result['iteration'] == -1
-        np.testing.assert_allclose(result['per_image'], [[0.5, 18 / 19], [1 / 19, 0.5]], rtol=1e-6)
-        assert result['own_fraction'] == pytest.approx((0.5 + 18 / 19 + 1 / 19 + 0.5) / 4)
+        result = analysis.part_whole_probe(model, torch.rand(4, 1, 16, 16), masks, labels, batch_size=batch_size)
+        assert result['images'] == 3 and result['ownership'] == 'soft' and result['iteration'] == -1
+        np.testing.assert_allclose(result['per_image'], [[0.5, 18 / 19], [1 / 19, 0.5], [1 / 3, 18 / 19]], rtol=1e-6)
+        assert result['own_fraction'] == pytest.approx((0.5 + 18 / 19 + 1 / 19 + 0.5 + 1 / 3 + 18 / 19) / 6)
         assert result['separated'] == 0.0
-        # the other digit's share of all the class's mass (class 0: 0.6 * 16 + 0.2 * 48 = 19.2, class 2: 30.4)
-        other = [0.2 * 24 / 19.2, 0.1 * 8 / 30.4, 0.6 * 24 / 30.4, 0.6 * 8 / 19.2]
+        # the other digit's share of all the class's mass (class 0: 0.6 * 16 + 0.2 * 48 = 19.2, 1: 14.4, 2: 30.4)
+        other = [0.2 * 24 / 19.2, 0.1 * 8 / 30.4, 0.6 * 24 / 30.4, 0.6 * 8 / 19.2, 0.2 * 24 / 14.4, 0.1 * 8 / 30.4]
         assert result['other_fraction_of_all'] == pytest.approx(np.mean(other))
         assert result['background_fraction_of_all'] == pytest.approx(0.5)
         assert result['baseline'] == pytest.approx(0.5) and result['area_share'] == pytest.approx(0.5)
     boxes = analysis.primary_receptive_fields(model)
-    again = analysis.part_whole_probe(model, torch.rand(3, 1, 16, 16), masks, labels, 0, 'hard', 2, boxes)
+    again = analysis.part_whole_probe(model, torch.rand(4, 1, 16, 16), masks, labels, 0, 'hard', 2, boxes)
     assert again['ownership'] == 'hard' and again['iteration'] == 0
-    np.testing.assert_allclose(again['per_image'], [[0.25, 0.75], [0.25, 0.75]], rtol=1e-6)  # uniform: the area
+    np.testing.assert_allclose(again['per_image'], [[0.25, 0.75]] * 3, rtol=1e-6)  # uniform: the area
     with pytest.raises(ValueError, match=r"^ownership must be 'soft' or 'hard', got 'fuzzy'$"):
-        analysis.part_whole_probe(model, torch.rand(3, 1, 16, 16), masks, labels, ownership='fuzzy')
+        analysis.part_whole_probe(model, torch.rand(4, 1, 16, 16), masks, labels, ownership='fuzzy')
     with pytest.raises(ValueError, match=r'^part_whole_probe needs two-digit images \(labels\[:, 1\] >= 0\)$'):
-        analysis.part_whole_probe(model, torch.rand(1, 1, 16, 16), masks[:1], labels[2:])
+        analysis.part_whole_probe(model, torch.rand(1, 1, 16, 16), masks[:1], labels[2:3])
+
+
+@pytest.mark.parametrize(
+    'ownership, per_image',
+    [
+        (None, [[0.375, 73 / 76], [3 / 76, 0.625], [0.25, 73 / 76]]),
+        ('soft', [[0.375, 73 / 76], [3 / 76, 0.625], [0.25, 73 / 76]]),
+        ('hard', [[1 / 3, 36 / 37], [1 / 37, 2 / 3], [0.2, 36 / 37]]),
+    ],
+)
+def test_probe_reads_the_receptive_fields_it_is_given(ownership, per_image):
+    """Hand-made receptive fields 4 columns wide at stride 2: primary column 1 sees image columns 2-5, half digit
+    0 and half digit 1 (soft: 1/2 each; hard: a tie, neither). Per top-half row, class 0's mass over primary columns
+    0..7 is (0.6, 0.6, 0.2 x 6): soft, digit 0 owns (1, 1/2, 0 ...), so 0.9 / (0.9 + 1.5) = 0.375; hard, digit 0
+    owns column 0 only, 0.6 / (0.6 + 1.2) = 1 / 3. Class 2 (0.1, 0.1, 0.6 x 6) on digit 1: soft 3.65 / 3.8, hard
+    3.6 / 3.7; class 1 (0.3, 0.3, 0.2 x 6) on digit 0: soft 0.45 / 1.8, hard 0.3 / 1.5."""
+    model = _quarters_model()
+    boxes = np.array([[(2 * y, 2 * y + 2, 2 * x, min(2 * x + 4, 16)) for x in range(8)] for y in range(8)])
+    options = {} if ownership is None else dict(ownership=ownership)
+    labels = torch.tensor([[0, 2], [2, 0], [1, 2]])
+    result = analysis.part_whole_probe(
+        model, torch.rand(3, 1, 16, 16), _masks(3), labels, receptive_fields=boxes, **options
+    )
+    np.testing.assert_allclose(result['per_image'], per_image, rtol=1e-6)
+
+
+def test_probe_shares_of_a_class_with_little_mass():
+    """Class 1 gets 0.004 from each of the 128 primary capsules: 0.512 in all, less than 1. Of it, digit 1's 24
+    top-half positions (2 types each) carry 0.192, 3/8; the bottom half, 1/2. Class 0 gets 0.995 on the left,
+    0.001 on the right: digit 0 (its other digit here) carries 0.995 * 16 of 0.995 * 32 + 0.001 * 96."""
+    model = _quarters_model((0.995, 0.004, 0.001), (0.001, 0.004, 0.995))
+    result = analysis.part_whole_probe(model, torch.rand(1, 1, 16, 16), _masks(1), torch.tensor([[1, 0]]))
+    assert result['other_fraction_of_all'] == pytest.approx((3 / 8 + 0.995 * 16 / (0.995 * 32 + 0.001 * 96)) / 2)
+    assert result['background_fraction_of_all'] == pytest.approx(0.5)
+    np.testing.assert_allclose(result['per_image'], [[0.25, 0.001 * 24 / (0.001 * 24 + 0.995 * 8)]], rtol=1e-5)
