@@ -70,6 +70,9 @@ def test_dataset_cfg_takes_aliases_and_lets_overrides_add_and_win():
     cfg = dataset_cfg('cifar100', pool_size=(1, 1), num_classes=7, input_size=(3, 64, 64))
     assert cfg['pool_size'] == (1, 1) and cfg['num_classes'] == 7 and cfg['input_size'] == (3, 64, 64)
     assert cfg['mean'] == DATASETS['cifar100'].mean and len(cfg) == 6
+    # mean and std are overridden like the other fields (once a TypeError: dict() got multiple values for 'mean')
+    cfg = dataset_cfg('cifar10', mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert cfg['mean'] == (0.5,) * 3 and cfg['std'] == (0.25,) * 3 and cfg['num_classes'] == 10
     with pytest.raises(KeyError, match='unknown dataset'):
         dataset_cfg('svhn')
 

@@ -102,7 +102,7 @@ def dataset_cfg(name: str, **overrides: Any) -> Dict[str, Any]:
     mean and std); ``overrides`` win (e.g. another ``pool_size``)."""
     info = dataset_info(name)
     cfg = dict(num_classes=info.num_classes, label_names=info.label_names, input_size=info.input_size)
-    return dict(cfg, mean=info.mean, std=info.std, **overrides)
+    return {**cfg, 'mean': info.mean, 'std': info.std, **overrides}
 
 
 def hub_columns(name: str) -> Tuple[str, str, str]:
