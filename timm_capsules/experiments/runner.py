@@ -25,9 +25,11 @@ def prepare_data(scale: str, runs: Sequence[Run], data_dir: Path) -> None:
         from timm_capsules.data.affine_mnist import export
 
         print(f'writing Affine MNIST to {folder}', flush=True)
-        facts = affine.facts  # the recipe's sizes; the paper's: the whole export
-        sizes = dict(train_size=facts['epoch_images'], test_size=facts['test_images'], source=facts['source'])
-        export(folder, **(sizes if 'source' in facts else {}))
+        facts = affine.facts  # the recipe's sizes; the paper's (no sizes, no source): the whole export
+        sizes = {}
+        if 'source' in facts:
+            sizes = dict(train_size=facts['epoch_images'], test_size=facts['test_images'], source=facts['source'])
+        export(folder, **sizes)
 
 
 def probe(model, samples: int = 500) -> Dict[str, Any]:
