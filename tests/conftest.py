@@ -54,3 +54,15 @@ def test_digits():
     from timm_capsules.data import mnist
 
     return mnist.load_sample('test')
+
+
+@pytest.fixture
+def figure(monkeypatch):
+    """The previews' figures, kept open: pyplot.close is recorded instead of closing them."""
+    import matplotlib.pyplot as plt
+
+    kept, close = [], plt.close
+    monkeypatch.setattr(plt, 'close', kept.append)
+    yield kept
+    for fig in kept:
+        close(fig)

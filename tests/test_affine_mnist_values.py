@@ -151,18 +151,6 @@ def test_export_defaults(monkeypatch, tmp_path):
     assert calls[3][0] == (10_000, 'test', 'translated')
 
 
-@pytest.fixture
-def figure(monkeypatch):
-    """The preview's figure, kept open: pyplot.close is recorded instead of closing it."""
-    import matplotlib.pyplot as plt
-
-    kept, close = [], plt.close
-    monkeypatch.setattr(plt, 'close', kept.append)
-    yield kept
-    for fig in kept:
-        close(fig)
-
-
 def test_preview_tiles_translated_above_affine_with_their_transforms(tmp_path, figure, test_digits):
     out = am.preview(tmp_path / 'sub' / 'p.png', count=5, columns=3, seed=3, source='sample')
     assert out == tmp_path / 'sub' / 'p.png' and out.is_file()

@@ -338,17 +338,6 @@ def test_stream_worker_takes_every_kth_item(train_digits, generate_calls, monkey
     assert torch.equal(torch.cat([i for i, _ in batches])[:, 0], torch.from_numpy(want.images).float() / 255)
 
 
-@pytest.fixture
-def figure(monkeypatch):
-    import matplotlib.pyplot as plt
-
-    kept, close = [], plt.close
-    monkeypatch.setattr(plt, 'close', kept.append)
-    yield kept
-    for fig in kept:
-        close(fig)
-
-
 def test_preview_tiles_and_their_labels(tmp_path, figure, test_digits):
     out = dmi.preview(tmp_path / 'a' / 'grid.png', count=7, columns=3, seed=2, source='sample', max_shift=2)
     assert out == tmp_path / 'a' / 'grid.png' and out.is_file()
