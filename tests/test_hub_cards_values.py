@@ -313,7 +313,7 @@ def test_other_capsule_families_name_their_loss_and_skip_the_routing_section(tag
 
 def test_a_family_without_routing_iterations_states_none():
     cfg = family_cfg('cnn_baseline_cifar10.cifar10', 'cifar10_cnn', params=18_919_434, routing='dynamic', pose='')
-    stats = sections(hub_cards.model_card(cfg, published=False))['Model Details'].split('- **Architecture:**')[0]
+    stats = sections(hub_cards.model_card(cfg, published=False))['Model Details'].split('- **Papers:**')[0]
     assert stats == (
         '\n- **Model Type:** Image classification / feature backbone\n- **Model Stats:**\n'
         '  - Params (M): 18.92\n  - Params: 18,919,434\n  - Image size: 32 x 32 (3 channels)\n'
@@ -371,6 +371,14 @@ def test_bullets_nest_two_spaces_a_level_and_bold_only_the_top_level():
     items = {'A': 1, 'B': {'c': 2, 'd': {'e': [3]}}, 'F': 'x'}
     assert hub_cards._bullets(items) == '- **A:** 1\n- **B:**\n  - c: 2\n  - **d:**\n    - e: [3]\n- **F:** x'
     assert hub_cards._bullets({'g': 4}, '  ') == '  - g: 4'
+    assert hub_cards._bullets({'A': 1, 'B': {}, 'C': {'d': {}, 'e': 2}}) == '- **A:** 1\n- **C:**\n  - e: 2'
+
+
+def test_a_config_with_neither_backbone_nor_capsules_has_no_architecture_heading():
+    cfg = family_cfg('cnn_baseline_cifar10.cifar10', 'cifar10_cnn', params=10, backbone='', capsules='')
+    details = sections(hub_cards.model_card(cfg, published=False))['Model Details']
+    assert 'Architecture' not in details
+    assert '  - Image size: 32 x 32 (3 channels)\n- **Papers:**\n' in details
 
 
 def test_multilabel_comes_from_the_dataset_the_tag_names():

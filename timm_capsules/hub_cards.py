@@ -174,6 +174,8 @@ def _training(cfg: Mapping[str, Any]) -> Dict[str, Any]:
 def _bullets(items: Mapping[str, Any], indent: str = '') -> str:
     lines = []
     for key, value in items.items():
+        if isinstance(value, Mapping) and not value:
+            continue  # a heading over nothing (e.g. no backbone or capsules line) reads as a broken card
         if isinstance(value, Mapping):
             lines.append(f'{indent}- **{key}:**')
             lines.append(_bullets(value, indent + '  '))
