@@ -395,6 +395,10 @@ def test_part_whole_tree_defaults_no_capsule_kept_and_a_class_nobody_routes_to()
     assert [e[:3] for e in tree.edges] == [e[:3] for e in edges] and len(tree.nodes[0]) == 6
     bare = analysis.part_whole_tree(_trace(GEOMETRY[1:]), 0, [1, 2], top=0)  # primary -> classes, none kept
     assert [len(layer) for layer in bare.nodes] == [0, 2] and bare.edges == []
+    deep = analysis.part_whole_tree(trace, 0, [1, 2], top=0)  # two routing layers: none kept in either
+    assert [len(layer) for layer in deep.nodes] == [0, 0, 2] and deep.edges == []
+    with pytest.raises(ValueError, match='top must be 0 or more'):
+        analysis.part_whole_tree(trace, 0, [1], top=-1)
     # every child routes all of its mass to classes 0-2: class 3 receives nothing, so no edge carries anything
     one_hot = torch.eye(4)[trace.coefficients[-1][1][..., :3].argmax(-1)]
     trace.coefficients[-1][1] = one_hot
@@ -580,3 +584,13 @@ def test_probe_shares_of_a_class_with_little_mass():
     assert result['other_fraction_of_all'] == pytest.approx((3 / 8 + 0.995 * 16 / (0.995 * 32 + 0.001 * 96)) / 2)
     assert result['background_fraction_of_all'] == pytest.approx(0.5)
     np.testing.assert_allclose(result['per_image'], [[0.25, 0.001 * 24 / (0.001 * 24 + 0.995 * 8)]], rtol=1e-5)
+
+
+@pytest.mark.parametrize('option', ['--tree-top', '--top-k'])
+def test_a_negative_count_is_refused_by_the_command_line(option, capsys):
+    from timm_capsules.parse_tree.cli import main
+
+    with pytest.raises(SystemExit) as error:
+        main(['--model', 'capsnet_simple_cifar10', option, '-1', '--out', 'unused'])
+    assert error.value.code == 2
+    assert f'argument {option}: must be 0 or more, got -1' in capsys.readouterr().err

@@ -340,6 +340,8 @@ def part_whole_tree(
     capsules that receive most routing mass (r_ij * m_j, summed over the chosen classes) from the capsules
     kept in the layer above. Nodes are named ``(row,col)#type``; a node's class is the one whose mass
     dominates it."""
+    if top < 0:
+        raise ValueError(f'top must be 0 or more capsules per layer, got {top}')
     names = class_names(label_names, trace.logits.shape[1])
     masses = class_primary_mass(trace, classes, iteration, per_layer=True)  # per layer (B, H, W, N, K)
     grids = [g.child_grid for g in trace.geometry] + [trace.geometry[-1].parent_grid]
@@ -348,6 +350,8 @@ def part_whole_tree(
     kept[-1] = list(classes)
     edges = []
     for l in range(L - 2, -1, -1):
+        if not kept[l + 1]:  # top=0: nothing kept above, so nothing below
+            continue
         coefficients = trace.coefficients[_iteration_index(trace, l, iteration)][l][index : index + 1]
         parent_total = masses[l + 1][index].sum(-1).reshape(-1)
         H, W, N = grids[l + 1]

@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
         default='none',
         help='also save every raw routing coefficient',
     )
-    parser.add_argument('--tree-top', type=int, default=6, help='capsules kept per layer in the tree')
+    parser.add_argument('--tree-top', type=_count, default=6, help='capsules kept per layer in the tree')
     parser.add_argument('--dpi', type=int, default=100)
     parser.add_argument('--out', required=True, help='output folder')
     return parser
