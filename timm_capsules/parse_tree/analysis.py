@@ -37,7 +37,9 @@ Definitions (every function below uses them):
   digit A, ``own_fraction = sum_pos m(pos) w_A(pos) / sum_pos m(pos) (w_A(pos) + w_B(pos))``: the share of
   its digit-borne routing mass that comes from A's own pixels. The ``baseline`` is the same ratio with the
   mass of the uniform first pass (no routing preference; it keeps the conv-window geometry), and
-  ``area_share`` the same with a constant mass (A's share of the digit area).
+  ``area_share`` the same with a constant mass (A's share of the digit area). Both use one mass for both digits,
+  so an image's two values add up to 1 and their mean over images is 0.5 by construction: the chance level the
+  mean ``own_fraction`` is read against, not a measurement.
 """
 
 import math
