@@ -291,15 +291,13 @@ def test_deeply_nested_config_names_the_file(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize('what', ['dataset', 'pretrained'])
-def test_no_network_fails_in_seconds_with_the_offline_hint(tmp_path, what):
+def test_no_network_fails_at_once_with_the_offline_hint(tmp_path, what):
     """No HF_HUB_OFFLINE, and a Hub that does not answer (an endpoint nothing listens on): the run goes to the
-    cache at once and stops with the hint, instead of a minute of retries and a chained traceback."""
-    import time
-
+    cache at once and stops with the hint, instead of a minute of retries and a chained traceback. "At once" is
+    checked by what is printed (huggingface_hub logs each retry, so two lines in all mean none), not by a clock."""
     env = {k: v for k, v in ENV.items() if k not in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE')}
     env.update(HF_ENDPOINT='http://127.0.0.1:9', HF_HOME=str(tmp_path / 'hf'))
     argv = ['--dataset', 'cifar10'] if what == 'dataset' else ['--pretrained', '--mnist-source', 'sample']
-    started = time.time()
     done = subprocess.run(
         [
             sys.executable,
@@ -316,7 +314,7 @@ def test_no_network_fails_in_seconds_with_the_offline_hint(tmp_path, what):
         text=True,
         timeout=300,
     )
-    assert done.returncode == 1 and time.time() - started < 30
+    assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert (
         lines[0] == 'warning: the Hub (127.0.0.1) cannot be reached (Connection refused): using the local Hugging '
