@@ -471,3 +471,31 @@ def test_loaders_take_the_workers_and_pin_memory_with_cuda(cifar, monkeypatch):
     data.build(CIFAR_CFG)
     for loader in (data.train_loader, data.test_loader, data.extra_test_loaders['test']):
         assert loader.num_workers == 1 and loader.pin_memory is True
+
+
+def test_the_augmentation_hears_the_epoch_in_a_run_of_two_processes(cifar):
+    """On two processes accelerate's loader hands the epoch to its sharded sampler only, not to the dataset
+    (on one it tells both), so train_batches must tell the augmentation itself: rank 0's loader of a two-process
+    run, as accelerate prepares it."""
+    from accelerate.data_loader import BatchSamplerShard, prepare_data_loader
+    from accelerate.state import AcceleratorState, GradientState
+
+    class TwoProcesses(Accelerator):
+        def prepare(self, *loaders):
+            prepared = [
+                prepare_data_loader(loader, num_processes=2, process_index=0, use_seedable_sampler=True)
+                for loader in loaders
+            ]
+            return prepared[0] if len(prepared) == 1 else prepared
+
+    data = ImageDatasetData(image_args(cifar, augment='crop-flip'), Accelerator())
+    data.build(CIFAR_CFG)
+    try:
+        data.prepare(TwoProcesses(num_processes=2))
+        assert isinstance(data.train_loader.batch_sampler, BatchSamplerShard)
+        for epoch in (3, 1):
+            seen = [data.train_loader.dataset.epoch for _ in data.train_batches(epoch, 0)]
+            assert seen == [epoch] * data.batches_per_epoch and data.batches_per_epoch == 1
+    finally:  # prepare_data_loader sets up accelerate's process state
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
