@@ -166,6 +166,14 @@ def test_plot_affine_draws_both_tests_per_model(figures, tmp_path):
     labels = [t.get_text() for t in ax.texts]
     expected = [f'{statistics.mean(100 * p[w] for p in model):.1f}' for w in (0, 1) for model in pairs]
     assert labels == expected and all(t.get_fontsize() == 8 for t in ax.texts)
+    # each label 3 points above the top of its bar's error bar (matplotlib's default padding is 0)
+    tops = []
+    for which, offset in zip((0, 1), (-0.19, 0.19)):
+        for i, model in enumerate(pairs):
+            v = [100 * p[which] for p in model]
+            tops.append((i + offset, statistics.mean(v) + (statistics.stdev(v) if len(v) > 1 else 0)))
+    assert [tuple(t.xy) for t in ax.texts] == [pytest.approx(top) for top in tops]
+    assert [(t.xyann, t.anncoords) for t in ax.texts] == [((0, 3), 'offset points')] * 4
 
 
 def test_plot_affine_without_records_is_none(figures, tmp_path):

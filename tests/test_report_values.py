@@ -266,6 +266,25 @@ def test_report_opening_at_one_device_scale_sets_the_estimates_beside_the_times(
     assert [line.split('**')[1] for line in lines if line.startswith('**')] == ['table1', 'iterations', 'ablations']
 
 
+def test_report_opening_gives_the_estimated_and_taken_minutes_of_the_records(tmp_path, monkeypatch):
+    """The same line on sums where seconds over 60 and over 61 differ in the first decimal."""
+    monkeypatch.setattr(report, 'gpu_estimate', lambda run: 100.0)
+    estimated = {('CNN', 0): {'estimated_s': 310.0}, ('CNN', 1): {'estimated_s': 319.0}, ('ResNet-18', 0): {}}
+
+    def chosen(run):
+        return 0.8 if (run.row['kind'], run.seed) in estimated else None
+
+    def fields(run):
+        return dict(estimated[run.row['kind'], run.seed], wall_time_s=62.0, machine='box')
+
+    assert len(write_plan_records(tmp_path / 'records', 'gpu', chosen, fields)) == 3
+    lines = report.render_report('gpu', tmp_path / 'records', tmp_path / 'plots', tmp_path).split('\n')
+    assert lines[2].startswith(  # 629 s estimated: 10.48 min; 3 x 62 s taken: 3.1 min
+        "Run time of these runs: estimated 10.5 min when they were started (each record's `estimated_s`), taken "
+        "3.1 min; today's"
+    )
+
+
 def test_markers_by_hand():
     assert report.markers('cpu') == ('<!-- experiments:begin -->', '<!-- experiments:end -->')
     assert report.markers('gpu') == ('<!-- experiments-gpu:begin -->', '<!-- experiments-gpu:end -->')
