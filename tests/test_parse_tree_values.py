@@ -587,10 +587,10 @@ def test_probe_shares_of_a_class_with_little_mass():
 
 
 @pytest.mark.parametrize('option', ['--tree-top', '--top-k'])
-def test_a_negative_count_is_refused_by_the_command_line(option, capsys):
+def test_a_negative_count_is_refused_by_the_command_line(option, capsys, tmp_path):
     from timm_capsules.parse_tree.cli import main
 
     with pytest.raises(SystemExit) as error:
-        main(['--model', 'capsnet_simple_cifar10', option, '-1', '--out', 'unused'])
+        main(['--model', 'capsnet_simple_cifar10', option, '-1', '--out', str(tmp_path / 'out')])
     assert error.value.code == 2
     assert f'argument {option}: must be 0 or more, got -1' in capsys.readouterr().err
