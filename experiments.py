@@ -48,7 +48,11 @@ def list_runs(args, runs, todo) -> None:
     """--list: the runs, whether each is done, and the command that trains it; nothing is written."""
     names = ('fashion_mnist', 'affine_mnist', 'affine_mnist_full')
     datasets = sorted(
-        {str(args.data_dir / name) for name in names if any(name in ' '.join(run.train_args) for run in runs)}
+        {
+            str(args.data_dir / name)
+            for name in names
+            if any(f'hf:{args.data_dir / name}' in run.train_args for run in runs)
+        }
     )
     if datasets:
         print(

@@ -7,6 +7,7 @@ import typing
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import pytest
+import torch
 
 import timm_capsules  # noqa: F401
 from timm_capsules import config_checks as checks
@@ -292,3 +293,94 @@ def test_memory_budget_message(monkeypatch):
     assert _error(checks.check_memory_budget, CapsNet, kwargs, 'w') == (
         "TIMM_CAPSULES_MEMORY_LIMIT_GB='-1': expected a positive number of GiB"
     )
+
+
+# ---- written for the survivors of the second run ----------------------------------------------------------------
+
+
+def test_checkpoint_defaults_and_edges():
+    # the file named by default; num_classes and every input size may be exactly MAX_SIZE
+    assert _error(checks.validate_checkpoint_config, dict(GOOD, num_classes=-1)) == (
+        'config.json: num_classes must be an int >= 0, got -1'
+    )
+    checks.validate_checkpoint_config(dict(GOOD, num_classes=2**16))
+
+
+class FirstChannel(torch.nn.Module):
+    """No ``device`` argument, no ``in_chans`` or ``img_size``: the estimate reads the input size it is given."""
+
+    def __init__(self, width: int = 2):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, width, 3)
+
+    def forward(self, x):
+        return self.conv(x[:, :1])
+
+
+class NoMeta(FirstChannel):
+    def forward(self, x):
+        raise NotImplementedError('no meta kernel')
+
+
+def test_memory_estimate_of_a_model_without_device_argument_reads_the_input_size():
+    weights = 4 * (2 * 9 + 2)  # the conv's float32 weight and bias
+    small = checks.estimate_model_memory(FirstChannel, {'width': 2, 'device': 'cpu'}, (1, 8, 8))
+    large = checks.estimate_model_memory(FirstChannel, {'width': 2}, (3, 32, 32))
+    default = checks.estimate_model_memory(FirstChannel, {})  # timm's 3 x 224 x 224
+    assert small[0] == large[0] == default[0] == weights
+    # the output (2 x 6 x 6 floats) at least; more pixels, more bytes
+    assert 4 * 2 * 6 * 6 <= small[1] < large[1] < default[1]
+    assert checks.estimate_model_memory(NoMeta, {}) == (weights, None)
+
+
+def test_memory_budget_with_the_input_size_and_without_activations(monkeypatch):
+    weights, activations = checks.estimate_model_memory(FirstChannel, {}, (1, 8, 8))
+    monkeypatch.setenv(checks.MEMORY_LIMIT_ENV, str((weights + activations) / 2**30))
+    checks.check_memory_budget(FirstChannel, {}, 'w', (1, 8, 8))  # fits at 8 x 8, not at the default 224 x 224
+    assert _error(checks.check_memory_budget, FirstChannel, {}, 'w').startswith('w: model_args ask for ')
+    monkeypatch.setenv(checks.MEMORY_LIMIT_ENV, str(weights / 2**30))  # no activations told: the weights alone count
+    checks.check_memory_budget(NoMeta, {}, 'w')
+
+
+def test_memory_budget_names_the_size_arguments(monkeypatch):
+    monkeypatch.setenv(checks.MEMORY_LIMIT_ENV, str(2**-30))
+    named = dict(capsule_layers=[['fc', 10]], img_size=8, backbone_args={'out_chs': 8}, max_votes=4, drop_rate=0.5)
+    assert _error(checks.check_memory_budget, CapsNet, {'backbone_args': {'out_chs': 8}}, 'w', named=named).endswith(
+        'its size arguments: backbone_args={"out_chs": 8}, capsule_layers=[["fc", 10]], img_size=8'
+    )
+
+
+class Middle(Base):  # no constructor of its own: the walk goes on to Base's
+    pass
+
+
+class Leaf(Middle):
+    def __init__(self, plain, *, size: int = 3, **kwargs):
+        super().__init__(**kwargs)
+
+
+def test_constructor_parameters_past_a_class_without_constructor_and_without_defaults():
+    # an argument without annotation or default is Any with no default
+    assert checks._constructor_parameters(Leaf) == {
+        'plain': (Any, None),
+        'size': (int, 3),
+        'depth': (int, 2),
+        'width': (int, 8),
+        'name': (Any, None),
+    }
+
+
+def test_type_name_of_a_type_variable():
+    assert checks._type_name(typing.TypeVar('T')) == '~T'  # str(), as for every hint that is not a plain class
+    assert checks._type_name(list[int]) == 'list[int]'
+
+
+def test_numbers_inside_lists_keep_the_argument_s_name():
+    assert _numbers('bn_eps', [1e-5, 0.0]) == 'w: arg.bn_eps must be positive, got 0.0'
+    assert _numbers('drop_rate', [0.5, 1.5]) == 'w: arg.drop_rate must be in [0, 1], got 1.5'
+    checks._check_numbers('arg.max_votes', 'max_votes', [2**40, 0], 'w')
+    assert _numbers('max_votes', [2**40 + 1]) == f'w: arg.max_votes must be at most {2**40}, got {2**40 + 1}'
+
+
+def test_model_args_lists_may_hold_exactly_the_most_entries():
+    checks.validate_model_args({'capsule_layers': [['fc', 1]] * 256}, CAPSNET)

@@ -10,6 +10,10 @@ run, so workers come from mutmut's fork server). Prints mutmut's result per muta
         -k 'loss or margin or spread or top5 or evaluate'
 
 Then ``cd $TMPDIR/timm_capsules_mutmut/losses && mutmut show <mutant>`` shows a survivor's diff.
+
+MODULE may also be a script at the checkout's root (``experiments.py``, ``train_accelerate.py``): mutmut then
+mutates that one file, copied to the top of its ``mutants/`` folder, which is first on the tests' import path, so
+tests that ``import experiments`` in-process run the mutants.
 """
 
 import argparse
@@ -36,6 +40,23 @@ def checkout_files():
     return [name for name in listed.split('\0') if name and (ROOT / name).is_file()]
 
 
+def mutmut_section(module, selection, files):
+    """The ``[tool.mutmut]`` section: mutate ``module`` alone; its package's folder (or, for a script at the
+    checkout's root, the script itself) is mutmut's source, every other top-level file and folder is copied beside
+    it into ``mutants/``, where the tests run."""
+    source = module.split('/')[0] + ('/' if '/' in module else '')
+    also = sorted({name.split('/')[0] + ('/' if '/' in name else '') for name in files} - {source})
+    return (
+        '\n[tool.mutmut]\n'
+        f'source_paths = ["{source}"]\n'
+        f'only_mutate = ["{module}"]\n'
+        f'pytest_add_cli_args_test_selection = {json.dumps(selection)}\n'
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        'process_isolation = "forkserver"\n'
+        f'also_copy = {json.dumps(also)}\n'
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('module', help='the file to mutate, e.g. timm_capsules/losses.py')
@@ -50,19 +71,9 @@ def main(argv=None):
         shutil.copy2(ROOT / name, scratch / name)
     # a git repository, so that tests which ask git about the checkout (what .gitignore covers) run there too
     subprocess.run(['git', 'init', '-q'], cwd=scratch, check=True)
-    package = args.module.split('/')[0]
     selection = list(args.tests) + (['-k', args.select] if args.select else [])
-    also = sorted({name.split('/')[0] + ('/' if '/' in name else '') for name in checkout_files()} - {package + '/'})
     with open(scratch / 'pyproject.toml', 'a') as f:
-        f.write(
-            '\n[tool.mutmut]\n'
-            f'source_paths = ["{package}/"]\n'
-            f'only_mutate = ["{args.module}"]\n'
-            f'pytest_add_cli_args_test_selection = {json.dumps(selection)}\n'
-            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
-            'process_isolation = "forkserver"\n'
-            f'also_copy = {json.dumps(also)}\n'
-        )
+        f.write(mutmut_section(args.module, selection, checkout_files()))
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}  # the copy's package, not a checkout's
     env.update(OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
     mutmut = [sys.executable, '-m', 'mutmut']
