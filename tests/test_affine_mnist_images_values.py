@@ -220,3 +220,41 @@ def test_a_box_too_big_for_the_canvas_is_centred_on_that_axis():
     # x: the box is 44.8 px wide, 4.8 more than the canvas: centred; y: 28 px, free by 6 either side
     assert low.tolist() == [[0.0, -6.0]] and high.tolist() == [[0.0, 6.0]]
     assert math.isclose(ami._shift_range(glyphs, np.eye(2)[None])[1][0, 0], 6.0)
+
+
+def test_a_box_too_big_off_the_frame_s_centre_is_centred_on_the_canvas():
+    glyphs = np.zeros((1, 28, 28), np.uint8)
+    glyphs[0, 10:12, 0:26] = 5  # ink in columns 0-25: x from -14 to 12 about the frame's centre
+    wide = ami._linear_part(np.array([0.0]), np.array([0.0]), np.array([1.6]), np.array([1.0]))
+    low, high = ami._shift_range(glyphs, wide)
+    # x: the box runs from -22.4 to 19.2, 41.6 px: its centre, -1.6, is moved onto the canvas's
+    np.testing.assert_allclose(low[0, 0], 1.6, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(high[0, 0], 1.6, rtol=0, atol=1e-12)
+    # y: rows 10-11, [-4, -2] about the centre: free from -16 to 22
+    np.testing.assert_allclose([low[0, 1], high[0, 1]], [-16.0, 22.0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('transform', ami.TRANSFORMS)
+def test_a_source_folder_given_is_the_one_read(tmp_path, test_digits, transform):
+    """An IDX folder of inverted sample digits: what generate and make_split draw from when it is named."""
+    from timm_capsules.data import mnist
+
+    inverted = 255 - test_digits.images[:7]
+    mnist.write_idx(tmp_path / 't10k-images-idx3-ubyte', inverted)
+    mnist.write_idx(tmp_path / 't10k-labels-idx1-ubyte', test_digits.labels[:7].astype(np.uint8))
+    digits = mnist.MnistDigits(inverted, test_digits.labels[:7], 'inverted')
+    want = ami.generate(np.arange(5), 'test', transform, seed=4, digits=digits)
+    for got in (
+        ami.generate(np.arange(5), 'test', transform, seed=4, source=str(tmp_path)),
+        ami.make_split(5, 'test', transform, seed=4, source=str(tmp_path)),
+    ):
+        for column_got, column_want in zip(got, want):
+            np.testing.assert_array_equal(column_got, column_want)
+    assert set(want.sources.tolist()) <= set(range(7))
+
+
+def test_labels_come_out_int64_whatever_the_digits_hold(test_digits):
+    digits = test_digits._replace(labels=test_digits.labels.astype(np.uint8))
+    batch = ami.generate([0, 3, 9], 'test', digits=digits)
+    assert batch.labels.dtype == np.int64 and batch.labels.tolist() == test_digits.labels[batch.sources].tolist()
+    assert batch.sources.dtype == np.int64

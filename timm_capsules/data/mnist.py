@@ -83,10 +83,9 @@ def read_idx(path: Union[str, os.PathLike], expected_magic: Optional[int] = None
         ndim = raw[3] if len(raw) == 4 else 0
         raw += f.read(4 * ndim)
         if len(raw) == 4 + 4 * ndim:
-            declared = (
-                int(np.prod([int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], 'big') for i in range(ndim)], dtype=np.int64))
-                if ndim
-                else 0
+            # a 0-d file holds one byte (the product of no sizes is 1)
+            declared = int(
+                np.prod([int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], 'big') for i in range(ndim)], dtype=np.int64)
             )
             if declared > MAX_IDX_BYTES:
                 raise ValueError(
