@@ -1,0 +1,238 @@
+"""train_accelerate.py's ``run`` and ``main`` by value, in-process: what a run returns, prints and saves (the
+results record, its times, the weights, the model's config, the digest), what it hands to the parts it calls (the
+free-space check, the results record, the saving), a run stopped by --stop-after-steps, a resumed run against an
+uninterrupted one, an extra test split against the final evaluation of the same split, a shared Accelerator left
+usable, and ``main``'s --print-config and refusals. Tiny models: every run takes about a second on one core."""
+
+import json
+import time
+
+import pytest
+import torch
+
+import train_accelerate  # the script at the checkout's root (pytest's pythonpath)
+from timm_capsules.train import RunResult
+from train_fixtures import CIFAR_TINY, TINY, assert_same_weights, load_weights, make_image_dataset
+
+
+@pytest.fixture
+def main():
+    """train_accelerate.main(argv) with accelerate's process-wide state reset afterwards (as the run fixture)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def _main(argv):
+        try:
+            return train_accelerate.main([str(a) for a in argv])
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+
+    return _main
+
+
+def spy(monkeypatch, name):
+    """Replaces train_accelerate.NAME by a wrapper that records each call's arguments and result."""
+    calls, real = [], getattr(train_accelerate, name)
+
+    def wrapper(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(dict(args=args, kwargs=kwargs, result=result))
+        return result
+
+    monkeypatch.setattr(train_accelerate, name, wrapper)
+    return calls
+
+
+def test_a_run_returns_prints_and_saves_its_results(main, tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'out'
+    described, recorded = spy(monkeypatch, 'describe_run'), spy(monkeypatch, 'results_record')
+    saved, space = spy(monkeypatch, 'save_results'), spy(monkeypatch, 'check_free_space')
+    summaries = spy(monkeypatch, 'summary')
+    before = time.time()
+    result = main(TINY + ['--max-train-steps', 3, '--debug-digests', '--output-dir', out])
+    elapsed = time.time() - before
+    printed = capsys.readouterr().out
+    assert isinstance(result, RunResult) and result.output_dir == out
+    metrics = result.metrics
+    assert metrics['stopped'] is False and metrics['completed_steps'] == 3
+    # metrics.json is the record without the flag, and the record is what results_record made of the run
+    on_disk = json.loads((out / 'metrics.json').read_text())
+    assert on_disk == json.loads(json.dumps({k: v for k, v in metrics.items() if k != 'stopped'}))
+    (record,) = recorded
+    assert {k: metrics[k] for k in record['result']} == record['result'] and set(metrics) == {
+        *record['result'],
+        'stopped',
+    }
+    # the run's kwargs as the model was built with them, handed on to the record, the description and the saving
+    kwargs = {'backbone_args': {'out_chs': 8}, 'primary_caps': 4, 'pose_dim': 4, 'capsule_layers': [('conv', 4, 3, 1)]}
+    assert record['args'][4] == dict(kwargs, num_classes=10) == metrics['model_kwargs']
+    assert described[0]['args'][3] == record['args'][4] and described[0]['result'] in printed
+    assert described[0]['args'][5:] == (1, 5) and record['args'][6] == 1  # 1 epoch of 5 steps (40 images of 8)
+    (save,) = saved
+    assert save['args'][2] == record['args'][4] and save['args'][6] == 1 == metrics['num_processes']
+    assert save['args'][1] is result.model and save['args'][5] == {k: v for k, v in metrics.items() if k != 'stopped'}
+    config = json.loads((out / 'config.json').read_text())
+    assert config['model_args']['primary_caps'] == 4 and config['model_args']['backbone_args'] == {'out_chs': 8}
+    # times: each span inside the next, all inside the call
+    assert 0 <= metrics['kernel_load_s'] <= metrics['wall_time_s'] and 0 < metrics['training_time_s']
+    assert metrics['training_time_s'] + metrics['kernel_load_s'] <= metrics['wall_time_s'] <= elapsed
+    assert set(record['args'][8]) == {'training_time_s', 'kernel_load_s', 'wall_time_s'}
+    # the weights saved are the model returned; the digest of rank 0 is written when asked
+    assert_same_weights(load_weights(out), {k: v.detach() for k, v in result.model.state_dict().items()})
+    assert (out / 'digest_rank0.txt').read_text().strip()
+    # the free-space check: the output folder, the model built, no checkpoints asked for
+    (check,) = space
+    assert check['args'][0] == str(out) or check['args'][0] == out
+    assert isinstance(check['args'][1], torch.nn.Module) and check['args'][2] is False
+    assert 'final test' in printed and 'resuming' not in printed
+    (said,) = summaries
+    assert said['args'][3] == 1 and said['result'] in printed
+
+
+def test_no_digest_unless_asked_and_checkpoints_counted_in_the_free_space(main, tmp_path, monkeypatch):
+    space = spy(monkeypatch, 'check_free_space')
+    argv = ['--max-train-steps', 3, '--checkpointing-steps', 1, '--checkpoints-total-limit', 2]
+    main(TINY + argv + ['--output-dir', tmp_path])
+    assert space[0]['args'][2] is True
+    assert not list(tmp_path.glob('digest*'))
+    # a checkpoint every step, the two newest kept
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['step_00000002', 'step_00000003']
+
+
+def test_stop_after_steps_returns_the_steps_and_saves_no_results(main, tmp_path, capsys):
+    result = main(TINY + ['--max-train-steps', 4, '--stop-after-steps', 2, '--debug-digests', '--output-dir', tmp_path])
+    assert result.metrics == {'stopped': True, 'completed_steps': 2} and result.output_dir == tmp_path
+    assert 'stopped after 2 steps (--stop_after_steps)' in capsys.readouterr().out
+    assert not (tmp_path / 'metrics.json').exists() and (tmp_path / 'digest_rank0.txt').exists()
+    assert isinstance(result.model, torch.nn.Module)
+
+
+def test_a_resumed_run_ends_as_the_uninterrupted_one(main, tmp_path, capsys):
+    argv = TINY + ['--max-train-steps', 4, '--checkpointing-steps', 2]
+    whole = main(argv + ['--output-dir', tmp_path / 'whole'])
+    main(argv + ['--stop-after-steps', 2, '--output-dir', tmp_path / 'resumed'])
+    capsys.readouterr()
+    resumed = main(argv + ['--resume-from-checkpoint', 'latest', '--output-dir', tmp_path / 'resumed'])
+    assert f'resuming from {tmp_path / "resumed" / "checkpoints" / "step_00000002"}' in capsys.readouterr().out
+    assert resumed.metrics['completed_steps'] == 4 and resumed.metrics['stopped'] is False
+    assert_same_weights(load_weights(tmp_path / 'resumed'), load_weights(tmp_path / 'whole'))
+    assert resumed.metrics['history'] == whole.metrics['history']
+    assert resumed.metrics['final'] == whole.metrics['final']
+
+
+def test_an_extra_test_split_equal_to_the_test_split_repeats_the_final_evaluation(main, tmp_path):
+    data = make_image_dataset(tmp_path / 'data', size=32, mode='RGB', form='parquet')
+    result = main(
+        CIFAR_TINY
+        + ['--data-dir', data, '--batch-size', 4, '--max-train-steps', 2, '--extra-test-split', 'test']
+        + ['--extra-test-split', 'test[:3]', '--output-dir', tmp_path / 'out']
+    )
+    final = {k: v for k, v in result.metrics['final'].items() if k not in ('step', 'epoch')}
+    extra = result.metrics['extra_tests']
+    assert set(extra) == {'test', 'test[:3]'}
+    assert extra['test'] == pytest.approx(final) and extra['test']['num_images'] == 7
+    assert extra['test[:3]']['num_images'] == 3 and extra['test[:3]'] != extra['test']
+
+
+@pytest.mark.parametrize('multi_label', [False, True])
+def test_extra_test_splits_of_a_multi_label_set_or_of_fewer_classes(main, tmp_path, multi_label):
+    """An imagefolder's classes are the folders that occur (fewer than 10 here): the model is built for them, and
+    the extra split is evaluated as the test split is, multi-label or not."""
+    form = 'parquet' if multi_label else 'imagefolder'
+    data = make_image_dataset(tmp_path / 'data', size=32, mode='RGB', n=(12, 5), multi_label=multi_label, form=form)
+    result = main(
+        CIFAR_TINY
+        + ['--data-dir', data, '--batch-size', 4, '--max-train-steps', 1, '--extra-test-split', 'test']
+        + ['--output-dir', tmp_path / 'out']
+        + ([] if multi_label else ['--image-column', 'image'])
+    )
+    classes = 10 if multi_label else len({p.name for split in ('train', 'test') for p in (data / split).iterdir()})
+    assert classes < 10 or multi_label
+    assert result.metrics['model_kwargs']['num_classes'] == classes
+    assert result.model(torch.zeros(1, 3, 32, 32)).shape[-1] == classes
+    final = {k: v for k, v in result.metrics['final'].items() if k not in ('step', 'epoch')}
+    extra = dict(result.metrics['extra_tests']['test'])
+    assert extra.pop('per_class_f1', None) == pytest.approx(final.pop('per_class_f1', None))
+    assert extra == pytest.approx(final) and ('macro_f1' in final) == multi_label
+
+
+def test_an_em_models_extra_split_is_scored_by_its_activations(main, tmp_path):
+    """An EM model returns activations (the spread loss, not cross-entropy): the extra split reads them as the
+    final evaluation does."""
+    data = make_image_dataset(tmp_path / 'data', size=32, mode='RGB', n=(8, 5), form='parquet')
+    em = ['--model', 'em_capsnet_simple_cifar10', '--dataset', 'cifar10', '--model-kwargs']
+    em += ["backbone_args={'out_chs': 8}", 'primary_caps=2', "capsule_layers=[('conv', 2, 3, 2)]", 'iterations=2']
+    result = main(
+        em
+        + ['--data-dir', data, '--batch-size', 4, '--max-train-steps', 1, '--extra-test-split', 'test']
+        + ['--output-dir', tmp_path / 'out']
+    )
+    assert result.model.output_type == 'activations'
+    final = {k: v for k, v in result.metrics['final'].items() if k not in ('step', 'epoch')}
+    assert result.metrics['extra_tests']['test'] == pytest.approx(final, rel=1e-6)
+
+
+def test_resuming_from_latest_without_a_checkpoint_says_so_and_starts_afresh(main, tmp_path, capsys):
+    result = main(TINY + ['--max-train-steps', 1, '--resume-from-checkpoint', 'latest', '--output-dir', tmp_path])
+    assert f'no checkpoint in {tmp_path}/checkpoints; starting from scratch' in capsys.readouterr().out
+    assert result.metrics['completed_steps'] == 1
+
+
+def test_tracking_starts_the_trackers_and_logs_every_record(main, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from timm_capsules.train import TrainConfig
+
+    started, logged = [], []
+    monkeypatch.setattr(Accelerator, 'init_trackers', lambda self, *a, **k: started.append((a, k)))
+    monkeypatch.setattr(Accelerator, 'log', lambda self, values, step=None, **k: logged.append((step, values)))
+    argv = TINY + ['--max-train-steps', 7, '--log-every', 3, '--with-tracking', '--project-name', 'p9']
+    result = main(argv + ['--output-dir', tmp_path])
+    config = TrainConfig.from_argv([str(a) for a in argv + ['--output-dir', tmp_path]])
+    config.max_train_steps = 7
+    assert started == [(('p9', config.for_trackers()), {})]
+    history = result.metrics['history']
+    expected = [
+        (r['step'], {'train/loss': r['loss'], 'train/accuracy': r['accuracy'], 'lr': r['lr']}) for r in history['train']
+    ] + [
+        (r['step'], {f'test/{k}': v for k, v in r.items() if k not in ('step', 'epoch', 'per_class_f1')})
+        for r in history['eval']
+    ]
+    assert [r['step'] for r in history['train']] == [3, 6, 7] and [r['step'] for r in history['eval']] == [5, 7]
+    assert sorted(logged, key=lambda x: (x[0], 'test/loss' in x[1])) == sorted(
+        expected, key=lambda x: (x[0], 'test/loss' in x[1])
+    )
+
+
+def test_a_shared_accelerator_is_used_and_left_usable(tmp_path, accelerator, monkeypatch):
+    from timm_capsules.train import TrainConfig
+
+    prepared = []
+    real = accelerator.prepare
+    monkeypatch.setattr(accelerator, 'prepare', lambda *a, **k: prepared.append(a) or real(*a, **k))
+    config = TrainConfig.from_argv([str(a) for a in TINY + ['--max-train-steps', 1, '--output-dir', tmp_path]])
+    result = train_accelerate.run(config, accelerator)
+    assert result.metrics['completed_steps'] == 1 and prepared
+    assert any(result.model is accelerator.unwrap_model(a) for call in prepared for a in call)
+    accelerator.wait_for_everyone()  # still usable
+    assert accelerator.reduce(torch.ones(2), 'sum').tolist() == [1.0, 1.0]
+
+
+def test_main_prints_and_returns_the_resolved_configuration(main, capsys):
+    resolved = main(['--print-config', '--batch-size', 3, '--lr', '0.5'])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(resolved))
+    main(['--print-config', '--batch-size', 3, '--lr', '0.5'])
+    assert capsys.readouterr().out == json.dumps(resolved, indent=2) + '\n'  # two spaces an indent
+    assert resolved['batch_size'] == 3 and resolved['lr'] == 0.5
+
+
+def test_main_refuses_an_unknown_option_with_exit_code_2(main, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(['--no-such-option'])
+    assert stop.value.code == 2 and '--no-such-option' in capsys.readouterr().err
+
+
+def test_main_reads_sys_argv_when_given_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr('sys.argv', ['train_accelerate.py', '--print-config', '--batch-size', '5'])
+    resolved = train_accelerate.main()
+    assert resolved['batch_size'] == 5 and json.loads(capsys.readouterr().out) == json.loads(json.dumps(resolved))
