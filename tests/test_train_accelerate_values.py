@@ -236,3 +236,62 @@ def test_main_reads_sys_argv_when_given_none(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr('sys.argv', ['train_accelerate.py', '--print-config', '--batch-size', '5'])
     resolved = train_accelerate.main()
     assert resolved['batch_size'] == 5 and json.loads(capsys.readouterr().out) == json.loads(json.dumps(resolved))
+
+
+def _eval_steps(result):
+    return [(r['step'], r['epoch']) for r in result.metrics['history']['eval']]
+
+
+@pytest.mark.parametrize(
+    ('eval_every', 'steps', 'stop_at', 'evaluated'),
+    [
+        (1, 10, 5, [(5, 0), (10, 1)]),  # the epoch that ended at step 5 is evaluated on resuming
+        (2, 15, 5, [(10, 1), (15, 2)]),  # ... not where --eval-every skips it
+        (2, 15, 10, [(10, 1), (15, 2)]),  # ... and where it does not, once
+    ],
+)
+def test_resuming_at_an_epochs_end_evaluates_that_epoch_as_the_uninterrupted_run(
+    main, tmp_path, eval_every, steps, stop_at, evaluated
+):
+    """A step checkpoint at the last step of an epoch (5 steps here) is written before that epoch's evaluation,
+    and --stop-after-steps stops the run there as a kill would: the resumed run evaluates the epoch first (where
+    --eval-every asks for it) and ends with the uninterrupted run's history."""
+    argv = TINY + ['--max-train-steps', steps, '--eval-every', eval_every, '--checkpointing-steps', 5]
+    whole = main(argv + ['--output-dir', tmp_path / 'whole'])
+    main(argv + ['--stop-after-steps', stop_at, '--output-dir', tmp_path / 'resumed'])
+    resumed = main(argv + ['--resume-from-checkpoint', 'latest', '--output-dir', tmp_path / 'resumed'])
+    assert _eval_steps(whole) == evaluated == _eval_steps(resumed)
+    assert resumed.metrics['history'] == whole.metrics['history']
+
+
+def test_resuming_from_an_epoch_checkpoint_does_not_evaluate_the_epoch_again(main, tmp_path):
+    """An epoch checkpoint is written after the epoch's evaluation, which it holds: nothing to repeat."""
+    argv = TINY + ['--max-train-steps', 10, '--checkpointing-steps', 'epoch', '--output-dir', tmp_path]
+    main(argv + ['--stop-after-steps', 7])
+    resumed = main(argv + ['--resume-from-checkpoint', str(tmp_path / 'checkpoints' / 'step_00000005')])
+    assert _eval_steps(resumed) == [(5, 0), (10, 1)]
+
+
+def test_resuming_a_finished_run_evaluates_its_last_step_once(main, tmp_path):
+    """The checkpoint of the last step comes before the final evaluation: resuming it only evaluates."""
+    argv = TINY + ['--max-train-steps', 3, '--checkpointing-steps', 3, '--output-dir', tmp_path]
+    main(argv + ['--stop-after-steps', 3])
+    resumed = main(argv + ['--resume-from-checkpoint', 'latest'])
+    assert resumed.metrics['completed_steps'] == 3 and _eval_steps(resumed) == [(3, 0)]
+
+
+@pytest.mark.parametrize(('log_every', 'checkpointing_steps'), [(1, 100), (100, 1)])
+def test_a_diverging_run_names_the_lr_and_the_last_checkpoint(main, tmp_path, log_every, checkpointing_steps):
+    """The loss becomes non-finite with an lr of 1e6: found at a logging step or before a checkpoint, whichever
+    comes first, the message gives the lr in effect and the newest checkpoint (none without checkpoints)."""
+    argv = TINY + ['--opt', 'sgd', '--sched', 'none', '--lr', '1e6', '--max-train-steps', 8]
+    argv += ['--log-every', log_every, '--checkpointing-steps', checkpointing_steps, '--output-dir', tmp_path]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    message = str(stop.value.code)
+    assert '(lr 1e+06); nothing was saved.' in message
+    found = sorted((tmp_path / 'checkpoints').glob('step_*'))
+    if checkpointing_steps == 1:
+        assert found and message.endswith(f'; the last checkpoint is {found[-1]}')
+    else:
+        assert not found and message.endswith('--mixed-precision no (float32)')
