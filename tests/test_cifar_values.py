@@ -116,6 +116,10 @@ def test_label_info_of_class_labels_and_lists_of_them():
     assert cifar.label_info(listed, 'label') == LabelInfo(3, names, True)
     sequence = split_of(PIXELS[:2], [[1], [0]], datasets.Sequence(datasets.ClassLabel(names=list(names))))
     assert cifar.label_info(sequence, 'label') == LabelInfo(3, names, True)
+    large = split_of(PIXELS[:2], [[1], [0, 2]], datasets.LargeList(datasets.ClassLabel(names=list(names))))
+    assert cifar.label_info(large, 'label') == LabelInfo(3, names, True)
+    plain = split_of(PIXELS[:2], [[4], [0, 2]], datasets.LargeList(datasets.Value('int64')))
+    assert cifar.label_info(plain, 'label') == LabelInfo(5, None, True)  # was int() of a list: a TypeError
 
 
 def test_label_info_of_an_old_style_list_feature():
@@ -176,8 +180,23 @@ def test_an_empty_plain_label_column_is_refused():
         np.zeros((4, 6, 1), np.uint8).tolist(),
         np.zeros((4, 6), np.uint8).tolist(),  # HW
         np.zeros((3, 6), np.uint8).tolist(),  # HW with three rows: not mistaken for channels (2-d)
+        np.zeros((4, 6, 3), np.uint8),  # a numpy-formatted column: its size is an int, not PIL's (width, height)
+        np.zeros((3, 4, 6), np.float32),
     ],
-    ids=['pil-rgb', 'pil-l', 'tensor-chw', 'tensor-1hw', 'list-chw', 'list-1hw', 'list-hwc', 'list-hw1', 'hw', 'hw3'],
+    ids=[
+        'pil-rgb',
+        'pil-l',
+        'tensor-chw',
+        'tensor-1hw',
+        'list-chw',
+        'list-1hw',
+        'list-hwc',
+        'list-hw1',
+        'hw',
+        'hw3',
+        'numpy-hwc',
+        'numpy-chw',
+    ],
 )
 def test_image_size_is_height_then_width_in_each_form(image):
     expected = (3, 6) if np.asarray(image).shape == (3, 6) else (4, 6)

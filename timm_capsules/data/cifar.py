@@ -56,7 +56,7 @@ def label_info(dataset, label_column: str) -> LabelInfo:
     import datasets
 
     feature = dataset.features[label_column]
-    multi_label = isinstance(feature, (datasets.Sequence, datasets.List, list))
+    multi_label = isinstance(feature, (datasets.Sequence, datasets.List, datasets.LargeList, list))
     inner = feature
     if multi_label:
         inner = feature.feature if hasattr(feature, 'feature') else feature[0]
@@ -73,10 +73,13 @@ def label_info(dataset, label_column: str) -> LabelInfo:
 
 def image_size(dataset, image_column: str) -> Tuple[int, int]:
     """(height, width) of the first image."""
+    from PIL import Image
+    import numpy as np
+
     image = dataset[0][image_column]
-    if hasattr(image, 'size') and not isinstance(image, torch.Tensor):  # PIL: (width, height)
+    if isinstance(image, Image.Image):  # (width, height)
         return image.size[1], image.size[0]
-    image = torch.as_tensor(image)
+    image = torch.as_tensor(np.asarray(image))  # a tensor, an array or nested lists (an Array3D feature)
     return tuple(image.shape[-2:]) if image.ndim == 3 and image.shape[0] in (1, 3) else tuple(image.shape[:2])
 
 
