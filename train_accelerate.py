@@ -138,8 +138,8 @@ def train(args, accelerator, model, optimizer, scheduler, data, state, updates_p
         return save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
 
     evaluated = {record['step'] for record in state.history['eval']}
-    if completed_steps and not resume_updates and starting_epoch % args.eval_every == 0:
-        if completed_steps not in evaluated and completed_steps < max_steps:
+    if completed_steps and not resume_updates and completed_steps not in evaluated:
+        if completed_steps >= max_steps or starting_epoch % args.eval_every == 0:
             run_evaluation(starting_epoch - 1)  # a step checkpoint at the end of an epoch came before its evaluation
     # a progress bar on a terminal; in a log file (stdout not a terminal) one line per --log-every steps instead
     show_bar = accelerator.is_main_process and sys.stdout.isatty()

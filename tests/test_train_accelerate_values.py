@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_accelerate  # the script at the checkout's root (pytest's pythonpath)
+from timm_capsules.losses import output_type_of
 from timm_capsules.train import RunResult
 from train_fixtures import CIFAR_TINY, TINY, assert_same_weights, load_weights, make_image_dataset
 
@@ -295,3 +296,169 @@ def test_a_diverging_run_names_the_lr_and_the_last_checkpoint(main, tmp_path, lo
         assert found and message.endswith(f'; the last checkpoint is {found[-1]}')
     else:
         assert not found and message.endswith('--mixed-precision no (float32)')
+
+
+def test_resuming_a_run_finished_at_an_epochs_end_labels_its_evaluation_with_that_epoch(main, tmp_path):
+    """The last step ends epoch 0 (5 steps): its checkpoint, written before the final evaluation, resumed, gives
+    the uninterrupted run's evaluation, epoch 0 included."""
+    argv = TINY + ['--max-train-steps', 5, '--checkpointing-steps', 5]
+    whole = main(argv + ['--output-dir', tmp_path / 'whole'])
+    main(argv + ['--stop-after-steps', 5, '--output-dir', tmp_path / 'resumed'])
+    resumed = main(argv + ['--resume-from-checkpoint', 'latest', '--output-dir', tmp_path / 'resumed'])
+    assert _eval_steps(whole) == [(5, 0)] == _eval_steps(resumed)
+    assert resumed.metrics['history'] == whole.metrics['history']
+
+
+@pytest.mark.parametrize('stop_at', [3, 7])
+def test_a_run_resumed_inside_an_epoch_skips_the_batches_done_in_that_epoch_only(main, tmp_path, stop_at):
+    """Resumed at step 3 of the 5-step epoch 0 (or step 7, in epoch 1), the run skips the batches done in that
+    epoch and none of the next: it ends at step 15 as the uninterrupted run."""
+    argv = TINY + ['--max-train-steps', 15, '--checkpointing-steps', stop_at]
+    whole = main(argv + ['--output-dir', tmp_path / 'whole'])
+    main(argv + ['--stop-after-steps', stop_at, '--output-dir', tmp_path / 'resumed'])
+    resumed = main(argv + ['--resume-from-checkpoint', 'latest', '--output-dir', tmp_path / 'resumed'])
+    assert resumed.metrics['completed_steps'] == 15 and resumed.metrics['history'] == whole.metrics['history']
+    assert_same_weights(load_weights(tmp_path / 'resumed'), load_weights(tmp_path / 'whole'))
+
+
+def test_the_last_epoch_checkpoint_holds_the_final_evaluation(main, tmp_path):
+    """--eval-every 2 over 3 epochs: the last epoch is evaluated because it is the last, before its checkpoint."""
+    argv = TINY + ['--max-train-steps', 15, '--eval-every', 2, '--checkpointing-steps', 'epoch']
+    result = main(argv + ['--output-dir', tmp_path])
+    saved = json.loads((tmp_path / 'checkpoints' / 'step_00000015' / 'training_state.json').read_text())
+    assert _eval_steps(result) == [(10, 1), (15, 2)]
+    assert saved['history'] == result.metrics['history']
+
+
+def _exact_matches(outputs, targets, output_type):
+    """Multi-label exact match, written out: every class predicted present (a logit over 0, a length or an
+    activation over 0.5) exactly where the target has it."""
+    present = outputs > (0.0 if output_type == 'logits' else 0.5)
+    return sum(all(bool(p) == bool(t) for p, t in zip(row, target)) for row, target in zip(present, targets))
+
+
+def test_a_train_record_is_the_image_weighted_loss_and_exact_match_since_the_last_one(
+    main, tmp_path, monkeypatch, capsys
+):
+    """Every batch's mean loss (weighted by its images) and exact matches, scored by the model's output type and
+    summed from one record to the next, are the record; without a terminal each record is one printed line and
+    no progress bar is drawn."""
+    losses, scored = spy(monkeypatch, 'classification_loss'), spy(monkeypatch, 'correct')
+    result = main(TINY + ['--max-train-steps', 5, '--output-dir', tmp_path])
+    printed = capsys.readouterr()
+    records = result.metrics['history']['train']
+    assert [r['step'] for r in records] == [2, 4, 5] and len(losses) == 5
+    output_type = output_type_of(result.model)
+    assert [call['args'][2:] for call in scored[:5]] == [(True, output_type)] * 5
+    for record, batches in zip(records, [losses[0:2], losses[2:4], losses[4:5]]):
+        images = sum(len(call['args'][1]) for call in batches)
+        loss = sum(call['result'].item() * len(call['args'][1]) for call in batches) / images
+        hits = sum(_exact_matches(call['args'][0].detach(), call['args'][1], output_type) for call in batches)
+        assert record['loss'] == pytest.approx(loss, rel=1e-6) and record['accuracy'] == pytest.approx(hits / images)
+        line = (
+            f'step {record["step"]}/5: train loss {record["loss"]:.4f}, accuracy {record["accuracy"]:.3f} '
+            f'(batches), lr {record["lr"]:.3g}\n'
+        )
+        assert printed.out.count(line) == 1
+    assert '5/5' not in printed.err and 'it/s' not in printed.err
+
+
+def test_on_a_terminal_a_resumed_run_draws_one_bar_of_all_steps_and_prints_no_step_lines(
+    main, tmp_path, monkeypatch, capsys
+):
+    """stdout a terminal: the bar (tqdm, on stderr) counts every optimizer step from the resumed one to the last
+    and shows the last record's loss and accuracy; the per-step lines of a log file are left out."""
+    import sys
+
+    argv = TINY + ['--max-train-steps', 4, '--checkpointing-steps', 2, '--output-dir', tmp_path]
+    main(argv + ['--stop-after-steps', 2])
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)
+    result = main(argv + ['--resume-from-checkpoint', 'latest'])
+    printed = capsys.readouterr()
+    last = result.metrics['history']['train'][-1]
+    bars = [part for part in printed.err.split('\r') if '%|' in part]  # tqdm redraws a line after a \r
+    bar = bars[-1]
+    assert ' 4/4 [' in bar and bar.startswith('100%')
+    assert f'acc={last["accuracy"]:.3f}, loss={last["loss"]:.4f}]' in bar  # tqdm sorts the names
+    assert bars[0].startswith(' 50%|') and ' 2/4 [' in bars[0]  # drawn first at the resumed step
+    assert 'train loss' not in printed.out and 'epoch 0: step 4' in printed.out
+
+
+@pytest.mark.parametrize(
+    ('signum', 'during', 'steps'),
+    [('SIGINT', 'classification_loss', 2), ('SIGTERM', 'evaluate', 5)],
+)
+def test_a_signal_ends_the_run_with_a_checkpoint_to_resume_from(
+    main, tmp_path, monkeypatch, capsys, signum, during, steps
+):
+    """A signal in the middle of a step (Ctrl-C at step 2) or of an epoch's evaluation (SIGTERM at the end of the
+    5-step epoch 0) ends the run after it: a checkpoint of that step, one line saying how to go on, and the exit
+    status 128 + the signal's number. Resumed, the run ends as the uninterrupted one."""
+    import os
+    import signal
+
+    from timm_capsules.train.config import PROG
+
+    argv = TINY + ['--max-train-steps', 8, '--output-dir']
+    whole = main(argv + [tmp_path / 'whole'])
+    real, calls = getattr(train_accelerate, during), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == (2 if during == 'classification_loss' else 1):
+            os.kill(os.getpid(), signal.Signals[signum])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_accelerate, during, interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(argv + [tmp_path / 'stopped'])
+    assert stop.value.code == 128 + signal.Signals[signum].value
+    folder = tmp_path / 'stopped' / 'checkpoints' / f'step_{steps:08d}'
+    assert sorted((tmp_path / 'stopped' / 'checkpoints').iterdir()) == [folder]
+    assert capsys.readouterr().err.endswith(
+        f'{PROG}: stopped by {signum} after {steps} steps; checkpoint {folder}; '
+        'continue with --resume-from-checkpoint latest\n'
+    )
+    assert not (tmp_path / 'stopped' / 'metrics.json').exists()
+    monkeypatch.setattr(train_accelerate, during, real)
+    resumed = main(argv + [tmp_path / 'stopped', '--resume-from-checkpoint', 'latest'])
+    assert resumed.metrics['history'] == whole.metrics['history']
+    assert_same_weights(load_weights(tmp_path / 'stopped'), load_weights(tmp_path / 'whole'))
+
+
+def test_clipping_bounds_the_first_sgd_step_by_lr_times_the_clip(main, tmp_path, monkeypatch):
+    """Plain momentum SGD's first step is -lr x the clipped gradient: with --clip-grad 1e-3 and lr 0.1 the
+    parameters move by exactly 1e-4 in all (the gradient's norm is far above 1e-3)."""
+    created = []
+    create = train_accelerate.create_model
+
+    def create_model(args, num_classes):
+        model, kwargs = create(args, num_classes)
+        created.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        return model, kwargs
+
+    monkeypatch.setattr(train_accelerate, 'create_model', create_model)
+    argv = TINY + ['--opt', 'momentum', '--momentum', 0.9, '--weight-decay', 0, '--sched', 'none', '--lr', 0.1]
+    result = main(argv + ['--clip-grad', 1e-3, '--max-train-steps', 1, '--output-dir', tmp_path])
+    after = dict(result.model.named_parameters())
+    moved = torch.sqrt(sum(((after[name].detach() - before) ** 2).sum() for name, before in created[0].items()))
+    assert moved.item() == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_a_non_finite_gradient_norm_stops_the_run_naming_its_first_step(main, tmp_path, monkeypatch):
+    """The clipped gradient's norm is checked too (with no fp16 scaler to skip such steps): made inf at steps 1
+    and 2 while the loss stays finite, the run stops at the first record (step 2), naming step 1."""
+    from accelerate import Accelerator
+
+    real, norms = Accelerator.clip_grad_norm_, []
+
+    def clip_grad_norm_(self, parameters, max_norm, *args, **kwargs):
+        norms.append(real(self, parameters, max_norm, *args, **kwargs))
+        return torch.tensor(float('inf')) if len(norms) <= 2 else norms[-1]
+
+    monkeypatch.setattr(Accelerator, 'clip_grad_norm_', clip_grad_norm_)
+    with pytest.raises(SystemExit) as stop:
+        main(TINY + ['--clip-grad', 1.0, '--max-train-steps', 6, '--output-dir', tmp_path])
+    assert 'became nan/inf at step 1 (lr ' in str(stop.value.code) and len(norms) == 2
