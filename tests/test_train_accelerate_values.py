@@ -1,8 +1,11 @@
 """train_accelerate.py's ``run`` and ``main`` by value, in-process: what a run returns, prints and saves (the
 results record, its times, the weights, the model's config, the digest), what it hands to the parts it calls (the
 free-space check, the results record, the saving), a run stopped by --stop-after-steps, a resumed run against an
-uninterrupted one, an extra test split against the final evaluation of the same split, a shared Accelerator left
-usable, and ``main``'s --print-config and refusals. Tiny models: every run takes about a second on one core."""
+uninterrupted one (inside an epoch, at an epoch's end, at the last step), an extra test split against the final
+evaluation of the same split, the train records against the batches' losses and exact matches, the progress bar on a
+terminal and the lines in a log file, a signal's checkpoint and exit status, gradient clipping and a non-finite
+gradient norm, a shared Accelerator left usable, and ``main``'s --print-config and refusals. Tiny models: every run
+takes about a second on one core."""
 
 import json
 import time
